@@ -1,0 +1,33 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo test lint setup data
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's package; without apt/root we say exactly what to run.
+data:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || exit 1; \
+	  else \
+	    echo "Fashion-MNIST is missing: run 'sudo apt-get install -y dataset-fashion-mnist' (or pass --data-dir)"; exit 1; \
+	  fi; \
+	fi
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check dynaslice tests bench
+
+demo: setup
+	$(PY) -m dynaslice.cli demo

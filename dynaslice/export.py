@@ -1,0 +1,93 @@
+"""Static subnet extraction: one Arch of a supernet as a plain PyTorch model.
+
+``extract_subnet(net, arch)`` traces ``net(x, arch)`` with ``torch.fx``, treating every sliced
+layer as a leaf, and replaces each leaf by the ``torch.nn`` module its ``to_static`` returns
+(``nn.Conv2d`` with the sliced weight copied, ``nn.BatchNorm2d`` with that width's running
+statistics, ...). The result is a ``torch.fx.GraphModule`` made only of torch modules: it runs
+without dynaslice, can be fine-tuned, scripted, ``torch.export``-ed or sent to ONNX, and its
+submodules keep the supernet's names (``layer1.0.conv1``), so state dicts read naturally.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .models.base import Supernet
+from .nn import SlicedModule
+
+
+class _Tracer(fx.Tracer):
+    """Keeps sliced layers (and torch's own layers) as single call_module nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, SlicedModule) or super().is_leaf_module(m, qualname)
+
+
+class _Bound(nn.Module):
+    """``net`` with one Arch baked in: ``forward(x) = net(x, arch)``."""
+
+    def __init__(self, net: nn.Module, arch: Mapping[str, int]):
+        super().__init__()
+        self.net, self.arch = net, arch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, self.arch)
+
+
+def extract_subnet(
+    net: Supernet, arch: Mapping[str, int], input_size: tuple[int, ...] | None = None
+) -> fx.GraphModule:
+    """The subnet ``arch`` of ``net`` as a standalone model made of plain ``torch.nn`` modules.
+
+    Its outputs equal ``net(x, arch)`` (same mode, same weights, copied). ``input_size``
+    (``(C, H, W)``, default ``net.input_size``) only drives one shape-propagation pass that tells
+    each sliced layer its input width.
+    """
+    arch = net.space.validate(arch)
+    input_size = tuple(input_size or net.input_size)
+    bound = _Bound(net, arch)
+    graph = _Tracer().trace(bound)
+    traced = fx.GraphModule(bound, graph)
+    param = next(net.parameters())
+    example = torch.zeros(1, *input_size, dtype=param.dtype, device=param.device)
+    was_training = net.training
+    net.eval()  # shape propagation must not touch BN statistics
+    try:
+        with torch.no_grad():
+            ShapeProp(traced).propagate(example)
+    finally:
+        net.train(was_training)
+
+    modules: dict[str, nn.Module] = {}
+    signatures: dict[str, tuple] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            raise RuntimeError(
+                f"{type(net).__name__} reads {node.target!r} outside a leaf module; "
+                "wrap parameters in a sliced leaf so the subnet can be extracted"
+            )
+        if node.op != "call_module":
+            continue
+        module = traced.get_submodule(node.target)
+        name = node.target.removeprefix("net.")  # keep the supernet's own module names
+        if isinstance(module, SlicedModule):
+            in_shape = node.args[0].meta["tensor_meta"].shape
+            signature = (tuple(in_shape[1:]), node.args[1:], tuple(sorted(node.kwargs.items())))
+            if name not in modules:
+                modules[name] = module.to_static(in_shape, *node.args[1:], **node.kwargs)
+                signatures[name] = signature
+            elif signatures[name] != signature:
+                raise RuntimeError(f"{name!r} is called twice with different widths; cannot extract")
+            node.args, node.kwargs = node.args[:1], {}
+        elif name not in modules:  # plain torch module (ReLU, pooling, a fixed layer): copy it
+            modules[name] = copy.deepcopy(module)
+        node.target = name
+    out = fx.GraphModule(modules, graph, class_name=f"{type(net).__name__}Subnet")
+    out.graph.lint()
+    out.train(was_training)
+    return out
