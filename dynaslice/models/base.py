@@ -15,25 +15,52 @@ from ..space import Arch, SearchSpace
 class Supernet(nn.Module):
     """A weight-sharing network whose ``forward(x, arch)`` runs the subnet named by ``arch``.
 
-    Subclasses set ``space`` (their :class:`SearchSpace`) and ``input_size`` (the default
-    ``(C, H, W)`` used for MAC counting and export), and start ``forward`` with
-    ``arch = self.space.validate(arch)`` so that a bad Arch fails with a clear message.
+    Every family is a stem, ``n_stages`` stages and a head, each taking the Arch explicitly.
+    That split is the one place where a gate can sit (DS-Net routes after a stage) and where a
+    gated model is cut for export. Subclasses set ``space`` (their :class:`SearchSpace`),
+    ``input_size`` (default ``(C, H, W)`` for MAC counting and export), ``num_classes`` and
+    ``n_stages``, and implement the three ``forward_*`` methods and ``stage_dims``.
     """
 
     space: SearchSpace
     input_size: tuple[int, int, int]
     num_classes: int
+    n_stages: int
 
-    def forward(self, x: torch.Tensor, arch: Mapping[str, int]) -> torch.Tensor:  # pragma: no cover
+    def forward_stem(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """A clear error for the most common mistake: the wrong number of input channels."""
-        if x.dim() != 4 or x.shape[1] != self.input_size[0]:
-            raise ValueError(
-                f"{type(self).__name__} expects input of shape (N, {self.input_size[0]}, H, W), "
-                f"got {tuple(x.shape)}"
-            )
+    def forward_stage(self, i: int, x: torch.Tensor, arch: Arch) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def stage_dims(self, i: int) -> tuple[str, ...]:  # pragma: no cover
+        """Names of the dimensions read by stage ``i`` (``-1``: the stem, ``n_stages``: the head)."""
+        raise NotImplementedError
+
+    def dims_before(self, cut: int) -> tuple[str, ...]:
+        """Dimensions that the stem and stages ``0..cut-1`` read (fixed for all routes of a gate at ``cut``)."""
+        names = [n for i in range(-1, cut) for n in self.stage_dims(i)]
+        return tuple(dict.fromkeys(names))
+
+    def forward_to(self, x: torch.Tensor, arch: Arch, cut: int) -> torch.Tensor:
+        """Stem and stages ``0..cut-1``."""
+        x = self.forward_stem(x, arch)
+        for i in range(cut):
+            x = self.forward_stage(i, x, arch)
+        return x
+
+    def forward_from(self, x: torch.Tensor, arch: Arch, cut: int) -> torch.Tensor:
+        """Stages ``cut..n_stages-1`` and the head."""
+        for i in range(cut, self.n_stages):
+            x = self.forward_stage(i, x, arch)
+        return self.forward_head(x, arch)
+
+    def forward(self, x: torch.Tensor, arch: Mapping[str, int]) -> torch.Tensor:
+        arch = self.space.validate(arch)
+        return self.forward_from(self.forward_to(x, arch, 0), arch, 0)
 
 
 _REGISTRY: dict[str, Callable[..., Supernet]] = {}
@@ -92,8 +119,3 @@ def load_pretrained(net: Supernet, state_dict: Mapping[str, torch.Tensor], stric
             raise ValueError(
                 f"shape mismatch for {key}: supernet {tuple(dst.shape)}, given {tuple(src.shape)}"
             )
-
-
-def arch_of(space: SearchSpace, arch: Mapping[str, int] | Arch) -> Arch:
-    """Validate ``arch`` against ``space`` (kept as a function so families share one call)."""
-    return space.validate(arch)

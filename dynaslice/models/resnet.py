@@ -13,13 +13,13 @@ Search space (``ratios`` defaults to DS-Net's 0.35:0.05:1.0, widths rounded to `
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..nn import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear
-from ..space import Dim, SearchSpace, dsnet_ratios, width_grid
+from ..space import Arch, Dim, SearchSpace, dsnet_ratios, width_grid
 from .base import Supernet, register_supernet
 
 
@@ -176,24 +176,22 @@ class DSResNet(Supernet):
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.n_stages)]
 
-    def forward_stem(self, x: torch.Tensor, arch: Mapping[str, int]) -> torch.Tensor:
+    def stage_dims(self, i: int) -> tuple[str, ...]:
+        if i == -1:
+            return (self._stem_dim,)
+        return self._stage_dims[i] if i < self.n_stages else ()
+
+    def forward_stem(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x, arch[self._stem_dim]))))
 
-    def forward_stage(self, i: int, x: torch.Tensor, arch: Mapping[str, int]) -> torch.Tensor:
+    def forward_stage(self, i: int, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         widths = [arch[n] for n in self._stage_dims[i]]
         for blk in self.stages()[i]:
             x = blk(x, *widths)
         return x
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
-
-    def forward(self, x: torch.Tensor, arch: Mapping[str, int]) -> torch.Tensor:
-        arch = self.space.validate(arch)
-        x = self.forward_stem(x, arch)
-        for i in range(self.n_stages):
-            x = self.forward_stage(i, x, arch)
-        return self.forward_head(x)
 
 
 @register_supernet
