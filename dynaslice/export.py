@@ -87,6 +87,7 @@ def extract_subnet(
         elif name not in modules:  # plain torch module (ReLU, pooling, a fixed layer): copy it
             modules[name] = copy.deepcopy(module)
         node.target = name
+    graph._tracer_cls = None  # else pickles of the subnet would import dynaslice's tracer
     out = fx.GraphModule(modules, graph, class_name=f"{type(net).__name__}Subnet")
     out.graph.lint()
     out.train(was_training)

@@ -89,7 +89,7 @@ class SlicedBatchNorm2d(SlicedModule):
         bn.running_mean = self.running_mean[i, :w].clone()
         bn.running_var = self.running_var[i, :w].clone()
         bn.num_batches_tracked = self.num_batches_tracked[i].clone()
-        return bn
+        return bn.train(self.training)
 
 
 class SlicedLayerNorm(SlicedModule):
