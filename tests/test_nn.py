@@ -177,3 +177,35 @@ def test_layers_are_stateless_between_calls():
     conv(x, 16)
     torch.testing.assert_close(conv(x, 4), a, rtol=0, atol=0)
     assert conv(x).shape[1] == 16  # no argument: the full width, not the last width used
+
+
+def test_inference_slice_cache_sees_in_place_updates():
+    conv, bn = SlicedConv2d(8, 16, 3), SlicedBatchNorm2d(16, widths=(8, 16)).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        y0 = bn(conv(x, 8))
+        conv.weight.mul_(2)  # e.g. an optimizer or EMA step
+        bn.running_mean.add_(1)
+        y1 = bn(conv(x, 8))
+    with torch.inference_mode():
+        y2 = bn(conv(x, 8))
+    conv.weight.data = conv.weight.data * 0.5  # a new tensor altogether
+    with torch.no_grad():
+        y3 = bn(conv(x, 8))
+    w8 = conv.weight[:8, :4] * 1.0
+    ref = F.batch_norm(
+        F.conv2d(x, w8, None, 1, 1),
+        bn.running_mean[0, :8],
+        bn.running_var[0, :8],
+        bn.weight[:8],
+        bn.bias[:8],
+        False,
+        0,
+        1e-5,
+    )
+    assert not torch.allclose(y0, y1)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(y3, ref, rtol=1e-6, atol=1e-6)
+    # with gradients on, slices stay differentiable views
+    conv(x, 8).sum().backward()
+    assert conv.weight.grad[:8, :4].abs().sum() > 0

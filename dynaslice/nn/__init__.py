@@ -5,6 +5,7 @@ from .base import SlicedModule
 from .conv import SlicedConv2d
 from .linear import SlicedLinear
 from .norm import SlicedBatchNorm2d, SlicedLayerNorm
+from .se import SlicedSqueezeExcite
 
 __all__ = [
     "SlicedAttention",
@@ -13,4 +14,5 @@ __all__ = [
     "SlicedLayerNorm",
     "SlicedLinear",
     "SlicedModule",
+    "SlicedSqueezeExcite",
 ]

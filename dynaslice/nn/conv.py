@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SlicedModule, as_parameter, check_width
+from .base import SlicedModule, as_parameter, check_width, inference_slices
 
 
 class SlicedConv2d(SlicedModule):
@@ -88,7 +88,13 @@ class SlicedConv2d(SlicedModule):
     def forward(
         self, x: torch.Tensor, out_channels: int | None = None, kernel_size: int | None = None
     ) -> torch.Tensor:
-        w, b, pad, groups, _ = self._slice(x.shape[1], out_channels, kernel_size)
+        in_ch = x.shape[1]
+        w, b, pad, groups, _ = inference_slices(
+            self,
+            (in_ch, out_channels, kernel_size),
+            lambda: self._slice(in_ch, out_channels, kernel_size),
+            (self.weight, self.bias),
+        )
         return F.conv2d(x, w, b, self.stride, pad, self.dilation, groups)
 
     def to_static(

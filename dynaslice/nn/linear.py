@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SlicedModule, as_parameter, check_width
+from .base import SlicedModule, as_parameter, check_width, inference_slices
 
 
 class SlicedLinear(SlicedModule):
@@ -42,7 +42,12 @@ class SlicedLinear(SlicedModule):
         return w, b
 
     def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
-        w, b = self._slice(x.shape[-1], out_features)
+        w, b = inference_slices(
+            self,
+            (x.shape[-1], out_features),
+            lambda: self._slice(x.shape[-1], out_features),
+            (self.weight, self.bias),
+        )
         return F.linear(x, w, b)
 
     def to_static(self, in_shape: torch.Size, out_features: int | None = None) -> nn.Linear:

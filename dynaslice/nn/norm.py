@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SlicedModule, as_parameter, check_width
+from .base import SlicedModule, as_parameter, check_width, inference_slices
 
 
 class SlicedBatchNorm2d(SlicedModule):
@@ -65,21 +65,15 @@ class SlicedBatchNorm2d(SlicedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = x.shape[1]
         i = self.row(w)
-        factor = 0.0
-        if self.training:
-            self.num_batches_tracked[i] += 1
-            factor = 1.0 / float(self.num_batches_tracked[i]) if self.momentum is None else self.momentum
+        slices = lambda: (self.running_mean[i, :w], self.running_var[i, :w], self.weight[:w], self.bias[:w])
+        if not self.training:
+            sources = (self.running_mean, self.running_var, self.weight, self.bias)
+            mean, var, gamma, beta = inference_slices(self, w, slices, sources)
+            return F.batch_norm(x, mean, var, gamma, beta, False, 0.0, self.eps)
+        self.num_batches_tracked[i] += 1
+        factor = 1.0 / float(self.num_batches_tracked[i]) if self.momentum is None else self.momentum
         # Row views: F.batch_norm updates them in place, i.e. only this width's statistics.
-        return F.batch_norm(
-            x,
-            self.running_mean[i, :w],
-            self.running_var[i, :w],
-            self.weight[:w],
-            self.bias[:w],
-            self.training,
-            factor,
-            self.eps,
-        )
+        return F.batch_norm(x, *slices(), True, factor, self.eps)
 
     def to_static(self, in_shape: torch.Size) -> nn.BatchNorm2d:
         w = in_shape[1]
