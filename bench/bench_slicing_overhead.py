@@ -40,7 +40,8 @@ def main() -> None:
         for ratio in map(float, args.ratios.split(",")):
             arch = net.space.uniform(ratio)
             static = ds.extract_subnet(net, arch, input_size=(3, args.size, args.size)).eval()
-            times = measure_latency({"sliced": lambda: net(x, arch), "static": lambda: static(x)}, repeats=repeats)
+            fns = {"sliced": lambda x=x, a=arch: net(x, a), "static": lambda x=x, m=static: m(x)}
+            times = measure_latency(fns, repeats=repeats)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             row = {
                 "batch": bs,

@@ -55,13 +55,14 @@ def extract_subnet(
     traced = fx.GraphModule(bound, graph)
     param = next(net.parameters())
     example = torch.zeros(1, *input_size, dtype=param.dtype, device=param.device)
-    was_training = net.training
+    modes = {m: m.training for m in net.modules()}  # restored one by one: modes may be mixed
     net.eval()  # shape propagation must not touch BN statistics
     try:
         with torch.no_grad():
             ShapeProp(traced).propagate(example)
     finally:
-        net.train(was_training)
+        for m, training in modes.items():
+            m.training = training
 
     modules: dict[str, nn.Module] = {}
     signatures: dict[str, tuple] = {}
@@ -87,8 +88,12 @@ def extract_subnet(
         elif name not in modules:  # plain torch module (ReLU, pooling, a fixed layer): copy it
             modules[name] = copy.deepcopy(module)
         node.target = name
+    for node in graph.nodes:  # traced annotations are strings here; TorchScript can't read them
+        node.type = None
     graph._tracer_cls = None  # else pickles of the subnet would import dynaslice's tracer
     out = fx.GraphModule(modules, graph, class_name=f"{type(net).__name__}Subnet")
     out.graph.lint()
-    out.train(was_training)
+    for name, module in out.named_modules():  # each static module keeps its source's mode
+        source = net.get_submodule(name) if name else net
+        module.training = source.training
     return out

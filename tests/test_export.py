@@ -92,6 +92,16 @@ def test_extracted_subnet_pickles_and_loads_without_dynaslice(tmp_path):
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+def test_extracted_subnet_scripts_and_exports():
+    net = small_net()
+    arch = net.space.sample(2)
+    sub = ds.extract_subnet(net, arch)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(torch.jit.script(sub)(x), sub(x), rtol=0, atol=1e-6)
+    exported = torch.export.export(sub, (x,))
+    torch.testing.assert_close(exported.module()(x), sub(x), rtol=0, atol=1e-6)
+
+
 def test_extraction_rejects_bad_arch():
     net = small_net()
     with pytest.raises(ValueError, match="s2=40 is not allowed"):
