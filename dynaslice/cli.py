@@ -22,6 +22,7 @@ class UserError(Exception):
 # "module:function" of each subcommand's register(subparsers) function, in --help order.
 COMMANDS: list[str] = [
     "dynaslice.commands:register_demo",
+    "dynaslice.profile_cli:register",
 ]
 
 

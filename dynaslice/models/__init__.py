@@ -1,6 +1,6 @@
 """Supernet families and the registry (``create_supernet``, ``list_supernets``)."""
 
-from . import resnet  # noqa: F401  (registers the family)
+from . import resnet, vit  # noqa: F401  (register the families)
 from .base import Supernet, create_supernet, list_supernets, load_pretrained, register_supernet
 
 __all__ = ["Supernet", "create_supernet", "list_supernets", "load_pretrained", "register_supernet"]
