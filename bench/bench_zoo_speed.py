@@ -1,0 +1,89 @@
+"""Is a narrower subnet really faster? Speed-up over the largest subnet divided by MAC reduction.
+
+For each model and batch size, the largest subnet and every uniform width run sliced inside the
+supernet (the way dynamic inference runs them), interleaved round by round in one process; we
+report median latencies and ``efficiency = (t_largest / t_width) / (macs_largest / macs_width)``.
+1.0 means wall-clock time falls exactly as fast as MACs; the goal is >= 0.8 for ResNet-50 and
+ViT-S. Depthwise-heavy MobileNetV2 is memory-bound on CPUs, so it is reported as measured.
+
+    python bench/bench_zoo_speed.py --out bench/out/zoo_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+import dynaslice as ds
+from dynaslice.profile import measure_latency
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet50,mobilenet_v2,vit_small")
+    p.add_argument("--ratios", default="0.35,0.5,0.75")
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument(
+        "--repeats", type=int, default=12, help="rounds at batch 1 (a third of that at batch >= 8)"
+    )
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--out", default="bench/out/zoo_speed.json")
+    args = p.parse_args()
+
+    rows = []
+    for name in args.models.split(","):
+        if name not in ds.list_supernets():
+            print(f"skipping {name}: not registered")
+            continue
+        torch.manual_seed(0)
+        net = ds.create_supernet(name).eval()
+        size = (3, args.size, args.size)
+        archs = {"largest": net.space.largest()}
+        archs.update({f"x{r}": net.space.uniform(float(r)) for r in args.ratios.split(",")})
+        macs = {k: ds.count_macs(net, a, input_size=size) for k, a in archs.items()}
+        for bs in map(int, args.batch_sizes.split(",")):
+            x = torch.randn(bs, *size)
+            fns = {k: (lambda a=a, x=x, net=net: net(x, a)) for k, a in archs.items()}
+            times = measure_latency(
+                fns, repeats=args.repeats if bs < 8 else max(3, args.repeats // 3), warmup=1
+            )
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            for k, a in archs.items():
+                speedup = med["largest"] / med[k]
+                reduction = macs["largest"] / macs[k]
+                row = {
+                    "model": name,
+                    "batch": bs,
+                    "subnet": k,
+                    "arch": a.to_dict(),
+                    "mmacs": macs[k] / 1e6,
+                    "ms": med[k],
+                    "speedup": speedup,
+                    "mac_reduction": reduction,
+                    "efficiency": speedup / reduction,
+                }
+                rows.append(row)
+                print(
+                    f"{name:>13} batch {bs:>3} {k:>8} {row['mmacs']:>8.0f} MMACs {med[k]:>9.1f} ms  "
+                    f"speed-up {speedup:5.2f}  MAC reduction {reduction:5.2f}  efficiency {row['efficiency']:.2f}",
+                    flush=True,
+                )
+    out = {
+        "benchmark": "zoo_speed",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
