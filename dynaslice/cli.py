@@ -22,6 +22,9 @@ class UserError(Exception):
 # "module:function" of each subcommand's register(subparsers) function, in --help order.
 COMMANDS: list[str] = [
     "dynaslice.commands:register_demo",
+    "dynaslice.train.commands:register_train",
+    "dynaslice.train.commands:register_recalibrate",
+    "dynaslice.train.commands:register_eval",
     "dynaslice.profile_cli:register",
 ]
 

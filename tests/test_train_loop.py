@@ -1,0 +1,251 @@
+"""The training loop end to end on tiny synthetic data: SIGKILL + resume is bitwise exact,
+static mode trains one network per width, NaN stops cleanly, the CLI commands work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dynaslice.cli import main
+from dynaslice.models import create_supernet
+from dynaslice.profile import count_macs
+from dynaslice.train import (
+    CheckpointError,
+    Trainer,
+    TrainingDiverged,
+    derive_seed,
+    load_config,
+    load_model_file,
+    train,
+)
+from dynaslice.train.checkpoint import latest_checkpoint, load_state
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "model": {"kwargs": {"ratios": [0.5, 0.75, 1.0]}},
+    "data": {"name": "synthetic", "image_size": 8, "batch_size": 8, "val_size": 32, "synthetic_train": 96},
+    "optim": {"lr": 0.05, "warmup_epochs": 0.5},
+    "train": {
+        "epochs": 1,
+        "threads": 1,
+        "eval_every_epochs": 0,
+        "eval_widths": [0.5, 1.0],
+        "recal_images": 32,
+        "recal_batch_size": 16,
+        "ema_half_life_epochs": 0.2,
+        "log_every_steps": 1,
+    },
+}
+
+
+def tiny_config(tmp_path: Path, *overrides: str, name: str = "tiny.yaml") -> tuple[Path, object]:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(TINY))
+    return path, load_config(path, list(overrides))
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def tensors_of(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_model_file(ckpt / "model.safetensors")[0]
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
+    """IEB + MvCo + dropout (every RNG consumer), checkpoints every 5 steps, 2 epochs of 12 steps."""
+    sets = [
+        "train.epochs=2",
+        "train.target=ieb",
+        "train.mvco=true",
+        "train.ckpt_every_steps=5",
+        "model.kwargs.drop_rate=0.2",
+        "data.synthetic_train=128",
+        "train.eval_widths=[1.0]",
+    ]
+    cfg_path, cfg = tiny_config(tmp_path)
+    args = [sys.executable, "-m", "dynaslice.cli", "train", str(cfg_path)] + [
+        a for s in sets for a in ("--set", s)
+    ]
+    total = 2 * 12
+
+    full = tmp_path / "full"
+    subprocess.run(args + ["--out", str(full)], env=cli_env(), check=True, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        args + ["--out", str(killed)], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "latest").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = load_state(latest_checkpoint(killed) / "state.pt")["step"]
+    assert stopped_at < total and stopped_at % 12 != 0, stopped_at  # killed mid-epoch, mid-run
+
+    out = subprocess.run(
+        args + ["--out", str(killed), "--resume"], env=cli_env(), capture_output=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert f"resuming {killed} at step {stopped_at}" in out.stdout.decode()
+
+    a, b = latest_checkpoint(full), latest_checkpoint(killed)
+    assert a.name == b.name == f"step-{total:08d}"
+    ta, tb = tensors_of(a), tensors_of(b)
+    assert ta.keys() == tb.keys() and any(k.startswith("ema.") for k in ta)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    sa, sb = load_state(a / "state.pt"), load_state(b / "state.pt")
+    for pid, st in sa["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], sb["optimizer"]["state"][pid]["momentum_buffer"])
+    assert sa["scheduler"] == sb["scheduler"]
+
+
+def test_existing_run_needs_resume_and_a_matching_config(tmp_path):
+    _, cfg = tiny_config(tmp_path, "train.target=labels")
+    run = tmp_path / "run"
+    train(cfg, run)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(cfg, run)
+    _, other = tiny_config(tmp_path, "train.target=labels", "optim.lr=0.2")
+    with pytest.raises(CheckpointError, match="optim.lr"):
+        train(other, run, resume=True)
+    train(cfg, run, resume=True)  # already complete: resumes at the end, trains nothing
+
+
+# --------------------------------------------------------------------------- static counterparts
+
+
+def test_static_mode_trains_one_ordinary_network_per_width(tmp_path):
+    _, cfg = tiny_config(tmp_path, "train.static_widths=[0.5,1.0]", "optim.weight_decay=0")
+    rows = train(cfg, tmp_path / "static")
+    assert [r["name"] for r in rows] == ["x0.5", "x1"]
+    torch.manual_seed(derive_seed("init", cfg.train.seed))
+    init = create_supernet("resnet_small", in_chans=1, num_classes=10, input_size=8, ratios=[0.5, 0.75, 1.0])
+    for width, row in zip((0.5, 1.0), rows, strict=True):
+        run = tmp_path / "static" / f"static-x{width:g}"
+        tensors, meta = load_model_file(latest_checkpoint(run) / "model.safetensors")
+        assert meta["config"]["train"]["sampler"] == "fixed" and meta["config"]["train"]["target"] == "labels"
+        arch = init.space.uniform(width)
+        assert row["macs"] == count_macs(init, arch)
+        w = arch["s1"]
+        trained, start = tensors["model.conv1.weight"], init.conv1.weight.detach()
+        assert not torch.equal(trained[:w], start[:w])  # the network of this width learned
+        assert torch.equal(trained[w:], start[w:])  # nothing outside it: an ordinary narrow net
+        assert not any(k.startswith("ema.") for k in tensors)
+    assert json.loads((tmp_path / "static" / "final_eval.json").read_text()) == rows
+
+
+# --------------------------------------------------------------------------- step mechanics
+
+
+def test_nan_loss_stops_without_stepping_and_keeps_the_checkpoint(tmp_path):
+    _, cfg = tiny_config(tmp_path)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.save()
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    x, y = next(trainer.train_loader.epoch_batches(0))
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        trainer.train_step(x, y)
+    assert trainer.step == 0 and latest_checkpoint(tmp_path / "run").name == "step-00000000"
+    after = trainer.net.state_dict()
+    assert all(
+        torch.equal(before[k], after[k]) for k in before if "running" not in k and "num_batches" not in k
+    )
+
+
+def test_dropout_runs_in_the_largest_subnet_only(tmp_path):
+    _, cfg = tiny_config(tmp_path, "model.kwargs.drop_rate=0.5", "train.target=inplace")
+    trainer = Trainer(cfg, tmp_path / "run")
+    seen = []
+    trainer.net.dropout.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    x, y = next(trainer.train_loader.epoch_batches(0))
+    out = trainer.train_step(x, y)
+    assert out["archs"][0] == trainer.space.largest()
+    assert seen == [True, False, False, False]
+    assert trainer.net.dropout.training  # restored
+
+
+def test_sandwich_step_runs_the_sampled_archs_and_learns(tmp_path):
+    _, cfg = tiny_config(tmp_path, "train.target=ib", "train.epochs=3", "optim.lr=0.1")
+    trainer = Trainer(cfg, tmp_path / "run")
+    first = [trainer.train_step(*b)["losses"] for b in trainer.train_loader.epoch_batches(0)]
+    assert len(first[0]) == 4
+    for epoch in (1, 2):
+        last = [trainer.train_step(*b)["losses"] for b in trainer.train_loader.epoch_batches(epoch)]
+    assert sum(map(sum, last)) < sum(map(sum, first))
+    assert int(trainer.ema.n_averaged) == trainer.step == 3 * trainer.steps_per_epoch
+
+
+def test_grad_clipping_bounds_the_update(tmp_path):
+    clip, lr = 1e-6, 0.05
+    _, cfg = tiny_config(
+        tmp_path,
+        f"optim.clip_grad_norm={clip}",
+        "optim.weight_decay=0",
+        "optim.warmup_epochs=0",
+        f"optim.lr={lr}",
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    before = [p.detach().clone() for p in trainer.net.parameters()]
+    trainer.train_step(*next(trainer.train_loader.epoch_batches(0)))
+    change = torch.cat(
+        [(p.detach() - b).flatten() for p, b in zip(trainer.net.parameters(), before, strict=True)]
+    )
+    # first Nesterov step: update = lr * (1 + momentum) * clipped gradient
+    assert 0 < float(change.norm()) <= lr * 1.9 * clip * 1.001
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def test_cli_train_eval_recalibrate(tmp_path, capsys):
+    cfg_path, _ = tiny_config(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", str(cfg_path), "--out", str(run), "--set", "train.target=labels"]) == 0
+    assert (run / "config.yaml").is_file() and (run / "recalibrated.safetensors").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 1 and "val" in records[-1]
+
+    report = tmp_path / "eval.json"
+    assert (
+        main(["eval", str(run), "--split", "val", "--archs", "x0.5", "largest", "--json", str(report)]) == 0
+    )
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["x0.5", "largest"] and rows[0]["images"] == 32
+    assert rows[0]["macs"] < rows[1]["macs"]
+    assert "BN recalibrated now" in capsys.readouterr().out
+
+    assert main(["recalibrate", str(run), "--archs", "x0.5", "--out", str(tmp_path / "r.safetensors")]) == 0
+    assert main(["eval", str(tmp_path / "r.safetensors"), "--split", "val", "--archs", "x0.5"]) == 0
+    assert "BN statistics from the file" in capsys.readouterr().out
+
+    # a damaged checkpoint and an unknown config key: one line on stderr, exit code 2
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((run / "recalibrated.safetensors").read_bytes()[:100])
+    assert main(["eval", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "truncated or damaged" in err
+    assert main(["train", str(cfg_path), "--set", "optim.momentun=0.8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean 'optim.momentum'" in err
