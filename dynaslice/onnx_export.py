@@ -1,0 +1,317 @@
+"""ONNX export: a static subnet as one ``.onnx`` file, a gated (DS-Net) model as a package.
+
+Both start from :func:`dynaslice.extract_subnet`: the subnet (or a piece of the gated model)
+becomes a ``torch.fx.GraphModule`` of plain torch modules with the sliced weights copied, so the
+ONNX graph has dense, right-sized weights and nothing of dynaslice inside.
+
+**Which exporter.** ``exporter="torchscript"`` (the default) is torch's TorchScript-based
+exporter (``torch.onnx.export(..., dynamo=False)``). It traces the GraphModule's generated
+``forward`` -- ordinary Python over standard torch modules, which it exports exactly -- in about a
+second per model here, against 5-40 s for the torch.export-based one (most of it in
+decompositions; a MobileNetV2 gated package would take minutes). It is deprecated since torch 2.9
+but present and working in the pinned torch. ``exporter="dynamo"`` uses the new
+``torch.export``-based exporter (torch's default, needs ``onnxscript``); it is tested too and is
+the path to take once the TorchScript exporter is removed. Both give a dynamic batch dimension:
+the dynamo path is traced with an example batch of 2, since an example batch of 1 lets
+``torch.export`` specialise the batch to a constant.
+
+Files are written to a temporary name in the target directory, checked with
+``onnx.checker.check_model(full_check=True)`` and renamed; a package directory is built next to
+its final name and renamed into place, so an export is complete or absent. Models must stay under
+ONNX's 2 GB single-file limit (no external data files).
+
+Run the results with :mod:`dynaslice.runtime` (onnxruntime + numpy, no torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import fx, nn
+
+from .export import extract_subnet
+from .gate import GatedSupernet
+from .models.base import Supernet
+from .runtime import FORMAT, FORMAT_VERSION, MANIFEST
+
+Exporter = Literal["torchscript", "dynamo"]
+
+__all__ = ["export_gated", "export_onnx", "extract_route", "extract_trunk"]
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError as e:
+        raise ImportError("ONNX export needs the onnx package: pip install 'dynaslice[onnx]'") from e
+    return onnx
+
+
+# --------------------------------------------------------------------------- one module -> one file
+
+
+def _export_module(
+    module: nn.Module,
+    path: Path,
+    input_size: Sequence[int],
+    input_names: list[str],
+    output_names: list[str],
+    batch_dynamic: bool,
+    opset: int | None,
+    exporter: Exporter,
+    metadata: Mapping[str, str],
+) -> None:
+    """Export ``module`` (put in eval mode) to ``path`` atomically and check the result."""
+    if exporter not in ("torchscript", "dynamo"):
+        raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
+    onnx = _onnx()
+    module = module.eval()
+    param = next(module.parameters(), None)
+    dtype, device = (param.dtype, param.device) if param is not None else (torch.float32, None)
+    example = torch.zeros(2 if batch_dynamic else 1, *input_size, dtype=dtype, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            if exporter == "torchscript":
+                # Chosen on purpose (see the module docstring), so its deprecation notices are noise
+                # here; so is its note that slices with a step are computed at run time.
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                warnings.filterwarnings("ignore", message="The feature will be removed")
+                warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+                axes = {n: {0: "batch"} for n in input_names + output_names} if batch_dynamic else None
+                torch.onnx.export(
+                    module, (example,), str(tmp), dynamo=False, opset_version=opset,
+                    input_names=input_names, output_names=output_names, dynamic_axes=axes,
+                )  # fmt: skip
+            else:
+                shapes = ({0: torch.export.Dim("batch", min=1)},) if batch_dynamic else None
+                torch.onnx.export(
+                    module, (example,), str(tmp), dynamo=True, opset_version=opset, verbose=False,
+                    external_data=False, input_names=input_names, output_names=output_names,
+                    dynamic_shapes=shapes,
+                )  # fmt: skip
+        model = onnx.load(str(tmp))
+        for key, value in metadata.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _opset(path: Path) -> int:
+    """The default-domain opset that ``path`` was written with."""
+    model = _onnx().load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def export_onnx(
+    net: Supernet,
+    arch: Mapping[str, int],
+    path: str | os.PathLike,
+    input_size: Sequence[int] | None = None,
+    batch_dynamic: bool = True,
+    opset: int | None = None,
+    exporter: Exporter = "torchscript",
+) -> Path:
+    """Write the static subnet ``arch`` of ``net`` to ``path`` as ONNX; returns the path.
+
+    The subnet is extracted with :func:`dynaslice.extract_subnet` and exported in eval mode
+    (BatchNorm uses that width's running statistics; ``net`` itself is not touched). Input
+    ``input`` ``[batch, C, H, W]`` (``input_size`` ``(C, H, W)``, default ``net.input_size``),
+    output ``logits``; the batch dimension is dynamic unless ``batch_dynamic=False`` (then 1).
+    ``opset`` defaults to the exporter's default. The arch is stored in the model's metadata
+    (``dynaslice.arch``, JSON). Run it with :class:`dynaslice.runtime.OnnxModel`.
+    """
+    arch = net.space.validate(arch)
+    input_size = tuple(input_size or net.input_size)
+    subnet = extract_subnet(net, arch, input_size)
+    path = Path(path)
+    metadata = {"dynaslice.arch": arch.to_json(), "dynaslice.version": _version()}
+    _export_module(subnet, path, input_size, ["input"], ["logits"], batch_dynamic, opset, exporter, metadata)
+    return path
+
+
+# --------------------------------------------------------------------------- gated model pieces
+
+
+class GatedTrunk(nn.Module):
+    """The gated model before its routes, shaped like a Supernet so ``extract_subnet`` extracts it.
+
+    ``extract_subnet(piece, arch)`` traces ``piece(x, arch)`` and keeps the names of ``piece``'s
+    submodules; holding the gated model's own children (``net``, ``gate``) keeps their names
+    (``net.layer1.0.conv1``, ``gate.reduce``) in the result. ``forward(x, route0) = gated.trunk(x)``.
+    """
+
+    def __init__(self, gated: GatedSupernet):
+        super().__init__()
+        self.net, self.gate, self.cut = gated.net, gated.gate, gated.cut
+        self.space, self.input_size = gated.net.space, gated.input_size
+
+    def forward(self, x: torch.Tensor, arch: Mapping[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate(self.net.forward_to(x, arch, self.cut))
+
+
+class GatedRoute(nn.Module):
+    """The gated model after the gate, for one route: ``forward(h, route) = gated.forward_route(h, r)``."""
+
+    def __init__(self, gated: GatedSupernet, features_size: Sequence[int]):
+        super().__init__()
+        self.net, self.cut = gated.net, gated.cut
+        self.space, self.input_size = gated.net.space, tuple(features_size)
+
+    def forward(self, h: torch.Tensor, arch: Mapping[str, int]) -> torch.Tensor:
+        return self.net.forward_from(h, arch, self.cut)
+
+
+def extract_trunk(gated: GatedSupernet, input_size: Sequence[int] | None = None) -> fx.GraphModule:
+    """``gated.trunk`` as a plain-torch GraphModule: ``x -> (features, route logits)``."""
+    return extract_subnet(GatedTrunk(gated), gated.routes[0], input_size or gated.input_size)  # type: ignore[arg-type]
+
+
+def extract_route(gated: GatedSupernet, route: int, features_size: Sequence[int]) -> fx.GraphModule:
+    """Route ``route`` after the gate as a plain-torch GraphModule: ``features -> class logits``.
+
+    ``features_size`` is the trunk's output shape without the batch (``(C, H, W)`` or ``(N, C)``).
+    """
+    return extract_subnet(GatedRoute(gated, features_size), gated.routes[route])  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- the gated package
+
+
+def _check_target(directory: Path) -> None:
+    """Refuse to replace anything but an earlier package (or an empty directory)."""
+    if not directory.exists():
+        return
+    if not directory.is_dir() or (any(directory.iterdir()) and not (directory / MANIFEST).is_file()):
+        raise FileExistsError(
+            f"{directory} exists and is not a gated ONNX package; choose a new directory or remove it"
+        )
+
+
+def export_gated(
+    gated: GatedSupernet | nn.Module,
+    directory: str | os.PathLike,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    opset: int | None = None,
+    exporter: Exporter = "torchscript",
+) -> Path:
+    """Write ``gated`` (a :class:`GatedSupernet`, or a ``DynamicNet`` of one) as an ONNX package.
+
+    The directory gets ``trunk.onnx`` (``input -> features, logits``: stem, stages before the
+    cut and the gate), one ``route_{i}.onnx`` per route (``features -> logits``: the route's dense
+    slices of the stages after the cut and the head) and ``manifest.json`` (format version,
+    input shape/dtype, the normalisation ``mean``/``std`` when given, cut, routes with their arch
+    and MACs per image (trunk + gate + route), files, number of classes). Everything is exported
+    in eval mode. The directory is built beside its final name and renamed into place; an
+    earlier package there is replaced. Run it with :class:`dynaslice.runtime.GatedOnnxRunner`.
+    """
+    gated = getattr(gated, "gated", gated)  # a DynamicNet wraps its GatedSupernet
+    if not isinstance(gated, GatedSupernet):
+        raise TypeError(f"export_gated takes a GatedSupernet (or a DynamicNet), got {type(gated).__name__}")
+    if (mean is None) != (std is None):
+        raise ValueError("pass both mean and std (the input normalisation) or neither")
+    directory = Path(directory)
+    _check_target(directory)
+    input_size = tuple(input_size or gated.input_size)
+    if mean is not None and not len(mean) == len(std) == input_size[0]:
+        raise ValueError(
+            f"mean and std need one value per input channel ({input_size[0]}), got {len(mean)} and {len(std)}"
+        )
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        trunk = extract_trunk(gated, input_size).eval()
+        with torch.no_grad():
+            param = next(trunk.parameters())
+            features, _ = trunk(torch.zeros(1, *input_size, dtype=param.dtype, device=param.device))
+        features_size = tuple(features.shape[1:])
+        version = _version()
+        common = {"dynaslice.version": version, "dynaslice.cut": str(gated.cut)}
+        _export_module(
+            trunk, tmp / "trunk.onnx", input_size, ["input"], ["features", "logits"], True, opset,
+            exporter, common,
+        )  # fmt: skip
+        route_macs = gated.route_macs(input_size)
+        routes = []
+        for r, arch in enumerate(gated.routes):
+            name = f"route_{r}.onnx"
+            module = extract_route(gated, r, features_size)
+            metadata = {**common, "dynaslice.arch": arch.to_json(), "dynaslice.route": str(r)}
+            _export_module(
+                module, tmp / name, features_size, ["features"], ["logits"], True, opset, exporter, metadata
+            )
+            routes.append({"index": r, "file": name, "arch": arch.to_dict(), "macs": int(route_macs[r])})
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dynaslice_version": version,
+            "family": type(gated.net).__name__,
+            "num_classes": gated.num_classes,
+            "input": {
+                "name": "input",
+                "shape": [None, *input_size],
+                "dtype": str(param.dtype).removeprefix("torch."),
+                "mean": None if mean is None else [float(v) for v in mean],
+                "std": None if std is None else [float(v) for v in std],
+            },
+            "cut": gated.cut,
+            "trunk": {
+                "file": "trunk.onnx",
+                "outputs": ["features", "logits"],
+                "features_shape": [None, *features_size],
+            },
+            "gate_macs": gated.gate.macs(),
+            "routes": routes,
+            "exporter": exporter,
+            "opset": _opset(tmp / "trunk.onnx"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _move_into_place(tmp: Path, directory: Path) -> None:
+    """Rename ``tmp`` to ``directory``, replacing an earlier package (moved aside, then deleted)."""
+    if not directory.exists():
+        os.replace(tmp, directory)
+        return
+    _check_target(directory)  # it may have appeared while we exported
+    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(directory, old)
+    try:
+        os.replace(tmp, directory)
+    except BaseException:
+        os.replace(old, directory)  # put the earlier package back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
