@@ -238,3 +238,15 @@ def measure_latency(
                 fn()
                 times[name].append(time.perf_counter() - t0)
     return times
+
+
+def paired_ratio(times: Mapping[str, Sequence[float]], num: str, den: str) -> float:
+    """Median over rounds of ``times[num][i] / times[den][i]``.
+
+    Each round measures both candidates back to back, so a load burst on a shared machine
+    inflates both terms of the same ratio; the median of these paired ratios is far steadier
+    than the ratio of two medians taken over a drifting background.
+    """
+    import statistics
+
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
