@@ -23,9 +23,11 @@ class UserError(Exception):
 COMMANDS: list[str] = [
     "dynaslice.commands:register_demo",
     "dynaslice.train.commands:register_train",
+    "dynaslice.train.commands:register_train_gate",
     "dynaslice.train.commands:register_recalibrate",
     "dynaslice.train.commands:register_eval",
     "dynaslice.profile_cli:register",
+    "dynaslice.budget:register",
 ]
 
 
@@ -57,4 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m dynaslice.cli` runs this file as __main__; dispatch through the imported module
+    # so that exception classes (UserError, ...) are the ones the commands raise.
+    from dynaslice.cli import main as _main
+
+    sys.exit(_main())
