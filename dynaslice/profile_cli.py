@@ -128,6 +128,12 @@ def profile(args: argparse.Namespace) -> int:
             kwargs["input_size"] = h
     net = create_supernet(args.model, **kwargs)
     size = tuple(args.input_size) if args.input_size else net.input_size
+    if args.latency_table:
+        from .latency import latency_table_command
+
+        if args.grid_values < 2 or args.check < 1:
+            raise UserError("--grid-values must be at least 2 and --check at least 1")
+        return latency_table_command(net, args.model, size, args)
     rows = profile_supernet(net, size, args.batch_size, args.repeats, latency=not args.no_latency)
 
     c, h, w = size
@@ -172,4 +178,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed rounds per subnet (default: 20)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--no-latency", action="store_true", help="only count MACs and parameters")
+    p.add_argument(
+        "--latency-table",
+        metavar="PATH",
+        help="instead: build a per-block latency lookup table on this machine, write it to PATH (JSON) "
+        "and check predicted vs measured latency of held-out random subnets",
+    )
+    p.add_argument(
+        "--grid-values", type=int, default=5, help="latency table: timed values per dimension (default 5)"
+    )
+    p.add_argument(
+        "--check", type=int, default=20, help="latency table: held-out random subnets to check (default 20)"
+    )
     p.set_defaults(func=profile)

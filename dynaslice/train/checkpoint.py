@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
+from ..gate import GatedSupernet
 from ..models import create_supernet
 from ..models.base import Supernet
 
@@ -213,12 +214,39 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def gate_spec(net: Supernet) -> dict[str, Any] | None:
+    """What rebuilds ``net``'s gate (cut, routes as arch dicts, gate width), or None if ungated.
+
+    Stored under ``model.gate`` in checkpoint metadata: routes are written out, never
+    recomputed on load, so a later change to ``routes_even`` cannot change a trained gate.
+    """
+    if not isinstance(net, GatedSupernet):
+        return None
+    g = net.gate
+    return {
+        "cut": net.cut,
+        "routes": [a.to_dict() for a in net.routes],
+        "reduction": round(g.channels / g.hidden),
+        "hidden": g.hidden,
+    }
+
+
+def build_model(spec: dict[str, Any]) -> Supernet:
+    """The (untrained) net a checkpoint's ``model`` metadata names: a supernet, gated if it has ``gate``."""
+    net = create_supernet(spec["name"], **spec["kwargs"])
+    gate = spec.get("gate")
+    if gate:
+        net = GatedSupernet(net, cut=gate["cut"], routes=gate["routes"], hidden=gate["hidden"])
+    return net
+
+
 def load_supernet(path: str | Path, weights: str = "model") -> tuple[Supernet, dict[str, Any]]:
-    """Rebuild the supernet of a checkpoint and load its ``model`` or ``ema`` weights."""
+    """Rebuild the supernet (a :class:`GatedSupernet` for a gated run) of a checkpoint and load
+    its ``model`` or ``ema`` weights."""
     file = resolve_checkpoint(path)
     tensors, meta = load_model_file(file)
     try:
-        net = create_supernet(meta["model"]["name"], **meta["model"]["kwargs"])
+        net = build_model(meta["model"])
     except KeyError:
         raise CheckpointError(f"{file} does not say which model it holds (no model name/kwargs)") from None
     prefix = weights + "."

@@ -25,6 +25,24 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class GateConfig:
+    """The DS-Net gate (``dynaslice.gate.GatedSupernet``), when ``enabled``.
+
+    Stage I then trains the gated supernet: the gate's attention head is part of it, and the
+    dims before the gate are pinned to the routes' one value. ``cut``: the stage the gate sits
+    before (``null``: the family default). ``routes``: a number k of evenly spread uniform-width
+    routes, or a list of arch dicts (narrowest first). ``pre_gate``: widths of the dims before
+    the gate (only with ``routes: k``; the rest stay at their largest).
+    """
+
+    enabled: bool = False
+    cut: int | None = None
+    routes: int | list[dict[str, int]] = 4
+    pre_gate: dict[str, int] = field(default_factory=dict)
+    reduction: int = 4
+
+
+@dataclass
 class ModelConfig:
     """Which supernet: a registry name and keyword arguments for ``create_supernet``.
 
@@ -33,6 +51,7 @@ class ModelConfig:
 
     name: str = "resnet_small"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 @dataclass
@@ -81,11 +100,33 @@ class OptimConfig:
 
 
 @dataclass
+class PSSConfig:
+    """PSS-Net (``train.sampler: pss``, see :mod:`dynaslice.train.pss`).
+
+    ``metric``: ``macs`` (analytic) or ``latency`` (``latency_table``: a JSON file made by
+    ``dynaslice profile MODEL --latency-table PATH``); ``bucket_step`` in MMACs or ms. Each
+    step runs ``train.num_subnets - 2`` pool subnets. ``p_e``/``t_e``: start and end of the
+    exponential schedules. ``select_top_k``: the highest-scored subnets of each pool evaluated
+    on the validation split at the end (the best becomes the bucket's entry of the budget table).
+    """
+
+    metric: str = "macs"
+    bucket_step: float = 2.0
+    pool_size: int = 50
+    p_e: list[float] = field(default_factory=lambda: [1.0, 0.01])
+    t_e: list[float] = field(default_factory=lambda: [1.0, 0.01])
+    estimate_samples: int = 20000
+    select_top_k: int = 3
+    latency_table: str | None = None
+
+
+@dataclass
 class TrainConfig:
     """The Stage-I recipe: which subnets each step runs and what each of them learns from.
 
-    - ``sampler``: ``sandwich`` (largest, smallest, ``num_subnets - 2`` random) or ``fixed``
-      (``fixed_width``: one uniform-width subnet, a static network).
+    - ``sampler``: ``sandwich`` (largest, smallest, ``num_subnets - 2`` random), ``fixed``
+      (``fixed_width``: one uniform-width subnet, a static network) or ``pss`` (PSS-Net's
+      prioritized pools, ``num_subnets - 2`` of them per step; see ``pss``).
     - ``target``: ``labels`` | ``inplace`` (in-place distillation from the largest) | ``ib``
       (in-place bootstrapping from an EMA teacher, the default) | ``ieb`` (IB, and the smallest
       learns from the EMA ensemble of the largest and this step's random subnets).
@@ -122,6 +163,33 @@ class TrainConfig:
     recal_images: int = 2000
     recal_batch_size: int = 200
     static_widths: list[float] = field(default_factory=list)
+    pss: PSSConfig = field(default_factory=PSSConfig)
+
+
+@dataclass
+class Stage2Config:
+    """Stage II (``dynaslice train-gate``): only the gate's slimming head learns.
+
+    ``target_macs``: the average MACs per image the complexity penalty pulls toward -- a
+    fraction (<= 1) of the widest route's MACs or absolute MACs; ``null`` switches the penalty
+    off (plain SGS). The Gumbel temperature anneals exponentially from ``tau_start`` to
+    ``tau_end`` over the run. ``drop_hopeless``: samples even the widest route gets wrong get
+    no gate target. ``train_gate_trunk``: the gate's shared 1x1 conv learns too (from the
+    route logits only; the attention scale the backbone was trained with changes with it).
+    SGD with momentum and a cosine schedule; the batch size is ``data.batch_size``.
+    """
+
+    epochs: int = 3
+    lr: float = 0.05
+    momentum: float = 0.9
+    target_macs: float | None = 0.6
+    drop_hopeless: bool = False
+    train_gate_trunk: bool = False
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    gate_weight: float = 1.0
+    task_weight: float = 1.0
+    macs_weight: float = 10.0
 
 
 @dataclass
@@ -130,6 +198,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,7 +207,7 @@ class Config:
         """Check value ranges and choices; returns self so calls can chain."""
         t, o, d = self.train, self.optim, self.data
         choices = {
-            "train.sampler": (t.sampler, ("sandwich", "fixed")),
+            "train.sampler": (t.sampler, ("sandwich", "fixed", "pss")),
             "train.target": (t.target, ("labels", "inplace", "ib", "ieb")),
             "train.device": (t.device, ("auto", "cpu", "cuda")),
             "optim.name": (o.name, ("sgd", "adamw")),
@@ -170,6 +239,42 @@ class Config:
             raise ConfigError(f"train.fixed_width must lie in (0, 1], got {t.fixed_width}")
         if o.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+        g, s2 = self.model.gate, self.stage2
+        if g.enabled and isinstance(g.routes, int) and g.routes < 2:
+            raise ConfigError(f"model.gate.routes must be >= 2 (or a list of archs), got {g.routes}")
+        if g.enabled and not isinstance(g.routes, int) and g.pre_gate:
+            raise ConfigError(
+                "model.gate.pre_gate goes with routes=<k>; explicit routes already fix those dims"
+            )
+        if g.reduction < 1:
+            raise ConfigError(f"model.gate.reduction must be >= 1, got {g.reduction}")
+        if s2.epochs < 1 or s2.lr <= 0:
+            raise ConfigError(f"stage2.epochs must be >= 1 and stage2.lr > 0, got {s2.epochs} and {s2.lr}")
+        if s2.target_macs is not None and not s2.target_macs > 0:
+            raise ConfigError(
+                f"stage2.target_macs must be > 0 (a fraction <= 1 of the widest route, or MACs), got {s2.target_macs}"
+            )
+        if not 0 < s2.tau_end <= s2.tau_start:
+            raise ConfigError(f"stage2 needs 0 < tau_end <= tau_start, got {s2.tau_end} and {s2.tau_start}")
+        if t.sampler == "pss":
+            ps = t.pss
+            if ps.metric not in ("macs", "latency"):
+                raise ConfigError(f"train.pss.metric={ps.metric!r} is not one of macs, latency")
+            if ps.metric == "latency" and not ps.latency_table:
+                raise ConfigError(
+                    "train.pss.metric=latency needs train.pss.latency_table (dynaslice profile MODEL --latency-table PATH)"
+                )
+            if ps.bucket_step <= 0 or min(ps.pool_size, ps.select_top_k, ps.estimate_samples) < 1:
+                raise ConfigError(
+                    "train.pss needs bucket_step > 0 and pool_size, select_top_k, estimate_samples >= 1"
+                )
+            for key, sched in (("p_e", ps.p_e), ("t_e", ps.t_e)):
+                if len(sched) != 2 or min(sched) <= 0:
+                    raise ConfigError(f"train.pss.{key} must be [start, end], both > 0, got {sched}")
+            if t.num_subnets < 3:
+                raise ConfigError(
+                    f"train.sampler=pss needs train.num_subnets >= 3 (largest, pool, smallest), got {t.num_subnets}"
+                )
         if t.mvco and d.name == "folder":
             raise ConfigError(
                 "train.mvco needs an in-memory dataset (two views per batch); folder data is not supported yet"

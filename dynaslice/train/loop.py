@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..gate import GatedSupernet
 from ..models import create_supernet
 from ..space import Arch
 from .bn import recalibrate_bn
@@ -37,13 +38,14 @@ from .checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     CheckpointError,
+    gate_spec,
     latest_checkpoint,
     load_model_file,
     load_state,
     save_checkpoint,
     save_model_file,
 )
-from .config import Config, save_config
+from .config import Config, ConfigError, from_dict, save_config
 from .data import FolderBatches, eval_loader, folder_loader, folder_recal_batches, load_split, train_loader
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from .ema import ema_decay_for, make_ema
@@ -100,14 +102,30 @@ class Trainer:
             "input_size": shape[-1],
             **cfg.model.kwargs,
         }
-        self.model_spec = {"name": cfg.model.name, "kwargs": kwargs}
         torch.manual_seed(derive_seed("init", t.seed))
-        self.net = create_supernet(cfg.model.name, **kwargs).to(self.device)
+        net = create_supernet(cfg.model.name, **kwargs)
+        g = cfg.model.gate
+        if g.enabled:
+            # Stage I of DS-Net: the gate's attention head trains with the supernet; the slimming
+            # head is not used until Stage II, so it gets no gradient (and no DDP reduction) here.
+            try:
+                net = GatedSupernet(net, g.cut, g.routes, g.pre_gate or None, reduction=g.reduction)
+            except ValueError as e:
+                raise ConfigError(f"model.gate: {e}") from None
+            net.gate.slimming.requires_grad_(False)
+        self.model_spec = {"name": cfg.model.name, "kwargs": kwargs}
+        if g.enabled:
+            self.model_spec["gate"] = gate_spec(net)
+        self.net = net.to(self.device)
         self.space = self.net.space
 
         # strategy pieces
         if t.sampler == "sandwich":
             self.sampler: ArchSampler = SandwichSampler(self.space, t.num_subnets, seed=t.seed)
+        elif t.sampler == "pss":
+            from .pss import build_pss_sampler
+
+            self.sampler = build_pss_sampler(self.net, t, self.total_steps)
         else:
             self.sampler = FixedSampler(self.space.uniform(t.fixed_width))
         self.target = make_target(
@@ -252,8 +270,11 @@ class Trainer:
             return False
         tensors, meta = load_model_file(ckpt / MODEL_FILE)
         state = load_state(ckpt / STATE_FILE)
-        if meta.get("config") != self.cfg.to_dict():
-            saved, now = _flatten(meta.get("config", {})), _flatten(self.cfg.to_dict())
+        # Resolve the saved config against today's defaults: a section added to Config after the
+        # run started (left at its default) must not block resuming it.
+        saved_cfg = from_dict(meta.get("config", {})).to_dict()
+        if saved_cfg != self.cfg.to_dict():
+            saved, now = _flatten(saved_cfg), _flatten(self.cfg.to_dict())
             diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
             raise CheckpointError(
                 f"{ckpt} was trained with a different config (keys {', '.join(diff[:5])}); "
@@ -375,6 +396,10 @@ class Trainer:
                 self._report(self.validate(), epoch + 1)
         rows = self.validate(save_to=self.run_dir / "recalibrated.safetensors")
         self._report(rows, t.epochs, final=True)
+        if t.sampler == "pss":  # the deployable subnet per budget, chosen on the validation split
+            from .pss import write_budget_table
+
+            write_budget_table(self)
         self.logger.close()
         return rows
 

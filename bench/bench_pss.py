@@ -1,0 +1,223 @@
+"""PSS-Net vs the uniform sandwich supernet on Fashion-MNIST: test accuracy per MACs budget.
+
+Same recipe as the Stage-I benchmark (configs/fmnist_bench.yaml: resnet_small, 16k training
+images, 2 epochs), in-place distillation from the largest subnet for both supernets, and equal
+compute per step (4 subnets: largest, 2 pool / 2 random, smallest):
+
+  (a) pss       PSS-Net pools; per MACs bucket the best of the ``--top-k`` highest-scored pool
+                subnets on the validation split (the run's budget table);
+  (b) sandwich  the uniform sandwich supernet; per bucket the best of ``--top-k`` random subnets
+                of that bucket (the constraint-conditioned sampler) on the validation split --
+                a random search with the same number of validation evaluations as (a);
+  (c) static    the Stage-I benchmark's static networks (bench/out/stage1_accuracy.json, if
+                present; shown in the bucket their MACs fall in).
+
+Every reported subnet gets BN statistics recalibrated for it alone (the config's recal_images),
+then top-1 on the Fashion-MNIST *test* split; selection never sees the test split. Goal: (a) >=
+(b) in every bucket. Resumable: finished trainings and selections are reused (delete the run
+directory's bench_rows.json to redo a selection, e.g. after changing --top-k). Train time of
+(a) includes its end-of-run budget-table selection; re-runs report only what was left to do.
+
+    python bench/bench_pss.py                  # the full benchmark (~30-40 min on 2 cores)
+    python bench/bench_pss.py --quick          # smoke run (tiny subset, 1 epoch)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynaslice.budget import BudgetTable
+from dynaslice.train import load_config, load_supernet, train
+from dynaslice.train.config import save_config
+from dynaslice.train.data import eval_loader, load_split
+from dynaslice.train.pss import PSSSampler, macs_fn, val_accuracy
+from dynaslice.train.samplers import derive_seed
+
+COMMON = ["train.target=inplace", "train.num_subnets=4"]
+VARIANTS: dict[str, list[str]] = {
+    "pss": COMMON + ["train.sampler=pss"],
+    "sandwich": COMMON + ["train.sampler=sandwich"],
+}
+QUICK = [
+    "data.train_size=512",
+    "data.val_size=256",
+    "data.batch_size=64",
+    "train.epochs=1",
+    "train.recal_images=256",
+    "train.recal_batch_size=128",
+    "train.pss.estimate_samples=5000",
+]
+
+
+def cached(path: Path, make):  # noqa: ANN001
+    """``make()``'s JSON result, computed once and kept at ``path`` (resumable benchmark)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = make()
+    path.write_text(json.dumps(value, indent=1))
+    return value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/fmnist_bench.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    ap.add_argument("--bucket-step", type=float, default=2.5, help="MMACs per bucket (default 2.5)")
+    ap.add_argument("--top-k", type=int, default=3, help="validation evaluations per bucket (default 3)")
+    ap.add_argument(
+        "--pool-size",
+        type=int,
+        default=10,
+        help="PSS pool capacity (default 10: 250 steps x 2 draws over ~10 buckets would never fill 50)",
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny subset, 1 epoch")
+    ap.add_argument("--runs", default="runs/bench_pss")
+    ap.add_argument("--out", default="bench/out/pss.json")
+    ap.add_argument(
+        "--static", default="bench/out/stage1_accuracy.json", help="Stage-I results with static rows"
+    )
+    ap.add_argument("--test-images", type=int, default=0, help="evaluate on the first N test images (0: all)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    extra = [
+        f"train.pss.bucket_step={args.bucket_step}",
+        f"train.pss.select_top_k={args.top_k}",
+        f"train.pss.pool_size={args.pool_size}",
+    ]
+    extra += (QUICK if args.quick else []) + args.set
+    if args.quick:
+        args.test_images = args.test_images or 500
+        args.runs += "_quick"
+        args.out = args.out.replace(".json", "_quick.json")
+        args.static = args.static.replace(".json", "_quick.json")
+
+    runs, seconds, cfgs = {}, {}, {}
+    for name, sets in VARIANTS.items():
+        cfg = load_config(args.config, sets + extra)
+        run = Path(args.runs) / name
+        t0 = time.perf_counter()
+        train(cfg, run, resume=True)  # resumes an interrupted run, skips a finished one
+        seconds[name] = time.perf_counter() - t0
+        save_config(cfg, run / "bench_config.yaml")
+        runs[name], cfgs[name] = run, cfg
+        print(f"{name}: trained ({seconds[name]:.0f} s)", flush=True)
+
+    t = cfgs["pss"].train
+    train_ds = load_split(cfgs["pss"].data, "train", t.seed)
+    val = eval_loader(load_split(cfgs["pss"].data, "val", t.seed))
+    test_ds = load_split(cfgs["pss"].data, "test", t.seed)
+    if args.test_images and args.test_images < len(test_ds):
+        test_ds = test_ds.subset(range(args.test_images))
+    test = eval_loader(test_ds)
+
+    # (a) the PSS budget table (selected on val during training); test accuracy per entry
+    table = BudgetTable.load(runs["pss"])
+    pss_net, _ = load_supernet(runs["pss"])
+
+    def pss_rows() -> list[dict]:
+        return [
+            {
+                "bucket": e.bucket,
+                "arch": e.arch.to_dict(),
+                "macs": e.macs,
+                "val_accuracy": e.val_accuracy_alone,
+                "test_accuracy": val_accuracy(pss_net, e.arch, train_ds, test, t),
+            }
+            for e in table.entries
+        ]
+
+    pss = cached(runs["pss"] / "bench_rows.json", pss_rows)
+
+    # (b) random search in each bucket of the sandwich supernet, same number of val evaluations
+    sw_net, _ = load_supernet(runs["sandwich"])
+    fn = macs_fn(sw_net)
+    sampler = PSSSampler(
+        sw_net.space, fn, args.bucket_step, 1, seed=t.seed, estimate_samples=t.pss.estimate_samples
+    )
+
+    def sandwich_rows() -> list[dict]:
+        rows = []
+        for e in table.entries:
+            bucket = int(round(e.bucket / args.bucket_step))
+            rng = np.random.default_rng(derive_seed("bench-random-search", t.seed, bucket))
+            # like PSS's candidates: the largest / smallest subnet when it falls in the bucket
+            extra = sampler.candidates(bucket, 0)
+            n = max(e.candidates - len(extra), 1)
+            cands = list(dict.fromkeys([sampler.sample_in_bucket(bucket, rng) for _ in range(n)] + extra))
+            scored = [(val_accuracy(sw_net, a, train_ds, val, t), a) for a in cands]
+            acc, best = max(scored, key=lambda s: s[0])
+            rows.append(
+                {
+                    "bucket": e.bucket,
+                    "arch": best.to_dict(),
+                    "macs": int(fn([best])[0] * 1e6 + 0.5),
+                    "val_accuracy": acc,
+                    "candidates": len(cands),
+                    "test_accuracy": val_accuracy(sw_net, best, train_ds, test, t),
+                }
+            )
+        return rows
+
+    sandwich = cached(runs["sandwich"] / "bench_rows.json", sandwich_rows)
+
+    # (c) static counterparts from the Stage-I benchmark, if it has run
+    static: list[dict] = []
+    if Path(args.static).is_file():
+        static = json.loads(Path(args.static).read_text())["variants"].get("static", {}).get("rows", [])
+    by_bucket = {round(r["macs"] / 1e6 / args.bucket_step) * args.bucket_step: r for r in static}
+
+    lines = [
+        "| bucket (MMACs) | PSS MMACs | PSS top-1 | sandwich MMACs | sandwich top-1 | static |",
+        "| ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    wins = 0
+    for a, b in zip(pss, sandwich, strict=True):
+        s = by_bucket.get(round(a["bucket"] / args.bucket_step) * args.bucket_step)
+        st = f"{s['name']} {s['accuracy']:.2f} ({s['macs'] / 1e6:.2f} MMACs)" if s else "-"
+        wins += a["test_accuracy"] >= b["test_accuracy"]
+        lines.append(
+            f"| {a['bucket']:g} | {a['macs'] / 1e6:.2f} | {a['test_accuracy']:.2f} | "
+            f"{b['macs'] / 1e6:.2f} | {b['test_accuracy']:.2f} | {st} |"
+        )
+    lines.append(
+        f"| train time (s; PSS incl. selection) | | {seconds['pss']:.0f} | | {seconds['sandwich']:.0f} | |"
+    )
+    table_md = "\n".join(lines)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "config": args.config,
+                "quick": args.quick,
+                "overrides": {k: v + extra for k, v in VARIANTS.items()},
+                "bucket_step_mmacs": args.bucket_step,
+                "top_k": args.top_k,
+                "pool_size": args.pool_size,
+                "test_images": args.test_images or 10000,
+                "threads": torch.get_num_threads(),
+                "pss": pss,
+                "sandwich": sandwich,
+                "static": static,
+                "train_seconds": seconds,
+                "pss_wins": f"{wins}/{len(pss)}",
+                "table": table_md,
+            },
+            indent=1,
+        )
+    )
+    print("\nTop-1 test accuracy (%) on Fashion-MNIST per MACs bucket (BN recalibrated per subnet):\n")
+    print(table_md)
+    print(f"\nPSS >= sandwich in {wins}/{len(pss)} buckets; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
