@@ -16,7 +16,6 @@ from tensor shapes; composite modules take their widths from the Arch.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Hashable
 
 import torch
@@ -24,10 +23,43 @@ from torch import nn
 
 
 class SlicedModule(nn.Module):
-    """Marker base class of sliced leaves (see module docstring)."""
+    """Base class of sliced leaves (see module docstring)."""
+
+    _MAX_CACHED_SLICES = 16
 
     def to_static(self, in_shape: torch.Size, *args, **kwargs) -> nn.Module:  # pragma: no cover
         raise NotImplementedError
+
+    def inference_slices(self, key: Hashable, make: Callable[[], tuple]) -> tuple:
+        """``make()``'s weight slices (and plain values beside them), reused when no gradient is needed.
+
+        Why: a slice ``W[:k, :m]`` is a strided view, and conv/linear kernels copy it to a dense
+        tensor on every call -- a few percent of a narrow subnet's latency. When autograd is off
+        we keep that dense copy, stamped with the version counter and storage of every parameter
+        and buffer of the layer, so any in-place update (optimizer step, EMA, load_state_dict,
+        ``.to()``) invalidates it: the result is always exactly ``make()``. The cache is a pure
+        memo: it is not part of the state dict, pickles or deep copies.
+        """
+        tensors = [*self._parameters.values(), *self._buffers.values()]
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return make()
+        stamp = tuple(
+            [t._version for t in tensors if t is not None] + [t.data_ptr() for t in tensors if t is not None]
+        )
+        cache = self.__dict__.setdefault("_slices", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in make())
+        if len(cache) >= self._MAX_CACHED_SLICES:
+            cache.pop(next(iter(cache)))
+        cache[key] = (stamp, value)
+        return value
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_slices", None)  # a memo, never state: not pickled, not deep-copied
+        return state
 
 
 def check_width(layer: nn.Module, what: str, value: int, maximum: int) -> None:
@@ -39,37 +71,3 @@ def check_width(layer: nn.Module, what: str, value: int, maximum: int) -> None:
 def as_parameter(t: torch.Tensor) -> nn.Parameter:
     """A detached copy of a weight slice, as a parameter of its own (no storage shared)."""
     return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format))
-
-
-# Contiguous copies of weight slices for inference, per module (weakly held: nothing is stored on
-# the module, so deep copies, pickles and state dicts never see them).
-_SLICES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
-_MAX_SLICES_PER_MODULE = 16
-
-
-def inference_slices(
-    module: nn.Module,
-    key: Hashable,
-    make: Callable[[], tuple],
-    sources: tuple[torch.Tensor | None, ...],
-) -> tuple:
-    """``make()``'s weight slices (and any plain values beside them), reused when no gradient is needed.
-
-    Why: a slice ``W[:k, :m]`` is a strided view, and conv/linear kernels copy it to a dense
-    tensor on every call -- a few percent of a narrow subnet's latency. When autograd is off we
-    keep that dense copy. It is stamped with the version counter and storage of every source
-    tensor, so any in-place update (optimizer step, EMA, load_state_dict) invalidates it: the
-    result is always exactly ``make()``.
-    """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
-        return make()
-    stamp = tuple((t._version, t.data_ptr()) for t in sources if t is not None)
-    cache = _SLICES.setdefault(module, {})
-    hit = cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    value = tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in make())
-    if len(cache) >= _MAX_SLICES_PER_MODULE:
-        cache.pop(next(iter(cache)))
-    cache[key] = (stamp, value)
-    return value

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SlicedModule, as_parameter, check_width, inference_slices
+from .base import SlicedModule, as_parameter, check_width
 
 
 class SlicedConv2d(SlicedModule):
@@ -89,11 +89,8 @@ class SlicedConv2d(SlicedModule):
         self, x: torch.Tensor, out_channels: int | None = None, kernel_size: int | None = None
     ) -> torch.Tensor:
         in_ch = x.shape[1]
-        w, b, pad, groups, _ = inference_slices(
-            self,
-            (in_ch, out_channels, kernel_size),
-            lambda: self._slice(in_ch, out_channels, kernel_size),
-            (self.weight, self.bias),
+        w, b, pad, groups, _ = self.inference_slices(
+            (in_ch, out_channels, kernel_size), lambda: self._slice(in_ch, out_channels, kernel_size)
         )
         return F.conv2d(x, w, b, self.stride, pad, self.dilation, groups)
 

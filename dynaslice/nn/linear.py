@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SlicedModule, as_parameter, check_width, inference_slices
+from .base import SlicedModule, as_parameter, check_width
 
 
 class SlicedLinear(SlicedModule):
@@ -42,11 +42,8 @@ class SlicedLinear(SlicedModule):
         return w, b
 
     def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
-        w, b = inference_slices(
-            self,
-            (x.shape[-1], out_features),
-            lambda: self._slice(x.shape[-1], out_features),
-            (self.weight, self.bias),
+        w, b = self.inference_slices(
+            (x.shape[-1], out_features), lambda: self._slice(x.shape[-1], out_features)
         )
         return F.linear(x, w, b)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SlicedModule, as_parameter, check_width, inference_slices
+from .base import SlicedModule, as_parameter, check_width
 
 
 class SlicedBatchNorm2d(SlicedModule):
@@ -67,8 +67,7 @@ class SlicedBatchNorm2d(SlicedModule):
         i = self.row(w)
         slices = lambda: (self.running_mean[i, :w], self.running_var[i, :w], self.weight[:w], self.bias[:w])
         if not self.training:
-            sources = (self.running_mean, self.running_var, self.weight, self.bias)
-            mean, var, gamma, beta = inference_slices(self, w, slices, sources)
+            mean, var, gamma, beta = self.inference_slices(w, slices)
             return F.batch_norm(x, mean, var, gamma, beta, False, 0.0, self.eps)
         self.num_batches_tracked[i] += 1
         factor = 1.0 / float(self.num_batches_tracked[i]) if self.momentum is None else self.momentum
