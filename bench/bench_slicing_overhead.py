@@ -29,7 +29,10 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=30, help="rounds at batch 1 (a third at larger batches)")
     p.add_argument("--out", default="bench/out/slicing_overhead.json")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     net = ds.create_supernet(args.model).eval()

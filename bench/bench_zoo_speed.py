@@ -33,7 +33,10 @@ def main() -> None:
     )
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--out", default="bench/out/zoo_speed.json")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = []
     for name in args.models.split(","):
