@@ -8,15 +8,6 @@ from torch import nn
 import dynaslice as ds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small inputs on a shared 2-core machine run far faster (and steadier) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def torchvision_model(name: str) -> nn.Module:
     """A randomly initialised torchvision model whose BN statistics and affine parameters are not
     the defaults (zero mean, unit variance, gamma 1, beta 0), so a loader that skipped or

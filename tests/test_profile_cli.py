@@ -3,19 +3,9 @@
 import json
 
 import pytest
-import torch
 
 import dynaslice as ds
 from dynaslice.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster (and steadier) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_profile_table_and_json(tmp_path, capsys):

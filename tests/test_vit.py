@@ -12,15 +12,6 @@ from dynaslice.nn import SlicedLinear
 from dynaslice.profile import meta_copy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster (and steadier) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(name: str, **kwargs) -> ds.Supernet:
     """A supernet in eval mode whose LayerNorm gammas and all biases are not their 1/0 init,
     so that slicing them wrongly shows up in the outputs."""
