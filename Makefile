@@ -30,4 +30,4 @@ lint: setup
 	$(PY) -m ruff check dynaslice tests bench
 
 demo: setup
-	$(PY) -m dynaslice.cli demo
+	$(PY) -m dynaslice.cli run configs/demo.yaml --out runs/demo

@@ -21,6 +21,7 @@ class UserError(Exception):
 
 # "module:function" of each subcommand's register(subparsers) function, in --help order.
 COMMANDS: list[str] = [
+    "dynaslice.pipeline:register",
     "dynaslice.commands:register_demo",
     "dynaslice.train.commands:register_train",
     "dynaslice.train.commands:register_train_gate",
@@ -28,6 +29,7 @@ COMMANDS: list[str] = [
     "dynaslice.train.commands:register_eval",
     "dynaslice.profile_cli:register",
     "dynaslice.budget:register",
+    "dynaslice.export_cli:register",
 ]
 
 

@@ -333,7 +333,15 @@ def test_overrides_parse_yaml_values_and_round_trip(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))))
 def test_presets_load(name):
-    load_config(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
+    with open(path) as f:
+        is_pipeline_preset = "run" in (yaml.safe_load(f) or {})
+    if is_pipeline_preset:  # a training config plus the `dynaslice run` section
+        from dynaslice.pipeline import load_run_config
+
+        load_run_config(path, [])
+    else:
+        load_config(path)
 
 
 # --------------------------------------------------------------------------- checkpoint files

@@ -1,0 +1,193 @@
+"""``dynaslice export``: one subnet of a checkpoint as a plain PyTorch or ONNX model, or a gated
+checkpoint as an ONNX package.
+
+- ``--arch A``: ``largest``, ``smallest``, a ratio ``x0.5``, ``routeN`` (a gated net's route), an
+  inline JSON arch ``'{"s1": 16, ...}'`` or a JSON file holding one arch;
+- ``--budget-macs X`` / ``--budget-ms X``: the most accurate subnet of a PSS run's budget table
+  within the budget (chosen on the validation split; see ``dynaslice select``);
+- ``--gated``: the whole DS-Net model (trunk + gate + routes) as an ONNX package directory, run
+  by :class:`dynaslice.runtime.GatedOnnxRunner` (onnxruntime and numpy only).
+
+``--format torch`` (the default unless ``--out`` ends in ``.onnx``) writes ``torch.save`` of the
+extracted subnet, a ``torch.fx.GraphModule`` of plain ``torch.nn`` modules. Loading it needs torch
+only, not dynaslice: ``model = torch.load(path, weights_only=False).eval()`` (a pickle: load only
+files you trust). ``--format onnx`` writes one ONNX file: input ``input [batch, C, H, W]``
+(normalised like the training data), output ``logits``.
+
+BatchNorm statistics are per width: export from a file recalibrated for the subnet (``dynaslice
+recalibrate``, a run's ``recalibrated.safetensors``, a PSS run's ``budget.safetensors``); the
+command says so when the file was not recalibrated for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .budget import TABLE_FILE, WEIGHTS_FILE, BudgetTable, parse_amount
+from .cli import UserError
+from .gate import GatedSupernet
+from .models.base import Supernet
+from .space import Arch
+from .train.checkpoint import CheckpointError, load_supernet
+from .train.config import ConfigError, from_dict
+
+
+def _load(path: Path) -> tuple[Supernet, dict]:
+    try:
+        return load_supernet(path)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
+def _pss_run(ckpt: Path) -> Path | None:
+    """The directory holding a PSS budget table for ``ckpt`` (the run, or the folder of its weights file)."""
+    for d in (ckpt, ckpt.parent, ckpt.parent.parent.parent):
+        if (d / TABLE_FILE).is_file():
+            return d
+    return None
+
+
+def parse_arch(token: str, net: Supernet) -> Arch:
+    """One arch from ``--arch`` (see the module docstring); errors name the accepted forms."""
+    from .train.commands import parse_archs
+
+    text = token.strip()
+    if text.startswith("{"):
+        try:
+            return net.space.validate(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise UserError(f"--arch {token!r} is not valid JSON: {e}") from None
+    if text.startswith("route") and text[5:].isdigit():
+        if not isinstance(net, GatedSupernet):
+            raise UserError(f"--arch {token}: routes belong to gated checkpoints; this one is not gated")
+        r = int(text[5:])
+        if r >= len(net.routes):
+            raise UserError(
+                f"--arch {token}: the gate has {len(net.routes)} routes (route0..route{len(net.routes) - 1})"
+            )
+        return net.routes[r]
+    if text.endswith(".json"):
+        try:
+            data = json.loads(Path(text).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read an arch from {text}: {e}") from None
+        if isinstance(data, dict) and all(isinstance(v, int) for v in data.values()):
+            return net.space.validate(data)
+    archs = parse_archs([text], net, [])
+    if len(archs) != 1:
+        raise UserError(f"--arch {token!r} names {len(archs)} subnets; give exactly one")
+    return next(iter(archs.values()))
+
+
+def _export(args: argparse.Namespace) -> int:
+    ckpt, out = Path(args.ckpt), Path(args.out)
+    if not ckpt.exists():
+        raise UserError(
+            f"checkpoint {ckpt} not found: pass a run directory, a checkpoint directory or a model file"
+        )
+    if args.gated:
+        return _export_gated(ckpt, out)
+    fmt = args.format or ("onnx" if out.suffix == ".onnx" else "torch")
+    if args.arch is not None:
+        net, meta = _load(ckpt)
+        arch = parse_arch(args.arch, net)
+        how = f"--arch {args.arch}"
+    else:
+        run = _pss_run(ckpt)
+        if run is None:
+            raise UserError(
+                f"{ckpt} has no PSS budget table ({TABLE_FILE}): --budget-macs/--budget-ms need a PSS run "
+                "(train.sampler: pss); use --arch for other checkpoints"
+            )
+        try:
+            entry = BudgetTable.load(run).best_entry(args.budget_macs, args.budget_ms)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e)) from None
+        net, meta = _load(run / WEIGHTS_FILE if (run / WEIGHTS_FILE).is_file() else run)
+        arch = entry.arch
+        how = f"budget bucket {entry.bucket:g} (val top-1 {entry.val_accuracy:.2f}%)"
+    recal = {Arch(a) for a in (meta.get("recalibrated") or {}).values()}
+    if arch not in recal:
+        print(
+            f"note: {ckpt} was not recalibrated for this subnet; its BN statistics may be off "
+            "(run dynaslice recalibrate CKPT --archs ... first)",
+            file=sys.stderr,
+        )
+    net.eval()
+    from .profile import count_macs
+
+    macs = count_macs(net, arch)
+    if fmt == "onnx":
+        try:
+            from .onnx_export import export_onnx
+        except ImportError as e:
+            raise UserError(f"ONNX export is unavailable ({e}); use --format torch") from None
+        export_onnx(net, arch, out)
+        load = "run it with dynaslice.runtime.OnnxModel or any ONNX runtime"
+    else:
+        from .export import extract_subnet
+        from .pipeline import save_torch
+
+        save_torch(extract_subnet(net, arch).eval(), out)
+        load = "load it with torch.load(PATH, weights_only=False), no dynaslice needed"
+    print(f"exported {arch.to_json()} ({macs / 1e6:.2f} MMACs, {how}) to {out}; {load}")
+    return 0
+
+
+def _export_gated(ckpt: Path, out: Path) -> int:
+    net, meta = _load(ckpt)
+    if not isinstance(net, GatedSupernet):
+        raise UserError(f"{ckpt} is not a gated checkpoint: use --arch to export one subnet")
+    if meta.get("stage") != 2:
+        print(f"note: {ckpt} is a Stage-I checkpoint: its gate's slimming head is untrained", file=sys.stderr)
+    mean = std = None
+    try:  # the normalisation goes into the manifest, so raw images can be fed
+        from .train.data import load_split
+
+        cfg = from_dict(meta["config"])
+        data = load_split(cfg.data, "test", cfg.train.seed)
+        mean, std = data.mean, data.std
+    except (ConfigError, KeyError, OSError, ValueError):
+        print("note: the dataset is not available here: the manifest has no mean/std", file=sys.stderr)
+    from .onnx_export import export_gated
+
+    try:
+        export_gated(net.eval(), out, mean=mean, std=std)
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
+    print(
+        f"exported the gated model ({len(net.routes)} routes) to {out}/; run it with dynaslice.runtime.GatedOnnxRunner"
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="a subnet as plain PyTorch or ONNX, or a gated model as an ONNX package",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    p.add_argument(
+        "ckpt", metavar="CKPT", help="run directory, checkpoint directory or .safetensors model file"
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--arch", default=None, metavar="A", help="largest | smallest | x0.5 | routeN | JSON | file.json"
+    )
+    which.add_argument(
+        "--budget-macs", type=parse_amount, default=None, metavar="X", help="PSS runs: e.g. 12M"
+    )
+    which.add_argument(
+        "--budget-ms", type=float, default=None, metavar="X", help="PSS runs with a latency table"
+    )
+    which.add_argument(
+        "--gated", action="store_true", help="a gated checkpoint as an ONNX package (--out DIR)"
+    )
+    p.add_argument(
+        "--format", choices=("torch", "onnx"), default=None, help="default: onnx if --out ends in .onnx"
+    )
+    p.add_argument("--out", required=True, metavar="PATH", help="output file (a directory with --gated)")
+    p.set_defaults(func=_export)

@@ -1,0 +1,459 @@
+"""``dynaslice run CONFIG``: the main job, from a YAML config to a report, in one run directory.
+
+Steps (each reuses the library's own function for it; nothing here trains or evaluates by itself):
+
+1. ``stage1``     gated supernet training (:func:`dynaslice.train.train`) into ``RUN/stage1``;
+                  it also writes ``stage1/recalibrated.safetensors`` (BN for the uniform widths);
+2. ``recalibrate`` BN statistics for the gate's routes -> ``RUN/routes-recalibrated.safetensors``;
+3. ``gate-tX``    Stage II (:func:`~dynaslice.train.stage2.train_gate`) once per target in
+                  ``run.gate_targets`` -> ``RUN/gate-tX``;
+4. ``eval``       test split: the supernet's uniform subnets (static subnets of the supernet) and
+                  each gated model (accuracy, average MACs, routes per class, each route as a
+                  static subnet) -> ``RUN/eval/*.json``;
+5. ``export``     the best gated model (highest *validation* accuracy; the test split never
+                  chooses) as an ONNX package (:func:`~dynaslice.onnx_export.export_gated`), the
+                  widest and narrowest routes as plain PyTorch (``.pt``) and ONNX -> ``RUN/export``;
+6. ``latency``    batch-1 latency of the routes, the uniform subnets and the gated models on this
+                  machine (:func:`~dynaslice.profile.measure_latency`) -> ``RUN/latency.json``;
+7. ``report``     ``RUN/report.md`` with plots, and ``RUN/report.json`` (:mod:`dynaslice.report`).
+
+A step is finished when its marker ``RUN/done/<step>.json`` exists (written last, atomically); a
+re-run skips finished steps. An interrupted Stage I resumes from its latest checkpoint; an
+interrupted Stage II (minutes) starts that target over. ``RUN/pipeline.yaml`` records the
+resolved settings: re-running a run directory with different settings is refused, since the
+finished steps would silently mix two experiments.
+
+The YAML file is an ordinary training config (:class:`~dynaslice.train.config.Config`) plus an
+optional ``run:`` section (:class:`RunConfig`) for the pipeline's own settings; ``--set run.X=...``
+overrides those like any other key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .cli import UserError
+from .train.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    latest_checkpoint,
+    load_supernet,
+    save_model_file,
+)
+from .train.config import Config, ConfigError, Stage2Config, apply_override, from_dict
+
+ROUTES_FILE = "routes-recalibrated.safetensors"
+
+
+@dataclass
+class RunConfig:
+    """The pipeline's own settings (the ``run:`` section of the YAML file).
+
+    ``gate_targets``: Stage-II MAC targets, fractions (<= 1) of the widest route or MACs.
+    ``test_images``: evaluate on the first N test images (0: all). ``latency_repeats``: interleaved
+    rounds per model for the latency plot; ``latency_images``: test images the gated models'
+    batch-1 latency is averaged over (their cost depends on the input). ``export``: write the
+    ONNX package and the plain PyTorch routes.
+    """
+
+    gate_targets: list[float] = field(default_factory=lambda: [0.5, 0.8])
+    test_images: int = 0
+    latency_repeats: int = 10
+    latency_images: int = 16
+    export: bool = True
+
+
+# --------------------------------------------------------------------------- config
+
+
+def load_run_config(path: str | Path, overrides: list[str]) -> tuple[Config, RunConfig]:
+    """The training config and the ``run`` section of ``path``, both with ``--set`` overrides applied."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (presets live in configs/*.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections")
+    run_data = data.pop("run", None) or {}
+    cfg = from_dict(data)
+    run = from_dict(run_data, RunConfig, "run.")
+    for assignment in overrides:
+        if assignment.strip().startswith("run."):
+            key, sep, text = assignment.partition("=")
+            name = key.strip().removeprefix("run.")
+            if not sep or name not in {f.name for f in dataclasses.fields(RunConfig)}:
+                raise ConfigError(
+                    f"unknown override {assignment!r}: run.* keys are {', '.join(f.name for f in dataclasses.fields(RunConfig))}"
+                )
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"cannot parse the value of override {assignment!r}: {e}") from None
+            run = from_dict({**dataclasses.asdict(run), name: value}, RunConfig, "run.")
+        else:
+            cfg = apply_override(cfg, assignment)
+    cfg.validate()
+    if not cfg.model.gate.enabled:
+        raise ConfigError("dynaslice run trains a gated supernet: set model.gate.enabled: true in the config")
+    if cfg.train.static_widths:
+        raise ConfigError(
+            "train.static_widths trains static networks instead of a supernet; leave it empty here"
+        )
+    if cfg.data.name == "folder":
+        raise ConfigError("dynaslice run needs an in-memory dataset (fashion_mnist, cifar10/100, synthetic)")
+    if not run.gate_targets or any(t <= 0 for t in run.gate_targets):
+        raise ConfigError(f"run.gate_targets must be a non-empty list of targets > 0, got {run.gate_targets}")
+    if run.test_images < 0 or run.latency_repeats < 1 or run.latency_images < 1:
+        raise ConfigError("run.test_images must be >= 0, run.latency_repeats and run.latency_images >= 1")
+    return cfg, run
+
+
+def stage1_config(cfg: Config) -> Config:
+    """Stage I's config: Stage-II knobs at their defaults, so changing them never blocks a resume."""
+    return dataclasses.replace(cfg, stage2=Stage2Config())
+
+
+def gate_name(target: float) -> str:
+    return f"gate-t{target:g}"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically write ``data`` as JSON (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+DERIVED = ("eval", "export", "latency", "report")  # steps whose output depends on the run: section
+
+
+def check_settings(run_dir: Path, cfg: Config, run: RunConfig) -> None:
+    """Record the settings in ``RUN/pipeline.yaml``; refuse a run directory trained with others.
+
+    A different training config (model, data, Stage I or Stage II recipe) is refused: finished
+    steps would mix two experiments. A different ``run:`` section (e.g. one more gate target) is
+    fine: new targets get trained, and the evaluation, export, latency and report steps run again.
+    """
+    settings = {"config": cfg.to_dict(), "run": dataclasses.asdict(run)}
+    path = run_dir / "pipeline.yaml"
+    if path.is_file():
+        old = yaml.safe_load(path.read_text()) or {}
+        # resolve through today's defaults, as Stage I's resume does
+        a, b = _flatten(from_dict(old.get("config", {})).to_dict()), _flatten(settings["config"])
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if diff:
+            raise UserError(
+                f"{run_dir} was trained with other settings ({', '.join(diff[:4])}); "
+                "use another --out directory, or the same config and --set options"
+            )
+        if old.get("run") == settings["run"]:
+            return
+        print("the run: settings changed: evaluation, export, latency and report will run again", flush=True)
+        for name in DERIVED:
+            (run_dir / "done" / f"{name}.json").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, yaml.safe_dump(settings, sort_keys=False).encode())
+
+
+_LOADED: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
+
+
+def _read_only(path: Path) -> tuple[Any, dict[str, Any]]:
+    """``load_supernet(path)``, once per file and process, for steps that only read the model.
+
+    Building a gated net derives its MAC model (a few seconds per instance), so the evaluation,
+    export and latency steps of one run share their nets instead of rebuilding each.
+    """
+    file = path if path.is_file() else latest_checkpoint(path) / "model.safetensors"
+    key = (str(file.resolve()), file.stat().st_mtime_ns)
+    if key not in _LOADED:
+        net, meta = load_supernet(file)
+        _LOADED[key] = (net.eval(), meta)
+    return _LOADED[key]
+
+
+def _test_split(cfg: Config, images: int):
+    from .train.data import load_split
+
+    test = load_split(cfg.data, "test", cfg.train.seed)
+    if images and images < len(test):
+        test = test.subset(range(images))
+    return test
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def step_stage1(run_dir: Path, cfg: Config, run: RunConfig) -> None:
+    from .train.loop import train
+
+    train(stage1_config(cfg), run_dir / "stage1", resume=True)
+
+
+def step_recalibrate(run_dir: Path, cfg: Config, run: RunConfig) -> None:
+    from .train.stage2 import recalibrate_routes, route_archs
+
+    net, meta = load_supernet(latest_checkpoint(run_dir / "stage1"))
+    recalibrate_routes(net, from_dict(meta["config"]))
+    meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
+    meta["recalibrated"] = {k: a.to_dict() for k, a in route_archs(net).items()}
+    save_model_file(run_dir / ROUTES_FILE, {f"model.{k}": v for k, v in net.state_dict().items()}, meta)
+
+
+def step_gate(target: float) -> Callable[[Path, Config, RunConfig], None]:
+    def run_gate(run_dir: Path, cfg: Config, run: RunConfig) -> None:
+        from .train.stage2 import train_gate
+
+        out = run_dir / gate_name(target)
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted Stage II starts over (minutes)
+        net, meta = load_supernet(run_dir / ROUTES_FILE)
+        cfg2 = dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, target_macs=target))
+        train_gate(net, cfg2, out, meta, recalibrate=False)
+
+    return run_gate
+
+
+def step_eval(run_dir: Path, cfg: Config, run: RunConfig) -> None:
+    from .train.data import eval_loader
+    from .train.evaluate import evaluate, uniform_archs
+    from .train.stage2 import evaluate_gated
+
+    test = _test_split(cfg, run.test_images)
+    # the supernet's uniform subnets, with the BN statistics Stage I recalibrated for them
+    net, _ = _read_only(run_dir / "stage1" / "recalibrated.safetensors")
+    rows = evaluate(net, uniform_archs(net, cfg.train.eval_widths), eval_loader(test), net.input_size)
+    write_json(run_dir / "eval" / "supernet.json", {"split": "test", "images": len(test), "rows": rows})
+    for target in run.gate_targets:
+        gated, _ = _read_only(run_dir / gate_name(target))
+        result = evaluate_gated(gated, eval_loader(test), test.num_classes, gated.input_size)
+        val = read_json(run_dir / gate_name(target) / "final_eval.json")
+        result = {
+            "target": target,
+            "cut": gated.cut,
+            "val_accuracy": val.get("accuracy"),
+            "split": "test",
+            **result,
+        }
+        write_json(run_dir / "eval" / f"{gate_name(target)}.json", result)
+        print(
+            f"{gate_name(target)}: test top-1 {result['accuracy']:.2f}% at {result['avg_macs'] / 1e6:.2f} MMACs, "
+            f"routes {result['histogram']}",
+            flush=True,
+        )
+
+
+def best_target(run_dir: Path, run: RunConfig) -> float:
+    """The gate target whose model has the highest validation accuracy (ties: fewer MACs).
+
+    Validation, not test: the test split only reports. Without a validation split (``data.val_size``
+    0) the last target is taken.
+    """
+    scored = []
+    for target in run.gate_targets:
+        val = read_json(run_dir / gate_name(target) / "final_eval.json")
+        if val:
+            scored.append((val["accuracy"], -val["avg_macs"], target))
+    return max(scored)[2] if scored else run.gate_targets[-1]
+
+
+def step_export(run_dir: Path, cfg: Config, run: RunConfig) -> None:
+    from .export import extract_subnet
+    from .onnx_export import export_gated, export_onnx
+
+    out = run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    target = best_target(run_dir, run)
+    gated, _ = _read_only(run_dir / gate_name(target))
+    test = _test_split(cfg, 1)
+    export_gated(gated.eval(), out / "gated", mean=test.mean, std=test.std)
+    routes, _ = _read_only(run_dir / ROUTES_FILE)
+    files = {"gated": {"dir": "gated", "target": target, "stage2_run": gate_name(target)}}
+    for name, arch in (("largest", routes.routes[-1]), ("smallest", routes.routes[0])):
+        save_torch(extract_subnet(routes, arch).eval(), out / f"{name}.pt")
+        export_onnx(routes, arch, out / f"{name}.onnx")
+        files[name] = {"torch": f"{name}.pt", "onnx": f"{name}.onnx", "arch": arch.to_dict()}
+    files["normalisation"] = {"mean": list(test.mean), "std": list(test.std)}
+    write_json(out / "exports.json", files)
+
+
+def save_torch(module: torch.nn.Module, path: Path) -> None:
+    """``torch.save`` of a whole plain-torch model (a GraphModule), written atomically.
+
+    Load it without dynaslice: ``torch.load(path, weights_only=False)`` (only torch is imported;
+    the file is a pickle, so load only files you trust).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(module, tmp)
+    tmp.replace(path)
+
+
+def step_latency(run_dir: Path, cfg: Config, run: RunConfig) -> None:
+    """Batch-1 milliseconds per image on this machine: medians of interleaved rounds."""
+    from .dynamic import DynamicNet
+    from .export import extract_subnet
+    from .profile import count_macs, measure_latency
+    from .train.data import eval_loader
+    from .train.evaluate import uniform_archs
+
+    test = _test_split(cfg, run.latency_images)
+    x, _ = next(iter(eval_loader(test, len(test))))
+    one = x[:1]
+    fns: dict[str, Callable[[], object]] = {}
+    macs: dict[str, float] = {}
+    kinds: dict[str, str] = {}
+    sup, _ = _read_only(run_dir / "stage1" / "recalibrated.safetensors")
+    for name, arch in uniform_archs(sup.eval(), cfg.train.eval_widths).items():
+        m = extract_subnet(sup, arch).eval()
+        fns[name], macs[name], kinds[name] = (lambda m=m: m(one)), count_macs(sup, arch), "uniform"
+    routes, _ = _read_only(run_dir / ROUTES_FILE)
+    for i, arch in enumerate(routes.eval().routes):
+        m = extract_subnet(routes, arch).eval()
+        name = f"route{i}"
+        fns[name], macs[name], kinds[name] = (lambda m=m: m(one)), count_macs(routes, arch), "route"
+    for target in run.gate_targets:
+        gated, _ = _read_only(run_dir / gate_name(target))
+        dyn = DynamicNet(gated.eval()).eval()
+        name = gate_name(target)
+        images = [x[i : i + 1] for i in range(len(x))]
+
+        def each(dyn=dyn, images=images) -> None:
+            for image in images:
+                dyn(image)
+
+        fns[name], kinds[name] = each, "gated"
+        with torch.no_grad():
+            macs[name] = dyn.avg_macs(dyn.route(x), gated.input_size)
+    torch.set_grad_enabled(False)
+    try:
+        times = measure_latency(fns, repeats=run.latency_repeats, warmup=2)
+    finally:
+        torch.set_grad_enabled(True)
+    rows = []
+    for name, ts in times.items():
+        per = len(x) if kinds[name] == "gated" else 1
+        ms = sorted(1e3 * t / per for t in ts)
+        rows.append(
+            {
+                "name": name,
+                "kind": kinds[name],
+                "macs": float(macs[name]),
+                "ms": ms[len(ms) // 2],
+                "ms_all": ms,
+            }
+        )
+    write_json(
+        run_dir / "latency.json",
+        {"batch": 1, "threads": torch.get_num_threads(), "repeats": run.latency_repeats, "rows": rows},
+    )
+
+
+def step_report(run_dir: Path, cfg: Config, run: RunConfig) -> None:
+    from .report import write_report
+
+    write_report(run_dir)
+
+
+def steps(run: RunConfig) -> list[tuple[str, Callable[[Path, Config, RunConfig], None]]]:
+    out: list[tuple[str, Callable[[Path, Config, RunConfig], None]]] = [
+        ("stage1", step_stage1),
+        ("recalibrate", step_recalibrate),
+    ]
+    out += [(gate_name(t), step_gate(t)) for t in run.gate_targets]
+    out += [("eval", step_eval)]
+    if run.export:
+        out += [("export", step_export)]
+    out += [("latency", step_latency), ("report", step_report)]
+    return out
+
+
+def run_pipeline(cfg: Config, run: RunConfig, run_dir: str | Path, until: str | None = None) -> Path:
+    """Run the unfinished steps into ``run_dir`` (``until``: stop after that step); returns report.md's path."""
+    run_dir = Path(run_dir)
+    names = [name for name, _ in steps(run)]
+    if until is not None and until not in names:
+        raise UserError(f"--until {until!r} is not a step of this run: {', '.join(names)}")
+    _test_split(cfg, 1)  # a missing dataset fails here, before anything is written
+    check_settings(run_dir, cfg, run)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    for name, fn in steps(run):
+        marker = run_dir / "done" / f"{name}.json"
+        if marker.is_file():
+            print(f"[{name}] done already, skipped", flush=True)
+        else:
+            print(f"[{name}] running", flush=True)
+            t0 = time.perf_counter()
+            fn(run_dir, cfg, run)
+            secs = time.perf_counter() - t0
+            write_json(marker, {"step": name, "seconds": secs, "finished": time.time()})
+            print(f"[{name}] finished in {secs:.1f} s", flush=True)
+        if name == until:
+            break
+    return run_dir / "report.md"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        cfg, run = load_run_config(args.config, args.set or [])
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        report = run_pipeline(cfg, run, out, args.until)
+    except (ConfigError, CheckpointError) as e:
+        raise UserError(str(e)) from e
+    if report.is_file():
+        print(f"report: {report}")
+    else:
+        print(f"stopped after step {args.until!r}; run the same command without --until to finish: {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="the main job: Stage I, BN recalibration, Stage II, test evaluation, export, report",
+        description="Train a gated supernet and its gate from one YAML config, evaluate, export and "
+        "write RUN/report.md. Re-running skips finished steps and resumes an interrupted one.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="YAML preset, e.g. configs/demo.yaml")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.epochs=2 or run.gate_targets=[0.6] (repeatable)",
+    )
+    p.add_argument("--until", default=None, metavar="STEP", help="stop after this step (e.g. stage1)")
+    p.set_defaults(func=_run)
