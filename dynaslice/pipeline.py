@@ -51,7 +51,7 @@ from .train.checkpoint import (
     load_supernet,
     save_model_file,
 )
-from .train.config import Config, ConfigError, Stage2Config, apply_override, from_dict
+from .train.config import Config, ConfigError, Stage2Config, apply_override, from_dict, read_config_file
 
 ROUTES_FILE = "routes-recalibrated.safetensors"
 
@@ -79,15 +79,7 @@ class RunConfig:
 
 def load_run_config(path: str | Path, overrides: list[str]) -> tuple[Config, RunConfig]:
     """The training config and the ``run`` section of ``path``, both with ``--set`` overrides applied."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found (presets live in configs/*.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of config sections")
+    data = read_config_file(path)
     run_data = data.pop("run", None) or {}
     cfg = from_dict(data)
     run = from_dict(run_data, RunConfig, "run.")
