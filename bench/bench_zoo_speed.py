@@ -6,7 +6,15 @@ report median latencies, the median of per-round paired speed-ups, and ``efficie
 1.0 means wall-clock time falls exactly as fast as MACs; the goal is >= 0.8 for ResNet-50 and
 ViT-S. Depthwise-heavy MobileNetV2 is memory-bound on CPUs, so it is reported as measured.
 
-    python bench/bench_zoo_speed.py --out bench/out/zoo_speed.json
+Two forms of every subnet (``--forms``):
+
+- ``sliced``: run inside the supernet, eager PyTorch -- what dynamic inference runs;
+- ``frozen``: the extracted subnet (:func:`dynaslice.extract_subnet`) scripted and frozen with
+  ``torch.jit.optimize_for_inference``: BatchNorm folded into the convs, conv+ReLU fused, oneDNN
+  weight layouts prepacked -- the CPU deployment form of a chosen subnet. It separates what the
+  narrow shapes cost in eager PyTorch's per-op overhead from what the kernels cost.
+
+    python bench/bench_zoo_speed.py --threads 1 --out bench/out/zoo_speed.json
 """
 
 from __future__ import annotations
@@ -15,12 +23,22 @@ import argparse
 import json
 import platform
 import statistics
+import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import dynaslice as ds
+from dynaslice.export import extract_subnet
 from dynaslice.profile import measure_latency, paired_ratio
+
+
+def frozen(net: torch.nn.Module, arch: ds.Arch, size: tuple[int, ...]) -> torch.jit.ScriptModule:
+    """The extracted subnet, scripted and frozen for CPU inference (see the module docstring)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch 2.14 marks TorchScript deprecated; it still runs
+        return torch.jit.optimize_for_inference(torch.jit.script(extract_subnet(net, arch, size).eval()))
 
 
 def main() -> None:
@@ -32,6 +50,9 @@ def main() -> None:
         "--repeats", type=int, default=12, help="rounds at batch 1 (a third of that at batch >= 8)"
     )
     p.add_argument("--size", type=int, default=224)
+    p.add_argument(
+        "--forms", default="sliced,frozen", help="sliced (eager, in the supernet), frozen (exported)"
+    )
     p.add_argument("--out", default="bench/out/zoo_speed.json")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args()
@@ -49,30 +70,36 @@ def main() -> None:
         archs = {"largest": net.space.largest()}
         archs.update({f"x{r}": net.space.uniform(float(r)) for r in args.ratios.split(",")})
         macs = {k: ds.count_macs(net, a, input_size=size) for k, a in archs.items()}
+        forms = args.forms.split(",")
+        models = {(f, k): frozen(net, a, size) for f in forms if f == "frozen" for k, a in archs.items()}
         for bs in map(int, args.batch_sizes.split(",")):
             x = torch.randn(bs, *size)
-            fns = {k: (lambda a=a, x=x, net=net: net(x, a)) for k, a in archs.items()}
+            fns = {}
+            for f in forms:
+                for k, a in archs.items():
+                    fns[f"{f}/{k}"] = partial(net, x, a) if f == "sliced" else partial(models[f, k], x)
             times = measure_latency(
-                fns, repeats=args.repeats if bs < 8 else max(3, args.repeats // 3), warmup=1
+                fns, repeats=args.repeats if bs < 8 else max(3, args.repeats // 3), warmup=2
             )
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            for k, a in archs.items():
-                speedup = paired_ratio(times, "largest", k)
+            for f, k in ((f, k) for f in forms for k in archs):
+                speedup = paired_ratio(times, f"{f}/largest", f"{f}/{k}")
                 reduction = macs["largest"] / macs[k]
                 row = {
                     "model": name,
+                    "form": f,
                     "batch": bs,
                     "subnet": k,
                     "arch": a.to_dict(),
                     "mmacs": macs[k] / 1e6,
-                    "ms": med[k],
+                    "ms": med[f"{f}/{k}"],
                     "speedup": speedup,
                     "mac_reduction": reduction,
                     "efficiency": speedup / reduction,
                 }
                 rows.append(row)
                 print(
-                    f"{name:>13} batch {bs:>3} {k:>8} {row['mmacs']:>8.0f} MMACs {med[k]:>9.1f} ms  "
+                    f"{name:>13} {f:>6} batch {bs:>3} {k:>8} {row['mmacs']:>8.0f} MMACs {row['ms']:>9.1f} ms  "
                     f"speed-up {speedup:5.2f}  MAC reduction {reduction:5.2f}  efficiency {row['efficiency']:.2f}",
                     flush=True,
                 )

@@ -30,6 +30,10 @@ def test_profile_table_and_json(tmp_path, capsys):
         assert row["params"] == ds.count_params(net, arch)
         assert len(row["static_ms_all"]) == len(row["sliced_ms_all"]) == 2
         assert row["static_ms"] > 0 and row["sliced_ms"] > 0
+        largest = data["subnets"][-1]["static_ms_all"]
+        paired = sorted(a / b for a, b in zip(largest, row["static_ms_all"], strict=True))
+        assert row["speedup"] == pytest.approx((paired[0] + paired[1]) / 2)  # median of 2 paired ratios
+    assert data["subnets"][-1]["speedup"] == 1.0
     assert data["subnets"][0]["macs"] < data["subnets"][-1]["macs"]
     assert not list(out.parent.glob(".*.tmp"))  # the atomic write left nothing behind
 
