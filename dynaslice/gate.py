@@ -102,9 +102,13 @@ class DynamicGate(nn.Module):
         parameters in a DDP step)."""
         return self.scale(x, self.squeeze(x))
 
+    def route_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The slimming head: route logits ``[B, n_routes]`` from the squeezed features ``z``."""
+        return self.slimming(z).flatten(1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.squeeze(x)
-        return self.scale(x, z), self.slimming(z).flatten(1)
+        return self.scale(x, z), self.route_logits(z)
 
     def macs(self) -> int:
         """MACs per image of a full gate call (both heads), as torch's FLOP counter counts them."""
@@ -464,6 +468,58 @@ def sgs_targets(
         hopeless = ~easy & (largest_logits.argmax(1) != labels)
         targets = targets.masked_fill(hopeless, -100)
     return targets
+
+
+def calibrate_route_bias(
+    logits: torch.Tensor, route_macs: torch.Tensor, target_macs: float, iters: int = 60
+) -> torch.Tensor:
+    """The route bias ``delta * cost`` that makes argmax routing spend at most ``target_macs``.
+
+    Why: the MACs penalty of Stage II acts on the *expected* MACs of the Gumbel samples, and when
+    the gate's per-sample evidence is weak it is cheaper for the loss to move every sample the
+    same way, so a raw argmax often lands all images on one route, far from the target.
+    Shifting every route's logit by ``delta`` times its normalised cost keeps the gate's
+    ranking of the samples (which images look hard) and only moves the operating point: the
+    route chosen for each sample, and so the average MACs, is non-decreasing in ``delta``. We
+    bisect for the largest routing whose average MACs on ``logits`` (held-out data, the
+    slimming head's logits ``[N, n_routes]``) does not exceed ``target_macs`` (absolute MACs),
+    and return the ``delta`` in the middle of the interval that gives exactly that routing, so
+    float rounding in the model cannot flip a sample at the edge.
+    Returns the shift ``[n_routes]`` (float32); adding it to the slimming head's bias makes it
+    part of the model, so every runtime (PyTorch, exported, ONNX) routes alike.
+    """
+    if logits.dim() != 2 or logits.shape[1] != len(route_macs) or len(logits) == 0:
+        raise ValueError(
+            f"calibrate_route_bias needs logits [N>0, {len(route_macs)}], got {tuple(logits.shape)}"
+        )
+    logits = logits.detach().double()
+    macs = route_macs.detach().double().to(logits.device)
+    cost = (macs - macs.min()) / (macs.max() - macs.min()).clamp_min(1e-12)
+
+    def routes(delta: float) -> torch.Tensor:
+        return (logits + delta * cost).argmax(1)
+
+    def spent(delta: float) -> float:
+        return float(macs[routes(delta)].mean())
+
+    def bisect(lo: float, hi: float, ok) -> tuple[float, float]:  # noqa: ANN001
+        """``ok(lo)`` holds, ``ok(hi)`` does not: narrow down to the switch point."""
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        return lo, hi
+
+    span = 2 * float(logits.abs().max()) + 1.0  # beyond +-span one route wins for every sample
+    if spent(span) <= target_macs:  # even all-widest fits the budget
+        delta = span
+    elif spent(-span) > target_macs:  # not even all-narrowest fits: the cheapest routing there is
+        delta = -span
+    else:
+        within, upper = bisect(-span, span, lambda d: spent(d) <= target_macs)  # upper: over budget
+        chosen = routes(within)
+        lower, _ = bisect(-span, upper, lambda d: not torch.equal(routes(d), chosen))
+        delta = (lower + upper) / 2 if not torch.equal(routes(-span), chosen) else upper - 1.0
+    return (delta * cost).float()
 
 
 def resolve_target_macs(target_macs: float, route_macs: torch.Tensor) -> float:

@@ -10,6 +10,7 @@ from dynaslice.gate import (
     DynamicGate,
     GatedSupernet,
     anneal_tau,
+    calibrate_route_bias,
     default_cut,
     gate_loss,
     gumbel_routes,
@@ -253,3 +254,34 @@ def test_complexity_pulls_toward_the_target(target, sign):
     assert resolve_target_macs(0.5, torch.tensor([100.0, 400.0])) == 200.0
     with pytest.raises(ValueError, match="cannot be reached"):
         resolve_target_macs(0.1, torch.tensor([100.0, 400.0]))
+
+
+# --------------------------------------------------------------------------- route bias calibration
+
+
+def test_calibrated_bias_meets_the_budget_and_keeps_the_gates_ranking():
+    torch.manual_seed(0)
+    macs = torch.tensor([10.0, 14.0, 20.0, 30.0], dtype=torch.float64)
+    # a gate that sends every sample to the narrowest route by raw argmax, but ranks them
+    logits = torch.randn(1000, 4) * 0.3
+    logits[:, 0] += 3.0
+    assert float(macs[logits.argmax(1)].mean()) == 10.0
+    spent = []
+    for target in (12.0, 16.0, 20.0, 25.0):
+        bias = calibrate_route_bias(logits, macs, target)
+        routes = (logits + bias).argmax(1)
+        spent.append(float(macs[routes].mean()))
+        assert spent[-1] <= target
+        assert spent[-1] > target - 1.0  # tight: at most a few images' worth below the budget
+    assert spent == sorted(spent)
+    # two routes: the images sent wide are exactly the k the gate rates hardest (raw l1 - l0)
+    two = logits[:, :2]
+    routes = (two + calibrate_route_bias(two, macs[:2], 12.0)).argmax(1)
+    k = int(routes.sum())
+    assert 0 < k < len(two)
+    hardest = (two[:, 1] - two[:, 0]).topk(k).indices
+    assert set(hardest.tolist()) == set(routes.nonzero().squeeze(1).tolist())
+    assert bool((calibrate_route_bias(logits, macs, 100.0) + logits).argmax(1).eq(3).all())
+    assert bool((calibrate_route_bias(logits, macs, 1.0) + logits).argmax(1).eq(0).all())
+    with pytest.raises(ValueError, match="logits"):
+        calibrate_route_bias(logits[:, :3], macs, 20.0)

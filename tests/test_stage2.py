@@ -81,6 +81,9 @@ def test_train_gate_changes_only_the_slimming_head(stage1, stage2):
     assert changed == {"model.gate.slimming.weight", "model.gate.slimming.bias"}
     lines = [json.loads(x) for x in (stage2 / "metrics.jsonl").read_text().splitlines()]
     assert any("gate_ce" in r for r in lines) and any("val_gate" in r for r in lines)
+    final = json.loads((stage2 / "final_eval.json").read_text())
+    assert final == next(r["val_gate"] for r in lines if r.get("calibrated"))
+    assert final["avg_macs"] <= 0.8 * max(r["macs"] for r in final["routes"])
 
 
 def test_target_macs_moves_average_macs(stage1, tmp_path):
@@ -88,12 +91,14 @@ def test_target_macs_moves_average_macs(stage1, tmp_path):
     run, _, _ = stage1
     net, meta = load_supernet(run)
     start = {k: v.clone() for k, v in net.state_dict().items()}
+    widest = float(net.route_macs().max())
     macs = []
     for name, target in (("low", 0.55), ("high", 1.0)):
         net.load_state_dict(start)
         cfg = from_dict(meta["config"])
         cfg.stage2 = Stage2Config(epochs=3, lr=0.2, target_macs=target)
         macs.append(train_gate(net, cfg, tmp_path / name, meta, recalibrate=False)["avg_macs"])
+        assert macs[-1] <= target * widest  # the calibrated gate meets its budget on validation
     assert macs[0] < macs[1]
 
 

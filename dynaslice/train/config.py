@@ -176,6 +176,10 @@ class Stage2Config:
     ``tau_end`` over the run. ``drop_hopeless``: samples even the widest route gets wrong get
     no gate target. ``train_gate_trunk``: the gate's shared 1x1 conv learns too (from the
     route logits only; the attention scale the backbone was trained with changes with it).
+    ``calibrate``: after training, shift the slimming head's bias on the validation split so that
+    argmax routing spends at most ``target_macs`` on average
+    (:func:`dynaslice.gate.calibrate_route_bias`); without it the raw argmax can miss the
+    target widely (every image on one route).
     SGD with momentum and a cosine schedule; the batch size is ``data.batch_size``.
     """
 
@@ -185,6 +189,7 @@ class Stage2Config:
     target_macs: float | None = 0.6
     drop_hopeless: bool = False
     train_gate_trunk: bool = False
+    calibrate: bool = True
     tau_start: float = 1.0
     tau_end: float = 0.1
     gate_weight: float = 1.0

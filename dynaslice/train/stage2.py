@@ -13,6 +13,9 @@ gate needs no gradient through it. The slimming head's logits reach the loss thr
   the MACs of the routes taken, its gradient flows through the untempered softmax of the logits
   (straight-through), so it keeps pulling after the temperature has annealed.
 
+After training, the slimming head's bias is shifted (calibrated on the validation split) so that
+argmax routing spends at most the target (``stage2.calibrate``; :func:`dynaslice.gate.calibrate_route_bias`).
+
 The Gumbel temperature anneals from ``tau_start`` to ``tau_end``; evaluation (in and after
 Stage II) routes by the argmax of the logits, never with noise. Single process; a run takes
 minutes, so it has no mid-run resume: a finished run's directory is never overwritten.
@@ -31,12 +34,20 @@ import torch
 from tqdm import tqdm
 
 from ..dynamic import DynamicNet
-from ..gate import GatedSupernet, anneal_tau, gate_loss, gumbel_routes, resolve_target_macs, sgs_targets
+from ..gate import (
+    GatedSupernet,
+    anneal_tau,
+    calibrate_route_bias,
+    gate_loss,
+    gumbel_routes,
+    resolve_target_macs,
+    sgs_targets,
+)
 from ..space import Arch
 from .bn import recalibrate_bn
 from .checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from .config import Config, ConfigError, save_config
-from .data import eval_loader, load_split, train_loader
+from .data import InMemoryDataset, eval_loader, load_split, train_loader
 from .metrics import MetricsLogger
 from .samplers import derive_seed
 
@@ -181,6 +192,18 @@ def format_gated(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- training
 
 
+@torch.no_grad()
+def route_logits_of(gated: GatedSupernet, data: InMemoryDataset) -> torch.Tensor:
+    """The slimming head's logits for every image of ``data`` (eval mode)."""
+    gated.eval()
+    device = next(gated.parameters()).device
+    out = []
+    for x, _ in eval_loader(data):
+        feat = gated.net.forward_to(x.to(device), gated.routes[0], gated.cut)
+        out.append(gated.gate.route_logits(gated.gate.squeeze(feat)).cpu())
+    return torch.cat(out)
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
@@ -260,7 +283,7 @@ def train_gate(
                 feat = gated.net.forward_to(x, gated.routes[0], gated.cut)
             with torch.set_grad_enabled(s2.train_gate_trunk):
                 z = gate.squeeze(feat)
-            logits = gate.slimming(z).flatten(1)
+            logits = gate.route_logits(z)
             weights = gumbel_routes(logits, tau)
             idx = weights.argmax(1)
             with torch.no_grad():
@@ -327,6 +350,19 @@ def train_gate(
             logger.log({"stage": 2, "step": step, "epoch": epoch + 1, "val_gate": result})
             line += f"; val top-1 {result['accuracy']:.2f}% at {result['avg_macs'] / 1e6:.2f} MMACs, routes {result['histogram']}"
         print(line, flush=True)
+    if s2.calibrate and target is not None and val_ds is not None:
+        shift = calibrate_route_bias(route_logits_of(gated, val_ds), route_macs, target)
+        with torch.no_grad():
+            gate.slimming.bias.add_(shift.to(gate.slimming.bias))
+        result = evaluate_gated(gated, eval_loader(val_ds), val_ds.num_classes)
+        history.append(result)
+        logger.log({"stage": 2, "step": step, "calibrated": True, "val_gate": result})
+        print(
+            f"route bias calibrated on validation for <= {target / 1e6:.2f} MMACs "
+            f"(logit shift {[round(b, 3) for b in shift.tolist()]}): val top-1 {result['accuracy']:.2f}% "
+            f"at {result['avg_macs'] / 1e6:.2f} MMACs, routes {result['histogram']}",
+            flush=True,
+        )
     logger.close()
 
     spec = dict(source["model"])
