@@ -131,9 +131,9 @@ class LatencyTable:
         }
 
     def save(self, path: str | Path) -> None:
-        from .profile_cli import write_json  # atomic
+        from .atomic import atomic_write_json
 
-        write_json(Path(path), self.to_dict())
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:

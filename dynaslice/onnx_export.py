@@ -25,7 +25,6 @@ Run the results with :mod:`dynaslice.runtime` (onnxruntime + numpy, no torch).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
+from .atomic import atomic_path
 from .export import extract_subnet
 from .gate import GatedSupernet
 from .models.base import Supernet
@@ -79,11 +79,7 @@ def _export_module(
     param = next(module.parameters(), None)
     dtype, device = (param.dtype, param.device) if param is not None else (torch.float32, None)
     example = torch.zeros(2 if batch_dynamic else 1, *input_size, dtype=dtype, device=device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_path(path) as tmp:
         with torch.no_grad(), warnings.catch_warnings():
             if exporter == "torchscript":
                 # Chosen on purpose (see the module docstring), so its deprecation notices are noise
@@ -109,11 +105,6 @@ def _export_module(
             entry.key, entry.value = key, value
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _opset(path: Path) -> int:

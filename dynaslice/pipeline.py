@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import yaml
 
+from .atomic import atomic_write_json
 from .cli import UserError
 from .train.checkpoint import (
     CheckpointError,
@@ -124,12 +125,6 @@ def gate_name(target: float) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomically write ``data`` as JSON (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
@@ -244,7 +239,9 @@ def step_eval(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     # the supernet's uniform subnets, with the BN statistics Stage I recalibrated for them
     net, _ = _read_only(run_dir / "stage1" / "recalibrated.safetensors")
     rows = evaluate(net, uniform_archs(net, cfg.train.eval_widths), eval_loader(test), net.input_size)
-    write_json(run_dir / "eval" / "supernet.json", {"split": "test", "images": len(test), "rows": rows})
+    atomic_write_json(
+        run_dir / "eval" / "supernet.json", {"split": "test", "images": len(test), "rows": rows}
+    )
     for target in run.gate_targets:
         gated, _ = _read_only(run_dir / gate_name(target))
         result = evaluate_gated(gated, eval_loader(test), test.num_classes, gated.input_size)
@@ -256,7 +253,7 @@ def step_eval(run_dir: Path, cfg: Config, run: RunConfig) -> None:
             "split": "test",
             **result,
         }
-        write_json(run_dir / "eval" / f"{gate_name(target)}.json", result)
+        atomic_write_json(run_dir / "eval" / f"{gate_name(target)}.json", result)
         print(
             f"{gate_name(target)}: test top-1 {result['accuracy']:.2f}% at {result['avg_macs'] / 1e6:.2f} MMACs, "
             f"routes {result['histogram']}",
@@ -295,7 +292,7 @@ def step_export(run_dir: Path, cfg: Config, run: RunConfig) -> None:
         export_onnx(routes, arch, out / f"{name}.onnx")
         files[name] = {"torch": f"{name}.pt", "onnx": f"{name}.onnx", "arch": arch.to_dict()}
     files["normalisation"] = {"mean": list(test.mean), "std": list(test.std)}
-    write_json(out / "exports.json", files)
+    atomic_write_json(out / "exports.json", files)
 
 
 def save_torch(module: torch.nn.Module, path: Path) -> None:
@@ -364,7 +361,7 @@ def step_latency(run_dir: Path, cfg: Config, run: RunConfig) -> None:
                 "ms_all": ms,
             }
         )
-    write_json(
+    atomic_write_json(
         run_dir / "latency.json",
         {"batch": 1, "threads": torch.get_num_threads(), "repeats": run.latency_repeats, "rows": rows},
     )
@@ -408,7 +405,7 @@ def run_pipeline(cfg: Config, run: RunConfig, run_dir: str | Path, until: str | 
             t0 = time.perf_counter()
             fn(run_dir, cfg, run)
             secs = time.perf_counter() - t0
-            write_json(marker, {"step": name, "seconds": secs, "finished": time.time()})
+            atomic_write_json(marker, {"step": name, "seconds": secs, "finished": time.time()})
             print(f"[{name}] finished in {secs:.1f} s", flush=True)
         if name == until:
             break

@@ -13,17 +13,15 @@ candidate alike and the ratios stay meaningful.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_write_json
 from .cli import UserError
 from .export import extract_subnet
 from .models import Supernet, create_supernet
@@ -97,20 +95,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def profile(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.repeats < 1:
         raise UserError("--batch-size and --repeats must be at least 1")
@@ -143,7 +127,7 @@ def profile(args: argparse.Namespace) -> int:
     )
     print(format_table(rows))
     if args.json:
-        write_json(
+        atomic_write_json(
             Path(args.json),
             {
                 "model": args.model,

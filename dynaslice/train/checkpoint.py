@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
+from ..atomic import atomic_path, atomic_write_bytes, fsync_dir
 from ..gate import GatedSupernet
 from ..models import create_supernet
 from ..models.base import Supernet
@@ -40,33 +41,6 @@ MODEL_FILE, STATE_FILE, LATEST = "model.safetensors", "state.pt", "latest"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, damaged or not ours; the message says which file and what to do."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform/filesystem
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, fsync it, and rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def model_file_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
@@ -115,17 +89,8 @@ def load_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     """``torch.save`` of plain data (``weights_only``-loadable), atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"format": STATE_FORMAT, "version": VERSION, **state}, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -174,7 +139,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     atomic_write_bytes(root / LATEST, name.encode())
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in done[: max(0, len(done) - keep)]:
