@@ -80,6 +80,11 @@ def main() -> None:
         default=10,
         help="PSS pool capacity (default 10: 250 steps x 2 draws over ~10 buckets would never fill 50)",
     )
+    ap.add_argument(
+        "--train-only",
+        choices=list(VARIANTS),
+        help="only train this supernet and stop (to train both at once on two cores; then run without it)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny subset, 1 epoch")
     ap.add_argument("--runs", default="runs/bench_pss")
     ap.add_argument("--out", default="bench/out/pss.json")
@@ -105,6 +110,8 @@ def main() -> None:
 
     runs, seconds, cfgs = {}, {}, {}
     for name, sets in VARIANTS.items():
+        if args.train_only and name != args.train_only:
+            continue
         cfg = load_config(args.config, sets + extra)
         run = Path(args.runs) / name
         t0 = time.perf_counter()
@@ -113,6 +120,8 @@ def main() -> None:
         save_config(cfg, run / "bench_config.yaml")
         runs[name], cfgs[name] = run, cfg
         print(f"{name}: trained ({seconds[name]:.0f} s)", flush=True)
+    if args.train_only:
+        return
 
     t = cfgs["pss"].train
     train_ds = load_split(cfgs["pss"].data, "train", t.seed)
