@@ -509,7 +509,10 @@ def calibrate_route_bias(
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)
         return lo, hi
 
-    span = 2 * float(logits.abs().max()) + 1.0  # beyond +-span one route wins for every sample
+    # Beyond +-span the cheapest / the most expensive route wins for every sample: the bias must
+    # outweigh any logit gap even between the two routes closest in cost.
+    gaps = cost.unique().diff()
+    span = (2 * float(logits.abs().max()) + 1.0) / float(gaps.min() if len(gaps) else 1.0)
     if spent(span) <= target_macs:  # even all-widest fits the budget
         delta = span
     elif spent(-span) > target_macs:  # not even all-narrowest fits: the cheapest routing there is
