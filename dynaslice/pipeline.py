@@ -52,7 +52,15 @@ from .train.checkpoint import (
     load_supernet,
     save_model_file,
 )
-from .train.config import Config, ConfigError, Stage2Config, apply_override, from_dict, read_config_file
+from .train.config import (
+    Config,
+    ConfigError,
+    Stage2Config,
+    apply_override,
+    flatten,
+    from_dict,
+    read_config_file,
+)
 
 ROUTES_FILE = "routes-recalibrated.safetensors"
 
@@ -131,16 +139,6 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 DERIVED = ("eval", "export", "latency", "report")  # steps whose output depends on the run: section
 
 
@@ -156,7 +154,7 @@ def check_settings(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     if path.is_file():
         old = yaml.safe_load(path.read_text()) or {}
         # resolve through today's defaults, as Stage I's resume does
-        a, b = _flatten(from_dict(old.get("config", {})).to_dict()), _flatten(settings["config"])
+        a, b = flatten(from_dict(old.get("config", {})).to_dict()), flatten(settings["config"])
         diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
         if diff:
             raise UserError(

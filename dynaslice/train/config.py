@@ -290,6 +290,21 @@ class Config:
 # --------------------------------------------------------------------------- dict <-> dataclass
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config dict as ``{"optim.lr": 0.1, ...}``: dotted keys, the ones ``--set`` takes.
+
+    ``model.kwargs`` stays one value (its contents are the model's, not config sections).
+    Used to name exactly which settings differ between a run directory and a new config.
+    """
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key of a config dataclass (for 'did you mean')."""
     out = []

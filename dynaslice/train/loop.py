@@ -45,7 +45,7 @@ from .checkpoint import (
     save_checkpoint,
     save_model_file,
 )
-from .config import Config, ConfigError, from_dict, save_config
+from .config import Config, ConfigError, flatten, from_dict, save_config
 from .data import FolderBatches, eval_loader, folder_loader, folder_recal_batches, load_split, train_loader
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from .ema import ema_decay_for, make_ema
@@ -274,7 +274,7 @@ class Trainer:
         # run started (left at its default) must not block resuming it.
         saved_cfg = from_dict(meta.get("config", {})).to_dict()
         if saved_cfg != self.cfg.to_dict():
-            saved, now = _flatten(saved_cfg), _flatten(self.cfg.to_dict())
+            saved, now = flatten(saved_cfg), flatten(self.cfg.to_dict())
             diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
             raise CheckpointError(
                 f"{ckpt} was trained with a different config (keys {', '.join(diff[:5])}); "
@@ -410,16 +410,6 @@ class Trainer:
         print(f"validation after epoch {epoch} (BN recalibrated):\n{format_table(rows)}", flush=True)
         if final:
             (self.run_dir / "final_eval.json").write_text(json.dumps(rows, indent=1))
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def train(
