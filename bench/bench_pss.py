@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dynaslice.atomic import cached_json
 from dynaslice.budget import BudgetTable
 from dynaslice.train import load_config, load_supernet, train
 from dynaslice.train.config import save_config
@@ -57,15 +58,6 @@ QUICK = [
     "train.recal_batch_size=128",
     "train.pss.estimate_samples=5000",
 ]
-
-
-def cached(path: Path, make):  # noqa: ANN001
-    """``make()``'s JSON result, computed once and kept at ``path`` (resumable benchmark)."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = make()
-    path.write_text(json.dumps(value, indent=1))
-    return value
 
 
 def main() -> None:
@@ -147,7 +139,7 @@ def main() -> None:
             for e in table.entries
         ]
 
-    pss = cached(runs["pss"] / "bench_rows.json", pss_rows)
+    pss = cached_json(runs["pss"] / "bench_rows.json", pss_rows)
 
     # (b) random search in each bucket of the sandwich supernet, same number of val evaluations
     sw_net, _ = load_supernet(runs["sandwich"])
@@ -179,7 +171,7 @@ def main() -> None:
             )
         return rows
 
-    sandwich = cached(runs["sandwich"] / "bench_rows.json", sandwich_rows)
+    sandwich = cached_json(runs["sandwich"] / "bench_rows.json", sandwich_rows)
 
     # (c) static counterparts from the Stage-I benchmark, if it has run
     static: list[dict] = []

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from dynaslice.atomic import cached_json
 from dynaslice.train import load_config, load_supernet, save_model_file, train
 from dynaslice.train.checkpoint import latest_checkpoint
 from dynaslice.train.config import apply_override, from_dict
@@ -47,15 +48,6 @@ QUICK = [
     "train.recal_images=256",
     "train.recal_batch_size=128",
 ]
-
-
-def cached(path: Path, compute) -> dict:
-    """``compute()``'s JSON result, stored at ``path`` and reused when it exists (resumability)."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = compute()
-    path.write_text(json.dumps(result, indent=1))
-    return result
 
 
 def test_eval(model_file: Path, test_images: int) -> dict:
@@ -111,7 +103,9 @@ def main() -> None:
         meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
         meta["recalibrated"] = {k: a.to_dict() for k, a in route_archs(net).items()}
         save_model_file(recal, {f"model.{k}": v for k, v in net.state_dict().items()}, meta)
-    static_routes = cached(stage1 / "test_eval.json", lambda: test_eval(recal, args.test_images))["routes"]
+    static_routes = cached_json(stage1 / "test_eval.json", lambda: test_eval(recal, args.test_images))[
+        "routes"
+    ]
 
     # 3. Stage II per target, 4. its test evaluation
     gated: dict[str, dict] = {}
@@ -128,7 +122,7 @@ def main() -> None:
             train_gate(net, cfg2, out, meta, recalibrate=False)
         timings[name] = time.perf_counter() - t0
         model_file = latest_checkpoint(out) / "model.safetensors"
-        result = cached(out / "test_eval.json", lambda f=model_file: test_eval(f, args.test_images))
+        result = cached_json(out / "test_eval.json", lambda f=model_file: test_eval(f, args.test_images))
         gated[name] = {"target": target, **result}
         print(
             f"gate {name}: top-1 {result['accuracy']:.2f}% at {result['avg_macs'] / 1e6:.2f} MMACs, "

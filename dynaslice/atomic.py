@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +74,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> None:
     """Write ``data`` as JSON (with a final newline) to ``path`` atomically."""
     atomic_write_bytes(path, (json.dumps(data, indent=indent) + "\n").encode())
+
+
+def cached_json(path: str | os.PathLike, compute: Callable[[], Any], indent: int = 1) -> Any:
+    """``compute()``'s JSON result, kept at ``path`` and reused when it exists.
+
+    What makes a long benchmark or pipeline step resumable: a finished part is read back, an
+    unfinished one recomputed; the atomic write means a kill never leaves half a result behind.
+    """
+    path = Path(path)
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    atomic_write_json(path, value, indent=indent)
+    return value

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from dynaslice.atomic import atomic_path, atomic_write_json
+from dynaslice.atomic import atomic_path, atomic_write_json, cached_json
 
 
 @pytest.fixture
@@ -34,3 +34,16 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         raise RuntimeError("disk full")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.bin"]
+
+
+def test_cached_json_computes_once(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"acc": 81.0}
+
+    path = tmp_path / "rows.json"
+    assert cached_json(path, compute) == {"acc": 81.0}
+    assert cached_json(path, compute) == {"acc": 81.0}
+    assert len(calls) == 1

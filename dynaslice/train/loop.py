@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -30,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..atomic import atomic_write_json
 from ..gate import GatedSupernet
 from ..models import create_supernet
 from ..space import Arch
@@ -409,7 +409,7 @@ class Trainer:
         self.logger.log({"epoch": epoch, "step": self.step, "val": rows})
         print(f"validation after epoch {epoch} (BN recalibrated):\n{format_table(rows)}", flush=True)
         if final:
-            (self.run_dir / "final_eval.json").write_text(json.dumps(rows, indent=1))
+            atomic_write_json(self.run_dir / "final_eval.json", rows, indent=1)
 
 
 def train(
@@ -464,5 +464,5 @@ def train_static(
     for width in cfg.train.static_widths:
         rows += train(static_config(cfg, width), Path(run_dir) / f"static-x{width:g}", resume, env)
     if rows:
-        Path(run_dir, "final_eval.json").write_text(json.dumps(rows, indent=1))
+        atomic_write_json(Path(run_dir, "final_eval.json"), rows, indent=1)
     return rows

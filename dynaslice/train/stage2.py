@@ -23,7 +23,6 @@ minutes, so it has no mid-run resume: a finished run's directory is never overwr
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterable
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..atomic import atomic_write_json
 from ..dynamic import DynamicNet
 from ..gate import (
     GatedSupernet,
@@ -378,5 +378,5 @@ def train_gate(
     state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": {"seed": t.seed}}
     save_checkpoint(out, step, tensors, meta, state, t.keep_checkpoints)
     final = history[-1] if history else {}
-    (out / "final_eval.json").write_text(json.dumps(final, indent=1))
+    atomic_write_json(out / "final_eval.json", final, indent=1)
     return final
