@@ -16,8 +16,9 @@ paper's variant.
   (c) static    the Stage-I benchmark's static networks (bench/out/stage1_accuracy.json, if
                 present; shown in the bucket their MACs fall in).
 
-Every reported subnet gets BN statistics recalibrated for it alone (the config's recal_images),
-then top-1 on the Fashion-MNIST *test* split; selection never sees the test split. Goal: (a) >=
+Every reported subnet has BN statistics recalibrated for it alone (the config's recal_images;
+for (a) the ones its budget entry stores), then top-1 on the Fashion-MNIST *test* split;
+selection never sees the test split. Goal: (a) >=
 (b) in every bucket. Resumable: finished trainings and selections are reused (delete the run
 directory's bench_rows.json to redo a selection, e.g. after changing --top-k). Train time of
 (a) includes its end-of-run budget-table selection; re-runs report only what was left to do.
@@ -37,11 +38,11 @@ import numpy as np
 import torch
 
 from dynaslice.atomic import cached_json
-from dynaslice.budget import BudgetTable
+from dynaslice.budget import BudgetNet, BudgetTable
 from dynaslice.train import load_config, load_supernet, train
 from dynaslice.train.config import save_config
 from dynaslice.train.data import eval_loader, load_split
-from dynaslice.train.pss import PSSSampler, macs_fn, val_accuracy
+from dynaslice.train.pss import PSSSampler, accuracy, macs_fn, val_accuracy
 from dynaslice.train.samplers import derive_seed
 
 COMMON = ["train.target=ib", "train.num_subnets=4"]
@@ -123,20 +124,21 @@ def main() -> None:
         test_ds = test_ds.subset(range(args.test_images))
     test = eval_loader(test_ds)
 
-    # (a) the PSS budget table (selected on val during training); test accuracy per entry
+    # (a) the PSS budget table (selected on val during training): its entries as deployed, each
+    # with its own BN statistics (BudgetNet), on the test split
     table = BudgetTable.load(runs["pss"])
-    pss_net, _ = load_supernet(runs["pss"])
 
     def pss_rows() -> list[dict]:
+        deployed = BudgetNet.load(runs["pss"]).eval()
         return [
             {
                 "bucket": e.bucket,
                 "arch": e.arch.to_dict(),
                 "macs": e.macs,
-                "val_accuracy": e.val_accuracy_alone,
-                "test_accuracy": val_accuracy(pss_net, e.arch, train_ds, test, t),
+                "val_accuracy": e.val_accuracy,
+                "test_accuracy": accuracy(deployed.net, deployed.use(e), test),
             }
-            for e in table.entries
+            for e in deployed.table.entries
         ]
 
     pss = cached_json(runs["pss"] / "bench_rows.json", pss_rows)

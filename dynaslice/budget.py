@@ -3,19 +3,19 @@
 A PSS run (``train.sampler=pss``, see :mod:`dynaslice.train.pss`) ends by picking, for every
 budget bucket, the subnet of its pool with the best accuracy on the *validation* split, and
 writes ``RUN/budget_table.json`` (bucket -> arch, MACs, validation accuracy, predicted latency
-when a latency table was given) and ``RUN/budget.safetensors`` (the weights, BatchNorm
-statistics recalibrated for exactly the table's subnets).
+when a latency table was given) and ``RUN/budget.safetensors`` (the weights, and for every
+entry the BatchNorm statistics recalibrated for that subnet alone).
 
 Switching budget at run time is one call that reloads nothing -- the supernet holds every
-subnet, the table only names which one to run::
+subnet; a :class:`BudgetNet` picks the table's entry and gives the BN layers that entry's
+statistics (a copy of a few kilobytes) before running it::
 
-    from dynaslice.budget import BudgetTable
-    from dynaslice.train import load_supernet
+    from dynaslice.budget import BudgetNet
 
-    net, _ = load_supernet("runs/pss/budget.safetensors"); net.eval()
-    table = BudgetTable.load("runs/pss")
-    y = net(x, table.best(max_macs=10e6))          # resources shrink: a smaller subnet, same net
-    y = net(x, table.best(max_latency_ms=2.0))     # with a latency table (train.pss.latency_table)
+    net = BudgetNet.load("runs/pss").eval()
+    y = net(x, max_macs=10e6)          # resources shrink: a smaller subnet, same weights
+    y = net(x, max_latency_ms=2.0)     # with a latency table (train.pss.latency_table)
+    static = net.extract(max_macs=10e6)  # a plain torch.nn model of that entry
 
 From the shell: ``dynaslice select runs/pss --max-macs 10M [--export subnet.pt|subnet.onnx]``.
 """
@@ -24,27 +24,34 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
 
 from .atomic import atomic_write_json
+from .nn import SlicedBatchNorm2d
 from .space import Arch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.base import Supernet
 
 TABLE_FILE, WEIGHTS_FILE = "budget_table.json", "budget.safetensors"
 
 
 @dataclass(frozen=True)
 class BudgetEntry:
-    """One bucket's deployable subnet. ``val_accuracy``: top-1 (%) on the validation split with
-    the table's shared BN statistics; ``val_accuracy_alone``: with BN recalibrated for it alone
-    (what it was selected on, among ``candidates`` subnets)."""
+    """One bucket's deployable subnet: the best of ``candidates`` pool subnets by ``val_accuracy``,
+    top-1 (%) on the validation split with BN statistics recalibrated for it alone (the
+    statistics :class:`BudgetNet` runs it with)."""
 
     bucket: float
     arch: Arch
     macs: int
     val_accuracy: float
-    val_accuracy_alone: float | None = None
     candidates: int = 1
     latency_ms: float | None = None
 
@@ -54,7 +61,6 @@ class BudgetEntry:
             "arch": self.arch.to_dict(),
             "macs": self.macs,
             "val_accuracy": self.val_accuracy,
-            "val_accuracy_alone": self.val_accuracy_alone,
             "candidates": self.candidates,
             "latency_ms": self.latency_ms,
         }
@@ -66,7 +72,6 @@ class BudgetEntry:
             arch=Arch(d["arch"]),
             macs=int(d["macs"]),
             val_accuracy=float(d["val_accuracy"]),
-            val_accuracy_alone=d.get("val_accuracy_alone"),
             candidates=int(d.get("candidates", 1)),
             latency_ms=d.get("latency_ms"),
         )
@@ -131,7 +136,7 @@ class BudgetTable:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": "dynaslice-budget-table",
-            "version": 1,
+            "version": 2,
             **self.meta,
             "entries": [e.to_dict() for e in self.entries],
         }
@@ -170,6 +175,119 @@ class BudgetTable:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+# ---------------------------------------------------------------------------- runtime
+
+STATS_PREFIX = "bn"  # budget.safetensors: "model.*" weights, "bn.<entry>.<BN buffer>" statistics
+
+
+class BudgetNet(nn.Module):
+    """A PSS supernet with its budget table: ``net(x, max_macs=..., max_latency_ms=...)`` runs the
+    table's most accurate subnet within the budget, with BatchNorm statistics of its own.
+
+    Why statistics per entry: a :class:`~dynaslice.nn.SlicedBatchNorm2d` keeps one row of
+    statistics per *layer width*, so two table subnets with the same width in one layer but
+    different widths upstream would have to share that row; averaged over both, non-uniform
+    subnets lose tens of points. Each forward therefore first copies its entry's statistics
+    (``running_mean``/``running_var`` of every BN layer, kilobytes) into ``self.net``: that, and
+    the choice of slices, is all a budget switch costs. Calls are independent of each other; do
+    not run two budgets concurrently on one instance (they share ``self.net``'s BN buffers).
+    """
+
+    def __init__(self, net: Supernet, table: BudgetTable, bn_stats: Sequence[Mapping[str, torch.Tensor]]):
+        super().__init__()
+        if len(bn_stats) != len(table.entries):
+            raise ValueError(f"{len(bn_stats)} sets of BN statistics for {len(table.entries)} table entries")
+        self.net, self.table = net, table
+        self._bns = [(n, m) for n, m in net.named_modules() if isinstance(m, SlicedBatchNorm2d)]
+        self.stats = nn.ModuleList()  # entry i -> a module whose buffers are its statistics
+        for i, given in enumerate(bn_stats):
+            holder = nn.Module()
+            for name, bn in self._bns:
+                for k in ("running_mean", "running_var"):
+                    t = given.get(f"{name}.{k}")
+                    if t is None or t.shape != getattr(bn, k).shape:
+                        raise ValueError(
+                            f"budget entry {i} (bucket {table.entries[i].bucket:g}) has no BN statistics "
+                            f"{name}.{k} of shape {tuple(getattr(bn, k).shape)}"
+                        )
+                    holder.register_buffer(f"{name}.{k}".replace(".", "__"), t.detach().clone())
+            self.stats.append(holder)
+
+    def entry(self, max_macs: float | None = None, max_latency_ms: float | None = None) -> BudgetEntry:
+        """The table's most accurate entry within the budget (see :meth:`BudgetTable.best_entry`)."""
+        return self.table.best_entry(max_macs, max_latency_ms)
+
+    @torch.no_grad()
+    def use(self, entry: BudgetEntry) -> Arch:
+        """Give ``self.net`` the BN statistics of ``entry`` (one of ``self.table.entries``); returns
+        its arch, for ``self.net(x, arch)``, :func:`~dynaslice.export.extract_subnet` or ONNX export."""
+        i = self.table.entries.index(entry)
+        targets = [getattr(bn, k) for _, bn in self._bns for k in ("running_mean", "running_var")]
+        torch._foreach_copy_(targets, list(self.stats[i].buffers(recurse=False)))
+        return entry.arch
+
+    def forward(
+        self, x: torch.Tensor, max_macs: float | None = None, max_latency_ms: float | None = None
+    ) -> torch.Tensor:
+        return self.net(x, self.use(self.entry(max_macs, max_latency_ms)))
+
+    def extract(self, max_macs: float | None = None, max_latency_ms: float | None = None) -> nn.Module:
+        """The entry for the budget as a plain ``torch.nn`` model (its own BN statistics included)."""
+        from .export import extract_subnet
+
+        return extract_subnet(self.net, self.use(self.entry(max_macs, max_latency_ms)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> BudgetNet:
+        """From a PSS run directory or its ``budget.safetensors`` (in train mode, like any new module)."""
+        from .train.checkpoint import CheckpointError, load_model_file, supernet_from_tensors
+
+        path = Path(path)
+        if path.name == TABLE_FILE:
+            path = path.parent
+        file = path / WEIGHTS_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no {WEIGHTS_FILE} at {path}: it is written at the end of a run with train.sampler=pss"
+            )
+        tensors, meta = load_model_file(file)
+        if "budget_table" not in meta:
+            raise CheckpointError(f"{file} holds no budget table (use a PSS run's {WEIGHTS_FILE})")
+        table = BudgetTable.from_dict(meta["budget_table"])
+        stats: list[dict[str, torch.Tensor]] = [{} for _ in table.entries]
+        for key, t in tensors.items():
+            head, _, rest = key.partition(".")
+            if head == STATS_PREFIX:
+                i, _, name = rest.partition(".")
+                stats[int(i)][name] = t
+        if not all(stats):
+            raise CheckpointError(
+                f"{file} has no BN statistics per budget entry (written by dynaslice before budget "
+                "table version 2); train the PSS run again to get them"
+            )
+        try:
+            return cls(supernet_from_tensors(tensors, meta, file), table, stats)
+        except ValueError as e:
+            raise CheckpointError(f"{file}: {e}") from None
+
+
+def save_budget_file(
+    path: str | Path,
+    net: Supernet,
+    table: BudgetTable,
+    bn_stats: Sequence[Mapping[str, torch.Tensor]],
+    meta: dict[str, Any],
+) -> None:
+    """Write what :meth:`BudgetNet.load` reads: ``net``'s weights, the table (in the metadata) and
+    each entry's BN statistics, atomically."""
+    from .train.checkpoint import save_model_file
+
+    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+    for i, stats in enumerate(bn_stats):
+        tensors.update({f"{STATS_PREFIX}.{i}.{k}": v for k, v in stats.items()})
+    save_model_file(path, tensors, {**meta, "budget_table": table.to_dict()})
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
@@ -205,36 +323,13 @@ def _select(args: argparse.Namespace) -> int:
     print(f"{line}, val top-1 {entry.val_accuracy:.2f}%")
     print(entry.arch.to_json())
     if args.export:
-        _export(run, entry.arch, Path(args.export))
+        from .export_cli import load_budget_net, write_subnet
+
+        out = Path(args.export)
+        budget_net = load_budget_net(run)
+        write_subnet(budget_net.net, budget_net.use(entry), out, "onnx" if out.suffix == ".onnx" else "torch")
+        print(f"exported the subnet to {out}")
     return 0
-
-
-def _export(run: Path, arch: Arch, out: Path) -> None:
-    import torch
-
-    from .cli import UserError
-    from .export import extract_subnet
-    from .train.checkpoint import CheckpointError, load_supernet
-
-    if run.suffix == ".safetensors":
-        weights = run
-    else:
-        weights = (run.parent if run.is_file() else run) / WEIGHTS_FILE
-    try:
-        net, _ = load_supernet(weights if weights.is_file() else run)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
-    net.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".onnx":
-        try:
-            from .onnx_export import export_onnx
-        except ImportError as e:
-            raise UserError(f"ONNX export is unavailable ({e}); export to a .pt file instead") from None
-        export_onnx(net, arch, out)
-    else:
-        torch.save(extract_subnet(net, arch), out)
-    print(f"exported the subnet to {out}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

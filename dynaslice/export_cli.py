@@ -14,9 +14,10 @@ only, not dynaslice: ``model = torch.load(path, weights_only=False).eval()`` (a 
 files you trust). ``--format onnx`` writes one ONNX file: input ``input [batch, C, H, W]``
 (normalised like the training data), output ``logits``.
 
-BatchNorm statistics are per width: export from a file recalibrated for the subnet (``dynaslice
-recalibrate``, a run's ``recalibrated.safetensors``, a PSS run's ``budget.safetensors``); the
-command says so when the file was not recalibrated for it.
+BatchNorm statistics are per width: with ``--arch``, export from a file recalibrated for the
+subnet (``dynaslice recalibrate``, a run's ``recalibrated.safetensors``); the command says so
+when the file was not recalibrated for it. With ``--budget-*`` the subnet gets the BN
+statistics its budget entry was selected with (see :class:`dynaslice.budget.BudgetNet`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from .budget import TABLE_FILE, WEIGHTS_FILE, BudgetTable, parse_amount
+from .budget import TABLE_FILE, BudgetNet, parse_amount
 from .cli import UserError
 from .gate import GatedSupernet
 from .models.base import Supernet
@@ -82,6 +83,31 @@ def parse_arch(token: str, net: Supernet) -> Arch:
     return next(iter(archs.values()))
 
 
+def write_subnet(net: Supernet, arch: Arch, out: Path, fmt: str) -> str:
+    """Write subnet ``arch`` of ``net`` (evaluated as it is: eval mode, its BN statistics) to
+    ``out`` as ``fmt`` (``"torch"`` or ``"onnx"``); returns how to load the file."""
+    if fmt == "onnx":
+        try:
+            from .onnx_export import export_onnx
+        except ImportError as e:
+            raise UserError(f"ONNX export is unavailable ({e}); use --format torch") from None
+        export_onnx(net, arch, out)
+        return "run it with dynaslice.runtime.OnnxModel or any ONNX runtime"
+    from .export import extract_subnet
+    from .pipeline import save_torch
+
+    save_torch(extract_subnet(net, arch).eval(), out)
+    return "load it with torch.load(PATH, weights_only=False), no dynaslice needed"
+
+
+def load_budget_net(run: Path) -> BudgetNet:
+    """:meth:`BudgetNet.load` of a PSS run directory or file, in eval mode; errors as UserError."""
+    try:
+        return BudgetNet.load(run).eval()
+    except (CheckpointError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+
+
 def _export(args: argparse.Namespace) -> int:
     ckpt, out = Path(args.ckpt), Path(args.out)
     if not ckpt.exists():
@@ -95,6 +121,14 @@ def _export(args: argparse.Namespace) -> int:
         net, meta = _load(ckpt)
         arch = parse_arch(args.arch, net)
         how = f"--arch {args.arch}"
+        recal = {Arch(a) for a in (meta.get("recalibrated") or {}).values()}
+        if arch not in recal:
+            print(
+                f"note: {ckpt} was not recalibrated for this subnet; its BN statistics may be off "
+                "(run dynaslice recalibrate CKPT --archs ... first)",
+                file=sys.stderr,
+            )
+        net.eval()
     else:
         run = _pss_run(ckpt)
         if run is None:
@@ -102,37 +136,17 @@ def _export(args: argparse.Namespace) -> int:
                 f"{ckpt} has no PSS budget table ({TABLE_FILE}): --budget-macs/--budget-ms need a PSS run "
                 "(train.sampler: pss); use --arch for other checkpoints"
             )
+        budget_net = load_budget_net(run)
         try:
-            entry = BudgetTable.load(run).best_entry(args.budget_macs, args.budget_ms)
-        except (FileNotFoundError, ValueError) as e:
+            entry = budget_net.entry(args.budget_macs, args.budget_ms)
+        except ValueError as e:
             raise UserError(str(e)) from None
-        net, meta = _load(run / WEIGHTS_FILE if (run / WEIGHTS_FILE).is_file() else run)
-        arch = entry.arch
+        net, arch = budget_net.net, budget_net.use(entry)  # the entry's own BN statistics
         how = f"budget bucket {entry.bucket:g} (val top-1 {entry.val_accuracy:.2f}%)"
-    recal = {Arch(a) for a in (meta.get("recalibrated") or {}).values()}
-    if arch not in recal:
-        print(
-            f"note: {ckpt} was not recalibrated for this subnet; its BN statistics may be off "
-            "(run dynaslice recalibrate CKPT --archs ... first)",
-            file=sys.stderr,
-        )
-    net.eval()
     from .profile import count_macs
 
     macs = count_macs(net, arch)
-    if fmt == "onnx":
-        try:
-            from .onnx_export import export_onnx
-        except ImportError as e:
-            raise UserError(f"ONNX export is unavailable ({e}); use --format torch") from None
-        export_onnx(net, arch, out)
-        load = "run it with dynaslice.runtime.OnnxModel or any ONNX runtime"
-    else:
-        from .export import extract_subnet
-        from .pipeline import save_torch
-
-        save_torch(extract_subnet(net, arch).eval(), out)
-        load = "load it with torch.load(PATH, weights_only=False), no dynaslice needed"
+    load = write_subnet(net, arch, out, fmt)
     print(f"exported {arch.to_json()} ({macs / 1e6:.2f} MMACs, {how}) to {out}; {load}")
     return 0
 

@@ -83,3 +83,15 @@ def recalibrate_bn(
         for m, training in modes.items():
             m.training = training
     return net
+
+
+def bn_statistics(net: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the running mean and variance of every :class:`SlicedBatchNorm2d` in ``net``, by
+    state-dict name: what a recalibration produced, to keep for one subnet (see
+    :class:`dynaslice.budget.BudgetNet`, which gives each budget entry statistics of its own)."""
+    return {
+        f"{name}.{k}": getattr(m, k).detach().clone()
+        for name, m in net.named_modules()
+        if isinstance(m, SlicedBatchNorm2d)
+        for k in ("running_mean", "running_var")
+    }

@@ -210,6 +210,13 @@ def load_supernet(path: str | Path, weights: str = "model") -> tuple[Supernet, d
     its ``model`` or ``ema`` weights."""
     file = resolve_checkpoint(path)
     tensors, meta = load_model_file(file)
+    return supernet_from_tensors(tensors, meta, file, weights), meta
+
+
+def supernet_from_tensors(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], file: str | Path, weights: str = "model"
+) -> Supernet:
+    """The supernet of a model file already read with :func:`load_model_file` (``file`` names it in errors)."""
     try:
         net = build_model(meta["model"])
     except KeyError:
@@ -229,4 +236,4 @@ def load_supernet(path: str | Path, weights: str = "model") -> tuple[Supernet, d
         raise CheckpointError(
             f"{file} does not match {meta['model']['name']}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    return net, meta
+    return net

@@ -27,8 +27,8 @@ run (the pools are in the checkpoint through :meth:`PSSSampler.state_dict`) cont
 
 At the end of training, :func:`write_budget_table` picks the best subnet of each pool on the
 *validation* split (never the test split) and writes ``RUN/budget_table.json`` plus
-``RUN/budget.safetensors`` (weights with BatchNorm statistics recalibrated for exactly those
-subnets); see :mod:`dynaslice.budget` for using it.
+``RUN/budget.safetensors`` (the weights, and for every entry BatchNorm statistics recalibrated
+for it alone); see :mod:`dynaslice.budget` for using it.
 """
 
 from __future__ import annotations
@@ -309,13 +309,19 @@ def select_budget_table(
     val_batches: Any,
     t: Any,
     latency_table: str | None = None,
-) -> tuple[BudgetTable, Supernet]:
-    """Per bucket, the candidate with the best validation accuracy (BN recalibrated for each
-    candidate alone); then one copy of ``net`` recalibrated for all winners together (what
-    ``net(x, table.best(...))`` then runs), on which the table's ``val_accuracy`` is measured."""
+) -> tuple[BudgetTable, list[dict[str, torch.Tensor]]]:
+    """Per bucket, the candidate with the best validation accuracy, each with BN statistics
+    recalibrated for it alone; returns the table and, per entry, those statistics.
+
+    The statistics are kept per entry because BatchNorm rows are per *layer width*: subnets of
+    different buckets that share a width in one layer would otherwise share that row, averaged
+    over inputs from different upstream widths -- with non-uniform widths that costs the
+    subnets tens of points (see :class:`dynaslice.budget.BudgetNet`, which switches them).
+    ``net`` itself is left untouched.
+    """
     from ..budget import BudgetEntry, BudgetTable
     from ..profile import count_macs
-    from .bn import recalibrate_bn
+    from .bn import bn_statistics
 
     work = copy.deepcopy(net)
     lat = None
@@ -323,37 +329,35 @@ def select_budget_table(
         from ..latency import LatencyTable
 
         lat = LatencyTable.load(latency_table)
-    winners: dict[float, tuple[Arch, float, int]] = {}
+    entries, stats = [], []
     for bucket, archs in sorted(candidates.items()):
-        if not archs:
+        best = None  # (accuracy, arch, its BN statistics); the first candidate wins a tie
+        for a in archs:
+            acc = val_accuracy(work, a, recal_data, val_batches, t)
+            if best is None or acc > best[0]:
+                best = (acc, a, bn_statistics(work))
+        if best is None:
             continue
-        scored = [(val_accuracy(work, a, recal_data, val_batches, t), -i, a) for i, a in enumerate(archs)]
-        acc, _, best = max(scored, key=lambda s: (s[0], s[1]))
-        winners[bucket] = (best, acc, len(archs))
-    final = copy.deepcopy(net)
-    unique = list(dict.fromkeys(a for a, _, _ in winners.values()))
-    recalibrate_bn(final, unique, recal_data, t.recal_images, t.recal_batch_size, seed=t.seed)
-    joint = {a: accuracy(final, a, val_batches) for a in unique}
-    entries = []
-    for bucket, (arch, acc, n) in winners.items():
+        acc, arch, bn = best
         entries.append(
             BudgetEntry(
                 bucket=bucket,
                 arch=arch,
                 macs=int(count_macs(net, arch)),
-                val_accuracy=joint[arch],
-                val_accuracy_alone=acc,
-                candidates=n,
+                val_accuracy=acc,
+                candidates=len(archs),
                 latency_ms=lat.predict(arch) if lat is not None else None,
             )
         )
-    return BudgetTable(entries), final
+        stats.append(bn)
+    return BudgetTable(entries), stats
 
 
 def write_budget_table(trainer: Trainer) -> BudgetTable | None:
     """At the end of a PSS run: the best pool subnet per bucket on the validation split, written
-    to ``RUN/budget_table.json`` and ``RUN/budget.safetensors`` (rank 0; others return None)."""
-    from .checkpoint import save_model_file
+    to ``RUN/budget_table.json`` and ``RUN/budget.safetensors`` (the weights plus each entry's
+    BN statistics, see :class:`dynaslice.budget.BudgetNet`; rank 0; others return None)."""
+    from ..budget import save_budget_file
     from .data import eval_loader, folder_recal_batches
     from .distributed import barrier
 
@@ -372,19 +376,12 @@ def write_budget_table(trainer: Trainer) -> BudgetTable | None:
             recal = folder_recal_batches(trainer.cfg.data, t.recal_images, t.recal_batch_size, t.seed)
         cands = {sampler.bucket_value(b): sampler.candidates(b, t.pss.select_top_k) for b in sampler.buckets}
         lat = t.pss.latency_table
-        table, final = select_budget_table(trainer.net, cands, recal, eval_loader(trainer.val_ds), t, lat)
+        table, stats = select_budget_table(trainer.net, cands, recal, eval_loader(trainer.val_ds), t, lat)
         table.meta = {"metric": t.pss.metric, "bucket_step": t.pss.bucket_step, "split": "val"}
         run = Path(trainer.run_dir)
         table.save(run / "budget_table.json")
-        meta = {
-            **trainer._meta(),
-            "step": trainer.step,
-            "recalibrated": {f"bucket {e.bucket:g}": e.arch.to_dict() for e in table.entries},
-            "budget_table": table.to_dict(),
-        }
-        save_model_file(
-            run / "budget.safetensors", {f"model.{k}": v for k, v in final.state_dict().items()}, meta
-        )
+        meta = {**trainer._meta(), "step": trainer.step}
+        save_budget_file(run / "budget.safetensors", trainer.net, table, stats, meta)
         print(f"PSS budget table (best pool subnet per bucket, validation split):\n{table.format()}")
     barrier(trainer.env)
     return table
