@@ -65,6 +65,9 @@ def main() -> None:
         "rows": rows,
         "mean_gap": statistics.fmean(overall),
         "per_seed_mean_gap": per_seed,
+        # buckets of one run move together (the whole supernet trained better or worse), so the
+        # independent samples are the seeds: the error of the mean gap is over per-seed means
+        "mean_gap_sem_over_seeds": statistics.stdev(per_seed) / n**0.5,
         "buckets_mean_ge_0": sum(row["mean"] >= 0 for row in rows),
         "table": "\n".join(lines),
     }
@@ -72,7 +75,8 @@ def main() -> None:
     print("(a) PSS - (b) sandwich, test top-1 points per bucket:\n")
     print(summary["table"])
     print(
-        f"\nmean over buckets and seeds {summary['mean_gap']:+.2f}; per seed "
+        f"\nmean over buckets and seeds {summary['mean_gap']:+.2f} +- {summary['mean_gap_sem_over_seeds']:.2f} "
+        "(s.e. over per-seed means); per seed "
         + ", ".join(f"{x:+.2f}" for x in per_seed)
         + f"; mean >= 0 in {summary['buckets_mean_ge_0']}/{len(rows)} buckets; wrote {args.out}"
     )
