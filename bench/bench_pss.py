@@ -23,7 +23,8 @@ for (a) the ones its budget entry stores), then top-1 on the Fashion-MNIST *test
 selection never sees the test split. Goal: (a) >=
 (b) in every bucket. Resumable: finished trainings and selections are reused (delete the run
 directory's bench_rows.json to redo a selection, e.g. after changing --top-k). Train time of
-(a) includes its end-of-run budget-table selection; re-runs report only what was left to do.
+(a) includes its end-of-run budget-table selection; it is recorded by the call that trained the
+supernet (``RUN/bench_train_seconds.json``; after an interrupted run, of the rest only).
 
     python bench/bench_pss.py                  # the full benchmark (~30-40 min on 2 cores)
     python bench/bench_pss.py --quick          # smoke run (tiny subset, 1 epoch)
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynaslice.atomic import cached_json
+from dynaslice.atomic import atomic_write_json, cached_json
 from dynaslice.budget import BudgetNet, BudgetTable
 from dynaslice.space import Arch
 from dynaslice.train import load_config, load_supernet, recalibrate_bn, train
@@ -110,12 +111,16 @@ def main() -> None:
             continue
         cfg = load_config(args.config, sets + extra)
         run = Path(args.runs) / name
+        timing = run / "bench_train_seconds.json"
+        finished = (run / "final_eval.json").is_file()
         t0 = time.perf_counter()
         train(cfg, run, resume=True)  # resumes an interrupted run, skips a finished one
-        seconds[name] = time.perf_counter() - t0
+        if not finished:  # the time of the call that trained it (after a resume: the rest only)
+            atomic_write_json(timing, {"seconds": time.perf_counter() - t0})
+        seconds[name] = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
         save_config(cfg, run / "bench_config.yaml")
         runs[name], cfgs[name] = run, cfg
-        print(f"{name}: trained ({seconds[name]:.0f} s)", flush=True)
+        print(f"{name}: trained ({_secs(seconds[name])})", flush=True)
     if args.train_only:
         return
 
@@ -213,7 +218,7 @@ def main() -> None:
             f"{b['macs'] / 1e6:.2f} | {b['test_accuracy']:.2f} | {st} |"
         )
     lines.append(
-        f"| train time (s; PSS incl. selection) | | {seconds['pss']:.0f} | | | {seconds['sandwich']:.0f} | |"
+        f"| train time (PSS incl. selection) | | {_secs(seconds['pss'])} | | | {_secs(seconds['sandwich'])} | |"
     )
     table_md = "\n".join(lines)
     out = Path(args.out)
@@ -242,6 +247,10 @@ def main() -> None:
     print("\nTop-1 test accuracy (%) on Fashion-MNIST per MACs bucket (BN recalibrated per subnet):\n")
     print(table_md)
     print(f"\nPSS >= sandwich in {wins}/{len(pss)} buckets; wrote {out}")
+
+
+def _secs(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.0f} s"
 
 
 if __name__ == "__main__":
