@@ -204,6 +204,10 @@ def test_train_with_pss_writes_a_budget_table_selected_on_val(tmp_path, capsys):
     trainer = Trainer(load_config(run / "config.yaml"), run)
     assert trainer.resume()
     assert trainer.sampler.state_dict() == state
+    # killed during the end-of-run selection (no budget.safetensors yet): resume redoes it
+    (run / "budget.safetensors").unlink()
+    assert main(["train", str(cfg_path), "--out", str(run), "--resume"]) == 0
+    assert BudgetTable.load(run / "budget.safetensors").entries == t.entries
     capsys.readouterr()
 
     # select: in budget, with export; impossible budget exits 2

@@ -129,7 +129,16 @@ def test_existing_run_needs_resume_and_a_matching_config(tmp_path):
     _, other = tiny_config(tmp_path, "train.target=labels", "optim.lr=0.2")
     with pytest.raises(CheckpointError, match="optim.lr"):
         train(other, run, resume=True)
-    train(cfg, run, resume=True)  # already complete: resumes at the end, trains nothing
+    rows = json.loads((run / "final_eval.json").read_text())
+    log, recal = (run / "metrics.jsonl").read_text(), (run / "recalibrated.safetensors").stat().st_mtime_ns
+    # already complete: trains nothing, re-evaluates nothing, logs nothing
+    assert train(cfg, run, resume=True) == rows
+    assert (run / "metrics.jsonl").read_text() == log
+    assert (run / "recalibrated.safetensors").stat().st_mtime_ns == recal
+    # killed during the final evaluation (no final_eval.json yet): resume redoes it, same rows
+    (run / "final_eval.json").unlink()
+    assert train(cfg, run, resume=True) == rows
+    assert json.loads((run / "final_eval.json").read_text()) == rows
 
 
 # --------------------------------------------------------------------------- static counterparts

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -353,6 +354,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
             self.logger.open()
+        if self.step >= self.total_steps and self._end_outputs_written():
+            # resumed a finished run: its results are on disk; re-evaluating would only repeat
+            # them (and a PSS run's budget-table selection) and log them twice
+            self.logger.close()
+            return json.loads((self.run_dir / "final_eval.json").read_text())
         show_bar = self.env.is_main and sys.stderr.isatty()
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, spe)
@@ -402,6 +408,15 @@ class Trainer:
             write_budget_table(self)
         self.logger.close()
         return rows
+
+    def _end_outputs_written(self) -> bool:
+        """Whether the end of training wrote everything it writes: ``final_eval.json`` (after
+        ``recalibrated.safetensors``) and, for PSS, ``budget.safetensors`` (written last). A run
+        killed during its final evaluation or selection lacks one and redoes them on resume."""
+        done = (self.run_dir / "final_eval.json").is_file()
+        if self.cfg.train.sampler == "pss":
+            done = done and (self.run_dir / "budget.safetensors").is_file()
+        return done
 
     def _report(self, rows: list[dict[str, Any]], epoch: int, final: bool = False) -> None:
         if not self.env.is_main or not rows:
