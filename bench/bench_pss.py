@@ -15,8 +15,9 @@ paper's variant.
                 a random search with the same number of validation evaluations as (a);
   shared BN     (a)'s subnets with one set of BN statistics recalibrated for all of them
                 together, instead of each its own (what the per-entry statistics buy);
-  (c) static    the Stage-I benchmark's static networks (bench/out/stage1_accuracy.json, if
-                present; shown in the bucket their MACs fall in).
+  (c) static    ordinary networks of the uniform widths trained alone, same recipe and epochs
+                (``bench_stage1_accuracy.py --variants static --out bench/out/stage1_static.json``,
+                if present; shown in the bucket their MACs fall in).
 
 Every reported subnet has BN statistics recalibrated for it alone (the config's recal_images;
 for (a) the ones its budget entry stores), then top-1 on the Fashion-MNIST *test* split;
@@ -86,7 +87,10 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/bench_pss")
     ap.add_argument("--out", default="bench/out/pss.json")
     ap.add_argument(
-        "--static", default="bench/out/stage1_accuracy.json", help="Stage-I results with static rows"
+        "--static",
+        default="bench/out/stage1_static.json",
+        help="static rows (bench_stage1_accuracy.py --variants static, same recipe and epochs); "
+        "no such file: no column (c)",
     )
     ap.add_argument("--test-images", type=int, default=0, help="evaluate on the first N test images (0: all)")
     ap.add_argument("--threads", type=int, default=None)
