@@ -27,7 +27,7 @@ directory's bench_rows.json to redo a selection, e.g. after changing --top-k). T
 (a) includes its end-of-run budget-table selection; it is recorded by the call that trained the
 supernet (``RUN/bench_train_seconds.json``; after an interrupted run, of the rest only).
 
-    python bench/bench_pss.py                  # the full benchmark (~30-40 min on 2 cores)
+    python bench/bench_pss.py                  # one seed (docs/RESULTS.md: two cores, ~11 min)
     python bench/bench_pss.py --quick          # smoke run (tiny subset, 1 epoch)
 """
 

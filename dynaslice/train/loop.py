@@ -350,15 +350,14 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Train until ``train.epochs`` are done; return the final validation rows."""
         t, spe = self.cfg.train, self.steps_per_epoch
+        if self.step >= self.total_steps and self._end_outputs_written():
+            # resumed a finished run: its results are on disk; re-evaluating would only repeat
+            # them (and a PSS run's budget-table selection) and log them twice
+            return json.loads((self.run_dir / "final_eval.json").read_text())
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
             self.logger.open()
-        if self.step >= self.total_steps and self._end_outputs_written():
-            # resumed a finished run: its results are on disk; re-evaluating would only repeat
-            # them (and a PSS run's budget-table selection) and log them twice
-            self.logger.close()
-            return json.loads((self.run_dir / "final_eval.json").read_text())
         show_bar = self.env.is_main and sys.stderr.isatty()
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, spe)
