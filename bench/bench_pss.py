@@ -44,7 +44,7 @@ import torch
 from dynaslice.atomic import atomic_write_json, cached_json
 from dynaslice.budget import BudgetNet, BudgetTable
 from dynaslice.space import Arch
-from dynaslice.train import load_config, load_supernet, recalibrate_bn, train
+from dynaslice.train import load_config, load_supernet, recalibrate_bn, run_finished, train
 from dynaslice.train.config import save_config
 from dynaslice.train.data import eval_loader, load_split
 from dynaslice.train.pss import PSSSampler, accuracy, macs_fn, val_accuracy
@@ -116,7 +116,7 @@ def main() -> None:
         cfg = load_config(args.config, sets + extra)
         run = Path(args.runs) / name
         timing = run / "bench_train_seconds.json"
-        finished = (run / "final_eval.json").is_file()
+        finished = run_finished(run, cfg)
         t0 = time.perf_counter()
         train(cfg, run, resume=True)  # resumes an interrupted run, skips a finished one
         if not finished:  # the time of the call that trained it (after a resume: the rest only)

@@ -16,7 +16,7 @@ from .config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, T
 from .distributed import DistEnv, init_distributed
 from .ema import ema_decay_for, make_ema
 from .evaluate import evaluate, format_table, uniform_archs
-from .loop import Trainer, TrainingDiverged, static_config, train, train_static
+from .loop import Trainer, TrainingDiverged, run_finished, static_config, train, train_static
 from .optim import build_optimizer, build_scheduler, param_groups
 from .samplers import ArchSampler, FixedSampler, SandwichSampler, derive_seed
 from .targets import (
@@ -65,6 +65,7 @@ __all__ = [
     "mix_views",
     "param_groups",
     "recalibrate_bn",
+    "run_finished",
     "save_model_file",
     "soft_cross_entropy",
     "static_config",

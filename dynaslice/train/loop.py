@@ -350,7 +350,7 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Train until ``train.epochs`` are done; return the final validation rows."""
         t, spe = self.cfg.train, self.steps_per_epoch
-        if self.step >= self.total_steps and self._end_outputs_written():
+        if self.step >= self.total_steps and run_finished(self.run_dir, self.cfg):
             # resumed a finished run: its results are on disk; re-evaluating would only repeat
             # them (and a PSS run's budget-table selection) and log them twice
             return json.loads((self.run_dir / "final_eval.json").read_text())
@@ -408,15 +408,6 @@ class Trainer:
         self.logger.close()
         return rows
 
-    def _end_outputs_written(self) -> bool:
-        """Whether the end of training wrote everything it writes: ``final_eval.json`` (after
-        ``recalibrated.safetensors``) and, for PSS, ``budget.safetensors`` (written last). A run
-        killed during its final evaluation or selection lacks one and redoes them on resume."""
-        done = (self.run_dir / "final_eval.json").is_file()
-        if self.cfg.train.sampler == "pss":
-            done = done and (self.run_dir / "budget.safetensors").is_file()
-        return done
-
     def _report(self, rows: list[dict[str, Any]], epoch: int, final: bool = False) -> None:
         if not self.env.is_main or not rows:
             return
@@ -424,6 +415,18 @@ class Trainer:
         print(f"validation after epoch {epoch} (BN recalibrated):\n{format_table(rows)}", flush=True)
         if final:
             atomic_write_json(self.run_dir / "final_eval.json", rows, indent=1)
+
+
+def run_finished(run_dir: str | Path, cfg: Config) -> bool:
+    """Whether the end of training wrote everything it writes into ``run_dir``:
+    ``final_eval.json`` (after ``recalibrated.safetensors``) and, for PSS, ``budget.safetensors``
+    (written last). A run killed during its final evaluation or selection lacks one and redoes
+    them on resume; a finished one is not evaluated again."""
+    run = Path(run_dir)
+    done = (run / "final_eval.json").is_file()
+    if cfg.train.sampler == "pss":
+        done = done and (run / "budget.safetensors").is_file()
+    return done
 
 
 def train(
