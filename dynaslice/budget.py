@@ -37,6 +37,7 @@ from .export import extract_subnet
 from .modelfile import CheckpointError, load_model_file, net_from_tensors, prefixed, save_model_file
 from .models.base import Supernet
 from .nn import SlicedBatchNorm2d
+from .runtime import pick_entry
 from .space import Arch
 
 TABLE_FILE, WEIGHTS_FILE = runs.BUDGET_TABLE, runs.BUDGET_WEIGHTS
@@ -94,31 +95,8 @@ class BudgetTable:
         return self.best_entry(max_macs, max_latency_ms).arch
 
     def best_entry(self, max_macs: float | None = None, max_latency_ms: float | None = None) -> BudgetEntry:
-        if not self.entries:
-            raise ValueError("the budget table is empty")
-        if max_latency_ms is not None and any(e.latency_ms is None for e in self.entries):
-            raise ValueError(
-                "this budget table has no latencies: train with train.pss.latency_table set, or use max_macs"
-            )
-        fits = [
-            e
-            for e in self.entries
-            if (max_macs is None or e.macs <= max_macs)
-            and (max_latency_ms is None or e.latency_ms <= max_latency_ms)  # type: ignore[operator]
-        ]
-        if not fits:
-            cheapest = min(self.entries, key=lambda e: e.macs)
-            need = f"{cheapest.macs / 1e6:.3g} MMACs"
-            if cheapest.latency_ms is not None:
-                need += f", {cheapest.latency_ms:.3g} ms"
-            asked = ", ".join(
-                f"{k}={v:g}"
-                for k, v in (("max_macs", max_macs), ("max_latency_ms", max_latency_ms))
-                if v is not None
-            )
-            raise ValueError(f"no subnet of the budget table fits {asked}; the cheapest needs {need}")
-        # most accurate; on a tie the cheaper one
-        return max(fits, key=lambda e: (e.val_accuracy, -e.macs))
+        """The most accurate entry within the budget, cheaper on a tie (:func:`dynaslice.runtime.pick_entry`)."""
+        return self.entries[pick_entry([e.to_dict() for e in self.entries], max_macs, max_latency_ms)]
 
     def format(self) -> str:
         """A Markdown table."""

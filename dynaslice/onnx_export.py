@@ -44,7 +44,7 @@ from .version import __version__
 
 Exporter = Literal["torchscript", "dynamo"]
 
-__all__ = ["export_gated", "export_onnx", "extract_route", "extract_trunk"]
+__all__ = ["export_gated", "export_module", "export_onnx", "extract_route", "extract_trunk"]
 
 
 def _onnx():
@@ -103,6 +103,25 @@ def _export_module(
             entry.key, entry.value = key, value
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(tmp))
+
+
+def export_module(
+    module: nn.Module,
+    path: str | os.PathLike,
+    input_size: Sequence[int],
+    input_names: Sequence[str] = ("input",),
+    output_names: Sequence[str] = ("logits",),
+    batch_dynamic: bool = True,
+    opset: int | None = None,
+    exporter: Exporter = "torchscript",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write any plain-torch ``module`` (a pruned or quantization-ready network, an extracted
+    subnet) to ``path`` as ONNX, atomically and checked; ``input_size`` is ``(C, H, W)``."""
+    path = Path(path)
+    _export_module(module, path, tuple(input_size), list(input_names), list(output_names), batch_dynamic,
+                   opset, exporter, {"dynaslice.version": __version__, **(metadata or {})})  # fmt: skip
+    return path
 
 
 def _opset(path: Path) -> int:
@@ -192,7 +211,7 @@ def _check_target(directory: Path) -> None:
         return
     if not directory.is_dir() or (any(directory.iterdir()) and not (directory / MANIFEST).is_file()):
         raise FileExistsError(
-            f"{directory} exists and is not a gated ONNX package; choose a new directory or remove it"
+            f"{directory} exists and is not a dynaslice ONNX package; choose a new directory or remove it"
         )
 
 

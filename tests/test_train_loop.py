@@ -258,3 +258,33 @@ def test_cli_train_eval_recalibrate(tmp_path, capsys):
     assert main(["train", str(cfg_path), "--set", "optim.momentun=0.8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'optim.momentum'" in err
+
+
+# --------------------------------------------------------------------------- plain modules on the engine
+
+
+def test_model_trainer_trains_a_plain_module_with_epoch_hooks_and_resumes(tmp_path):
+    from torch import nn
+
+    from dynaslice.train import ModelTrainer
+
+    class Recorded(ModelTrainer):
+        def on_epoch_start(self, epoch):
+            self.epochs_started.append(epoch)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    _, cfg = tiny_config(tmp_path, "train.epochs=2")
+    trainer = Recorded(make(), cfg, tmp_path / "run")
+    trainer.epochs_started = []
+    result = trainer.fit()
+    assert trainer.epochs_started == [0, 1] and trainer.step == trainer.total_steps
+    assert 0 <= result["accuracy"] <= 100 and result["images"] == 32
+    assert json.loads((tmp_path / "run" / "final_eval.json").read_text()) == result
+    again = Recorded(make(), cfg, tmp_path / "run")
+    again.epochs_started = []
+    assert again.resume() and again.step == trainer.step
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), trainer.model.state_dict().values()))
+    assert again.fit() == result and again.epochs_started == []  # finished: nothing trains again

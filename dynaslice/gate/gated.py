@@ -3,7 +3,7 @@ and inference routes each input through the subnet its gate picks."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -120,26 +120,7 @@ class GatedSupernet(Supernet):
         Samples are grouped by route and each group runs densely with its route's slices; a
         route no sample takes costs nothing. Equal (to float rounding) to one call per sample.
         """
-        if route_index.shape != (h.shape[0],) or route_index.dtype != torch.long:
-            raise ValueError(
-                f"route_index must be a LongTensor of shape [{h.shape[0]}], got "
-                f"{route_index.dtype} {tuple(route_index.shape)}"
-            )
-        present = route_index.unique().tolist()  # sorted
-        if present and not (0 <= present[0] and present[-1] < len(self.routes)):
-            raise ValueError(f"route indices {present} outside 0..{len(self.routes) - 1}")
-        if len(present) == 1:  # the whole batch (always so at batch 1) on one route: no copies
-            return self.forward_route(h, present[0])
-        out: torch.Tensor | None = None
-        for r in present:
-            idx = (route_index == r).nonzero().squeeze(1)
-            y = self.forward_route(h.index_select(0, idx), r)
-            if out is None:
-                out = y.new_empty((h.shape[0], *y.shape[1:]))
-            out.index_copy_(0, idx, y)
-        if out is None:
-            raise ValueError("forward_routes got an empty batch")
-        return out
+        return run_grouped(h, route_index, self.forward_route, len(self.routes))
 
     def forward_mixed(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Route outputs mixed by (straight-through one-hot) ``weights`` ``[B, n_routes]``.
@@ -179,6 +160,37 @@ class GatedSupernet(Supernet):
         for p in trainable:
             p.requires_grad_(True)
         return trainable
+
+
+def run_grouped(
+    h: torch.Tensor, route_index: torch.Tensor, run: Callable[[torch.Tensor, int], torch.Tensor], n_routes: int
+) -> torch.Tensor:
+    """``run(h[i], r)`` for every sample ``i`` with ``r = route_index[i]``, a group per route.
+
+    The one implementation of route-bucketed batches, shared by :class:`GatedSupernet` and the
+    serving runtimes (:mod:`dynaslice.serve`): each group runs densely in one call, a route no
+    sample takes costs nothing, and outputs come back in input order.
+    """
+    if route_index.shape != (h.shape[0],) or route_index.dtype != torch.long:
+        raise ValueError(
+            f"route_index must be a LongTensor of shape [{h.shape[0]}], got "
+            f"{route_index.dtype} {tuple(route_index.shape)}"
+        )
+    present = route_index.unique().tolist()  # sorted
+    if present and not (0 <= present[0] and present[-1] < n_routes):
+        raise ValueError(f"route indices {present} outside 0..{n_routes - 1}")
+    if len(present) == 1:  # the whole batch (always so at batch 1) on one route: no copies
+        return run(h, present[0])
+    out: torch.Tensor | None = None
+    for r in present:
+        idx = (route_index == r).nonzero().squeeze(1)
+        y = run(h.index_select(0, idx), r)
+        if out is None:
+            out = y.new_empty((h.shape[0], *y.shape[1:]))
+        out.index_copy_(0, idx, y)
+    if out is None:
+        raise ValueError("got an empty batch")
+    return out
 
 
 def _pinned_space(space: SearchSpace, fixed: Mapping[str, int]) -> SearchSpace:

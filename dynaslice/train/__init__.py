@@ -22,6 +22,7 @@ from .distributed import DistEnv, init_distributed
 from .ema import ema_decay_for, make_ema
 from .engine import Callback, Trainer, TrainingDiverged
 from .evaluate import evaluate, evaluate_gated, format_gated, format_rows, uniform_archs
+from .model import ModelTrainer
 from .optim import build_optimizer, build_scheduler, param_groups
 from .pss import PSSSampler
 from .samplers import ArchSampler, FixedSampler, SandwichSampler, build_sampler, register_sampler
@@ -53,6 +54,7 @@ __all__ = [
     "InplaceDistillTarget",
     "LabelsTarget",
     "ModelConfig",
+    "ModelTrainer",
     "OptimConfig",
     "PSSSampler",
     "SandwichSampler",

@@ -132,6 +132,10 @@ class Trainer:
     def after_step(self, losses: list[float], info: dict[str, Any]) -> None:
         """After the optimizer step; ``losses`` are the rank-averaged values of :meth:`forward_backward`'s."""
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before the first step of ``epoch`` (0-based), also when a resume lands mid-epoch: for
+        per-epoch schedules (e.g. DCFF's fusion temperature). Must depend on ``epoch`` alone."""
+
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         """``{prefix: module}`` whose state dicts a checkpoint's model file holds (``model``, ``ema``)."""
         raise NotImplementedError
@@ -321,6 +325,7 @@ class Trainer:
         bar = tqdm(total=spe, initial=start, desc=f"{self.name} epoch {epoch + 1}/{self.epochs}",
                    disable=not show, leave=False)  # fmt: skip
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        self.on_epoch_start(epoch)
         for x, y in self.train_loader.epoch_batches(epoch, start):
             out = self.train_step(x, y)
             losses = out["losses"]
