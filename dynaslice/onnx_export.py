@@ -1,4 +1,5 @@
-"""ONNX export: a static subnet as one ``.onnx`` file, a gated (DS-Net) model as a package.
+"""ONNX export: a static subnet as one ``.onnx`` file, a gated (DS-Net) model or a PSS budget
+table as a package (one graph per route or entry, plus ``manifest.json``).
 
 Both start from :func:`dynaslice.extract_subnet`: the subnet (or a piece of the gated model)
 becomes a ``torch.fx.GraphModule`` of plain torch modules with the sliced weights copied, so the
@@ -36,15 +37,16 @@ import torch
 from torch import fx, nn
 
 from .atomic import atomic_dir, atomic_path
+from .budget import BudgetNet
 from .export import extract_subnet
 from .gate import GatedSupernet
 from .models.base import Supernet
-from .runtime import FORMAT, FORMAT_VERSION, MANIFEST
+from .runtime import BUDGET_FORMAT, FORMAT, FORMAT_VERSION, MANIFEST
 from .version import __version__
 
 Exporter = Literal["torchscript", "dynamo"]
 
-__all__ = ["export_gated", "export_module", "export_onnx", "extract_route", "extract_trunk"]
+__all__ = ["export_budget", "export_gated", "export_module", "export_onnx", "extract_route", "extract_trunk"]
 
 
 def _onnx():
@@ -275,6 +277,21 @@ def export_gated(
     return directory
 
 
+def _input_spec(
+    input_size: Sequence[int], dtype: str, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> dict:
+    """The manifest's ``input``: what the runners check inputs against (and the normalisation)."""
+    if mean is not None and not len(mean) == len(std) == input_size[0]:  # type: ignore[arg-type]
+        raise ValueError(f"mean and std need one value per input channel ({input_size[0]})")
+    return {
+        "name": "input",
+        "shape": [None, *input_size],
+        "dtype": dtype.removeprefix("torch."),
+        "mean": None if mean is None else [float(v) for v in mean],
+        "std": None if std is None else [float(v) for v in std],
+    }
+
+
 def _gated_manifest(
     gated: GatedSupernet,
     input_size: Sequence[int],
@@ -291,15 +308,61 @@ def _gated_manifest(
         "dynaslice_version": __version__,
         "family": type(gated.net).__name__,
         "num_classes": gated.num_classes,
-        "input": {
-            "name": "input",
-            "shape": [None, *input_size],
-            "dtype": dtype.removeprefix("torch."),
-            "mean": None if mean is None else [float(v) for v in mean],
-            "std": None if std is None else [float(v) for v in std],
-        },
+        "input": _input_spec(input_size, dtype, mean, std),
         "cut": gated.cut,
         "trunk": {"file": "trunk.onnx", "outputs": ["features", "logits"], "features_shape": [None, *features_size]},
         "gate_macs": gated.gate.macs(),
         "routes": routes,
     }
+
+
+# --------------------------------------------------------------------------- the budget-table package
+
+
+def export_budget(
+    budget: BudgetNet,
+    directory: str | os.PathLike,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    opset: int | None = None,
+    exporter: Exporter = "torchscript",
+) -> Path:
+    """Write a PSS budget table (a :class:`~dynaslice.budget.BudgetNet`) as an ONNX package.
+
+    One ``entry_{i}.onnx`` per table entry -- its subnet with the BN statistics it was selected
+    with -- and ``manifest.json`` (the entries' bucket, arch, MACs, validation accuracy, predicted
+    latency and file, the input shape/dtype/normalisation). Run it with
+    :class:`dynaslice.runtime.BudgetOnnxRunner` (``runner(x, max_macs=...)``) or
+    :func:`dynaslice.serve.load`. Complete or absent, like :func:`export_gated`.
+    """
+    if not isinstance(budget, BudgetNet):
+        raise TypeError(f"export_budget takes a BudgetNet, got {type(budget).__name__}")
+    if (mean is None) != (std is None):
+        raise ValueError("pass both mean and std (the input normalisation) or neither")
+    directory = Path(directory)
+    _check_target(directory)
+    net = budget.net.eval()
+    input_size = tuple(input_size or net.input_size)
+    spec = _input_spec(input_size, str(next(net.parameters()).dtype), mean, std)
+    entries = []
+    with atomic_dir(directory) as tmp:
+        for i, entry in enumerate(budget.table.entries):
+            arch = budget.use(entry)
+            export_onnx(net, arch, tmp / f"entry_{i}.onnx", input_size, opset=opset, exporter=exporter)
+            entries.append({**entry.to_dict(), "file": f"entry_{i}.onnx"})
+        manifest = {
+            "format": BUDGET_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dynaslice_version": __version__,
+            "family": type(net).__name__,
+            "num_classes": net.num_classes,
+            "input": spec,
+            "table": dict(budget.table.meta),
+            "entries": entries,
+            "exporter": exporter,
+            "opset": _opset(tmp / "entry_0.onnx"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _check_target(directory)  # it may have appeared while we exported
+    return directory

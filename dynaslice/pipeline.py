@@ -49,6 +49,7 @@ from .modelfile import load_supernet, prefixed, resolve_model_file, save_model_f
 from .onnx_export import export_gated, export_onnx
 from .profile import count_macs, measure_latency
 from .report import write_report
+from .serve import resolve_runtime, serve_gated, serve_subnet
 from .train import evaluate, evaluate_gated, train, train_gate, uniform_archs
 from .train.config import (
     Config,
@@ -70,7 +71,8 @@ class RunConfig:
     ``gate_targets``: Stage-II MAC targets, fractions (<= 1) of the widest route or MACs.
     ``test_images``: evaluate on the first N test images (0: all). ``latency_repeats``: interleaved
     rounds per model for the latency plot; ``latency_images``: test images the gated models'
-    batch-1 latency is averaged over (their cost depends on the input). ``export``: write the
+    batch-1 latency is averaged over (their cost depends on the input); ``latency_batch``: the
+    large batch size timed next to batch 1. ``export``: write the
     ONNX package and the plain PyTorch routes.
     """
 
@@ -78,6 +80,7 @@ class RunConfig:
     test_images: int = 0
     latency_repeats: int = 10
     latency_images: int = 16
+    latency_batch: int = 64
     export: bool = True
 
 
@@ -116,8 +119,10 @@ def load_run_config(path: str | Path, overrides: list[str]) -> tuple[Config, Run
         raise ConfigError("dynaslice run needs an in-memory dataset (fashion_mnist, cifar10/100, synthetic)")
     if not run.gate_targets or any(t <= 0 for t in run.gate_targets):
         raise ConfigError(f"run.gate_targets must be a non-empty list of targets > 0, got {run.gate_targets}")
-    if run.test_images < 0 or run.latency_repeats < 1 or run.latency_images < 1:
-        raise ConfigError("run.test_images must be >= 0, run.latency_repeats and run.latency_images >= 1")
+    if run.test_images < 0 or min(run.latency_repeats, run.latency_images, run.latency_batch) < 1:
+        raise ConfigError(
+            "run.test_images must be >= 0, run.latency_repeats, run.latency_images and run.latency_batch >= 1"
+        )
     return cfg, run
 
 
@@ -160,7 +165,8 @@ def check_settings(run_dir: Path, cfg: Config, run: RunConfig) -> None:
                 f"{run_dir} was trained with other settings ({', '.join(diff[:4])}); "
                 "use another --out directory, or the same config and --set options"
             )
-        if old.get("run") == settings["run"]:
+        old_run = dataclasses.asdict(from_dict(old.get("run") or {}, RunConfig, "run."))  # today's defaults
+        if old_run == settings["run"]:
             return
         print("the run: settings changed: evaluation, export, latency and report will run again", flush=True)
         for name in DERIVED:
@@ -275,57 +281,61 @@ def step_export(run_dir: Path, cfg: Config, run: RunConfig) -> None:
 
 
 def step_latency(run_dir: Path, cfg: Config, run: RunConfig) -> None:
-    """Batch-1 milliseconds per image on this machine: medians of interleaved rounds."""
-    test = _test_split(cfg, run.latency_images)
+    """Milliseconds per image on this machine, in eager PyTorch and in the deployment runtime
+    (:func:`dynaslice.serve.resolve_runtime` ``auto``), at batch 1 and ``run.latency_batch``:
+    medians of interleaved rounds. Gated models run each of ``run.latency_images`` test images
+    alone at batch 1 (their cost depends on the input), and the whole batch at the large size."""
+    deploy = resolve_runtime("auto")
+    runtimes = list(dict.fromkeys(["eager", deploy]))
+    test = _test_split(cfg, max(run.latency_images, run.latency_batch))
     x, _ = next(iter(eval_loader(test, len(test))))
-    one = x[:1]
+    batches = {1: x[: run.latency_images], run.latency_batch: x[: run.latency_batch]}
+    models, macs, kinds = _latency_models(run_dir, cfg, run, runtimes, x[: run.latency_images])
     fns: dict[str, Callable[[], object]] = {}
+    for (name, rt), model in models.items():
+        for b, xb in batches.items():
+            if kinds[name] == "gated" and b == 1:
+                fns[f"{name}|{rt}|1"] = lambda m=model, xb=xb: [m(xb[i : i + 1]) for i in range(len(xb))]
+            else:
+                fns[f"{name}|{rt}|{b}"] = lambda m=model, xb=xb, b=b: m(xb[:b])
+    with torch.inference_mode():
+        times = measure_latency(fns, repeats=run.latency_repeats, warmup=2)
+    rows = []
+    for key, ts in times.items():
+        name, rt, b = key.split("|")
+        per = len(batches[1]) if kinds[name] == "gated" and b == "1" else len(batches[int(b)][: int(b)])
+        ms = sorted(1e3 * t / per for t in ts)
+        rows.append({"name": name, "kind": kinds[name], "runtime": rt, "batch": int(b), "macs": float(macs[name]),
+                     "ms": ms[len(ms) // 2], "ms_all": ms})  # fmt: skip
+    atomic_write_json(run_dir / runs.LATENCY, {
+        "batch_sizes": sorted(batches), "runtimes": runtimes, "deployment": deploy,
+        "threads": torch.get_num_threads(), "repeats": run.latency_repeats, "rows": rows,
+    })  # fmt: skip
+
+
+def _latency_models(
+    run_dir: Path, cfg: Config, run: RunConfig, runtimes: list[str], images: torch.Tensor
+) -> tuple[dict[tuple[str, str], Any], dict[str, float], dict[str, str]]:
+    """Every timed model on every runtime, with its MACs per image and kind."""
+    models: dict[tuple[str, str], Any] = {}
     macs: dict[str, float] = {}
     kinds: dict[str, str] = {}
     sup, _ = _read_only(run_dir / runs.STAGE1 / runs.RECALIBRATED)
-    for name, arch in uniform_archs(sup.eval(), cfg.train.eval_widths).items():
-        m = extract_subnet(sup, arch).eval()
-        fns[name], macs[name], kinds[name] = (lambda m=m: m(one)), count_macs(sup, arch), "uniform"
     routes, _ = _read_only(run_dir / runs.ROUTES_RECALIBRATED)
-    for i, arch in enumerate(routes.eval().routes):
-        m = extract_subnet(routes, arch).eval()
-        name = f"route{i}"
-        fns[name], macs[name], kinds[name] = (lambda m=m: m(one)), count_macs(routes, arch), "route"
+    subnets = [(n, a, sup, "uniform") for n, a in uniform_archs(sup, cfg.train.eval_widths).items()]
+    subnets += [(n, a, routes, "route") for n, a in routes.named_routes().items()]
+    for name, arch, net, kind in subnets:
+        for rt in runtimes:
+            models[name, rt] = serve_subnet(net, arch, rt)
+        macs[name], kinds[name] = count_macs(net, arch), kind
     for target in run.gate_targets:
         gated, _ = _read_only(run_dir / runs.gate_name(target))
-        dyn = DynamicNet(gated.eval()).eval()
         name = runs.gate_name(target)
-        images = [x[i : i + 1] for i in range(len(x))]
-
-        def each(dyn=dyn, images=images) -> None:
-            for image in images:
-                dyn(image)
-
-        fns[name], kinds[name] = each, "gated"
+        for rt in runtimes:
+            models[name, rt] = serve_gated(gated, rt)
         with torch.no_grad():
-            macs[name] = dyn.avg_macs(dyn.route(x), gated.input_size)
-    torch.set_grad_enabled(False)
-    try:
-        times = measure_latency(fns, repeats=run.latency_repeats, warmup=2)
-    finally:
-        torch.set_grad_enabled(True)
-    rows = []
-    for name, ts in times.items():
-        per = len(x) if kinds[name] == "gated" else 1
-        ms = sorted(1e3 * t / per for t in ts)
-        rows.append(
-            {
-                "name": name,
-                "kind": kinds[name],
-                "macs": float(macs[name]),
-                "ms": ms[len(ms) // 2],
-                "ms_all": ms,
-            }
-        )
-    atomic_write_json(
-        run_dir / runs.LATENCY,
-        {"batch": 1, "threads": torch.get_num_threads(), "repeats": run.latency_repeats, "rows": rows},
-    )
+            macs[name], kinds[name] = DynamicNet(gated).avg_macs(DynamicNet(gated).route(images)), "gated"
+    return models, macs, kinds
 
 
 def step_report(run_dir: Path, cfg: Config, run: RunConfig) -> None:

@@ -120,7 +120,16 @@ def plot_accuracy(r: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _latency_rows(lat: dict[str, Any] | None, runtime: str | None = None, batch: int = 1) -> list[dict[str, Any]]:
+    """The latency rows of one runtime and batch size (files of dynaslice 0.1: eager, batch 1)."""
+    if not lat:
+        return []
+    runtime = runtime or lat.get("deployment", "eager")
+    return [x for x in lat["rows"] if x.get("runtime", "eager") == runtime and x.get("batch", 1) == batch]
+
+
 def plot_latency(r: dict[str, Any], path: Path) -> None:
+    """ms per image against MACs at batch 1: the deployment runtime (solid) next to eager (faint)."""
     plt = _plt()
     lat = r["latency"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -129,22 +138,25 @@ def plot_latency(r: dict[str, Any], path: Path) -> None:
         "route": ("s", "tab:gray", "routes (static)"),
         "gated": ("*", "tab:red", "gated (dynamic, per image)"),
     }
-    for kind, (marker, color, label) in styles.items():
-        rows = sorted((x for x in lat["rows"] if x["kind"] == kind), key=lambda x: x["macs"])
-        if not rows:
-            continue
-        ax.plot([x["macs"] / 1e6 for x in rows], [x["ms"] for x in rows], marker, color=color, label=label,
-                markersize=14 if kind == "gated" else 7, linestyle="-" if kind == "uniform" else "none")  # fmt: skip
-        for x in rows:
-            if kind != "route":
-                ax.annotate(x["name"], (x["macs"] / 1e6, x["ms"]), textcoords="offset points",
-                            xytext=(5, -11 if kind == "uniform" else 5), fontsize=8, color=color)  # fmt: skip
+    deploy = lat.get("deployment", "eager")
+    for runtime, alpha in dict.fromkeys([("eager", 0.35), (deploy, 1.0)]):
+        for kind, (marker, color, label) in styles.items():
+            rows = sorted((x for x in _latency_rows(lat, runtime) if x["kind"] == kind), key=lambda x: x["macs"])
+            if not rows:
+                continue
+            ax.plot([x["macs"] / 1e6 for x in rows], [x["ms"] for x in rows], marker, color=color, alpha=alpha,
+                    label=f"{label}, {runtime}", markersize=14 if kind == "gated" else 7,
+                    linestyle="-" if kind == "uniform" else "none")  # fmt: skip
+            for x in rows if runtime == deploy else []:
+                if kind != "route":
+                    ax.annotate(x["name"], (x["macs"] / 1e6, x["ms"]), textcoords="offset points",
+                                xytext=(5, -11 if kind == "uniform" else 5), fontsize=8, color=color)  # fmt: skip
     ax.set_xlabel("MMACs per image")
     ax.set_ylabel("ms per image (batch 1, median)")
-    ax.set_title(f"Latency on this machine ({lat['threads']} thread(s), {lat['repeats']} interleaved rounds)")
+    ax.set_title(f"Latency here: {deploy} (solid) vs eager PyTorch (faint); {lat['threads']} thread(s)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="best", fontsize=7)
     _save(fig, path)
     plt.close(fig)
 
@@ -186,7 +198,8 @@ def plot_routes(r: dict[str, Any], path: Path) -> None:
 
 
 def _table(r: dict[str, Any]) -> str:
-    lat = {x["name"]: x["ms"] for x in (r["latency"] or {}).get("rows", [])}
+    deploy = (r["latency"] or {}).get("deployment", "eager")
+    lat = {x["name"]: x["ms"] for x in _latency_rows(r["latency"], deploy)}
 
     def ms(name: str) -> str:
         return f"{lat[name]:.2f}" if name in lat else "-"
@@ -205,12 +218,31 @@ def _table(r: dict[str, Any]) -> str:
         for g in r["gated"]
     ]
     lines = [
-        "| model | MMACs per image | test top-1 (%) | ms per image (batch 1) | routes taken (narrowest first) |",
+        f"| model | MMACs per image | test top-1 (%) | ms per image (batch 1, {deploy}) | routes taken (narrowest first) |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
     for macs, label, acc, t, hist in sorted(rows, key=lambda row: row[0]):
         lines.append(f"| {label} | {macs / 1e6:.2f} | {acc:.2f} | {t} | {hist} |")
     return "\n".join(lines)
+
+
+def _speed_table(lat: dict[str, Any]) -> str:
+    """Per runtime and batch size: the widest and narrowest uniform subnets, the speed-up between
+    them against their MAC ratio, and the fastest runtime."""
+    lines = ["| runtime | batch | widest ms/image | narrowest ms/image | speed-up | MAC ratio | efficiency |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    best: dict[int, tuple[float, str]] = {}
+    for rt in lat.get("runtimes", ["eager"]):
+        for b in lat.get("batch_sizes", [1]):
+            uni = sorted((x for x in _latency_rows(lat, rt, b) if x["kind"] == "uniform"), key=lambda x: x["macs"])
+            if len(uni) < 2:
+                continue
+            lo, hi = uni[0], uni[-1]
+            speed, ratio = hi["ms"] / lo["ms"], hi["macs"] / lo["macs"]
+            lines.append(f"| {rt} | {b} | {hi['ms']:.3f} | {lo['ms']:.3f} | {speed:.2f}x | {ratio:.2f}x | {speed / ratio:.2f} |")
+            best[b] = min(best.get(b, (float("inf"), "")), (hi["ms"], rt))
+    fastest = ", ".join(f"{rt} at batch {b}" for b, (_, rt) in sorted(best.items()))
+    return "\n".join(lines) + (f"\n\nFastest here (widest subnet): {fastest}." if best else "")
 
 
 def _per_class(r: dict[str, Any], g: dict[str, Any]) -> str:
@@ -248,15 +280,19 @@ def render(r: dict[str, Any]) -> str:
     if not r["static"]:
         lines += ["(No static counterparts trained alone in this run directory, so none are shown.)", ""]
     if r["latency"]:
+        lat = r["latency"]
         lines += [
             "## Latency vs MACs",
             "",
-            f"Measured on the machine that ran the pipeline: batch 1, {r['latency']['threads']} thread(s), "
-            f"median of {r['latency']['repeats']} interleaved rounds; a gated model's time is the mean over a "
-            "fixed set of test images (its cost depends on the image), plotted at its average MACs on those "
-            "images. Static subnets are the plain-PyTorch extracted models.",
+            f"Measured on the machine that ran the pipeline: {lat['threads']} thread(s), median of "
+            f"{lat['repeats']} interleaved rounds, in eager PyTorch and in the deployment runtime "
+            f"(`{lat.get('deployment', 'eager')}`, what `dynaslice.serve.load` picks here); a gated model's batch-1 "
+            "time is the mean over a fixed set of test images (its cost depends on the image), plotted at its "
+            "average MACs on those images.",
             "",
             "![latency vs MACs](plots/latency_vs_macs.png)",
+            "",
+            _speed_table(lat),
             "",
         ]
     if r["gated"]:

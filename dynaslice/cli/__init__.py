@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         return int(args.func(args) or 0)
-    except (UserError, DatasetError, ValueError, OSError, RunDirBusy, TrainingDiverged) as e:
+    except (UserError, DatasetError, ValueError, OSError, ImportError, RunDirBusy, TrainingDiverged) as e:
         if os.environ.get("DYNASLICE_DEBUG"):
             raise
         print(f"dynaslice {args.command}: error: {_message(e)}", file=sys.stderr)

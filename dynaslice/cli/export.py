@@ -6,7 +6,11 @@ entry, or a gated checkpoint as an ONNX package.
 - ``--budget-macs X`` / ``--budget-ms X``: the most accurate subnet of a PSS run's budget table
   within the budget (chosen on the validation split; see ``dynaslice select``);
 - ``--gated``: the whole DS-Net model (trunk + gate + routes) as an ONNX package directory, run
-  by :class:`dynaslice.runtime.GatedOnnxRunner` (onnxruntime and numpy only).
+  by :class:`dynaslice.runtime.GatedOnnxRunner` (onnxruntime and numpy only);
+- ``--budget-table``: a PSS run's whole budget table as an ONNX package directory (one graph
+  per entry), run by :class:`dynaslice.runtime.BudgetOnnxRunner` with budget switching.
+
+Every package and ``.onnx`` file also loads with :func:`dynaslice.serve.load`.
 
 ``--format torch`` (the default unless ``--out`` ends in ``.onnx``) writes ``torch.save`` of the
 extracted subnet, a ``torch.fx.GraphModule`` of plain ``torch.nn`` modules. Loading it needs torch
@@ -25,14 +29,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
+from .. import runs
 from ..budget import BudgetNet
 from ..data import DatasetError
 from ..export import extract_subnet, save_torch_model
 from ..gate import GatedSupernet
+from ..modelfile import load_model_file
 from ..models.base import Supernet
+from ..onnx_export import export_budget, export_gated, export_onnx
 from ..profile import count_macs
 from ..space import Arch
+from ..train.config import from_dict
 from ..train.data import load_split
 from .common import (
     UserError,
@@ -51,12 +60,8 @@ def write_subnet(net: Supernet, arch: Arch, out: Path, fmt: str) -> str:
     if out.is_dir():
         raise UserError(f"{out} is a directory; give a file name (.pt or .onnx)")
     if fmt == "onnx":
-        try:
-            from ..onnx_export import export_onnx
-        except ImportError as e:
-            raise UserError(f"ONNX export is unavailable ({e}); use --format torch") from None
         export_onnx(net, arch, out)
-        return "run it with dynaslice.runtime.OnnxModel or any ONNX runtime"
+        return "run it with dynaslice.serve.load, dynaslice.runtime.OnnxModel or any ONNX runtime"
     save_torch_model(extract_subnet(net, arch).eval(), out)
     return "load it with torch.load(PATH, weights_only=False), no dynaslice needed"
 
@@ -67,6 +72,8 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError(f"checkpoint {ckpt} not found: pass a run directory, a checkpoint directory or a model file")
     if args.gated:
         return _export_gated(ckpt, out, args.data_dir)
+    if args.budget_table:
+        return _export_budget(ckpt, out, args.data_dir)
     fmt = args.format or ("onnx" if out.suffix == ".onnx" else "torch")
     refuse_existing(out, "export", force=True)
     if args.arch is not None:
@@ -98,19 +105,36 @@ def _export_gated(ckpt: Path, out: Path, data_dir: str | None) -> int:
         raise UserError(f"{ckpt} is not a gated checkpoint: use --arch to export one subnet")
     if meta.get("stage") != 2:
         print(f"note: {ckpt} is a Stage-I checkpoint: its gate's slimming head is untrained", file=sys.stderr)
-    mean = std = None
-    try:  # the normalisation goes into the manifest, so raw images can be fed
-        data = load_split(trusted_data(cfg, data_dir).data, "test", cfg.train.seed)
-        mean, std = data.mean, data.std
-    except (DatasetError, UserError, ValueError):
-        print("note: the dataset is not available here: the manifest has no mean/std", file=sys.stderr)
-    from ..onnx_export import export_gated
-
+    mean, std = _normalisation(cfg, data_dir)
     try:
         export_gated(net.eval(), out, mean=mean, std=std)
     except FileExistsError as e:
         raise UserError(str(e)) from None
     print(f"exported the gated model ({len(net.routes)} routes) to {out}/; run it with dynaslice.runtime.GatedOnnxRunner")
+    return 0
+
+
+def _normalisation(cfg: Any, data_dir: str | None) -> tuple[Any, Any]:
+    """The dataset's mean/std for a package manifest (so raw images can be fed), or (None, None)."""
+    try:
+        data = load_split(trusted_data(cfg, data_dir).data, "test", cfg.train.seed)
+        return data.mean, data.std
+    except (DatasetError, UserError, ValueError):
+        print("note: the dataset is not available here: the manifest has no mean/std", file=sys.stderr)
+        return None, None
+
+
+def _export_budget(ckpt: Path, out: Path, data_dir: str | None) -> int:
+    source = budget_source(ckpt)
+    budget = BudgetNet.load(source).eval()
+    _, meta = load_model_file(source if source.is_file() else source / runs.BUDGET_WEIGHTS)
+    mean, std = _normalisation(from_dict(meta["config"]), data_dir) if "config" in meta else (None, None)
+    try:
+        export_budget(budget, out, mean=mean, std=std)
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
+    print(f"exported the budget table ({len(budget.table.entries)} entries) to {out}/; run it with "
+          "dynaslice.serve.load or dynaslice.runtime.BudgetOnnxRunner")  # fmt: skip
     return 0
 
 
@@ -126,7 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--budget-macs", type=parse_amount, default=None, metavar="X", help="PSS runs: e.g. 12M")
     which.add_argument("--budget-ms", type=parse_amount, default=None, metavar="X", help="PSS runs with a latency table")
     which.add_argument("--gated", action="store_true", help="a gated checkpoint as an ONNX package (--out DIR)")
+    which.add_argument("--budget-table", action="store_true", help="a PSS run's budget table as an ONNX package (--out DIR)")
     p.add_argument("--format", choices=("torch", "onnx"), default=None, help="default: onnx if --out ends in .onnx")
     p.add_argument("--out", required=True, metavar="PATH", help="output file (a directory with --gated)")
-    p.add_argument("--data-dir", default=None, metavar="DIR", help="--gated: the dataset, for the manifest's normalisation")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="packages: the dataset, for the manifest's normalisation")
     p.set_defaults(func=_export)

@@ -1,0 +1,115 @@
+"""Serving: every deployable artifact on the runtime of your choice, with one call signature per kind.
+
+    import dynaslice.serve as serve
+
+    model = serve.load("runs/demo/export/gated")                 # a gated ONNX package: onnxruntime
+    model = serve.load("runs/demo/gate-t0.5", runtime="frozen")   # the same model from its checkpoint
+    y = model(x)                                                  # x: a float tensor [B, C, H, W]
+    budget = serve.load("runs/pss")                               # a PSS budget table (run or package)
+    y = budget(x, max_macs=12e6)                                  # switching budget: a lookup
+    sub = serve.load("runs/quick/recalibrated.safetensors", arch="x0.5")
+
+Runtimes (:mod:`.runtimes`): ``eager`` (the reference), ``frozen`` (TorchScript, BN folded),
+``compile`` (``torch.compile``), ``onnxruntime`` and, on CUDA, ``cudagraph``; ``auto`` picks the
+fastest correct one measured on this kind of device (docs/RESULTS.md). Outputs equal eager's
+(tested). Nothing is built per call: sessions, scripted graphs and CUDA graphs are made at load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import runs
+from ..budget import BudgetEntry, BudgetNet
+from ..gate import GatedSupernet
+from ..modelfile import load_supernet
+from ..runtime import BUDGET_FORMAT, FORMAT, MANIFEST, read_manifest
+from .runtimes import (
+    PREFERRED,
+    RUNTIMES,
+    OrtPiece,
+    available_runtimes,
+    ort_session,
+    prepare,
+    resolve_runtime,
+)
+from .served import ServedBudget, ServedGated, ServedSubnet, serve_budget, serve_gated, serve_subnet
+
+Served = ServedSubnet | ServedBudget | ServedGated
+
+
+def load(
+    path: str | Path, runtime: str = "auto", arch: Any = None, device: str | torch.device = "cpu"
+) -> Served:
+    """An artifact ready to serve: an ``.onnx`` subnet, a gated or budget ONNX package, a PSS run
+    (or its ``budget.safetensors``), a gated checkpoint, or a supernet model file with ``arch``
+    (an Arch, a dict, or a uniform ratio like ``"x0.5"`` / ``0.5``).
+
+    ONNX artifacts run on onnxruntime only (``runtime`` ``auto`` or ``onnxruntime``); PyTorch
+    artifacts on any runtime of :func:`available_runtimes`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pass an .onnx file, an ONNX package, a run directory or a model file")
+    device = torch.device(device)
+    if path.suffix == ".onnx" or (path / MANIFEST).is_file():
+        return _load_onnx(path, runtime, device)
+    budget_file = path / runs.BUDGET_WEIGHTS if path.is_dir() else path
+    if budget_file.name == runs.BUDGET_WEIGHTS and budget_file.is_file():
+        return serve_budget(BudgetNet.load(budget_file).to(device), runtime, device)
+    net, _ = load_supernet(path)
+    net = net.to(device)
+    if isinstance(net, GatedSupernet) and arch is None:
+        return serve_gated(net, runtime, device)
+    if arch is None:
+        raise ValueError(f"{path} is a supernet: pass arch= (e.g. 'x0.5', 'largest' or a dict) to serve one subnet")
+    return serve_subnet(net, _arch(net, arch), runtime, device)
+
+
+def _arch(net: Any, arch: Any) -> Any:
+    if isinstance(arch, str) and arch in ("largest", "smallest"):
+        return getattr(net.space, arch)()
+    if isinstance(arch, str | float | int):
+        return net.space.uniform(float(str(arch).removeprefix("x")))
+    return arch
+
+
+def _load_onnx(path: Path, runtime: str, device: torch.device) -> Served:
+    if runtime not in ("auto", "onnxruntime"):
+        raise ValueError(
+            f"{path} is ONNX: it runs on onnxruntime (runtime='auto'); for {runtime!r}, load the model file it was exported from"
+        )
+    resolve_runtime("onnxruntime", device)  # installed, and a provider for the device
+    if path.suffix == ".onnx":
+        return ServedSubnet(OrtPiece(ort_session(path, device), device), "onnxruntime", None, None)
+    manifest = read_manifest(path)
+
+    def piece(file: str) -> OrtPiece:
+        return OrtPiece(ort_session(path / file, device), device)
+
+    if manifest["format"] == FORMAT:
+        routes = [piece(r["file"]) for r in manifest["routes"]]
+        return ServedGated(piece(manifest["trunk"]["file"]), routes, [r["macs"] for r in manifest["routes"]], "onnxruntime")
+    assert manifest["format"] == BUDGET_FORMAT
+    entries = [BudgetEntry.from_dict(e) for e in manifest["entries"]]
+    return ServedBudget([piece(e["file"]) for e in manifest["entries"]], entries, "onnxruntime")
+
+
+__all__ = [
+    "PREFERRED",
+    "RUNTIMES",
+    "Served",
+    "ServedBudget",
+    "ServedGated",
+    "ServedSubnet",
+    "available_runtimes",
+    "load",
+    "prepare",
+    "resolve_runtime",
+    "serve_budget",
+    "serve_gated",
+    "serve_subnet",
+]

@@ -1,0 +1,131 @@
+"""The three deployable artifacts, each on any runtime, with one call signature per kind.
+
+- :class:`ServedSubnet`: ``model(x) -> logits`` (one static subnet);
+- :class:`ServedBudget`: ``model(x, max_macs=..., max_latency_ms=...) -> logits`` (a PSS budget
+  table: the most accurate entry within the budget, as :class:`~dynaslice.budget.BudgetNet`);
+- :class:`ServedGated`: ``model(x) -> logits`` and ``model.forward_with_routes(x)`` (a DS-Net
+  gated model: trunk and gate on the whole batch, then samples grouped by route, each group
+  through its route's piece, as :class:`~dynaslice.dynamic.DynamicNet`).
+
+Each is a few *pieces* (:func:`dynaslice.serve.runtimes.prepare`): the pieces are built once at
+load, so switching budget or route costs a lookup and no call builds anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..budget import BudgetEntry, BudgetNet
+from ..export import extract_subnet
+from ..gate import GatedSupernet, run_grouped
+from ..models.base import Supernet
+from ..onnx_export import extract_route, extract_trunk
+from ..profile import count_macs
+from ..runtime import pick_entry
+from .runtimes import Piece, example_input, prepare, resolve_runtime
+
+
+class ServedSubnet:
+    """One static subnet on a runtime: ``model(x) -> logits``."""
+
+    def __init__(self, piece: Piece, runtime: str, arch: dict[str, int] | None, macs: int | None):
+        self.piece, self.runtime, self.arch, self.macs = piece, runtime, arch, macs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.piece(x)  # type: ignore[return-value]
+
+
+class ServedBudget:
+    """A PSS budget table on a runtime: one piece per entry, switched per call."""
+
+    def __init__(self, pieces: Sequence[Piece], entries: Sequence[BudgetEntry], runtime: str):
+        if len(pieces) != len(entries) or not entries:
+            raise ValueError(f"{len(pieces)} pieces for {len(entries)} budget entries")
+        self.pieces, self.entries, self.runtime = list(pieces), list(entries), runtime
+        self._rows = [e.to_dict() for e in self.entries]
+
+    def entry(self, max_macs: float | None = None, max_latency_ms: float | None = None) -> BudgetEntry:
+        """The entry a call with this budget runs (:func:`dynaslice.runtime.pick_entry`)."""
+        return self.entries[pick_entry(self._rows, max_macs, max_latency_ms)]
+
+    def __call__(
+        self, x: torch.Tensor, max_macs: float | None = None, max_latency_ms: float | None = None
+    ) -> torch.Tensor:
+        return self.pieces[self.entries.index(self.entry(max_macs, max_latency_ms))](x)  # type: ignore[return-value]
+
+
+class ServedGated:
+    """A gated (DS-Net) model on a runtime: the trunk piece returns ``(features, route logits)``;
+    one piece per route maps features to class logits."""
+
+    def __init__(self, trunk: Piece, routes: Sequence[Piece], route_macs: Sequence[float], runtime: str):
+        self.trunk, self.routes, self.runtime = trunk, list(routes), runtime
+        self.route_macs = torch.tensor([float(m) for m in route_macs], dtype=torch.float64)
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """The route index of each sample: argmax of the gate's logits (never noise)."""
+        return self.trunk(x)[1].argmax(1)
+
+    def forward_with_routes(
+        self, x: torch.Tensor, routes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(class logits, route per sample)``; ``routes`` overrides the gate's choice (it still runs)."""
+        features, logits = self.trunk(x)
+        routes = logits.argmax(1) if routes is None else routes.to(logits.device)
+        return run_grouped(features, routes, lambda h, r: self.routes[r](h), len(self.routes)), routes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_routes(x)[0]
+
+    def avg_macs(self, routes: torch.Tensor) -> float:
+        """Average MACs per image for these route choices (trunk, gate and route)."""
+        return float(self.route_macs[routes.flatten().cpu()].mean())
+
+
+# --------------------------------------------------------------------------- from PyTorch models
+
+
+def _device(module: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else next(module.parameters()).device
+
+
+def serve_subnet(
+    net: Supernet, arch: Any, runtime: str = "auto", device: str | torch.device | None = None
+) -> ServedSubnet:
+    """Subnet ``arch`` of ``net`` (eval mode, its BN statistics as they are) on ``runtime``."""
+    dev = _device(net, device)
+    runtime = resolve_runtime(runtime, dev)
+    arch = net.space.validate(arch)
+    piece = prepare(extract_subnet(net.eval(), arch), example_input(net.input_size, dev), runtime)
+    return ServedSubnet(piece, runtime, arch.to_dict(), int(count_macs(net, arch)))
+
+
+def serve_budget(budget: BudgetNet, runtime: str = "auto", device: str | torch.device | None = None) -> ServedBudget:
+    """Every entry of a PSS budget table, each with the BN statistics it was selected with."""
+    net = budget.net.eval()
+    dev = _device(net, device)
+    runtime = resolve_runtime(runtime, dev)
+    example = example_input(net.input_size, dev)
+    pieces = [prepare(extract_subnet(net, budget.use(e)), example, runtime) for e in budget.table.entries]
+    return ServedBudget(pieces, budget.table.entries, runtime)
+
+
+def serve_gated(gated: GatedSupernet, runtime: str = "auto", device: str | torch.device | None = None) -> ServedGated:
+    """A gated model: its trunk (with the gate) and each route as pieces on ``runtime``."""
+    gated = gated.eval()
+    dev = _device(gated, device)
+    runtime = resolve_runtime(runtime, dev)
+    trunk = extract_trunk(gated)
+    example = example_input(gated.input_size, dev)
+    with torch.inference_mode():
+        features, _ = trunk.to(dev)(example)
+    route_example = torch.zeros_like(features)
+    routes = [prepare(extract_route(gated, r, tuple(features.shape[1:])), route_example, runtime)
+              for r in range(len(gated.routes))]  # fmt: skip
+    return ServedGated(prepare(trunk, example, runtime), routes, gated.route_macs().tolist(), runtime)
+
+
+__all__ = ["ServedBudget", "ServedGated", "ServedSubnet", "serve_budget", "serve_gated", "serve_subnet"]
