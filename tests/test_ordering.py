@@ -78,7 +78,8 @@ def test_bn_statistics_rows_move_with_their_channels():
     net = randomised(ds.create_supernet("resnet_small"))
     bn = net.layer2[0].bn1  # the middle of block 0 of stage 2
     mean, var = bn.running_mean.clone(), bn.running_var.clone()
-    gamma, conv1, conv2 = bn.weight.detach().clone(), net.layer2[0].conv1.weight.clone(), net.layer2[0].conv2.weight
+    gamma = bn.weight.detach().clone()
+    conv1, conv2 = net.layer2[0].conv1.weight.detach().clone(), net.layer2[0].conv2.weight
     conv2_before = conv2.detach().clone()
     perms = reorder_channels(net)
 
