@@ -33,6 +33,7 @@ from tqdm import tqdm
 from ..atomic import atomic_write_json
 from ..gate import GatedSupernet
 from ..models import create_supernet
+from ..ordering import reorder_channels
 from ..space import Arch
 from .bn import recalibrate_bn
 from .checkpoint import (
@@ -51,6 +52,7 @@ from .data import FolderBatches, eval_loader, folder_loader, folder_recal_batche
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from .ema import ema_decay_for, make_ema
 from .evaluate import evaluate, format_table, uniform_archs
+from .init import frozen_copy, init_from, zero_init_last_bn
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
 from .samplers import ArchSampler, FixedSampler, SandwichSampler, derive_seed
@@ -105,6 +107,12 @@ class Trainer:
         }
         torch.manual_seed(derive_seed("init", t.seed))
         net = create_supernet(cfg.model.name, **kwargs)
+        if t.zero_init_last_bn:
+            zero_init_last_bn(net)
+        if t.init_from:  # a trained network; rebuilt the same way on resume, then overwritten
+            init_from(net, t.init_from, {"name": cfg.model.name, "kwargs": kwargs})
+        if t.order_channels:
+            reorder_channels(net)
         g = cfg.model.gate
         if g.enabled:
             # Stage I of DS-Net: the gate's attention head trains with the supernet; the slimming
@@ -129,6 +137,14 @@ class Trainer:
             self.sampler = build_pss_sampler(self.net, t, self.total_steps)
         else:
             self.sampler = FixedSampler(self.space.uniform(t.fixed_width))
+        teacher: dict[str, Any] = {}
+        if t.target == "teacher":
+            teacher = {
+                "teacher": frozen_copy(self.net),
+                "label_term": t.teacher_label_term,
+                "kd_largest": t.teacher_kd_largest,
+                "ramp_steps": round(t.kd_ramp_epochs * self.steps_per_epoch),
+            }
         self.target = make_target(
             t.target,
             self.space,
@@ -136,6 +152,7 @@ class Trainer:
             temperature=t.temperature,
             views=views,
             view_weight=t.mvco_weight,
+            **teacher,
         )
         self.ema_decay = ema_decay_for(t.ema_decay, t.ema_half_life_epochs, self.steps_per_epoch)
         self.ema = make_ema(self.net, self.ema_decay) if self.target.uses_teacher else None
@@ -198,7 +215,7 @@ class Trainer:
         self.net.train()
         archs = self.sampler.sample(step)
         with self._autocast():
-            targets = self.target.begin(x, y, archs, self._teacher if self.ema is not None else None)
+            targets = self.target.begin(x, y, archs, self._teacher if self.ema is not None else None, step)
         losses = []
         for i, arch in enumerate(archs):
             last = i == len(archs) - 1
@@ -217,10 +234,13 @@ class Trainer:
                 f"and the last good checkpoint in {self.run_dir / 'checkpoints'} is kept "
                 "(lower optim.lr, add warm-up or set optim.clip_grad_norm, then --resume)"
             )
-        clip = self.cfg.optim.clip_grad_norm
-        if clip:
+        clip, clip_value = self.cfg.optim.clip_grad_norm, self.cfg.optim.clip_grad_value
+        if clip or clip_value:
             self.scaler.unscale_(self.optimizer)
+        if clip:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
+        if clip_value:
+            torch.nn.utils.clip_grad_value_(self.net.parameters(), clip_value)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
