@@ -161,3 +161,20 @@ def test_transformers_are_refused_clearly():
 def test_not_a_supernet_is_a_type_error():
     with pytest.raises(TypeError, match="needs a Supernet"):
         channel_groups(nn.Linear(2, 2))
+
+
+def test_gated_supernet_orders_only_the_dims_after_the_gate():
+    from dynaslice.gate import GatedSupernet
+
+    torch.manual_seed(0)
+    net = GatedSupernet(
+        randomised(ds.create_supernet("resnet_small", in_chans=1, input_size=28)), 1, 4
+    ).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        before, (_, logits) = net(x, net.space.largest()), net.trunk(x)
+    groups = reorder_channels(net)
+    assert describe_groups([g for g, _ in groups]) == {"s2": [32] * 3, "s3": [64] * 3, "s4": [128] * 3}
+    with torch.no_grad():  # the gate and the layers before it are pinned: untouched
+        torch.testing.assert_close(net(x, net.space.largest()), before, rtol=0, atol=1e-5)
+        torch.testing.assert_close(net.trunk(x)[1], logits, rtol=0, atol=0)

@@ -109,10 +109,6 @@ class Trainer:
         net = create_supernet(cfg.model.name, **kwargs)
         if t.zero_init_last_bn:
             zero_init_last_bn(net)
-        if t.init_from:  # a trained network; rebuilt the same way on resume, then overwritten
-            init_from(net, t.init_from, {"name": cfg.model.name, "kwargs": kwargs})
-        if t.order_channels:
-            reorder_channels(net)
         g = cfg.model.gate
         if g.enabled:
             # Stage I of DS-Net: the gate's attention head trains with the supernet; the slimming
@@ -122,6 +118,10 @@ class Trainer:
             except ValueError as e:
                 raise ConfigError(f"model.gate: {e}") from None
             net.gate.slimming.requires_grad_(False)
+        if t.init_from:  # a trained network; rebuilt the same way on resume, then overwritten
+            init_from(net, t.init_from, {"name": cfg.model.name, "kwargs": kwargs})
+        if t.order_channels:
+            reorder_channels(net)
         self.model_spec = {"name": cfg.model.name, "kwargs": kwargs}
         if g.enabled:
             self.model_spec["gate"] = gate_spec(net)
