@@ -25,6 +25,7 @@ session reports null).
     python bench/bench_accuracy.py --seeds 0 --epochs 4 --set data.train_size=20000 --threads 1
     python bench/bench_accuracy.py table runs/acc/*_s0            # val/test per width of finished runs
     python bench/bench_accuracy.py ordering runs/acc/p1_e2_s0     # what channel ordering alone buys
+    python bench/bench_accuracy.py routes runs/demo/stage1          # a gated run's routes (val / test)
 """
 
 from __future__ import annotations
@@ -230,13 +231,35 @@ def cmd_ordering(args: argparse.Namespace) -> None:
         atomic_write_json(args.out, {"run": str(run), **result}, indent=1)
 
 
+def cmd_routes(args: argparse.Namespace) -> None:
+    """Each route of a gated Stage-I run after BN recalibration for the routes (the demo's goal)."""
+    from dynaslice.train.stage2 import recalibrate_routes, route_archs
+
+    for run in args.run_dirs:
+        net, meta = load_supernet(run)
+        cfg = from_dict(meta["config"])
+        recalibrate_routes(net, cfg)
+        archs = route_archs(net)
+        cells = []
+        for split in ("val", "test"):
+            rows = evaluate(
+                net, archs, eval_loader(load_split(cfg.data, split, cfg.train.seed)), net.input_size
+            )
+            cells.append({r["name"]: r["accuracy"] for r in rows})
+        print(
+            f"| {Path(run).name} | "
+            + " | ".join(f"{cells[0][a]:.2f} / {cells[1][a]:.2f}" for a in archs)
+            + " |"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("table", "ordering"):
+    if argv and argv[0] in ("table", "ordering", "routes"):
         ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-        if argv[0] == "table":
+        if argv[0] in ("table", "routes"):
             ap.add_argument("run_dirs", nargs="+")
-            cmd_table(ap.parse_args(argv[1:]))
+            (cmd_table if argv[0] == "table" else cmd_routes)(ap.parse_args(argv[1:]))
         else:
             ap.add_argument("run")
             ap.add_argument("--out", default=None)

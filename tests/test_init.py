@@ -209,3 +209,17 @@ def test_teacher_target_without_a_source_is_a_config_error(tmp_path):
     path.write_text(yaml.safe_dump(TINY))
     with pytest.raises(ValueError, match="train.target=teacher needs train.init_from"):
         load_config(path, ["train.target=teacher"])
+
+
+def test_uniform_sandwich_draws_only_uniform_width_subnets():
+    from dynaslice.train import SandwichSampler
+
+    space = ds.create_supernet("resnet_small").space
+    uniform = {space.uniform(r / 100) for r in range(35, 101)}
+    sampler = SandwichSampler(space, 4, seed=0, uniform=True)
+    drawn = [a for step in range(50) for a in sampler.sample(step)[2:]]
+    assert set(drawn) <= uniform and len(set(drawn)) > 5
+    assert sampler.sample(7) == SandwichSampler(space, 4, seed=0, uniform=True).sample(7)
+    assert not set(a for step in range(50) for a in SandwichSampler(space, 4).sample(step)[2:]) <= uniform
+    with pytest.raises(ValueError, match="uniform=True"):
+        sampler.load_state_dict(SandwichSampler(space, 4).state_dict())

@@ -154,6 +154,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads, when set
     sampler: str = "sandwich"
     num_subnets: int = 4
+    sandwich_uniform: bool = False  # random subnets among the uniform-width ones only
     fixed_width: float = 1.0
     target: str = "ib"
     label_smoothing: float = 0.1

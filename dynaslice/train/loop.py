@@ -130,7 +130,9 @@ class Trainer:
 
         # strategy pieces
         if t.sampler == "sandwich":
-            self.sampler: ArchSampler = SandwichSampler(self.space, t.num_subnets, seed=t.seed)
+            self.sampler: ArchSampler = SandwichSampler(
+                self.space, t.num_subnets, seed=t.seed, uniform=t.sandwich_uniform
+            )
         elif t.sampler == "pss":
             from .pss import build_pss_sampler
 
