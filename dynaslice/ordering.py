@@ -176,12 +176,17 @@ class _GraphWalk:
         self.uf.add(node.name)
         self.members[node.name] = list(members)
 
+    def _add(self, node: fx.Node, *members: Member) -> None:
+        """Record tensor axes that hold the channels of ``node``'s group."""
+        self.members.setdefault(self.uf.find(node.name), []).extend(members)
+
     def _same(self, node: fx.Node, src: fx.Node, *members: Member) -> None:
+        """``node`` carries the channels of ``src`` (same group), plus ``members``."""
         if _channels(node) != _channels(src):
             raise self._refuse(f"{node.op} {node.target!r} changes the channel count")
         self.uf.add(node.name)
-        root = self.uf.union(src.name, node.name)
-        self.members.setdefault(root, []).extend(members)
+        self.uf.union(src.name, node.name)
+        self._add(node, *members)
 
     def _visit(self, node: fx.Node) -> None:
         if node.op == "get_attr":
@@ -217,7 +222,7 @@ class _GraphWalk:
                 raise self._refuse(f"{name} is a grouped conv")
             if getattr(m, "chunks", 1) != 1:
                 raise self._refuse(f"{name} stacks several projections (fused q/k/v)")
-            self._same(x, x, Member(name, "weight", 1, "consumer"))
+            self._add(x, Member(name, "weight", 1, "consumer"))
             self._new(node, *(Member(name, a, 0, "producer") for a in ["weight", *bias]))
         elif isinstance(m, SlicedBatchNorm2d | nn.BatchNorm2d):
             stat_axis = 1 if isinstance(m, SlicedBatchNorm2d) else 0

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -58,8 +58,6 @@ def _model_file(source: Path) -> Path:
 
 
 def _is_dynaslice_file(path: Path) -> bool:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return FORMAT in (f.metadata() or {})
@@ -84,14 +82,13 @@ def _load_supernet_state(
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or shapes:
-        example = (shapes or missing or unexpected)[0]
-        detail = (
-            f"{example} is {tuple(state[example].shape)} there and {tuple(own[example].shape)} here"
-            if shapes
-            else f"{len(missing)} tensors missing (e.g. {missing[0]})"
-            if missing
-            else f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})"
-        )
+        if shapes:
+            k = shapes[0]
+            detail = f"{k} is {tuple(state[k].shape)} there and {tuple(own[k].shape)} here"
+        elif missing:
+            detail = f"{len(missing)} tensors missing, e.g. {missing[0]}"
+        else:
+            detail = f"{len(unexpected)} unexpected tensors, e.g. {unexpected[0]}"
         raise InitSourceError(
             f"train.init_from={source} holds {_describe(their)}, which does not fit {ours} ({detail}); "
             "start from a run of the same model and model.kwargs"
