@@ -286,5 +286,5 @@ def test_model_trainer_trains_a_plain_module_with_epoch_hooks_and_resumes(tmp_pa
     again = Recorded(make(), cfg, tmp_path / "run")
     again.epochs_started = []
     assert again.resume() and again.step == trainer.step
-    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), trainer.model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), trainer.model.state_dict().values(), strict=True))
     assert again.fit() == result and again.epochs_started == []  # finished: nothing trains again

@@ -105,6 +105,7 @@ class OptimConfig:
     warmup_start_factor: float = 0.01
     min_lr: float = 0.0
     clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None  # AttentiveNAS clips each gradient entry to +-1.0
 
 
 @dataclass
@@ -145,6 +146,14 @@ class TrainConfig:
       about 0.09 epoch, to runs with far fewer steps per epoch).
     - ``static_widths``: train one ordinary network per uniform width instead (the baseline);
       each gets its own sub-directory and the labels target.
+    - ``init_from``: start from a trained network (:func:`dynaslice.train.init.init_from`: a
+      static run, a checkpoint, a .safetensors file or ``torchvision:<Weights.NAME>``);
+      ``order_channels`` then sorts every sliced dimension by channel importance
+      (:mod:`dynaslice.ordering`). ``target: teacher`` makes that network, frozen, the teacher of
+      every subnet (``teacher_label_term``: the others also learn the labels;
+      ``teacher_kd_largest``: the largest also distils; ``kd_ramp_epochs``: the others' loss
+      weight ramps from 0 to 1 over that many epochs).
+    - ``zero_init_last_bn``: zero the last BatchNorm gamma of every residual branch at init.
     """
 
     epochs: int = 10
@@ -153,6 +162,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads, when set
     sampler: str = "sandwich"
     num_subnets: int = 4
+    sandwich_uniform: bool = False  # random subnets among the uniform-width ones only
     fixed_width: float = 1.0
     target: str = "ib"
     label_smoothing: float = 0.1
@@ -171,6 +181,12 @@ class TrainConfig:
     recal_images: int = 2000
     recal_batch_size: int = 200
     static_widths: list[float] = field(default_factory=list)
+    init_from: str | None = None
+    order_channels: bool = False
+    teacher_label_term: bool = False
+    teacher_kd_largest: bool = False
+    kd_ramp_epochs: float = 0.0
+    zero_init_last_bn: bool = False
     pss: PSSConfig = field(default_factory=PSSConfig)
 
 
@@ -221,7 +237,7 @@ class Config:
         t, o, d = self.train, self.optim, self.data
         choices = {
             "train.sampler": (t.sampler, sampler_names()),
-            "train.target": (t.target, ("labels", "inplace", "ib", "ieb")),
+            "train.target": (t.target, ("labels", "inplace", "ib", "ieb", "teacher")),
             "train.device": (t.device, ("auto", "cpu", "cuda")),
             "optim.name": (o.name, ("sgd", "adamw")),
             "data.name": (d.name, ("fashion_mnist", "cifar10", "cifar100", "synthetic", "folder")),
@@ -240,6 +256,10 @@ class Config:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if t.sampler == "sandwich" and t.num_subnets < 2:
             raise ConfigError(f"train.num_subnets must be >= 2 for the sandwich rule, got {t.num_subnets}")
+        if t.target == "teacher" and not t.init_from:
+            raise ConfigError("train.target=teacher needs train.init_from (the trained network that teaches)")
+        if t.kd_ramp_epochs < 0:
+            raise ConfigError(f"train.kd_ramp_epochs must be >= 0, got {t.kd_ramp_epochs}")
         if not 0.0 <= t.ema_decay <= 1.0:
             raise ConfigError(f"train.ema_decay must lie in [0, 1], got {t.ema_decay}")
         if not 0.0 <= t.mvco_weight <= 1.0:

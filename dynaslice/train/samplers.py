@@ -41,29 +41,40 @@ class SandwichSampler:
 
     The random ones come from an RNG seeded by ``(seed, step)`` only: all ranks agree without
     communicating, and a resumed run draws the same subnets. Stateless beyond the seed.
+
+    ``uniform=True`` draws the random subnets among the *uniform-width* ones instead
+    (``space.uniform(r)``, ``r`` uniform between the narrowest grid ratio and 1; slimmable
+    networks' choice): for a supernet deployed only at uniform widths, those get every update.
     """
 
-    def __init__(self, space: SearchSpace, n: int = 4, seed: int = 0):
+    def __init__(self, space: SearchSpace, n: int = 4, seed: int = 0, uniform: bool = False):
         if n < 2:
             raise ValueError(f"the sandwich rule needs n >= 2 subnets (largest and smallest), got {n}")
-        self.space, self.n, self.seed = space, n, seed
+        self.space, self.n, self.seed, self.uniform = space, n, seed, uniform
+        widths = [d for d in space.dims if d.kind == "width"]
+        self.min_ratio = min((d.min / d.max for d in widths), default=1.0)
+
+    def _random(self, rng: random.Random) -> Arch:
+        if self.uniform:
+            return self.space.uniform(rng.uniform(self.min_ratio, 1.0))
+        return self.space.sample(rng)
 
     def sample(self, step: int) -> list[Arch]:
         rng = random.Random(derive_seed("sandwich", self.seed, step))
-        return [self.space.largest(), self.space.smallest()] + [
-            self.space.sample(rng) for _ in range(self.n - 2)
-        ]
+        return [self.space.largest(), self.space.smallest()] + [self._random(rng) for _ in range(self.n - 2)]
 
     def observe(self, arch: Arch, loss: float) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "sandwich", "n": self.n, "seed": self.seed}
+        state = {"kind": "sandwich", "n": self.n, "seed": self.seed}
+        return {**state, "uniform": True} if self.uniform else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "sandwich" or state.get("n") != self.n or state.get("seed") != self.seed:
+        if state != self.state_dict():
             raise ValueError(
-                f"sampler state {state} does not belong to SandwichSampler(n={self.n}, seed={self.seed})"
+                f"sampler state {state} does not belong to SandwichSampler(n={self.n}, seed={self.seed}, "
+                f"uniform={self.uniform})"
             )
 
 
@@ -125,7 +136,7 @@ def build_sampler(name: str, trainer: SupernetTrainer) -> ArchSampler:
 @register_sampler("sandwich")
 def _sandwich(trainer: SupernetTrainer) -> SandwichSampler:
     t = trainer.cfg.train
-    return SandwichSampler(trainer.space, t.num_subnets, seed=t.seed)
+    return SandwichSampler(trainer.space, t.num_subnets, seed=t.seed, uniform=t.sandwich_uniform)
 
 
 @register_sampler("fixed")

@@ -31,6 +31,7 @@ from ..atomic import atomic_write_json
 from ..gate import GatedSupernet
 from ..modelfile import CheckpointError, model_spec, prefixed, save_model_file
 from ..models import create_supernet
+from ..ordering import reorder_channels
 from ..seeding import derive_seed
 from ..space import Arch
 from .bn import recalibrate_bn
@@ -41,6 +42,7 @@ from .distributed import DistEnv
 from .ema import ema_decay_for, make_ema
 from .engine import Trainer
 from .evaluate import evaluate, format_rows, uniform_archs
+from .init import frozen_copy, init_from, zero_init_last_bn
 from .optim import build_optimizer, build_scheduler
 from .samplers import ArchSampler, FixedSampler, build_sampler
 from .targets import make_target
@@ -69,9 +71,13 @@ class SupernetTrainer(Trainer):
         self.setup_loop(loader, t.epochs, optimizer, scheduler, cfg.optim.clip_grad_norm)
         self.setup_amp(t.amp)
         self.sampler: ArchSampler = build_sampler(t.sampler, self)
+        teacher: dict[str, Any] = {}
+        if t.target == "teacher":  # the trained network init_from loaded, frozen before any step
+            teacher = {"teacher": frozen_copy(self.net), "label_term": t.teacher_label_term,
+                       "kd_largest": t.teacher_kd_largest, "ramp_steps": round(t.kd_ramp_epochs * self.steps_per_epoch)}  # fmt: skip
         self.target = make_target(
             t.target, self.space, label_smoothing=t.label_smoothing, temperature=t.temperature,
-            views=views, view_weight=t.mvco_weight,
+            views=views, view_weight=t.mvco_weight, **teacher,
         )  # fmt: skip
         self.ema_decay = ema_decay_for(t.ema_decay, t.ema_half_life_epochs, self.steps_per_epoch)
         self.ema = make_ema(self.net, self.ema_decay) if self.target.uses_teacher else None
@@ -111,6 +117,8 @@ class SupernetTrainer(Trainer):
             net = create_supernet(cfg.model.name, **kwargs)
         except TypeError as e:  # an unknown keyword in model.kwargs
             raise ConfigError(f"model.kwargs does not fit {cfg.model.name}: {e}") from None
+        if cfg.train.zero_init_last_bn:
+            zero_init_last_bn(net)
         g = cfg.model.gate
         if g.enabled:
             # Stage I of DS-Net: the gate's attention head trains with the supernet; the slimming
@@ -120,6 +128,10 @@ class SupernetTrainer(Trainer):
             except ValueError as e:
                 raise ConfigError(f"model.gate: {e}") from None
             net.gate.slimming.requires_grad_(False)
+        if cfg.train.init_from:  # a trained network; on resume the checkpoint then overwrites it
+            init_from(net, cfg.train.init_from, {"name": cfg.model.name, "kwargs": kwargs})
+        if cfg.train.order_channels:
+            reorder_channels(net)
         self.model_spec = model_spec(net, kwargs, cfg.model.name)
         return net
 
@@ -150,7 +162,7 @@ class SupernetTrainer(Trainer):
         self.net.train()
         archs = self.sampler.sample(self.step)
         with self.autocast():
-            targets = self.target.begin(x, y, archs, self._teacher if self.ema is not None else None)
+            targets = self.target.begin(x, y, archs, self._teacher if self.ema is not None else None, self.step)
         losses = []
         for i, arch in enumerate(archs):
             last = i == len(archs) - 1

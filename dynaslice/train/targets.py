@@ -13,6 +13,9 @@ One step runs several subnets (see :mod:`.samplers`). A target decides each one'
 - :class:`IEBTarget` (In-place Ensemble Bootstrapping, DS-Net): as IB, but the smallest subnet
   matches the mean of the teacher's probabilities for the largest *and for the same random
   subnets the student trains in this step* (the original drew fresh random ones: fixed here).
+- :class:`FrozenTeacherTarget` (once-for-all, DϵpS): a trained network, frozen, teaches every
+  subnet; the others' loss ramps up over the first steps. For supernets started from a trained
+  network (:func:`dynaslice.train.init.init_from`).
 
 Multi-view consistency (MvCo, DS-Net++) is an option of every target. The batch then holds
 ``views`` augmented copies of each image, view-major (``[view0 batch, view1 batch]``), and every
@@ -113,9 +116,15 @@ class Target:
         return mix_views(F.softmax(logits.float() / self.temperature, dim=-1), self.views, self.view_weight)
 
     def begin(
-        self, x: torch.Tensor, y: torch.Tensor, archs: Sequence[Arch], teacher: Teacher | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        archs: Sequence[Arch],
+        teacher: Teacher | None = None,
+        step: int = 0,
     ) -> StepTargets:
-        """Targets for the step that runs ``archs`` on ``(x, y)``; teacher forwards happen here."""
+        """Targets for global step ``step``, which runs ``archs`` on ``(x, y)``; teacher forwards
+        happen here."""
         return StepTargets(self, y, self.space.largest())
 
     def _need(self, teacher: Teacher | None) -> Teacher:
@@ -140,7 +149,7 @@ class InplaceDistillTarget(Target):
 
     name = "inplace"
 
-    def begin(self, x, y, archs, teacher=None) -> StepTargets:
+    def begin(self, x, y, archs, teacher=None, step=0) -> StepTargets:
         largest = self.space.largest()
         if largest in archs and archs[0] != largest:
             raise ValueError("in-place distillation needs the largest subnet first in the step's archs")
@@ -153,7 +162,7 @@ class IBTarget(Target):
     name = "ib"
     uses_teacher = True
 
-    def begin(self, x, y, archs, teacher=None) -> StepTargets:
+    def begin(self, x, y, archs, teacher=None, step=0) -> StepTargets:
         teacher = self._need(teacher)
         largest = self.space.largest()
         with torch.no_grad():
@@ -171,7 +180,7 @@ class IEBTarget(Target):
     name = "ieb"
     uses_teacher = True
 
-    def begin(self, x, y, archs, teacher=None) -> StepTargets:
+    def begin(self, x, y, archs, teacher=None, step=0) -> StepTargets:
         teacher = self._need(teacher)
         largest, smallest = self.space.largest(), self.space.smallest()
         soft: dict[Arch, torch.Tensor] = {}
@@ -184,8 +193,85 @@ class IEBTarget(Target):
         return StepTargets(self, y, largest, soft=soft, default=default)
 
 
+class TeacherStepTargets(StepTargets):
+    """One step of :class:`FrozenTeacherTarget`: the teacher's soft target and the ramp weight."""
+
+    def __init__(
+        self,
+        target: FrozenTeacherTarget,
+        labels: torch.Tensor,
+        largest: Arch,
+        probs: torch.Tensor,
+        weight: float,
+    ):
+        super().__init__(target, labels, largest, default=probs)
+        self.weight = weight
+
+    def loss(self, arch: Arch, logits: torch.Tensor) -> torch.Tensor:
+        t: FrozenTeacherTarget = self.target  # type: ignore[assignment]
+        labels = F.cross_entropy(logits.float(), self.labels, label_smoothing=t.label_smoothing)
+        kd = soft_cross_entropy(logits, self.default, t.temperature)  # type: ignore[arg-type]
+        if arch == self.largest:
+            return labels + kd if t.kd_largest else labels
+        return self.weight * (kd + labels if t.label_term else kd)
+
+
+class FrozenTeacherTarget(Target):
+    """A trained network, frozen in eval mode, teaches every subnet (once-for-all, DϵpS).
+
+    Largest subnet: cross-entropy with the labels (label smoothing), plus the distillation term
+    when ``kd_largest``. Every other subnet: soft cross-entropy to the teacher's softmax, plus
+    the label term when ``label_term`` (OFA trains with both; US-Nets and AttentiveNAS with
+    distillation only), times a weight that ramps linearly from 0 to 1 over the first
+    ``ramp_steps`` steps, so the freshly sliced narrow subnets do not drag the shared weights
+    away from the trained network at the start (DϵpS).
+
+    ``teacher(x, arch)``: a module (normally :func:`dynaslice.train.init.frozen_copy` of the
+    supernet right after :func:`~dynaslice.train.init.init_from`), run as its largest subnet
+    under ``torch.no_grad()``. It is put in eval mode and excluded from autograd here, so it can
+    neither receive gradients nor update BatchNorm statistics. Unlike IB's EMA teacher it never
+    changes.
+    """
+
+    name = "teacher"
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        teacher: torch.nn.Module | None = None,
+        label_term: bool = False,
+        kd_largest: bool = False,
+        ramp_steps: int = 0,
+        **kwargs,
+    ):
+        super().__init__(space, **kwargs)
+        if teacher is None:
+            raise ValueError("the 'teacher' target needs a trained teacher network (set train.init_from)")
+        if ramp_steps < 0:
+            raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.label_term, self.kd_largest, self.ramp_steps = label_term, kd_largest, ramp_steps
+
+    def weight(self, step: int) -> float:
+        """The weight of the non-largest subnets' loss at ``step``: 0 -> 1 over ``ramp_steps``."""
+        return 1.0 if step >= self.ramp_steps else (step + 1) / (self.ramp_steps + 1)
+
+    def begin(self, x, y, archs, teacher=None, step=0) -> StepTargets:
+        largest = self.space.largest()
+        self.teacher.eval()
+        with torch.no_grad():
+            probs = self._probs(self.teacher(x, largest))
+        return TeacherStepTargets(self, y, largest, probs, self.weight(step))
+
+    def __repr__(self) -> str:
+        return (
+            f"FrozenTeacherTarget(T={self.temperature}, label_term={self.label_term}, "
+            f"kd_largest={self.kd_largest}, ramp_steps={self.ramp_steps})"
+        )
+
+
 TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (LabelsTarget, InplaceDistillTarget, IBTarget, IEBTarget)
+    t.name: t for t in (LabelsTarget, InplaceDistillTarget, IBTarget, IEBTarget, FrozenTeacherTarget)
 }
 
 

@@ -1,0 +1,291 @@
+"""Supernet vs networks trained alone, at equal epochs (issue 15: goals a, b and e).
+
+For each seed, on Fashion-MNIST (``--config``, default configs/fmnist_bench.yaml, full training
+split minus the config's validation images unless ``--set data.train_size=N``):
+
+- **static**: one ordinary network per width (x0.35/0.5/0.75/1), each trained alone with the
+  labels for ``--epochs`` E epochs (same augmentation and schedule as the supernet's phases);
+- **supernet** (``--recipe``):
+  ``teacher`` (the recommended recipe): phase 1 trains the largest network alone for
+  ``round(E * --phase1)`` epochs; phase 2 starts the supernet from it (``train.init_from``),
+  sorts its channels by importance (``train.order_channels``) and trains the sandwich for the
+  remaining epochs with the phase-1 network, frozen, as the teacher of every subnet
+  (``train.target=teacher``); all phases count towards E.
+  ``ib``: today's default, the IB sandwich from scratch for E epochs.
+
+Every network is BN-recalibrated per width (2000 training images), then evaluated on the
+validation split (decisions) and the 10k-image test split (the goals). Reported per width: the
+mean over seeds and each seed's value; the supernet-minus-static gap; goal (a) every width at or
+above static and the two narrowest at least +0.3 points; (e) largest >= 93.5 % test top-1;
+(b) wall-clock of the supernet (all phases) against the sum of the four static trainings
+(meaningful only on a quiet machine, from runs trained in one go: a run resumed from an earlier
+session reports null).
+
+    python bench/bench_accuracy.py --seeds 0 1 2 --epochs 12 --threads 2 --out bench/out/accuracy.json
+    python bench/bench_accuracy.py --seeds 0 --epochs 4 --set data.train_size=20000 --threads 1
+    python bench/bench_accuracy.py table runs/acc/*_s0            # val/test per width of finished runs
+    python bench/bench_accuracy.py ordering runs/acc/p1_e2_s0     # what channel ordering alone buys
+    python bench/bench_accuracy.py routes runs/demo/stage1          # a gated run's routes (val / test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynaslice.atomic import atomic_write_json
+from dynaslice.ordering import reorder_channels
+from dynaslice.train import evaluate, load_config, load_supernet, recalibrate_bn, train, uniform_archs
+from dynaslice.train.config import from_dict
+from dynaslice.train.data import eval_loader, load_split
+
+WIDTHS = [0.35, 0.5, 0.75, 1.0]
+FULL = ["data.val_size=5000", "data.train_size=0"]  # issue 15: the full training split minus 5k val
+# Phase-2 settings of each recipe (on top of --config and --set); see docs/ACCURACY_NOTES.md.
+RECIPES: dict[str, dict[str, Any]] = {
+    "teacher": {
+        "phase1": 0.5,
+        "overrides": ["train.target=teacher", "train.order_channels=true"],
+    },
+    "ib": {"phase1": 0.0, "overrides": ["train.target=ib"]},
+}
+
+
+def run_rows(run: Path, split: str) -> list[dict[str, Any]]:
+    """Accuracy per width of a finished run (its BN-recalibrated weights) on ``split``."""
+    if split == "val":
+        return json.loads((run / "final_eval.json").read_text())
+    net, meta = load_supernet(run / "recalibrated.safetensors")
+    archs = {name: net.space.validate(a) for name, a in meta["recalibrated"].items()}
+    cfg = from_dict(meta["config"])
+    data = load_split(cfg.data, split, cfg.train.seed)
+    return evaluate(net, archs, eval_loader(data), input_size=net.input_size)
+
+
+def accuracies(run: Path) -> dict[str, dict[str, float]]:
+    """``{"x0.5": {"val": .., "test": ..}, ...}`` of a run, or of every ``static-x*`` in it."""
+    subs = sorted(run.glob("static-x*"), key=lambda p: float(p.name[len("static-x") :])) or [run]
+    out: dict[str, dict[str, float]] = {}
+    for sub in subs:
+        for split in ("val", "test"):
+            for r in run_rows(sub, split):
+                out.setdefault(r["name"], {})[split] = r["accuracy"]
+    return out
+
+
+def timed_train(cfg, run: Path) -> float | None:
+    """Train (or resume) ``run``; its wall-clock seconds, or None if it was (partly) trained before."""
+    fresh = not run.exists()
+    t0 = time.perf_counter()
+    train(cfg, run, resume=True)
+    return time.perf_counter() - t0 if fresh else None
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    root = Path(args.runs) / f"seed{seed}"
+    base = [
+        f"train.seed={seed}",
+        f"train.threads={args.threads}",
+        "train.eval_every_epochs=0",
+        *FULL,
+        *args.set,
+    ]
+    recipe = RECIPES[args.recipe]
+    e1 = round(args.epochs * (args.phase1 if args.phase1 is not None else recipe["phase1"]))
+    static_seconds: dict[str, float | None] = {}
+    for w in WIDTHS:  # one run each, so each is timed on its own
+        cfg = load_config(args.config, [*base, f"train.epochs={args.epochs}", f"train.static_widths=[{w}]"])
+        static_seconds[f"x{w:g}"] = timed_train(cfg, root / f"static_w{w:g}")
+    phase_seconds = []
+    init = []
+    if e1 > 0:
+        cfg = load_config(args.config, [*base, f"train.epochs={e1}", "train.static_widths=[1.0]"])
+        phase_seconds.append(timed_train(cfg, root / "phase1"))
+        init = [f"train.init_from={root / 'phase1'}"]
+    over = [*base, f"train.epochs={args.epochs - e1}", *recipe["overrides"], *init, *args.recipe_set]
+    phase_seconds.append(timed_train(load_config(args.config, over), root / "supernet"))
+    static = {}
+    for w in WIDTHS:
+        static.update(accuracies(root / f"static_w{w:g}"))
+    known = [s for s in static_seconds.values() if s is not None]
+    return {
+        "seed": seed,
+        "phase1_epochs": e1,
+        "static": static,
+        "supernet": accuracies(root / "supernet"),
+        "static_seconds": static_seconds,
+        "static_seconds_sum": sum(known) if len(known) == len(WIDTHS) else None,
+        "supernet_seconds": sum(phase_seconds) if None not in phase_seconds else None,
+        "supernet_phase_seconds": phase_seconds,
+        "overrides": over,
+    }
+
+
+def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over seeds, gaps and the goals of issue 15."""
+    rows = {}
+    for w in (f"x{w:g}" for w in WIDTHS):
+        row: dict[str, Any] = {}
+        for kind in ("static", "supernet"):
+            for split in ("val", "test"):
+                vals = [s[kind][w][split] for s in seeds]
+                row[f"{kind}_{split}"] = statistics.mean(vals)
+                row[f"{kind}_{split}_seeds"] = vals
+        row["gap_test"] = row["supernet_test"] - row["static_test"]
+        row["gap_val"] = row["supernet_val"] - row["static_val"]
+        rows[w] = row
+    narrow = ("x0.35", "x0.5")
+    goal_a = all(r["gap_test"] >= 0 for r in rows.values()) and all(
+        rows[w]["gap_test"] >= 0.3 for w in narrow
+    )
+    sup = [s["supernet_seconds"] for s in seeds]
+    sta = [s["static_seconds_sum"] for s in seeds]
+    timing = None
+    if None not in sup and None not in sta:
+        timing = {"supernet_s": statistics.mean(sup), "static_sum_s": statistics.mean(sta)}
+        timing["ratio"] = timing["supernet_s"] / timing["static_sum_s"]
+    return {
+        "widths": rows,
+        "goal_a": goal_a,
+        "goal_e_largest_test": rows["x1"]["supernet_test"],
+        "goal_e": rows["x1"]["supernet_test"] >= 93.5,
+        "goal_b_timing": timing,
+    }
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        "| width | static val | supernet val | static test | supernet test | gap test |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for w, r in summary["widths"].items():
+        lines.append(
+            f"| {w} | {r['static_val']:.2f} | {r['supernet_val']:.2f} | {r['static_test']:.2f} | "
+            f"{r['supernet_test']:.2f} | {r['gap_test']:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    seeds = []
+    for seed in args.seeds:
+        seeds.append(run_seed(args, seed))
+        print(f"seed {seed}: {json.dumps(seeds[-1]['supernet'])}", flush=True)
+    summary = summarise(seeds)
+    out = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "seeds": seeds, "summary": summary}
+    atomic_write_json(args.out, out, indent=1)
+    print(markdown(summary))
+    print(f"goal (a): {summary['goal_a']}, (e): {summary['goal_e']}, (b): {summary['goal_b_timing']}")
+    print(f"wrote {args.out}")
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    """Val / test per width of finished runs, one line each (the research notes' tables)."""
+    print("| run | " + " | ".join(f"x{w:g} val / test" for w in WIDTHS) + " |")
+    print("| --- |" + " ---: |" * len(WIDTHS))
+    for run in args.run_dirs:
+        try:
+            acc = accuracies(Path(run))
+        except (OSError, KeyError, ValueError) as e:
+            print(f"| {run} | not finished ({type(e).__name__}) |")
+            continue
+        cells = [
+            f"{acc[w]['val']:.2f} / {acc[w]['test']:.2f}" if w in acc else "-"
+            for w in (f"x{w:g}" for w in WIDTHS)
+        ]
+        print(f"| {Path(run).name} | " + " | ".join(cells) + " |", flush=True)
+
+
+def cmd_ordering(args: argparse.Namespace) -> None:
+    """Each width of a trained network's slices after BN recalibration, without and with ordering."""
+    run = Path(args.run)
+    file = run / "static-x1" / "recalibrated.safetensors" if (run / "static-x1").is_dir() else run
+    net, meta = load_supernet(file)
+    cfg = from_dict(meta["config"])
+    t = cfg.train
+    train_ds = load_split(cfg.data, "train", t.seed)
+    splits = {s: eval_loader(load_split(cfg.data, s, t.seed)) for s in ("val", "test")}
+    archs = uniform_archs(net, WIDTHS)
+    result = {}
+    for name, ordered in (("unordered", False), ("ordered", True)):
+        n = copy.deepcopy(net)
+        if ordered:
+            reorder_channels(n)
+        recalibrate_bn(n, list(archs.values()), train_ds, t.recal_images, t.recal_batch_size, seed=t.seed)
+        result[name] = {
+            s: {r["name"]: r["accuracy"] for r in evaluate(n, archs, b, input_size=n.input_size)}
+            for s, b in splits.items()
+        }
+        cells = [f"{result[name]['val'][w]:.2f} / {result[name]['test'][w]:.2f}" for w in archs]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    if args.out:
+        atomic_write_json(args.out, {"run": str(run), **result}, indent=1)
+
+
+def cmd_routes(args: argparse.Namespace) -> None:
+    """Each route of a gated Stage-I run after BN recalibration for the routes (the demo's goal)."""
+    from dynaslice.train.stage2 import recalibrate_routes, route_archs
+
+    for run in args.run_dirs:
+        net, meta = load_supernet(run)
+        cfg = from_dict(meta["config"])
+        recalibrate_routes(net, cfg)
+        archs = route_archs(net)
+        cells = []
+        for split in ("val", "test"):
+            rows = evaluate(
+                net, archs, eval_loader(load_split(cfg.data, split, cfg.train.seed)), net.input_size
+            )
+            cells.append({r["name"]: r["accuracy"] for r in rows})
+        print(
+            f"| {Path(run).name} | "
+            + " | ".join(f"{cells[0][a]:.2f} / {cells[1][a]:.2f}" for a in archs)
+            + " |"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("table", "ordering", "routes"):
+        ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        if argv[0] in ("table", "routes"):
+            ap.add_argument("run_dirs", nargs="+")
+            (cmd_table if argv[0] == "table" else cmd_routes)(ap.parse_args(argv[1:]))
+        else:
+            ap.add_argument("run")
+            ap.add_argument("--out", default=None)
+            cmd_ordering(ap.parse_args(argv[1:]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/fmnist_bench.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument(
+        "--epochs", type=int, default=12, help="E: epochs of each static network and of the supernet"
+    )
+    ap.add_argument("--recipe", choices=list(RECIPES), default="teacher")
+    ap.add_argument("--phase1", type=float, default=None, help="fraction of E that trains the largest alone")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    ap.add_argument(
+        "--recipe-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides for the supernet phase",
+    )
+    ap.add_argument("--runs", default="runs/bench_accuracy")
+    ap.add_argument("--out", default="bench/out/accuracy.json")
+    cmd_run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
