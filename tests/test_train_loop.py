@@ -288,3 +288,33 @@ def test_model_trainer_trains_a_plain_module_with_epoch_hooks_and_resumes(tmp_pa
     assert again.resume() and again.step == trainer.step
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), trainer.model.state_dict().values(), strict=True))
     assert again.fit() == result and again.epochs_started == []  # finished: nothing trains again
+
+
+# --------------------------------------------------------------------------- two phases in one run
+
+
+def test_phase1_then_supernet_in_one_run_resumes_bit_for_bit(tmp_path):
+    """train.phase1_epochs: the largest alone first (RUN/phase1), then the supernet from it with a
+    frozen teacher and ordered channels; a run interrupted in phase 2 resumes to the same end."""
+    from dynaslice.train.supernet import SupernetTrainer, phase1_config, phase2_config
+
+    sets = ["train.epochs=2", "train.phase1_epochs=1", "train.target=teacher", "train.order_channels=true",
+            "train.eval_widths=[0.5,1.0]"]  # fmt: skip
+    _, cfg = tiny_config(tmp_path, *sets)
+    full = tmp_path / "full"
+    rows = train(cfg, full)
+    assert (full / "phase1" / "final_eval.json").is_file() and {r["name"] for r in rows} == {"x0.5", "x1"}
+    p1 = load_model_file(full / "phase1" / "recalibrated.safetensors")[1]
+    assert p1["config"]["train"]["sampler"] == "fixed" and p1["config"]["train"]["epochs"] == 1
+
+    part = tmp_path / "part"
+    train(phase1_config(cfg), part / "phase1")  # phase 1 alone (what train() runs first)
+    trainer = SupernetTrainer(phase2_config(cfg, part / "phase1"), part)
+    for x, y in list(trainer.train_loader.epoch_batches(0))[:3]:
+        trainer.train_step(x, y)
+    trainer.save()  # killed after 3 steps of phase 2
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(cfg, part)
+    train(cfg, part, resume=True)
+    ta, tb = tensors_of(latest_checkpoint(full)), tensors_of(latest_checkpoint(part))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -153,6 +153,10 @@ class TrainConfig:
       every subnet (``teacher_label_term``: the others also learn the labels;
       ``teacher_kd_largest``: the largest also distils; ``kd_ramp_epochs``: the others' loss
       weight ramps from 0 to 1 over that many epochs).
+    - ``phase1_epochs``: without ``init_from``, first train the largest network alone for that
+      many of the ``epochs`` (in ``RUN/phase1``, at ``phase1_lr``, default ``optim.lr``), then the
+      supernet for the rest, started from it (``init_from`` set to it): OFA's progressive
+      shrinking and DepS train the full network first.
     - ``zero_init_last_bn``: zero the last BatchNorm gamma of every residual branch at init.
     """
 
@@ -187,6 +191,8 @@ class TrainConfig:
     teacher_kd_largest: bool = False
     kd_ramp_epochs: float = 0.0
     zero_init_last_bn: bool = False
+    phase1_epochs: int = 0
+    phase1_lr: float | None = None
     pss: PSSConfig = field(default_factory=PSSConfig)
 
 
@@ -256,8 +262,15 @@ class Config:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if t.sampler == "sandwich" and t.num_subnets < 2:
             raise ConfigError(f"train.num_subnets must be >= 2 for the sandwich rule, got {t.num_subnets}")
-        if t.target == "teacher" and not t.init_from:
-            raise ConfigError("train.target=teacher needs train.init_from (the trained network that teaches)")
+        if t.target == "teacher" and not (t.init_from or t.phase1_epochs):
+            raise ConfigError(
+                "train.target=teacher needs a trained network to teach: train.init_from, or train.phase1_epochs > 0"
+            )
+        if t.phase1_epochs and (t.init_from or t.static_widths or not 0 < t.phase1_epochs < t.epochs):
+            raise ConfigError(
+                f"train.phase1_epochs={t.phase1_epochs} must lie in 1..train.epochs-1 ({t.epochs - 1}) and goes "
+                "without train.init_from and train.static_widths (it trains the network init_from would load)"
+            )
         if t.kd_ramp_epochs < 0:
             raise ConfigError(f"train.kd_ramp_epochs must be >= 0, got {t.kd_ramp_epochs}")
         if not 0.0 <= t.ema_decay <= 1.0:

@@ -278,6 +278,10 @@ def train(
     """
     if cfg.train.static_widths:
         return train_static(cfg, run_dir, resume, env)
+    if cfg.train.phase1_epochs:
+        phase1 = Path(run_dir) / runs.PHASE1
+        train(phase1_config(cfg), phase1, resume, env)
+        cfg = phase2_config(cfg, phase1)
     existing = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
     if existing is not None and not resume:
         raise CheckpointError(
@@ -290,11 +294,26 @@ def train(
     return trainer.fit()
 
 
+def phase1_config(cfg: Config) -> Config:
+    """The first phase of ``train.phase1_epochs``: the largest network alone (labels, one view)."""
+    cfg = static_config(cfg, 1.0)
+    t = dataclasses.replace(cfg.train, epochs=cfg.train.phase1_epochs, phase1_epochs=0, phase1_lr=None)
+    optim = dataclasses.replace(cfg.optim, lr=cfg.train.phase1_lr or cfg.optim.lr)
+    return dataclasses.replace(cfg, train=t, optim=optim)
+
+
+def phase2_config(cfg: Config, phase1: Path) -> Config:
+    """The rest of the epochs: the supernet, started from the first phase's network."""
+    t = dataclasses.replace(cfg.train, epochs=cfg.train.epochs - cfg.train.phase1_epochs, phase1_epochs=0,
+                            phase1_lr=None, init_from=str(phase1))  # fmt: skip
+    return dataclasses.replace(cfg, train=t)
+
+
 def static_config(cfg: Config, width: float) -> Config:
     """The same recipe for one ordinary network of uniform ``width``: one subnet, labels, one view."""
     t = dataclasses.replace(
         cfg.train, sampler="fixed", fixed_width=width, target="labels", mvco=False,
-        static_widths=[], eval_widths=[width],
+        static_widths=[], eval_widths=[width], order_channels=False,
     )  # fmt: skip
     return dataclasses.replace(cfg, train=t)
 
