@@ -26,7 +26,6 @@ from .optim import build_optimizer, build_scheduler
 class ModelTrainer(Trainer):
     """Train ``model`` with ``cfg`` (data, optim, ``train.epochs`` unless ``epochs`` is given) into ``run_dir``."""
 
-    name = "epoch"
 
     def __init__(self, model: nn.Module, cfg: Config, run_dir: str | Path, epochs: int | None = None):
         super().__init__(cfg, run_dir)

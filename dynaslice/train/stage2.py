@@ -86,7 +86,7 @@ class GateTrainer(Trainer):
     :func:`recalibrate_routes` first unless the file was recalibrated for them).
     """
 
-    name = "gate epoch"
+    name = "gate"
     rng_name = "gate-step"
 
     def __init__(self, gated: GatedSupernet, cfg: Config, run_dir: str | Path, source: dict[str, Any]):

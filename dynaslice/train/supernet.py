@@ -56,7 +56,6 @@ class SupernetTrainer(Trainer):
     strategy, e.g. ``trainer.sampler = MySampler(...)`` (or register it: :func:`register_sampler`).
     """
 
-    name = "epoch"
 
     def __init__(self, cfg: Config, run_dir: str | Path, env: DistEnv | None = None):
         super().__init__(cfg, run_dir, env)
