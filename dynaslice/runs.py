@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,11 +77,15 @@ def checkpoint_steps(run_dir: str | Path) -> list[Path]:
 
 
 def latest_pointer(run_dir: str | Path) -> Path | None:
-    """The checkpoint that ``checkpoints/latest`` names, or None when there is no pointer."""
+    """The checkpoint that ``checkpoints/latest`` names, or None when there is no pointer or
+    it is damaged (not a ``step-N`` name: callers then fall back to the highest step)."""
     pointer = checkpoints_dir(run_dir) / LATEST
     if not pointer.is_file():
         return None
-    return pointer.parent / pointer.read_text().strip()
+    name = pointer.read_bytes().strip()
+    if not re.fullmatch(rb"step-\d+", name):
+        return None
+    return pointer.parent / name.decode()
 
 
 def is_finished(run_dir: str | Path) -> bool:
