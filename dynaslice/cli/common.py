@@ -86,7 +86,10 @@ def _archs_from_json(token: str, net: Supernet) -> dict[str, Arch]:
     if not isinstance(data, dict | list):
         raise UserError(f"{token} must hold a list of archs or a {{name: arch}} mapping")
     items = data.items() if isinstance(data, dict) else ((f"arch{i}", a) for i, a in enumerate(data))
-    return {str(name): net.space.validate(a) for name, a in items}
+    try:
+        return {str(name): net.space.validate(a) for name, a in items}
+    except TypeError as e:  # an entry that is no arch at all (a number, a list)
+        raise UserError(f"{token} must hold a list of archs or a {{name: arch}} mapping: {e}") from None
 
 
 def _ratio(token: str, net: Supernet) -> float:

@@ -314,6 +314,7 @@ def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False)
 
 
 _POSITIVE = ((lambda v: v > 0), "use a value > 0")
+_BN_BATCH = _whole(2, " (BatchNorm statistics need two or more images per batch)")
 _NON_NEGATIVE = ((lambda v: v >= 0), "use a value >= 0")
 _RATIOS = ((lambda ws: all(0 < w <= 1 for w in ws)), "use width ratios in (0, 1]")
 _PAIR = ((lambda v: len(v) == 2 and min(v) > 0), "use [start, end], both > 0")
@@ -322,7 +323,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "model.gate.cut": _whole(0),
     "model.gate.reduction": _whole(1),
     "model.gate.pre_gate": ((lambda v: all(w >= 1 for w in v.values())), "use widths >= 1"),
-    "data.batch_size": _whole(1),
+    "data.batch_size": _BN_BATCH,
     "data.val_size": _whole(0, " (0: no validation split)"),
     "data.train_size": _whole(0, " (0: all remaining training images)"),
     "data.crop_padding": _whole(0),
@@ -354,8 +355,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "train.log_every_steps": _whole(1),
     "train.eval_every_epochs": _whole(0, " (0: only after the last epoch)"),
     "train.eval_widths": _RATIOS,
-    "train.recal_images": _whole(1),
-    "train.recal_batch_size": _whole(1),
+    "train.recal_images": _BN_BATCH,
+    "train.recal_batch_size": _BN_BATCH,
     "train.static_widths": _RATIOS,
     "train.pss.bucket_step": _POSITIVE,
     "train.pss.pool_size": _whole(1),

@@ -344,6 +344,6 @@ def train_static(
             except ValueError as e:
                 raise ConfigError(f"train.static_widths={cfg.train.static_widths}: {e}") from None
         rows += trainer.fit()
-    if rows:
-        atomic_write_json(Path(run_dir) / runs.FINAL_EVAL, rows, indent=1)
+    # written also without a validation split (no rows): the marker that every network finished
+    atomic_write_json(Path(run_dir) / runs.FINAL_EVAL, rows, indent=1)
     return rows
