@@ -556,6 +556,21 @@ def test_second_writer_is_refused_and_sigkill_resumes_exactly(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_the_lock_belongs_to_the_process_and_nests(tmp_path):
+    run = tmp_path / "run"
+    with runs.exclusive(run):
+        with runs.exclusive(tmp_path / "." / "run"):  # the same directory, spelled otherwise
+            pass
+        assert (run / runs.LOCK).read_text() == f"pid {os.getpid()}"
+        held = subprocess.run(
+            [sys.executable, "-c", f"from dynaslice import runs\nwith runs.exclusive({str(run)!r}): pass"],
+            env=cli_env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert held.returncode != 0 and "RunDirBusy" in held.stderr and f"pid {os.getpid()}" in held.stderr
+    with runs.exclusive(run):  # released by the outer block's end
+        pass
+
+
 # --------------------------------------------------------------------------- divergence -> resume
 
 
