@@ -183,7 +183,10 @@ def _recalibrate_choice(p: argparse.ArgumentParser, help: str) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a supernet (or static counterparts) from a YAML config")
-    p.add_argument("config", metavar="CONFIG", help="YAML file or preset name, e.g. fmnist_quick")
+    p.add_argument(
+        "config", metavar="CONFIG",
+        help="YAML file or preset name, e.g. fmnist_quick (a run: section, for dynaslice run, is ignored with a note)",
+    )  # fmt: skip
     add_set(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's newest intact checkpoint")

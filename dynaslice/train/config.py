@@ -218,7 +218,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> Config:
-        """Check every value's type-independent range and the choices; returns self so calls can chain.
+        """Check every value's range, the choices and the rules between keys; returns self (calls chain).
 
         Everything that can be checked without the data or the model is checked here, before
         anything is written: a bad value must fail in the first second, not after training
