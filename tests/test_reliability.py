@@ -660,6 +660,10 @@ def _draw_cases(n: int, seed: int = 17) -> list[tuple[str, str]]:
     return cases
 
 
+FUZZ_CASES = int(os.environ.get("DYNASLICE_FUZZ_CASES", "60"))  # more: DYNASLICE_FUZZ_CASES=400
+FUZZ_SEED = int(os.environ.get("DYNASLICE_FUZZ_SEED", "17"))
+
+
 def test_config_fuzz(tmp_path):
     """Seeded hostile values for keys drawn from the config dataclasses: exit code 0 or 2, never
     a traceback or a hang, and an accepted value is exactly the one recorded and trained with."""
@@ -667,7 +671,7 @@ def test_config_fuzz(tmp_path):
     config = write_config(tmp_path, data={"val_size": 0}, train={"eval_widths": [1.0]})
     base = flatten(load_config(config).to_dict())
     outcomes = {0: 0, 2: 0}
-    for i, (key, value) in enumerate(_draw_cases(60)):
+    for i, (key, value) in enumerate(_draw_cases(FUZZ_CASES, FUZZ_SEED)):
         out = tmp_path / f"run{i}"
         rc, _, err = cli("train", config, "--out", out, "--set", f"{key}={value}", seconds=90)
         assert rc in (0, 2), (key, value, err)
@@ -679,6 +683,10 @@ def test_config_fuzz(tmp_path):
             continue
         # accepted: the run finished, and recorded exactly the value asked for (nothing clamped)
         assert runs.is_finished(out), (key, value)
+        if key == "train.static_widths" and yaml.safe_load(value):  # one run per width, each its own config
+            widths = yaml.safe_load(value)
+            assert all(runs.is_finished(out / runs.static_name(w)) for w in widths), (key, value)
+            continue
         saved = flatten(yaml.safe_load((out / runs.CONFIG).read_text()))
         expected = yaml.safe_load(value)
         if isinstance(saved[key], float) and isinstance(expected, int | str):
