@@ -51,8 +51,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary file is removed and ``path`` is untouched. Creates the parent folder.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # name the file the caller asked for, not a temporary name
+        raise _about(e, path) from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -61,10 +64,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename not in (None, str(tmp), name):
+            raise  # about another file
+        raise _about(e, path) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _about(e: OSError, path: Path) -> OSError:
+    """``e`` (e.g. disk full, read-only folder) as the same kind of error about ``path``."""
+    if e.errno is None:
+        return e
+    return type(e)(e.errno, e.strerror, str(path))
 
 
 @contextlib.contextmanager

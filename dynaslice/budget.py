@@ -147,8 +147,8 @@ class BudgetTable:
             return cls.from_dict(meta["budget_table"])
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable budget table ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------- runtime

@@ -143,13 +143,22 @@ class LatencyTable:
                 f"latency table {path} not found: build it with dynaslice profile MODEL --latency-table {path}"
             )
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ValueError(f"{path} is not a dynaslice latency table")
         meta = {k: v for k, v in d.items() if k not in ("format", "version", "overhead_ms", "blocks")}
-        return cls([LatencyBlock.from_dict(b) for b in d["blocks"]], float(d["overhead_ms"]), meta)
+        try:
+            table = cls([LatencyBlock.from_dict(b) for b in d["blocks"]], float(d["overhead_ms"]), meta)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{path} is a damaged latency table ({type(e).__name__}: {e}); build it again with "
+                "dynaslice profile MODEL --latency-table PATH"
+            ) from None
+        if not np.isfinite(table.overhead_ms) or not all(np.isfinite(b.ms).all() for b in table.blocks):
+            raise ValueError(f"{path} is a damaged latency table (a time is not a finite number); build it again")
+        return table
 
 
 # ---------------------------------------------------------------------------- building

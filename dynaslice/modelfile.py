@@ -95,6 +95,11 @@ def load_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             f"{path} is a safetensors file but not a dynaslice model file (no '{FORMAT}' metadata)"
         )
     expected = header.get(CHECKSUM_KEY)
+    if expected is None and set(header) != {FORMAT}:  # 0.1 wrote only FORMAT: a changed key name
+        raise CheckpointError(
+            f"{path} is damaged: its metadata keys {sorted(header)} are not dynaslice's; "
+            "use an earlier checkpoint or a clean copy of the file"
+        )
     if expected is not None and _digest(tensors, raw) != expected:
         raise CheckpointError(
             f"{path} is damaged: its checksum does not match its contents (a changed byte in the "

@@ -117,8 +117,8 @@ def load_run_config(path: str | Path, overrides: list[str]) -> tuple[Config, Run
         )
     if cfg.data.name == "folder":
         raise ConfigError("dynaslice run needs an in-memory dataset (fashion_mnist, cifar10/100, synthetic)")
-    if not run.gate_targets or any(t <= 0 for t in run.gate_targets):
-        raise ConfigError(f"run.gate_targets must be a non-empty list of targets > 0, got {run.gate_targets}")
+    if not run.gate_targets or any(not (0 < t <= 1 or t >= 1000) for t in run.gate_targets):
+        raise ConfigError(f"run.gate_targets must be a non-empty list of fractions in (0, 1] or MACs, got {run.gate_targets}")
     if run.test_images < 0 or min(run.latency_repeats, run.latency_images, run.latency_batch) < 1:
         raise ConfigError(
             "run.test_images must be >= 0, run.latency_repeats, run.latency_images and run.latency_batch >= 1"
@@ -144,8 +144,9 @@ DERIVED = ("eval", "export", "latency", "report")  # steps whose output depends 
 def check_settings(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     """Record the settings in ``RUN/pipeline.yaml``; refuse a run directory trained with others.
 
-    A different training config (model, data, Stage I or Stage II recipe) is refused: finished
-    steps would mix two experiments. A different ``run:`` section (e.g. one more gate target) is
+    A different training config (model, data, Stage I or Stage II recipe) is refused once anything
+    was trained (a finished step, a Stage-I checkpoint): finished steps would mix two experiments.
+    Before that (e.g. a config error found when Stage I started) the new settings replace the old. A different ``run:`` section (e.g. one more gate target) is
     fine: new targets get trained, and the evaluation, export, latency and report steps run again.
     """
     settings = {"config": cfg.to_dict(), "run": dataclasses.asdict(run)}
@@ -156,21 +157,22 @@ def check_settings(run_dir: Path, cfg: Config, run: RunConfig) -> None:
             "unknown; use another --out directory (or restore the file)"
         )
     if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
+        old = read_config_file(path)  # a damaged file: one line naming it
         # resolve through today's defaults, as Stage I's resume does
         a, b = flatten(from_dict(old.get("config", {})).to_dict()), flatten(settings["config"])
         diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        if diff:
+        if diff and (any((run_dir / runs.DONE).glob("*.json")) or runs.checkpoint_steps(run_dir / runs.STAGE1)):
             raise ConfigError(
                 f"{run_dir} was trained with other settings ({', '.join(diff[:4])}); "
                 "use another --out directory, or the same config and --set options"
             )
         old_run = dataclasses.asdict(from_dict(old.get("run") or {}, RunConfig, "run."))  # today's defaults
-        if old_run == settings["run"]:
+        if not diff and old_run == settings["run"]:
             return
-        print("the run: settings changed: evaluation, export, latency and report will run again", flush=True)
-        for name in DERIVED:
-            runs.done_marker(run_dir, name).unlink(missing_ok=True)
+        if old.get("run") != settings["run"]:  # (a changed config reaches here only before any training)
+            print("the run: settings changed: evaluation, export, latency and report will run again", flush=True)
+            for name in DERIVED:
+                runs.done_marker(run_dir, name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, yaml.safe_dump(settings, sort_keys=False).encode())
 

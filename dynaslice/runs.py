@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,11 +77,15 @@ def checkpoint_steps(run_dir: str | Path) -> list[Path]:
 
 
 def latest_pointer(run_dir: str | Path) -> Path | None:
-    """The checkpoint that ``checkpoints/latest`` names, or None when there is no pointer."""
+    """The checkpoint that ``checkpoints/latest`` names, or None when there is no pointer or
+    it is damaged (not a ``step-N`` name: callers then fall back to the highest step)."""
     pointer = checkpoints_dir(run_dir) / LATEST
     if not pointer.is_file():
         return None
-    return pointer.parent / pointer.read_text().strip()
+    name = pointer.read_bytes().strip()
+    if not re.fullmatch(rb"step-\d+", name):
+        return None
+    return pointer.parent / name.decode()
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -97,31 +102,42 @@ class RunDirBusy(RuntimeError):
     """Another process holds the run directory's lock (it is training or running into it)."""
 
 
+_HELD: dict[Path, list[int]] = {}  # locks this process holds: run directory -> [holders, fd]
+
+
 @contextlib.contextmanager
 def exclusive(run_dir: str | Path) -> Iterator[None]:
     """Hold the run directory's exclusive lock (``RUN/.lock``) for the block.
 
     An OS file lock (``flock``): released when the process exits, also on SIGKILL, so a killed run
     never leaves a stale lock behind. A second writer gets :class:`RunDirBusy` at once instead of
-    interleaving its checkpoints and metrics with the first one's. The lock is per process: a
-    nested ``exclusive`` on the same directory from the same process is not supported.
+    interleaving its checkpoints and metrics with the first one's. The lock belongs to the
+    process: blocks on the same directory in one process share it (a trainer resumed, then a
+    new one for the same run), and it is released when the last of them ends.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = path.read_text().strip() or "another process"
-        os.close(fd)
-        raise RunDirBusy(
-            f"{run_dir} is in use by {holder}: wait for it to finish, or choose another --out directory"
-        ) from None
-    try:
+    key = run_dir.resolve()
+    if key not in _HELD:
+        path = run_dir / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            os.close(fd)
+            raise RunDirBusy(
+                f"{run_dir} is in use by {holder}: wait for it to finish, or choose another --out directory"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
+        _HELD[key] = [0, fd]
+    _HELD[key][0] += 1
+    try:
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        _HELD[key][0] -= 1
+        if _HELD[key][0] == 0:
+            fd = _HELD.pop(key)[1]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)

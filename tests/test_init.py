@@ -207,7 +207,7 @@ def test_trainer_starts_from_a_static_run_reordered_and_teaches_with_it(tmp_path
 def test_teacher_target_without_a_source_is_a_config_error(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY))
-    with pytest.raises(ValueError, match="train.target=teacher needs train.init_from"):
+    with pytest.raises(ValueError, match="train.target=teacher needs a trained network to teach: train.init_from"):
         load_config(path, ["train.target=teacher"])
 
 

@@ -125,5 +125,5 @@ def test_bad_target_is_a_one_line_error(stage1, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "target MACs" in err and len(err.splitlines()) == 1
     assert not out.exists()
-    with pytest.raises(ConfigError, match="stage2.target_macs must be > 0"):
+    with pytest.raises(ConfigError, match=r"stage2.target_macs=-1.0 is out of range"):
         load_config(None, [*SETTINGS, "stage2.target_macs=-1"])

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from ..data import DatasetError
+from ..data import DatasetError, DatasetNotFoundError
 from ..runs import RunDirBusy
 from ..train import TrainingDiverged
 from . import export, profile, run, select, train
@@ -46,10 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _message(e: BaseException) -> str:
+def _message(e: BaseException, args: argparse.Namespace) -> str:
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         return f"{e.strerror}: {e.filename}"
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, DatasetNotFoundError):  # how to name another folder depends on the command
+        text += "; name a folder with " + ("--data-dir DIR" if hasattr(args, "data_dir") else "--set data.root=DIR")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, DatasetError, ValueError, OSError, ImportError, RunDirBusy, TrainingDiverged) as e:
         if os.environ.get("DYNASLICE_DEBUG"):
             raise
-        print(f"dynaslice {args.command}: error: {_message(e)}", file=sys.stderr)
+        print(f"dynaslice {args.command}: error: {_message(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dynaslice {args.command}: interrupted", file=sys.stderr)

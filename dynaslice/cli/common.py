@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,10 @@ def _archs_from_json(token: str, net: Supernet) -> dict[str, Arch]:
     if not isinstance(data, dict | list):
         raise UserError(f"{token} must hold a list of archs or a {{name: arch}} mapping")
     items = data.items() if isinstance(data, dict) else ((f"arch{i}", a) for i, a in enumerate(data))
-    return {str(name): net.space.validate(a) for name, a in items}
+    try:
+        return {str(name): net.space.validate(a) for name, a in items}
+    except TypeError as e:  # an entry that is no arch at all (a number, a list)
+        raise UserError(f"{token} must hold a list of archs or a {{name: arch}} mapping: {e}") from None
 
 
 def _ratio(token: str, net: Supernet) -> float:
@@ -147,11 +151,35 @@ def trusted_data(cfg: Config, data_dir: str | None) -> Config:
 
 
 def refuse_existing(path: Path, what: str, force: bool = False) -> None:
-    """Refuse to overwrite ``path`` with a result unless ``force``; name it either way."""
+    """Refuse to overwrite ``path`` with a result unless ``force``; name it either way. Also
+    fails now, before the work, when the file could not be written (see :func:`check_writable`)."""
     if path.is_dir():
         raise UserError(f"{path} is a directory; give a file name for the {what}")
     if path.exists() and not force:
         raise UserError(f"{path} exists: pass --force to overwrite it, or choose another name for the {what}")
+    check_writable(path, what)
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse an output ``path`` whose folder cannot be created or written, before any work is
+    done: its nearest existing ancestor must be a writable directory."""
+    where = path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise UserError(f"cannot write the {what} to {path}: {where} is a file, not a directory")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the {what} to {path}: {where} is not writable")
+
+
+def run_dir_arg(out: Path) -> Path:
+    """A run directory given with ``--out``: a writable directory or a new name in a writable place."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory for the run (new or existing)")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out} is not writable; choose another directory for the run")
+    check_writable(out, "run")
+    return out
 
 
 def budget_source(path: Path) -> Path:

@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 
 from ..pipeline import load_run_config, run_pipeline
-from .common import add_set, default_run_dir
+from .common import add_set, default_run_dir, run_dir_arg
 
 
 def run(config: str, out: str | None, overrides: list[str], until: str | None = None) -> int:
     cfg, settings = load_run_config(config, overrides)
-    out_dir = Path(out) if out else default_run_dir(config)
+    out_dir = run_dir_arg(Path(out) if out else default_run_dir(config))
     report = run_pipeline(cfg, settings, out_dir, until)
     if report.is_file():
         print(f"report: {report}")

@@ -6,13 +6,15 @@ import argparse
 from pathlib import Path
 
 from ..budget import BudgetNet, BudgetTable
-from .common import UserError, budget_source, parse_amount
+from .common import UserError, budget_source, parse_amount, refuse_existing
 from .export import write_subnet
 
 
 def _select(args: argparse.Namespace) -> int:
     if args.max_macs is None and args.max_latency_ms is None:
         raise UserError("give a budget: --max-macs X and/or --max-latency-ms X")
+    if args.export:
+        refuse_existing(Path(args.export), "exported subnet", force=True)
     source = budget_source(Path(args.run))
     table = BudgetTable.load(source)
     entry = table.best_entry(args.max_macs, args.max_latency_ms)

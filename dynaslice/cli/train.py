@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from ..modelfile import prefixed, save_model_file
 from ..models.base import Supernet
 from ..space import Arch
 from ..train import evaluate, evaluate_gated, format_gated, format_rows, recalibrate_bn, train, train_gate
-from ..train.config import Config, apply_override, load_config
+from ..train.config import Config, apply_override, load_config, read_config_file
 from ..train.data import eval_loader, load_split
 from ..train.stage2 import needs_recalibration, recalibrate_routes
 from .common import (
@@ -25,6 +26,7 @@ from .common import (
     parse_archs,
     positive_int,
     refuse_existing,
+    run_dir_arg,
     trusted_data,
 )
 
@@ -33,8 +35,17 @@ def _train(args: argparse.Namespace) -> int:
     changes = [a.partition("=")[0].strip() for a in args.allow_change]
     if changes and not args.resume:
         raise UserError("--allow-change goes with --resume (it changes a run that exists)")
-    cfg = load_config(args.config, args.set + args.allow_change)
-    out = Path(args.out) if args.out else default_run_dir(args.config)
+    run_keys = [a for a in args.set if a.strip().startswith("run.")]
+    if run_keys:
+        raise UserError(f"--set {run_keys[0]}: run.* settings belong to dynaslice run (the whole job), not to train")
+    if "run" in read_config_file(args.config):
+        print(
+            f"note: {args.config} has a run: section (settings of dynaslice run, the whole job); "
+            "dynaslice train trains the supernet only and ignores it",
+            file=sys.stderr,
+        )
+    cfg = load_config(args.config, args.set + args.allow_change, ignore=("run",))
+    out = run_dir_arg(Path(args.out) if args.out else default_run_dir(args.config))
     train(cfg, out, resume=args.resume, allow_changes=changes)
     return 0
 
@@ -132,7 +143,7 @@ def _train_gate(args: argparse.Namespace) -> int:
         cfg = apply_override(cfg, assignment)
     cfg.validate()
     if args.out:
-        out = Path(args.out)
+        out = run_dir_arg(Path(args.out))
     elif runs.checkpoints_dir(args.ckpt).is_dir():
         out = Path(args.ckpt) / runs.gate_name(cfg.stage2.target_macs)
     else:
@@ -172,7 +183,10 @@ def _recalibrate_choice(p: argparse.ArgumentParser, help: str) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a supernet (or static counterparts) from a YAML config")
-    p.add_argument("config", metavar="CONFIG", help="YAML file or preset name, e.g. fmnist_quick")
+    p.add_argument(
+        "config", metavar="CONFIG",
+        help="YAML file or preset name, e.g. fmnist_quick (a run: section, for dynaslice run, is ignored with a note)",
+    )  # fmt: skip
     add_set(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's newest intact checkpoint")

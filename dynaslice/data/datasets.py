@@ -8,6 +8,7 @@ when the caller asks for `download=True` *and* the files are missing.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import os
 import pickle
@@ -18,13 +19,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:  # numpy >= 2 (numpy.core is a deprecated alias there)
+    from numpy._core import multiarray as _np_multiarray
+    from numpy._core import numeric as _np_numeric
+except ImportError:  # pragma: no cover (numpy 1.x)
+    from numpy.core import multiarray as _np_multiarray
+    from numpy.core import numeric as _np_numeric
+
 
 class DatasetError(RuntimeError):
     """A dataset file exists but cannot be read (truncated, wrong format, inconsistent)."""
 
 
 class DatasetNotFoundError(DatasetError):
-    """The dataset's files are not where we looked; the message says how to get them."""
+    """The dataset's files are not where we looked; the message says how to get them.
+
+    It does not say how to name another folder: that depends on the caller (the ``root``
+    argument, ``data.root`` in a config, a command's ``--data-dir``), which adds it.
+    """
 
 
 @dataclass
@@ -201,8 +213,8 @@ def _load_fashion_mnist(root: Path, split: str) -> tuple[torch.Tensor, torch.Ten
         all_files = " ".join(f"{s}.gz" for pair in _FMNIST_FILES.values() for s in pair)
         raise DatasetNotFoundError(
             f"Fashion-MNIST not found in {root}: install it with "
-            "'sudo apt-get install -y dataset-fashion-mnist' or pass --data-dir DIR "
-            f"(files {all_files})"
+            "'sudo apt-get install -y dataset-fashion-mnist', or use a folder holding "
+            f"{all_files}"
         )
     images = read_idx(paths[0], ndim=3)
     labels = read_idx(paths[1], ndim=1)
@@ -216,7 +228,7 @@ def _load_fashion_mnist(root: Path, split: str) -> tuple[torch.Tensor, torch.Ten
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
-# --------------------------------------------------------------------------- CIFAR (pickle)
+# --------------------------------------------------------------------------- CIFAR (pickle, restricted)
 
 _CIFAR = {
     # key: (title, folder, train files, test files, label key, archive)
@@ -239,6 +251,75 @@ _CIFAR = {
 }
 
 
+def _plain_dtype(*args: object) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("it holds an array of Python objects, which a CIFAR batch never does")
+    return dtype
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR's python batches without running code from the file.
+
+    The official files are pickles (Python 2, numpy 1) of a dict of lists, strings and one
+    uint8 array; ``pickle.load`` would call whatever function a file names, so a crafted
+    batch file could run anything. This unpickler builds containers, numbers and strings as
+    usual, but resolves only the few numpy functions that rebuild a plain array (as torch's
+    ``weights_only`` loader does for tensors); any other name in the file stops the load.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _plain_dtype,
+        ("numpy.core.multiarray", "_reconstruct"): _np_multiarray._reconstruct,  # written by numpy 1
+        ("numpy._core.multiarray", "_reconstruct"): _np_multiarray._reconstruct,  # numpy 2
+        ("numpy.core.numeric", "_frombuffer"): _np_numeric._frombuffer,  # pickle protocol 5
+        ("numpy._core.numeric", "_frombuffer"): _np_numeric._frombuffer,
+        ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which a CIFAR batch never holds (refused, nothing was run)"
+            ) from None
+
+    def persistent_load(self, pid: object) -> object:
+        raise pickle.UnpicklingError("it refers to external objects, which a CIFAR batch never does")
+
+
+def read_cifar_batch(path: str | os.PathLike, label_key: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    """``(data [N, 3072] uint8, labels [N] int64)`` of one CIFAR python batch file, read safely.
+
+    Only plain data is built (see :class:`_CifarUnpickler`); a file that names anything else,
+    or holds something other than a CIFAR batch, is a :class:`DatasetError` naming it.
+    """
+    path = Path(path)
+    fix = "delete it and extract the official archive again"
+    try:
+        with open(path, "rb") as fh:
+            batch = _CifarUnpickler(fh, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise DatasetError(f"{path} is not a CIFAR batch: {e}; {fix}") from None
+    except (OSError, EOFError, AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"cannot read {path} as a CIFAR batch ({type(e).__name__}: {e}); {fix}") from None
+    data = batch.get("data") if isinstance(batch, dict) else None
+    labels = batch.get(label_key) if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or not isinstance(labels, list | np.ndarray):
+        raise DatasetError(f"{path} is not a CIFAR batch (no uint8 'data' array and '{label_key}' list); {fix}")
+    try:
+        lab = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise DatasetError(f"{path} has labels that are not integers; {fix}") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or lab.shape != (len(data),):
+        raise DatasetError(
+            f"{path} holds data {data.shape} and labels {lab.shape}, not N x 3072 bytes with N labels; {fix}"
+        )
+    return data, lab
+
+
 def _load_cifar(key: str, root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     title, folder, train_files, test_files, label_key, archive = _CIFAR[key]
     files = train_files if split == "train" else test_files
@@ -247,27 +328,11 @@ def _load_cifar(key: str, root: Path, split: str) -> tuple[torch.Tensor, torch.T
     if not all((base / f).is_file() for f in files):
         raise DatasetNotFoundError(
             f"{title} not found in {root}: extract the python version ({archive}) there so that "
-            f"{folder}/ holds {', '.join(train_files + test_files)}, pass --data-dir DIR, "
-            "or use download=True"
+            f"{folder}/ holds {', '.join(train_files + test_files)} (load_dataset(..., download=True) fetches it)"
         )
     images, labels = [], []
     for f in files:
-        # The official CIFAR format is a pickle; only load files you got from a trusted source.
-        try:
-            with open(base / f, "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")
-            data = np.asarray(batch["data"], dtype=np.uint8)
-            lab = np.asarray(batch[label_key], dtype=np.int64)
-        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
-            raise DatasetError(
-                f"cannot read {base / f} as a {title} batch ({type(e).__name__}: {e}); "
-                "delete it and extract the archive again"
-            ) from e
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(lab):
-            raise DatasetError(
-                f"{base / f} holds data {data.shape} and {len(lab)} labels, not N x 3072 "
-                f"bytes with N labels: the file is damaged; extract the archive again"
-            )
+        data, lab = read_cifar_batch(base / f, label_key)
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(lab)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))

@@ -128,7 +128,7 @@ def image_folder_loader(
     folder = os.path.join(os.fspath(root), split)
     if not os.path.isdir(folder):
         raise DatasetNotFoundError(
-            f"image folder {folder} not found: pass --data-dir DIR where DIR/{split}/ holds one "
+            f"image folder {folder} not found: the root must be a folder whose {split}/ holds one "
             "sub-folder of images per class (the ImageNet layout)"
         )
     dataset = ImageFolder(folder, transform=imagefolder_transforms(train, size))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -239,7 +240,26 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> Config:
-        """Check value ranges and choices; returns self so calls can chain."""
+        """Check every value's range, the choices and the rules between keys; returns self (calls chain).
+
+        Everything that can be checked without the data or the model is checked here, before
+        anything is written: a bad value must fail in the first second, not after training
+        (checks against the data and the model follow as soon as those exist: the dataset
+        sizes in :func:`dynaslice.train.data.load_split`, widths and input size when the
+        trainer builds the net). Each error is one line naming the key, the value and the rule.
+        """
+        for key, value in _leaves(self):
+            if not _finite(value):
+                raise ConfigError(f"{key}={value!r} holds a number that is not finite (nan or inf); give a finite value")
+        for key, (ok, rule) in _RULES.items():
+            value = _get(self, key)
+            if value is not None and not ok(value):
+                raise ConfigError(f"{key}={value!r} is out of range: {rule}")
+        self._check_choices()
+        self._check_combinations()
+        return self
+
+    def _check_choices(self) -> None:
         t, o, d = self.train, self.optim, self.data
         choices = {
             "train.sampler": (t.sampler, sampler_names()),
@@ -247,21 +267,26 @@ class Config:
             "train.device": (t.device, ("auto", "cpu", "cuda")),
             "optim.name": (o.name, ("sgd", "adamw")),
             "data.name": (d.name, ("fashion_mnist", "cifar10", "cifar100", "synthetic", "folder")),
+            "train.pss.metric": (t.pss.metric, ("macs", "latency")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-        positive = {
-            "train.epochs": t.epochs,
-            "data.batch_size": d.batch_size,
-            "train.keep_checkpoints": t.keep_checkpoints,
-            "train.recal_batch_size": t.recal_batch_size,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
-        if t.sampler == "sandwich" and t.num_subnets < 2:
-            raise ConfigError(f"train.num_subnets must be >= 2 for the sandwich rule, got {t.num_subnets}")
+
+    def _check_combinations(self) -> None:
+        """Rules that tie two or more keys together."""
+        t, o, d, g, s2 = self.train, self.optim, self.data, self.model.gate, self.stage2
+        need = {"sandwich": (2, "largest and smallest"), "pss": (3, "largest, pool, smallest")}.get(t.sampler)
+        if need and t.num_subnets < need[0]:
+            raise ConfigError(
+                f"train.num_subnets={t.num_subnets} is too small: train.sampler={t.sampler} needs >= {need[0]} ({need[1]})"
+            )
+        if o.name == "sgd" and o.nesterov and o.momentum == 0:
+            raise ConfigError("optim.momentum=0 does not go with optim.nesterov=true: set a momentum > 0 or nesterov: false")
+        if o.min_lr > o.lr:
+            raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the schedule decays to min_lr; lower it")
+        if o.warmup_epochs > t.epochs:
+            raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs} is longer than train.epochs={t.epochs}; shorten it")
         if t.target == "teacher" and not (t.init_from or t.phase1_epochs):
             raise ConfigError(
                 "train.target=teacher needs a trained network to teach: train.init_from, or train.phase1_epochs > 0"
@@ -271,61 +296,152 @@ class Config:
                 f"train.phase1_epochs={t.phase1_epochs} must lie in 1..train.epochs-1 ({t.epochs - 1}) and goes "
                 "without train.init_from and train.static_widths (it trains the network init_from would load)"
             )
-        if t.kd_ramp_epochs < 0:
-            raise ConfigError(f"train.kd_ramp_epochs must be >= 0, got {t.kd_ramp_epochs}")
-        if not 0.0 <= t.ema_decay <= 1.0:
-            raise ConfigError(f"train.ema_decay must lie in [0, 1], got {t.ema_decay}")
-        if not 0.0 <= t.mvco_weight <= 1.0:
-            raise ConfigError(f"train.mvco_weight must lie in [0, 1], got {t.mvco_weight}")
-        for key, widths in (("train.eval_widths", t.eval_widths), ("train.static_widths", t.static_widths)):
-            bad = [w for w in widths if not 0 < w <= 1]
-            if bad:
-                raise ConfigError(f"{key} must hold ratios in (0, 1], got {bad}")
-        if not 0 < t.fixed_width <= 1:
-            raise ConfigError(f"train.fixed_width must lie in (0, 1], got {t.fixed_width}")
-        if o.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
-        g, s2 = self.model.gate, self.stage2
         if g.enabled and isinstance(g.routes, int) and g.routes < 2:
-            raise ConfigError(f"model.gate.routes must be >= 2 (or a list of archs), got {g.routes}")
+            raise ConfigError(f"model.gate.routes={g.routes} is out of range: give >= 2 (or a list of archs)")
         if g.enabled and not isinstance(g.routes, int) and g.pre_gate:
-            raise ConfigError(
-                "model.gate.pre_gate goes with routes=<k>; explicit routes already fix those dims"
-            )
-        if g.reduction < 1:
-            raise ConfigError(f"model.gate.reduction must be >= 1, got {g.reduction}")
-        if s2.epochs < 1 or s2.lr <= 0:
-            raise ConfigError(f"stage2.epochs must be >= 1 and stage2.lr > 0, got {s2.epochs} and {s2.lr}")
-        if s2.target_macs is not None and not s2.target_macs > 0:
-            raise ConfigError(
-                f"stage2.target_macs must be > 0 (a fraction <= 1 of the widest route, or MACs), got {s2.target_macs}"
-            )
+            raise ConfigError("model.gate.pre_gate goes with routes=<k>; explicit routes already fix those dims")
         if not 0 < s2.tau_end <= s2.tau_start:
             raise ConfigError(f"stage2 needs 0 < tau_end <= tau_start, got {s2.tau_end} and {s2.tau_start}")
         if t.sampler == "pss":
-            ps = t.pss
-            if ps.metric not in ("macs", "latency"):
-                raise ConfigError(f"train.pss.metric={ps.metric!r} is not one of macs, latency")
-            if ps.metric == "latency" and not ps.latency_table:
+            if t.pss.metric == "latency" and not t.pss.latency_table:
                 raise ConfigError(
                     "train.pss.metric=latency needs train.pss.latency_table (dynaslice profile MODEL --latency-table PATH)"
                 )
-            if ps.bucket_step <= 0 or min(ps.pool_size, ps.select_top_k, ps.estimate_samples) < 1:
+            if d.val_size == 0 and d.name != "folder":
                 raise ConfigError(
-                    "train.pss needs bucket_step > 0 and pool_size, select_top_k, estimate_samples >= 1"
-                )
-            for key, sched in (("p_e", ps.p_e), ("t_e", ps.t_e)):
-                if len(sched) != 2 or min(sched) <= 0:
-                    raise ConfigError(f"train.pss.{key} must be [start, end], both > 0, got {sched}")
-            if t.num_subnets < 3:
-                raise ConfigError(
-                    f"train.sampler=pss needs train.num_subnets >= 3 (largest, pool, smallest), got {t.num_subnets}"
+                    "train.sampler=pss selects its budget table on the validation split: set data.val_size > 0"
                 )
         if t.mvco and d.name == "folder":
             raise ConfigError(
                 "train.mvco needs an in-memory dataset (two views per batch); folder data is not supported yet"
             )
-        return self
+        if d.name == "synthetic":
+            size = (d.synthetic_train + d.synthetic_test + d.synthetic_classes) * d.synthetic_channels * d.image_size**2
+            if size > _SYNTHETIC_BYTES:
+                raise ConfigError(
+                    f"data.synthetic_* and data.image_size ask for {size / 2**30:.0f} GiB of synthetic images "
+                    f"(at most {_SYNTHETIC_BYTES // 2**30} GiB); the synthetic dataset is for tests and smoke runs"
+                )
+
+
+# --------------------------------------------------------------------------- value ranges
+
+_SYNTHETIC_BYTES = 2**31
+MAX_SUBNETS = 32
+"""More subnets per step than this is a typo, not a recipe (DS-Net and PSS-Net use 4)."""
+MAX_THREADS = 1024
+"""More CPU threads than any machine has (torch crashes on some huge counts instead of refusing)."""
+
+
+def _whole(lo: int, note: str = "") -> tuple[Any, str]:
+    return (lambda v: v >= lo), f"use a whole number >= {lo}{note}"
+
+
+def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> tuple[Any, str]:
+    def ok(v: float) -> bool:
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return ok, f"use a value in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+_POSITIVE = ((lambda v: v > 0), "use a value > 0")
+_BN_BATCH = _whole(2, " (BatchNorm statistics need two or more images per batch)")
+_NON_NEGATIVE = ((lambda v: v >= 0), "use a value >= 0")
+_RATIOS = ((lambda ws: all(0 < w <= 1 for w in ws)), "use width ratios in (0, 1]")
+_PAIR = ((lambda v: len(v) == 2 and min(v) > 0), "use [start, end], both > 0")
+
+_RULES: dict[str, tuple[Any, str]] = {
+    "model.gate.cut": _whole(0),
+    "model.gate.reduction": _whole(1),
+    "model.gate.pre_gate": ((lambda v: all(w >= 1 for w in v.values())), "use widths >= 1"),
+    "data.batch_size": _BN_BATCH,
+    "data.val_size": _whole(0, " (0: no validation split)"),
+    "data.train_size": _whole(0, " (0: all remaining training images)"),
+    "data.crop_padding": _whole(0),
+    "data.image_size": _whole(1),
+    "data.workers": _whole(0),
+    "data.synthetic_classes": _whole(1),
+    "data.synthetic_channels": _whole(1),
+    "data.synthetic_train": _whole(1),
+    "data.synthetic_test": _whole(1),
+    "optim.lr": _POSITIVE,
+    "optim.momentum": _between(0, 1, hi_open=True),
+    "optim.betas": ((lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)), "use [beta1, beta2], each in [0, 1)"),
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.warmup_epochs": _NON_NEGATIVE,
+    "optim.warmup_start_factor": _between(0, 1, lo_open=True),
+    "optim.min_lr": _NON_NEGATIVE,
+    "optim.clip_grad_norm": (_POSITIVE[0], "use a value > 0, or null for no clipping"),
+    "train.epochs": _whole(1),
+    "train.phase1_epochs": _whole(0, " (0: no first phase)"),
+    "train.phase1_lr": (_POSITIVE[0], "use a value > 0, or null for optim.lr"),
+    "train.kd_ramp_epochs": _NON_NEGATIVE,
+    "optim.clip_grad_value": (_POSITIVE[0], "use a value > 0, or null for no clipping"),
+    "train.threads": ((lambda v: 1 <= v <= MAX_THREADS), f"use a whole number in [1, {MAX_THREADS}], or null for torch's default"),
+    "train.num_subnets": ((lambda v: 1 <= v <= MAX_SUBNETS), f"use a whole number in [1, {MAX_SUBNETS}]"),
+    "train.fixed_width": _between(0, 1, lo_open=True),
+    "train.label_smoothing": _between(0, 1, hi_open=True),
+    "train.temperature": _POSITIVE,
+    "train.mvco_weight": _between(0, 1),
+    "train.ema_decay": _between(0, 1),
+    "train.ema_half_life_epochs": (_NON_NEGATIVE[0], "use a value >= 0 (0: train.ema_decay per step)"),
+    "train.ckpt_every_steps": _whole(0, " (0: only at the end of each epoch)"),
+    "train.keep_checkpoints": _whole(1),
+    "train.log_every_steps": _whole(1),
+    "train.eval_every_epochs": _whole(0, " (0: only after the last epoch)"),
+    "train.eval_widths": _RATIOS,
+    "train.recal_images": _BN_BATCH,
+    "train.recal_batch_size": _BN_BATCH,
+    "train.static_widths": _RATIOS,
+    "train.pss.bucket_step": _POSITIVE,
+    "train.pss.pool_size": _whole(1),
+    "train.pss.p_e": _PAIR,
+    "train.pss.t_e": _PAIR,
+    "train.pss.estimate_samples": _whole(1),
+    "train.pss.select_top_k": _whole(1),
+    "stage2.epochs": _whole(1),
+    "stage2.lr": _POSITIVE,
+    "stage2.momentum": _between(0, 1, hi_open=True),
+    "stage2.target_macs": (
+        (lambda v: 0 < v <= 1 or v >= 1000),
+        "use a fraction in (0, 1] of the widest route, or MACs like 12e6 (or null for no target)",
+    ),
+    "stage2.tau_start": _POSITIVE,
+    "stage2.tau_end": _POSITIVE,
+    "stage2.gate_weight": _NON_NEGATIVE,
+    "stage2.task_weight": _NON_NEGATIVE,
+    "stage2.macs_weight": _NON_NEGATIVE,
+}
+"""Ranges of single keys (``None``, where allowed, is never checked): ``key -> (ok, the rule)``."""
+
+
+def _get(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every non-section field of a config dataclass."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _leaves(value, f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, value))
+    return out
+
+
+def _finite(value: Any) -> bool:
+    """False for a NaN or infinite float anywhere in ``value`` (lists and mappings included)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 # --------------------------------------------------------------------------- dict <-> dataclass
@@ -388,14 +504,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} expects a mapping, got {value!r}")
-        return dict(value)
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {_coerce(k, key_hint, key): _coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "5e-5" (no dot) as a string
+            number = float(value)
+        except (ValueError, OverflowError):
+            number = None
+        if number is not None and not math.isfinite(number):
+            note = " (YAML reads 1e400 as inf)" if math.isinf(number) else ""
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}{note}")
+        if number is not None:
+            return number
     if hint is bool and isinstance(value, bool):
         return value
     if hint in (int, str) and isinstance(value, hint) and not isinstance(value, bool):
@@ -483,10 +603,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The defaults, updated by the YAML file at ``path`` (if any), then by each override."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), ignore: tuple[str, ...] = ()
+) -> Config:
+    """The defaults, updated by the YAML file at ``path`` (if any), then by each override.
+
+    ``ignore``: top-level sections of the file that belong to another command (``dynaslice
+    train`` leaves out the ``run:`` section of a ``dynaslice run`` config).
+    """
     data = read_config_file(path) if path is not None else {}
-    config = from_dict(data)
+    try:
+        config = from_dict({k: v for k, v in data.items() if k not in ignore})
+    except ConfigError as e:  # name the file: the mistake is in it, not in an override
+        raise ConfigError(f"{path}: {e}") from None
     for assignment in overrides:
         config = apply_override(config, assignment)
     return config.validate()

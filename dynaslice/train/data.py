@@ -19,7 +19,7 @@ from ..data import (
     split_train_val,
 )
 from ..seeding import derive_seed
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 
 
 def synthetic_dataset(
@@ -56,6 +56,7 @@ def load_split(cfg: DataConfig, split: str, seed: int = 0) -> InMemoryDataset:
         full = load_dataset(cfg.name, cfg.root, split="test" if split == "test" else "train")
         if split == "test":
             return full
+    check_sizes(cfg, len(full))
     if cfg.val_size > 0:
         train, val = split_train_val(full, cfg.val_size, seed=derive_seed("val-split", seed))
     else:
@@ -69,10 +70,31 @@ def load_split(cfg: DataConfig, split: str, seed: int = 0) -> InMemoryDataset:
     return train
 
 
+def check_sizes(cfg: DataConfig, available: int) -> None:
+    """Refuse ``val_size``/``train_size`` that the training split (``available`` images) cannot
+    hold, instead of silently training on everything or on nothing."""
+    if cfg.val_size >= available:
+        raise ConfigError(
+            f"data.val_size={cfg.val_size} leaves no training images: the {cfg.name} training split has "
+            f"{available}; use at most {available - 1}"
+        )
+    left = available - cfg.val_size
+    if cfg.train_size > left:
+        raise ConfigError(
+            f"data.train_size={cfg.train_size} is more than the {left} training images of {cfg.name} "
+            f"(after data.val_size={cfg.val_size} held out); use at most {left}, or 0 for all of them"
+        )
+
+
 def train_loader(
     cfg: DataConfig, ds: InMemoryDataset, seed: int, rank: int, world_size: int, views: int = 1
 ) -> BatchLoader:
     """Shuffled, augmented, rank-sharded batches; ``views=2`` yields ``[2, B, C, H, W]`` (MvCo)."""
+    side = min(ds.images.shape[-2:])
+    if cfg.crop_padding is not None and cfg.crop_padding > side:
+        raise ConfigError(
+            f"data.crop_padding={cfg.crop_padding} is larger than the {side}-pixel images; use at most {side}"
+        )
     transform = TrainTransform(ds.mean, ds.std, crop_padding=cfg.crop_padding, hflip=cfg.hflip)
     if views > 1:
         transform = MultiView(transform, views)

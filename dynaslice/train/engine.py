@@ -82,6 +82,7 @@ class Trainer:
         self.amp_dtype: torch.dtype | None = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)  # a no-op unless setup_amp enables it
         self.clip_grad_norm: float | None = None
+        self._lock: contextlib.ExitStack | None = None  # the run directory's lock, from resume/fit to fit's end
 
     # ------------------------------------------------------------------ set-up by subclasses
 
@@ -230,6 +231,14 @@ class Trainer:
         those of :data:`~dynaslice.train.config.RESUMABLE_CHANGES`, e.g. a lower ``optim.lr`` after
         a divergence), which are applied to the optimizer and recorded in ``metrics.jsonl``.
         """
+        self._hold_lock()  # before the first read: a run being written by another process is not ours to load
+        try:
+            return self._resume(allow_changes)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _resume(self, allow_changes: Iterable[str]) -> bool:
         ckpt = load_resumable(self.run_dir, log=self._note)
         if ckpt is None:
             return False
@@ -283,7 +292,8 @@ class Trainer:
                 if "initial_lr" in group:
                     group["initial_lr"] *= factor
             for sched in [self.scheduler, *getattr(self.scheduler, "_schedulers", [])]:
-                sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+                if hasattr(sched, "base_lrs"):  # SequentialLR has none: its parts do
+                    sched.base_lrs = [lr * factor for lr in sched.base_lrs]
         self._note(f"resuming at step {self.step} with changed settings: "
                    + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))  # fmt: skip
         self.logger.log({"step": self.step, "config_changes": {k: list(v) for k, v in changed.items()}})
@@ -298,12 +308,16 @@ class Trainer:
         """Train until the last epoch is done, then :meth:`finish`; returns its result.
 
         A finished run (its ``final_eval.json`` exists) returns its recorded result without
-        evaluating again. Holds the run directory's lock throughout (rank 0).
+        evaluating again. Holds the run directory's lock throughout (rank 0; taken already by
+        :meth:`resume`), and releases it when it returns or raises.
         """
-        lock = runs.exclusive(self.run_dir) if self.env.is_main else contextlib.nullcontext()
-        with lock:
+        self._hold_lock()
+        try:
             if self.step >= self.total_steps and runs.is_finished(self.run_dir):
-                return json.loads((self.run_dir / runs.FINAL_EVAL).read_text())
+                try:
+                    return json.loads((self.run_dir / runs.FINAL_EVAL).read_bytes())
+                except ValueError:  # damaged: the final checkpoint is intact, evaluate it again
+                    self._note(f"note: {self.run_dir / runs.FINAL_EVAL} is damaged; evaluating the final checkpoint again")
             if self.env.is_main:
                 save_config(self.cfg, self.run_dir / runs.CONFIG)
             try:
@@ -317,7 +331,21 @@ class Trainer:
             finally:
                 self.logger.close()
             barrier(self.env)
+        finally:
+            self._release_lock()
         return result
+
+    def _hold_lock(self) -> None:
+        """Take the run directory's exclusive lock (rank 0) unless this trainer holds it already."""
+        if self.env.is_main and self._lock is None:
+            lock = contextlib.ExitStack()
+            lock.enter_context(runs.exclusive(self.run_dir))
+            self._lock = lock
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _epoch(self, epoch: int, start: int) -> None:
         t, spe = self.cfg.train, self.steps_per_epoch

@@ -141,4 +141,8 @@ def _sandwich(trainer: SupernetTrainer) -> SandwichSampler:
 
 @register_sampler("fixed")
 def _fixed(trainer: SupernetTrainer) -> FixedSampler:
-    return FixedSampler(trainer.space.uniform(trainer.cfg.train.fixed_width))
+    width = trainer.cfg.train.fixed_width
+    try:
+        return FixedSampler(trainer.space.uniform(width))
+    except ValueError as e:
+        raise ValueError(f"train.fixed_width={width}: {e}") from None

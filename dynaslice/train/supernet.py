@@ -81,6 +81,7 @@ class SupernetTrainer(Trainer):
         self.ema_decay = ema_decay_for(t.ema_decay, t.ema_half_life_epochs, self.steps_per_epoch)
         self.ema = make_ema(self.net, self.ema_decay) if self.target.uses_teacher else None
         self.dropouts = [m for m in self.net.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        self._check_net(shape)
         self.model: nn.Module = self.net
         if self.env.distributed:
             # Narrow subnets give zero gradients to the unused part of a sliced weight, so every
@@ -107,10 +108,40 @@ class SupernetTrainer(Trainer):
         loader = train_loader(cfg.data, self.train_ds, t.seed, env.rank, env.world_size, views)
         return loader, tuple(self.train_ds.images.shape[1:]), self.train_ds.num_classes
 
+    def _check_net(self, shape: tuple[int, ...]) -> None:
+        """What only the built net can judge, checked before the first step (and before anything
+        is written): the evaluated widths exist in its space, and it runs on the data's images.
+
+        One forward of one image through the smallest subnet, in eval mode (no statistics change,
+        no randomness used), so a too-small ``data.image_size`` fails now and not mid-training.
+        """
+        try:
+            self.eval_archs()
+        except ValueError as e:
+            raise ConfigError(f"train.eval_widths={self.cfg.train.eval_widths}: {e}") from None
+        self.net.eval()
+        try:
+            self.net(torch.zeros(1, *shape, device=self.device), self.space.smallest())
+        except (RuntimeError, ValueError) as e:
+            size = "x".join(map(str, shape))
+            raise ConfigError(
+                f"{self.cfg.model.name} cannot run on {size} images ({str(e).splitlines()[0]}); "
+                "use a larger data.image_size or another model.name"
+            ) from None
+        finally:
+            self.net.train()
+
     def _build_net(self, shape: tuple[int, ...], num_classes: int) -> nn.Module:
         """The supernet (gated when ``model.gate.enabled``), identically initialised on every rank."""
         cfg = self.cfg
-        kwargs = {"in_chans": shape[0], "num_classes": num_classes, "input_size": shape[-1], **cfg.model.kwargs}
+        from_data = {"in_chans": shape[0], "num_classes": num_classes}
+        clash = {k: v for k, v in cfg.model.kwargs.items() if k in from_data and v != from_data[k]}
+        if clash:  # a net for 3 channels would silently run on 1 (slices), 5 classes fail mid-training
+            raise ConfigError(
+                f"model.kwargs {clash} contradict the data ({shape[0]} channels, {num_classes} classes); "
+                "leave them out: they are filled in from the data"
+            )
+        kwargs = {**from_data, "input_size": shape[-1], **cfg.model.kwargs}
         torch.manual_seed(derive_seed("init", cfg.train.seed))
         try:
             net = create_supernet(cfg.model.name, **kwargs)
@@ -281,6 +312,13 @@ def train(
         phase1 = Path(run_dir) / runs.PHASE1
         train(phase1_config(cfg), phase1, resume, env)
         cfg = phase2_config(cfg, phase1)
+    return _trainer(cfg, run_dir, resume, env, allow_changes).fit()
+
+
+def _trainer(
+    cfg: Config, run_dir: str | Path, resume: bool, env: DistEnv | None, allow_changes: Iterable[str] = ()
+) -> SupernetTrainer:
+    """The trainer of run ``run_dir``, resumed from its newest intact checkpoint when asked."""
     existing = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
     if existing is not None and not resume:
         raise CheckpointError(
@@ -290,7 +328,7 @@ def train(
     trainer = SupernetTrainer(cfg, run_dir, env)
     if resume and trainer.resume(allow_changes) and trainer.env.is_main:
         print(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}", flush=True)
-    return trainer.fit()
+    return trainer
 
 
 def phase1_config(cfg: Config) -> Config:
@@ -328,8 +366,14 @@ def train_static(
     wide one).
     """
     rows: list[dict[str, Any]] = []
-    for width in cfg.train.static_widths:
-        rows += train(static_config(cfg, width), Path(run_dir) / runs.static_name(width), resume, env)
-    if rows:
-        atomic_write_json(Path(run_dir) / runs.FINAL_EVAL, rows, indent=1)
+    for i, width in enumerate(cfg.train.static_widths):
+        trainer = _trainer(static_config(cfg, width), Path(run_dir) / runs.static_name(width), resume, env)
+        if i == 0:  # every width must exist before the first network trains
+            try:
+                uniform_archs(trainer.net, cfg.train.static_widths)
+            except ValueError as e:
+                raise ConfigError(f"train.static_widths={cfg.train.static_widths}: {e}") from None
+        rows += trainer.fit()
+    # written also without a validation split (no rows): the marker that every network finished
+    atomic_write_json(Path(run_dir) / runs.FINAL_EVAL, rows, indent=1)
     return rows
