@@ -282,12 +282,19 @@ def test_fused_conv_trains_all_filters_and_compacts_exactly():
     torch.testing.assert_close(logits(compact, X), logits(fused, X), rtol=0, atol=1e-5)
 
 
+def same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_dcff_train_one_call():
     model = plain_model()
+    before = copy.deepcopy(model)
     target = count_model_macs(model, SIZE) // 2
     result = dcff_train(model, SIZE, loader(), FitConfig(epochs=2, lr=0.05), target_macs=target)
     assert result.macs == torch_macs(result.model) <= target
     assert result.info["temperatures"][0] == pytest.approx(1.0) and len(result.info["temperatures"]) == 2
+    assert same_state(model, before)  # the caller's model is not trained in place
     with pytest.raises(PruningError, match="below"):
         dcff_train(model, SIZE, loader(), TINY_FIT, target_macs=100)
 
@@ -352,10 +359,12 @@ def test_global_vote_meets_target_with_minimum_per_layer():
 
 def test_whitebox_prune_one_call():
     model = plain_model()
+    before = copy.deepcopy(model)
     target = count_model_macs(model, SIZE) // 2
     result = whitebox_prune(model, SIZE, 10, loader(), target, TINY_FIT, TINY_FIT)
     assert result.macs == torch_macs(result.model) <= target
     assert len(result.history) == 2 and set(result.widths) == set(result.info["scores"])
+    assert same_state(model, before)
 
 
 # --------------------------------------------------------------------------- 1xN and magnitude
@@ -387,6 +396,7 @@ def test_rearrangement_preserves_the_function_and_sorts_filters():
 @pytest.mark.parametrize("rearrange", [True, False])
 def test_onexn_result_keeps_its_zeros_and_reports_nominal_macs(rearrange):
     model = plain_model()
+    before = copy.deepcopy(model)
     result = onexn_prune(
         model, SIZE, n=4, sparsity=0.5, rearrange=rearrange, train=loader(), finetune=TINY_FIT
     )
@@ -399,6 +409,7 @@ def test_onexn_result_keeps_its_zeros_and_reports_nominal_macs(rearrange):
     assert result.macs == torch_macs(result.model) == count_model_macs(model, SIZE)  # it runs dense
     assert result.nominal_macs < 0.6 * result.macs
     assert result.params == count_model_params(model) and result.nonzero_params < 0.6 * result.params
+    assert same_state(model, before)
 
 
 def test_magnitude_baseline_matches_onexn_parameters():

@@ -31,7 +31,7 @@ import json
 import math
 import operator
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -711,6 +711,3 @@ def export_onnx(result: PruneResult, path: str | os.PathLike, batch_dynamic: boo
         model, path, result.input_size, ["input"], ["logits"], batch_dynamic, None, "torchscript", metadata
     )
     return path
-
-
-Selector = Callable[[fx.GraphModule, Mapping[str, ChannelGroup], Mapping[str, int]], dict[str, list[int]]]

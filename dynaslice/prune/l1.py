@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ._fit import FitConfig, fit_if
 from .common import (
@@ -149,11 +149,3 @@ def train_from_scratch(
         "scratch", model, input_size, select, train, fit_config, widths, target_macs, target_params, include,
         reinit_seed=seed,
     )  # fmt: skip
-
-
-def compact_architecture(
-    model: nn.Module, input_size: Sequence[int], widths: Mapping[str, int]
-) -> fx.GraphModule:
-    """The untrained compact network with ``widths`` (first channels kept), for inspection and tests."""
-    gm, groups = channel_groups(model, input_size)
-    return prune_channels(gm, groups, keep_first(resolve_widths(gm, groups, input_size, widths=widths)))
