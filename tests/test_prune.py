@@ -1,23 +1,27 @@
-"""dynaslice.prune: channel groups and surgery, exact costs, DCFF, White-Box, 1xN and the baselines."""
+"""dynaslice.prune: channel groups and surgery, exact costs, DCFF, White-Box, 1xN and the baselines,
+their training on the engine (exact resume) and ``dynaslice prune``."""
 
 import copy
-import math
+import itertools
+import json
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynaslice as ds
-from dynaslice.data import BatchLoader
+from dynaslice.cli import main
+from dynaslice.profile import count_module_macs, count_module_params
 from dynaslice.prune import (
-    FitConfig,
+    DCFFTrainer,
+    MaskedTrainer,
     PruningError,
+    WhiteBoxTrainer,
     channel_groups,
     check_compact,
-    count_model_macs,
-    count_model_params,
     dcff_train,
     export_onnx,
     magnitude_prune,
@@ -29,7 +33,6 @@ from dynaslice.prune import (
     train_from_scratch,
     whitebox_prune,
 )
-from dynaslice.prune._fit import fit, fit_if
 from dynaslice.prune.common import CostModel, prunable_groups
 from dynaslice.prune.dcff import (
     FusedConv2d,
@@ -40,18 +43,28 @@ from dynaslice.prune.dcff import (
     to_compact,
     update_fusion,
 )
-from dynaslice.prune.onexn import apply_masks, block_mask, rearrange_filters, sparse_layers
+from dynaslice.prune.onexn import block_mask, rearrange_filters, sparse_layers
 from dynaslice.prune.whitebox import (
     ClassMask,
-    WhiteBoxLoss,
     add_class_masks,
     global_vote,
+    mask_regularizer,
     strip_class_masks,
 )
-from dynaslice.train.data import synthetic_dataset
+from dynaslice.train import load_config
 
+torch.set_num_threads(1)
 SIZE = (1, 8, 8)
-TINY_FIT = FitConfig(epochs=1, lr=0.05, warmup_epochs=0)
+TINY = [
+    "data.name=synthetic", "data.image_size=8", "data.batch_size=16", "data.val_size=16",
+    "data.synthetic_train=80", "data.synthetic_test=32", "train.epochs=1", "train.threads=1",
+    "train.eval_every_epochs=0", "train.log_every_steps=1", "optim.lr=0.05", "prune.finetune_epochs=0.5",
+]  # fmt: skip
+
+
+def tiny_cfg(*overrides: str):
+    """64 training images of 8x8 in batches of 16: 4 steps per epoch."""
+    return load_config(None, TINY + list(overrides))
 
 
 def plain_model(seed: int = 0) -> torch.fx.GraphModule:
@@ -66,10 +79,6 @@ def plain_model(seed: int = 0) -> torch.fx.GraphModule:
             elif name.endswith(("running_var", "bn1.weight", "bn2.weight")):
                 t.uniform_(0.5, 2.0)
     return model.eval()
-
-
-def loader(n: int = 64, batch: int = 32) -> BatchLoader:
-    return BatchLoader(synthetic_dataset(n, size=8), batch, seed=0, drop_last=True)
 
 
 def torch_macs(model: nn.Module) -> int:
@@ -129,7 +138,7 @@ def test_pruning_dead_channels_preserves_the_function(group):
     keep = [c for c in range(groups[group].size) if c not in dead]
     pruned = prune_channels(gm, groups, {group: keep})
     torch.testing.assert_close(logits(pruned, X), logits(gm, X), rtol=0, atol=1e-5)
-    assert count_model_params(pruned) < count_model_params(gm)
+    assert count_module_params(pruned) < count_module_params(gm)
     check_compact(pruned)
 
 
@@ -164,13 +173,13 @@ def test_cost_model_equals_torch_counter_on_random_widths():
     for _ in range(3):
         widths = {n: int(rng.integers(1, groups[n].size + 1)) for n in prunable_groups(groups, "all")}
         compact = prune_channels(gm, groups, {n: range(w) for n, w in widths.items()})
-        assert costs(widths) == {"macs": torch_macs(compact), "params": count_model_params(compact)}
+        assert costs(widths) == {"macs": torch_macs(compact), "params": count_module_params(compact)}
 
 
 @pytest.mark.parametrize("include", ["internal", "all"])
 def test_budget_is_the_widest_uniform_network_within_target(include):
     gm, groups = channel_groups(plain_model(), SIZE)
-    target = count_model_macs(gm, SIZE) // 2
+    target = count_module_macs(gm, SIZE) // 2
     widths = resolve_widths(gm, groups, SIZE, include, target_macs=target)
     costs = CostModel(gm, groups, SIZE)
     assert costs(widths)["macs"] <= target
@@ -197,7 +206,7 @@ def test_sparse_macs_count_only_nonzero_weights():
     conv = model.get_submodule("layer2.0.conv1")
     with torch.no_grad():
         conv.weight[:, ::2] = 0  # half the input channels
-    dense, sparse = count_model_macs(model, SIZE), count_model_macs(model, SIZE, sparse=True)
+    dense, sparse = count_module_macs(model, SIZE), count_module_macs(model, SIZE, sparse=True)
     out_hw = 4 * 4  # layer2.0.conv1 has stride 2 on an 8x8 map
     assert dense == torch_macs(model)
     assert dense - sparse == conv.weight.numel() // 2 * out_hw
@@ -206,37 +215,36 @@ def test_sparse_macs_count_only_nonzero_weights():
 # --------------------------------------------------------------------------- baselines
 
 
-def test_l1_keeps_largest_filters_and_fine_tunes():
+def test_l1_keeps_largest_filters_and_fine_tunes(tmp_path):
     model = plain_model()
     with torch.no_grad():
         model.get_submodule("layer1.0.conv1").weight[5] *= 100  # the filter L1 must keep
-    result = prune_l1(model, SIZE, widths={"layer1.0.conv1": 2}, train=loader(), finetune=TINY_FIT)
+    result = prune_l1(model, SIZE, widths={"layer1.0.conv1": 2}, cfg=tiny_cfg(), run_dir=tmp_path)
     assert result.model.get_submodule("layer1.0.conv1").out_channels == 2
     assert result.macs == torch_macs(result.model) and result.nominal_macs == result.macs
-    assert result.history and math.isfinite(result.history[0]["loss"])
+    assert 0 <= result.val_accuracy <= 100
+    steps = json.loads((tmp_path / "finetune" / "final_eval.json").read_text())["images"]
+    assert steps == 16  # the fine-tuning run validated on the validation split
     kept = prune_l1(model, SIZE, widths={"layer1.0.conv1": 1})
     w = kept.model.get_submodule("layer1.0.conv1").weight
     torch.testing.assert_close(w[0], model.get_submodule("layer1.0.conv1").weight[5])
 
 
-def test_random_and_scratch_share_the_architecture():
+def test_random_and_scratch_share_the_architecture(tmp_path):
     model = plain_model()
-    target = count_model_macs(model, SIZE) // 2
+    target = count_module_macs(model, SIZE) // 2
     l1 = prune_l1(model, SIZE, target_macs=target)
     rnd = prune_random(model, SIZE, widths=l1.widths, seed=3)
-    scratch = train_from_scratch(model, SIZE, widths=l1.widths, seed=0, train=loader(), fit_config=TINY_FIT)
+    scratch = train_from_scratch(model, SIZE, widths=l1.widths, seed=0, cfg=tiny_cfg(), run_dir=tmp_path)
     assert l1.macs == rnd.macs == scratch.macs <= target
     assert l1.params == rnd.params == scratch.params
     conv = scratch.model.get_submodule("layer1.0.conv1").weight
     assert not torch.allclose(conv, l1.model.get_submodule("layer1.0.conv1").weight)
 
 
-def test_fit_runs_fractional_epochs_and_pairs_its_arguments():
-    model = plain_model().train()
-    history = fit(model, loader(128), FitConfig(epochs=1.5, lr=0.01))
-    assert [h["steps"] for h in history] == [4, 2]
-    with pytest.raises(ValueError, match="both"):
-        fit_if(model, loader(), None)
+def test_training_without_a_run_directory_is_an_error():
+    with pytest.raises(ValueError, match="run directory"):
+        prune_l1(plain_model(), SIZE, widths={"layer1.0.conv1": 2}, cfg=tiny_cfg())
 
 
 # --------------------------------------------------------------------------- DCFF
@@ -270,13 +278,13 @@ def test_assign_slots_keeps_kept_filters_in_place():
 def test_fused_conv_trains_all_filters_and_compacts_exactly():
     model = plain_model().train()
     gm, groups = channel_groups(model, SIZE)
-    widths = resolve_widths(gm, groups, SIZE, "all", target_macs=count_model_macs(gm, SIZE) // 2)
+    widths = resolve_widths(gm, groups, SIZE, "all", target_macs=count_module_macs(gm, SIZE) // 2)
     fused = fuse_model(gm, SIZE, widths)
-    update_fusion(fused, 0, 4)  # T = 1: soft fusion, every filter contributes
+    update_fusion(fused, 1.0)  # T = 1: soft fusion, every filter contributes
     fused(X).sum().backward()
     conv = fused.get_submodule("layer2.0.conv1")
     assert isinstance(conv, FusedConv2d) and conv.out_channels == widths["layer2.0.conv1"]
-    assert (conv.weight.grad.flatten(1).abs().sum(1) > 0).all()  # unselected filters learn too
+    assert (conv.conv.weight.grad.flatten(1).abs().sum(1) > 0).all()  # unselected filters learn too
     compact = to_compact(fused)
     check_compact(compact)
     torch.testing.assert_close(logits(compact, X), logits(fused, X), rtol=0, atol=1e-5)
@@ -287,16 +295,21 @@ def same_state(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_dcff_train_one_call():
+def test_dcff_train_one_call(tmp_path):
     model = plain_model()
     before = copy.deepcopy(model)
-    target = count_model_macs(model, SIZE) // 2
-    result = dcff_train(model, SIZE, loader(), FitConfig(epochs=2, lr=0.05), target_macs=target)
+    target = count_module_macs(model, SIZE) // 2
+    cfg = tiny_cfg("train.epochs=2")
+    result = dcff_train(model, SIZE, cfg, tmp_path / "a", target_macs=target)
     assert result.macs == torch_macs(result.model) <= target
-    assert result.info["temperatures"][0] == pytest.approx(1.0) and len(result.info["temperatures"]) == 2
+    schedule = result.info["schedule"]
+    assert schedule["updates"] == 2 and schedule["first_temperatures"][0] == pytest.approx(1.0)
     assert same_state(model, before)  # the caller's model is not trained in place
+    often = dcff_train(model, SIZE, cfg, tmp_path / "b", target_macs=target, k=4, updates_per_epoch=4)
+    assert often.info["schedule"]["updates"] == 8  # 4 steps per epoch: an update before every step
     with pytest.raises(PruningError, match="below"):
-        dcff_train(model, SIZE, loader(), TINY_FIT, target_macs=100)
+        dcff_train(model, SIZE, cfg, tmp_path / "c", target_macs=100)
+    assert not (tmp_path / "c").exists()  # refused before any training
 
 
 # --------------------------------------------------------------------------- White-Box
@@ -328,14 +341,21 @@ def test_class_mask_uses_the_label_row_and_learns_class_wise():
     assert mask.mask.grad[2].abs().sum() > 0  # the label's row always gets the full gradient
 
 
-def test_whitebox_loss_adds_the_regulariser():
-    masked = add_class_masks(plain_model(), SIZE, num_classes=10).eval()
+def test_whitebox_loss_adds_the_regulariser(tmp_path):
+    masked = add_class_masks(plain_model(), SIZE, num_classes=10)
+    with torch.no_grad():
+        for m in masked.modules():
+            if isinstance(m, ClassMask):
+                m.mask.uniform_(0.5, 1.5)
     y = torch.randint(10, (len(X),))
-    torch.manual_seed(0)
-    plain = WhiteBoxLoss(0.0)(masked, X, y)
-    reg = WhiteBoxLoss(1e-2)(masked, X, y)
+    losses = []
+    for lam in (0.0, 1e-2):
+        trainer = WhiteBoxTrainer(masked, tiny_cfg(), tmp_path / str(lam), lam=lam)
+        masked.eval()  # the same mixing in both calls: one-hot, no random draws
+        losses.append(trainer.loss(X, y))
     expected = sum(m.mask.sum(0).norm(2) for m in masked.modules() if isinstance(m, ClassMask))
-    torch.testing.assert_close(reg - plain, 1e-2 * expected)
+    torch.testing.assert_close(mask_regularizer(masked), expected)
+    torch.testing.assert_close(losses[1] - losses[0], 1e-2 * expected)
 
 
 def test_global_vote_meets_target_with_minimum_per_layer():
@@ -344,7 +364,7 @@ def test_global_vote_meets_target_with_minimum_per_layer():
     g = torch.Generator().manual_seed(0)
     scores = {n: torch.rand(groups[n].size, generator=g) for n in names}
     scores["layer1.0.conv1"] *= 1e-3  # a layer the vote empties: the minimum must hold
-    target = count_model_macs(gm, SIZE) // 2
+    target = count_module_macs(gm, SIZE) // 2
     keep = global_vote(gm, groups, scores, SIZE, target, min_keep=0.3)
     costs = CostModel(gm, groups, SIZE)
     assert costs({n: len(k) for n, k in keep.items()})["macs"] <= target
@@ -357,14 +377,18 @@ def test_global_vote_meets_target_with_minimum_per_layer():
         global_vote(gm, groups, scores, SIZE, 1000, min_keep=0.3)
 
 
-def test_whitebox_prune_one_call():
+def test_whitebox_prune_one_call(tmp_path):
     model = plain_model()
     before = copy.deepcopy(model)
-    target = count_model_macs(model, SIZE) // 2
-    result = whitebox_prune(model, SIZE, 10, loader(), target, TINY_FIT, TINY_FIT)
+    target = count_module_macs(model, SIZE) // 2
+    result = whitebox_prune(model, SIZE, 10, target, tiny_cfg(), tmp_path)
     assert result.macs == torch_macs(result.model) <= target
-    assert len(result.history) == 2 and set(result.widths) == set(result.info["scores"])
+    assert set(result.widths) == set(result.info["scores"]) and result.val_accuracy is not None
+    assert json.loads((tmp_path / "train" / "final_eval.json").read_text()) == {}  # masks: no validation
     assert same_state(model, before)
+    with pytest.raises(PruningError, match="minimum"):
+        whitebox_prune(model, SIZE, 10, 1000, tiny_cfg(), tmp_path / "unreachable")
+    assert not (tmp_path / "unreachable").exists()  # refused before any training
 
 
 # --------------------------------------------------------------------------- 1xN and magnitude
@@ -394,21 +418,19 @@ def test_rearrangement_preserves_the_function_and_sorts_filters():
 
 
 @pytest.mark.parametrize("rearrange", [True, False])
-def test_onexn_result_keeps_its_zeros_and_reports_nominal_macs(rearrange):
+def test_onexn_result_keeps_its_zeros_and_reports_nominal_macs(rearrange, tmp_path):
     model = plain_model()
     before = copy.deepcopy(model)
-    result = onexn_prune(
-        model, SIZE, n=4, sparsity=0.5, rearrange=rearrange, train=loader(), finetune=TINY_FIT
-    )
+    result = onexn_prune(model, SIZE, n=4, sparsity=0.5, rearrange=rearrange, cfg=tiny_cfg(), run_dir=tmp_path)
     check_compact(result.model)  # masks removed: a plain model
     for name in result.info["layers"]:
         w = result.model.get_submodule(name).weight
         blocks = w.view(w.shape[0] // 4, 4, w.shape[1], -1)
         zero = (blocks == 0).all(dim=(1, 3))
         assert zero.float().mean() == pytest.approx(0.5)
-    assert result.macs == torch_macs(result.model) == count_model_macs(model, SIZE)  # it runs dense
+    assert result.macs == torch_macs(result.model) == count_module_macs(model, SIZE)  # it runs dense
     assert result.nominal_macs < 0.6 * result.macs
-    assert result.params == count_model_params(model) and result.nonzero_params < 0.6 * result.params
+    assert result.params == count_module_params(model) and result.nonzero_params < 0.6 * result.params
     assert same_state(model, before)
 
 
@@ -430,7 +452,8 @@ def test_check_compact_rejects_methods_internals():
     fused = fuse_model(gm, SIZE, {"layer1.0.conv1": 8})
     with pytest.raises(TypeError, match="FusedConv2d"):
         check_compact(fused)
-    masked = apply_masks(gm, {"layer1.0.conv1": torch.ones(16, 16, 3, 3)})
+    masked = copy.deepcopy(gm)  # torch's own pruning reparametrization: a forward pre-hook
+    torch_prune.custom_from_mask(masked.get_submodule("layer1.0.conv1"), "weight", torch.ones(16, 16, 3, 3))
     with pytest.raises(TypeError, match="hooks"):
         check_compact(masked)
 
@@ -440,10 +463,135 @@ def test_pruned_network_exports_to_onnx_and_runs(tmp_path):
     from dynaslice.runtime import OnnxModel
 
     model = plain_model()
-    result = prune_l1(model, SIZE, target_macs=count_model_macs(model, SIZE) // 2)
+    result = prune_l1(model, SIZE, target_macs=count_module_macs(model, SIZE) // 2)
     result.model.train()
     path = export_onnx(result, tmp_path / "l1.onnx")
     assert result.model.training  # the export works on a copy
     np.testing.assert_allclose(
         OnnxModel(path)(X.numpy()), logits(result.model, X).numpy(), rtol=1e-4, atol=1e-4
     )
+
+
+def test_count_module_costs_equal_torch_counter_on_plain_models():
+    class Functional(nn.Module):  # an op outside any leaf, and one weight used twice
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 6, 3, padding=1)
+            self.head = nn.Linear(6, 10)
+            self.tied = self.head
+
+        def forward(self, x):
+            h = self.conv(x).mean((2, 3))
+            return self.tied(h) + nn.functional.linear(h, self.head.weight, self.head.bias)
+
+    for model in (plain_model(), Functional()):
+        assert count_module_macs(model, SIZE) == torch_macs(model)
+        assert count_module_params(model) == sum(p.numel() for p in set(model.parameters()))
+    zeroed = plain_model()
+    with torch.no_grad():
+        zeroed.get_submodule("fc").weight[:5] = 0
+    assert count_module_params(zeroed, nonzero=True) == count_module_params(zeroed) - 5 * 128
+
+
+# --------------------------------------------------------------------------- engine: exact resume
+
+
+def _steps(trainer, n):
+    """What ``fit`` does for the first ``n`` steps of epoch 0 (then the process is 'killed')."""
+    trainer.on_epoch_start(0)
+    for x, y in itertools.islice(trainer.train_loader.epoch_batches(0), n):
+        trainer.train_step(x, y)
+
+
+def _fused():
+    model = plain_model().train()
+    gm, groups = channel_groups(model, SIZE)
+    return fuse_model(gm, SIZE, resolve_widths(gm, groups, SIZE, "all", target_macs=count_module_macs(gm, SIZE) // 2))
+
+
+def _sparse():
+    model = plain_model().train()
+    return model, {n: block_mask(model.get_submodule(n).weight, 4, 0.5) for n in sparse_layers(model)}
+
+
+@pytest.mark.parametrize("kind", ["dcff", "whitebox", "onexn"])
+def test_a_killed_and_resumed_method_run_ends_identical(kind, tmp_path):
+    """Saved after 3 of 8 steps, resumed in a fresh trainer: bitwise the uninterrupted run
+    (DCFF updates every 2 steps, so the resume lands between updates; White-Box draws its mask
+    mixing at random; 1xN re-applies its masks)."""
+    cfg = tiny_cfg("train.epochs=2")
+
+    def make(run_dir):
+        if kind == "dcff":
+            return DCFFTrainer(_fused(), cfg, run_dir, k=2.0, updates_per_epoch=2)
+        if kind == "whitebox":
+            return WhiteBoxTrainer(add_class_masks(plain_model().train(), SIZE, 10), cfg, run_dir, lam=1e-2)
+        model, masks = _sparse()
+        return MaskedTrainer(model, cfg, run_dir, masks=masks)
+
+    whole = make(tmp_path / "whole")
+    whole.fit()
+    killed = make(tmp_path / "killed")
+    _steps(killed, 3)
+    killed.save()
+    resumed = make(tmp_path / "killed")
+    assert resumed.resume() and resumed.step == 3
+    resumed.fit()
+    assert same_state(resumed.model, whole.model)
+    if kind == "onexn":
+        w = resumed.model.get_submodule("layer2.0.conv1").weight
+        assert torch.equal(w == 0, ~resumed.masks["layer2.0.conv1"])
+
+
+def test_rerunning_a_method_with_resume_reloads_its_finished_phases(tmp_path):
+    model, cfg = plain_model(), tiny_cfg()
+    target = count_module_macs(model, SIZE) // 2
+    first = whitebox_prune(model, SIZE, 10, target, cfg, tmp_path)
+    again = whitebox_prune(model, SIZE, 10, target, cfg, tmp_path, resume=True)
+    assert same_state(first.model, again.model) and first.widths == again.widths
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        whitebox_prune(model, SIZE, 10, target, cfg, tmp_path)
+
+
+# --------------------------------------------------------------------------- dynaslice prune
+
+
+def test_cli_prune_writes_the_compact_network_and_its_costs(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from dynaslice.runtime import OnnxModel
+
+    run = tmp_path / "run"
+    args = ["prune", "l1", "--target-macs", "0.5", "--out", str(run), *(a for o in TINY for a in ("--set", o))]
+    assert main(args) == 0
+    result = json.loads((run / "final_eval.json").read_text())
+    model = torch.load(run / "model.pt", weights_only=False).eval()
+    assert check_compact(model) is model
+    assert result["macs"] == torch_macs(model) == result["nominal_macs"] <= result["full_macs"] // 2
+    assert result["params"] == result["nonzero_params"] == count_module_params(model)
+    assert 0 <= result["accuracy"] <= 100 and result["method"] == "l1"
+    x = torch.randn(3, *SIZE)
+    np.testing.assert_allclose(OnnxModel(run / "model.onnx")(x.numpy()), logits(model, x).numpy(), atol=1e-4)
+    assert (run / "base" / "final_eval.json").is_file() and (run / "finetune" / "final_eval.json").is_file()
+    assert main([*args, "--resume"]) == 0  # a finished run: its recorded result
+    assert "val top-1" in capsys.readouterr().out
+    assert main(args) == 2  # finished, and no --resume
+    assert "finished pruning run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prune", "dcff", "--target-macs", "1000"], "below"),
+        (["prune", "onexn", "--target-params", "0.5"], "sparsity"),
+        (["prune", "whitebox"], "exactly one budget"),
+        (["prune", "whitebox", "--target-params", "0.5"], "MACs target"),
+        (["prune", "l1", "--target-macs", "0.5", "--target-params", "0.5"], "not both"),
+        (["prune", "magic"], "invalid choice"),
+    ],
+)
+def test_cli_prune_errors_are_one_line(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([*argv, "--out", str(out), *(a for o in TINY for a in ("--set", o))])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (out / "base").exists() and not (out / "train").exists()  # nothing trained

@@ -1,4 +1,4 @@
-"""Structured pruning on the same data, MAC counter and exports as the supernets.
+"""Structured pruning on the same data, MAC counter, training engine and exports as the supernets.
 
 For the question "prune one network, or train a supernet and slice it?", this package gives the
 pruning side, each method in one call on a plain model (for example
@@ -13,12 +13,15 @@ network is plain ``torch.nn`` (an ``fx.GraphModule``) with exact MACs and parame
   :func:`train_from_scratch` (the same compact architecture trained alone) and
   :func:`magnitude_prune` (unstructured, equal parameters to 1xN).
 
-The channel machinery (groups found from the fx graph, surgery, budgets, cost counting) is in
-:mod:`.common`; ``docs/PRUNING.md`` states each method as implemented and every departure from
-the official code.
+Training is the project's engine: each phase of a method is a resumable run directory under
+the method's ``run_dir`` (:mod:`.phases`), its budget set by the config (``train.epochs``,
+``prune.finetune_epochs``). :func:`prune_run` is ``dynaslice prune``: the config's model, its
+base training when the method needs one, the method, and the compact network written as
+``model.pt``, ``model.onnx`` and ``final_eval.json``. The channel machinery (groups found from
+the fx graph, surgery, budgets) is in :mod:`.common`; ``docs/PRUNING.md`` states each method as
+implemented and every departure from the official code.
 """
 
-from ._fit import FitConfig
 from .common import (
     ChannelGroup,
     PruneResult,
@@ -26,27 +29,27 @@ from .common import (
     accuracy,
     channel_groups,
     check_compact,
-    count_model_macs,
-    count_model_params,
     export_onnx,
     prune_channels,
     resolve_widths,
 )
-from .dcff import dcff_train
+from .dcff import DCFFTrainer, dcff_train
 from .l1 import prune_l1, prune_random, train_from_scratch
-from .onexn import magnitude_prune, onexn_prune
-from .whitebox import whitebox_prune
+from .onexn import MaskedTrainer, magnitude_prune, onexn_prune
+from .phases import train_base
+from .run import prune_run
+from .whitebox import WhiteBoxTrainer, whitebox_prune
 
 __all__ = [
     "ChannelGroup",
-    "FitConfig",
+    "DCFFTrainer",
+    "MaskedTrainer",
     "PruneResult",
     "PruningError",
+    "WhiteBoxTrainer",
     "accuracy",
     "channel_groups",
     "check_compact",
-    "count_model_macs",
-    "count_model_params",
     "dcff_train",
     "export_onnx",
     "magnitude_prune",
@@ -54,7 +57,9 @@ __all__ = [
     "prune_channels",
     "prune_l1",
     "prune_random",
+    "prune_run",
     "resolve_widths",
+    "train_base",
     "train_from_scratch",
     "whitebox_prune",
 ]

@@ -15,12 +15,14 @@ the selected rows/columns; the ``fx`` graph itself is unchanged and keeps workin
 that keeps every channel in another order *permutes* them (1xN's filter rearrangement), which
 leaves the function unchanged.
 
-**Costs.** :func:`count_model_macs` and :func:`count_model_params` use
+**Costs.** :func:`dynaslice.profile.count_module_macs` and
+:func:`~dynaslice.profile.count_module_params` count any plain model with
 ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2 of convolutions and matmuls, on a
-meta-device copy), the same counter as :func:`dynaslice.count_macs`, so a pruned network and a
-supernet subnet are measured alike. ``sparse=True`` counts *nominal* MACs: each conv/linear layer's
-MACs times the fraction of its weights that are non-zero -- what a sparse kernel would do, not what
-torch or onnxruntime run (they run the dense weights).
+meta-device copy), the counter :func:`dynaslice.count_macs` is checked against, so a pruned
+network and a supernet subnet are measured alike. :class:`CostModel` derives the costs of any
+widths from one count, for budget searches. *Nominal* MACs (``sparse=True``) scale each layer by
+its fraction of non-zero weights -- what a sparse kernel would do, not what torch or onnxruntime
+run (they run the dense weights).
 """
 
 from __future__ import annotations
@@ -40,9 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..profile import meta_copy
+from ..profile import count_module_macs, count_module_params, meta_copy, module_macs
 
 __all__ = [
     "ChannelGroup",
@@ -52,8 +53,6 @@ __all__ = [
     "accuracy",
     "channel_groups",
     "check_compact",
-    "count_model_macs",
-    "count_model_params",
     "export_onnx",
     "finish",
     "prunable_groups",
@@ -457,52 +456,6 @@ def reinitialize(model: nn.Module, seed: int | None = None) -> nn.Module:
 # --------------------------------------------------------------------------- costs
 
 
-def _leaf_macs(model: nn.Module, input_size: Sequence[int]) -> tuple[int, dict[str, int]]:
-    """Total MACs per image and the MACs of each leaf module, from torch's FLOP counter."""
-    meta = meta_copy(model)
-    root = type(meta).__name__
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        meta(torch.empty(1, *input_size, device="meta"))
-    leaves = {name for name, m in meta.named_modules() if name and not any(True for _ in m.children())}
-    per_leaf = {}
-    for key, counts in counter.get_flop_counts().items():
-        name = key.removeprefix(root + ".")
-        if name in leaves:
-            per_leaf[name] = sum(counts.values()) // 2
-    return counter.get_total_flops() // 2, per_leaf
-
-
-def count_model_macs(model: nn.Module, input_size: Sequence[int], sparse: bool = False) -> int:
-    """MACs per image of a plain model at ``input_size`` ``(C, H, W)``, from ``FlopCounterMode``.
-
-    ``sparse=True``: *nominal* MACs, each conv/linear layer's MACs scaled by the fraction of its
-    weights that are non-zero (what a sparse kernel would compute; torch still runs them dense).
-    """
-    total, per_leaf = _leaf_macs(model, input_size)
-    if not sparse:
-        return total
-    for name, macs in per_leaf.items():
-        w = getattr(model.get_submodule(name), "weight", None)
-        if isinstance(w, torch.Tensor) and macs:
-            nnz, numel = int(torch.count_nonzero(w)), w.numel()
-            if (macs * nnz) % numel:
-                raise RuntimeError(
-                    f"{name}: {macs} MACs are not a whole number per weight; cannot scale them"
-                )
-            total -= macs - macs * nnz // numel
-    return total
-
-
-def count_model_params(model: nn.Module, nonzero: bool = False) -> int:
-    """Parameters of ``model`` (each shared tensor once); ``nonzero=True`` counts non-zero entries."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += int(torch.count_nonzero(p)) if nonzero else p.numel()
-    return total
-
-
 def uniform_widths(groups: Mapping[str, ChannelGroup], names: Iterable[str], ratio: float) -> dict[str, int]:
     """``floor(ratio * size)`` channels (at least one) in each named group."""
     return {n: max(1, min(groups[n].size, math.floor(ratio * groups[n].size + 1e-9))) for n in names}
@@ -525,7 +478,7 @@ class CostModel:
                 out_of[m] = g.name
             for m in g.consumers:
                 in_of[m] = g.name
-        total, per_leaf = _leaf_macs(model, input_size)
+        total, per_leaf = module_macs(model, input_size)
         self.items: list[tuple[str, int, tuple[str, ...]]] = [("macs", total - sum(per_leaf.values()), ())]
         for name, module in model.named_modules():
             out_g, in_g = out_of.get(name), in_of.get(name)
@@ -551,7 +504,7 @@ class CostModel:
         """The costs of ``widths``, after checking them against torch's counter on the real compact net."""
         want = self(widths)
         compact = prune_channels(meta_copy(self.model), self.groups, keep_first(widths))
-        got = {"macs": count_model_macs(compact, self.input_size), "params": count_model_params(compact)}
+        got = {"macs": count_module_macs(compact, self.input_size), "params": count_module_params(compact)}
         if got != want:
             raise RuntimeError(
                 f"cost model {want} disagrees with FlopCounterMode {got}; please report this model"
@@ -635,7 +588,8 @@ class PruneResult:
 
     ``macs`` is what torch/onnxruntime run (dense); ``nominal_macs`` is the sparse count (equal
     to ``macs`` for channel pruning; lower for 1xN and unstructured sparsity, whose speed must be
-    measured, never inferred from it). ``widths`` holds the kept channels per group.
+    measured, never inferred from it). ``widths`` holds the kept channels per group;
+    ``val_accuracy`` the final validation top-1 (%) of the run that trained it, if any.
     """
 
     method: str
@@ -646,7 +600,7 @@ class PruneResult:
     params: int
     nonzero_params: int
     widths: dict[str, int] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
+    val_accuracy: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -654,7 +608,7 @@ class PruneResult:
         return {
             "method": self.method, "input_size": list(self.input_size), "macs": self.macs,
             "nominal_macs": self.nominal_macs, "params": self.params, "nonzero_params": self.nonzero_params,
-            "widths": self.widths, "history": self.history, "info": self.info,
+            "widths": self.widths, "val_accuracy": self.val_accuracy, "info": self.info,
         }  # fmt: skip
 
 
@@ -663,21 +617,22 @@ def finish(
     model: nn.Module,
     input_size: Sequence[int],
     widths: Mapping[str, int] | None = None,
-    history: list[dict[str, float]] | None = None,
+    val: Mapping[str, Any] | None = None,
     info: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Check that ``model`` is plain torch, count its costs and wrap it in a :class:`PruneResult`.
 
-    The model is put in eval mode: a result is ready to evaluate, export or serve.
+    ``val``: the last training run's final validation (``ModelTrainer.fit``'s result). The
+    model is put in eval mode: a result is ready to evaluate, export or serve.
     """
     check_compact(model)
     model.eval()
     input_size = tuple(input_size)
     return PruneResult(
         method, model, input_size,
-        macs=count_model_macs(model, input_size), nominal_macs=count_model_macs(model, input_size, sparse=True),
-        params=count_model_params(model), nonzero_params=count_model_params(model, nonzero=True),
-        widths=dict(widths or {}), history=list(history or []), info=dict(info or {}),
+        macs=count_module_macs(model, input_size), nominal_macs=count_module_macs(model, input_size, sparse=True),
+        params=count_module_params(model), nonzero_params=count_module_params(model, nonzero=True),
+        widths=dict(widths or {}), val_accuracy=(val or {}).get("accuracy"), info=dict(info or {}),
     )  # fmt: skip
 
 
@@ -699,15 +654,12 @@ def export_onnx(result: PruneResult, path: str | os.PathLike, batch_dynamic: boo
     """Write a pruned network to ONNX (dense weights), runnable by :class:`dynaslice.runtime.OnnxModel`.
 
     The summary (method, dense and nominal MACs, widths) is stored in the ``dynaslice.prune``
-    metadata entry. Uses the exporter behind :func:`dynaslice.onnx_export.export_onnx`.
+    metadata entry. The model itself is left as it is (the export works on a copy).
     """
-    from ..onnx_export import _export_module, _version
+    from ..onnx_export import export_module
 
-    summary = {k: v for k, v in result.summary().items() if k != "history"}
-    metadata = {"dynaslice.prune": json.dumps(summary), "dynaslice.version": _version()}
-    model = copy.deepcopy(result.model)
-    path = Path(path)
-    _export_module(
-        model, path, result.input_size, ["input"], ["logits"], batch_dynamic, None, "torchscript", metadata
-    )
-    return path
+    summary = {k: v for k, v in result.summary().items() if k != "info"}
+    return export_module(
+        copy.deepcopy(result.model), path, result.input_size, batch_dynamic=batch_dynamic,
+        metadata={"dynaslice.prune": json.dumps(summary)},
+    )  # fmt: skip

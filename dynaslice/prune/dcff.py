@@ -8,10 +8,20 @@ differ most from the others, scored by ``sum_k KL(P_j || P_k)``. Before every ep
 temperature ``T`` grows (the official schedule: ``T(e) = A / (1 + exp(-k e)) + T_s - A / 2`` with
 ``A = 2 (T_e - T_s) (1 + exp(-k E)) / (1 - exp(-k E))``, ``T_s = 1``, ``T_e = 1e4``, ``k = 1``; so
 ``T(0) = T_s``, ``T(E) = T_e``), ``P`` and ``S`` are recomputed from the current weights and
-frozen for the epoch; gradients reach all of ``W`` through the fixed ``P``. As ``T`` grows ``P``
-becomes one-hot and the fused filters become plain filters. The network trains from scratch
-(pass an untrained model); at the end every fused conv becomes an ``nn.Conv2d`` holding ``P_S @ W``,
-which computes exactly what the fused network computed.
+frozen until the next update; gradients reach all of ``W`` through the fixed ``P``. As ``T`` grows
+``P`` becomes one-hot and the fused filters become plain filters. The network trains from scratch
+(pass an untrained model) on the engine (:class:`DCFFTrainer`); at the end every fused conv
+becomes an ``nn.Conv2d`` holding ``P_S @ W``, which computes exactly what the fused network
+computed.
+
+**Schedule and budget.** The official runs are 300 (CIFAR) or 90 (ImageNet) epochs, so the
+first epoch at ``T = 1`` -- where a fresh filter's fused version is close to the average filter
+and the network learns slowly -- is under 1.2% of training. In a run of one or two epochs it is
+half or all of it. ``updates_per_epoch`` (default 1, official) recomputes ``P`` and ``S`` that
+many times per epoch at evenly spaced steps, with ``T`` taken at the fractional epoch; with
+``k = updates_per_epoch = S / E`` the official ``S``-epoch schedule is compressed into a run of
+``E`` epochs (the same temperature at the same fraction of training). docs/PRUNING.md records
+what that does at our budget.
 
 Layers: every conv whose output group is pruned, as the official ResNets do (``include="all"``:
 block-inner widths and each stage's residual stream, the stem included; the tied producers of a
@@ -41,12 +51,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._fit import FitConfig, fit
+from .. import runs
+from ..train.config import Config
+from ..train.model import ModelTrainer
 from .common import (
     PruneResult,
     PruningError,
@@ -56,8 +70,10 @@ from .common import (
     prune_channels,
     resolve_widths,
 )
+from .phases import fit
 
 __all__ = [
+    "DCFFTrainer",
     "FusedConv2d",
     "dcff_scores",
     "dcff_train",
@@ -68,11 +84,13 @@ __all__ = [
 ]
 
 
-def temperature(epoch: int, epochs: int, t_start: float = 1.0, t_end: float = 1e4, k: float = 1.0) -> float:
-    """DCFF's temperature at the start of ``epoch`` (0-based) of ``epochs``: ``t_start`` at 0, rising
-    along a logistic curve to ``t_end`` at ``epochs``."""
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+def temperature(
+    epoch: float, epochs: float, t_start: float = 1.0, t_end: float = 1e4, k: float = 1.0
+) -> float:
+    """DCFF's temperature at (fractional) ``epoch`` of ``epochs``: ``t_start`` at 0, rising along a
+    logistic curve of steepness ``k`` per epoch to ``t_end`` at ``epochs``."""
+    if not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
     a = 2 * (t_end - t_start) * (1 + math.exp(-k * epochs)) / (1 - math.exp(-k * epochs))
     return a / (1 + math.exp(-k * epoch)) + t_start - a / 2
 
@@ -100,10 +118,12 @@ def _assign_slots(previous: list[int] | None, chosen: list[int]) -> list[int]:
 
 
 class FusedConv2d(nn.Module):
-    """A conv that keeps all ``C`` filters and outputs ``m`` fused ones: ``conv(x, P @ W)``.
+    """A conv that keeps all ``C`` filters (``self.conv``, an ordinary ``nn.Conv2d``, so it is
+    optimised and weight-decayed like any conv) and outputs ``m`` fused ones: ``conv(x, P @ W)``.
 
     ``fusion`` (``P`` restricted to the kept filters, ``[m, C]``) and ``slots`` (the filter behind
-    each output) are buffers set by :func:`update_fusion`; they start as the first ``m`` filters.
+    each output) are buffers set by :func:`update_fusion` and saved with checkpoints; they start
+    as the first ``m`` filters.
     """
 
     def __init__(self, conv: nn.Conv2d, m: int):
@@ -112,10 +132,8 @@ class FusedConv2d(nn.Module):
             raise PruningError("DCFF fuses ordinary convs only (groups=1, zero padding)")
         if not 1 <= m <= conv.out_channels:
             raise PruningError(f"cannot fuse {conv.out_channels} filters into {m}")
-        self.weight = nn.Parameter(conv.weight.detach().clone())
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.register_buffer("fusion", torch.eye(conv.out_channels, dtype=self.weight.dtype)[:m].clone())
+        self.conv = copy.deepcopy(conv)
+        self.register_buffer("fusion", torch.eye(conv.out_channels, dtype=conv.weight.dtype)[:m].clone())
         self.register_buffer("slots", torch.full((m,), -1, dtype=torch.long))  # -1: never chosen yet
 
     @property
@@ -123,18 +141,20 @@ class FusedConv2d(nn.Module):
         return self.fusion.shape[0]
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w = (self.fusion @ self.weight.flatten(1)).view(self.out_channels, *self.weight.shape[1:])
-        b = None if self.bias is None else self.fusion @ self.bias
-        return w, b
+        w, b = self.conv.weight, self.conv.bias
+        fw = (self.fusion @ w.flatten(1)).view(self.out_channels, *w.shape[1:])
+        return fw, None if b is None else self.fusion @ b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.fused()
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+        c = self.conv
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation)
 
     def to_conv(self) -> nn.Conv2d:
         """The plain conv computing the same output with the current fused weights."""
         w, b = self.fused()
-        conv = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), self.stride, self.padding, self.dilation,
+        c = self.conv
+        conv = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), c.stride, c.padding, c.dilation,
                          bias=b is not None, device=w.device, dtype=w.dtype)  # fmt: skip
         with torch.no_grad():
             conv.weight.copy_(w)
@@ -144,22 +164,17 @@ class FusedConv2d(nn.Module):
 
 
 @torch.no_grad()
-def update_fusion(model: nn.Module, epoch: int, epochs: int, t_start: float = 1.0, t_end: float = 1e4,
-                  k: float = 1.0) -> float:  # fmt: skip
-    """DCFF's per-epoch step: new temperature, scores, kept filters and ``P`` for every fused conv.
-
-    Call before each epoch (an epoch hook). Returns the temperature used.
-    """
-    temp = temperature(epoch, epochs, t_start, t_end, k)
+def update_fusion(model: nn.Module, temp: float) -> None:
+    """DCFF's update at temperature ``temp``: new scores, kept filters and ``P`` for every fused
+    conv of ``model``, from its current weights."""
     for m in model.modules():
         if isinstance(m, FusedConv2d):
-            p, scores = dcff_scores(m.weight, temp)
+            p, scores = dcff_scores(m.conv.weight, temp)
             chosen = torch.topk(scores, m.out_channels).indices.tolist()
             previous = None if int(m.slots[0]) < 0 else m.slots.tolist()
             slots = _assign_slots(previous, chosen)
             m.slots.copy_(torch.tensor(slots))
             m.fusion.copy_(p[slots].to(m.fusion.dtype))
-    return temp
 
 
 def fuse_model(model: nn.Module, input_size: Sequence[int], widths: Mapping[str, int]) -> fx.GraphModule:
@@ -186,11 +201,42 @@ def to_compact(fused: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
+class DCFFTrainer(ModelTrainer):
+    """Trains a fused network (:func:`fuse_model`): labels CE, and before every ``steps_per_epoch
+    / updates_per_epoch`` steps the fusion update at the temperature of that fractional epoch.
+
+    The update runs at the start of its step, from the weights of that moment: a run resumed
+    between updates keeps the ``P`` and ``S`` its checkpoint holds (they are buffers of the
+    model), so it continues exactly as the uninterrupted run.
+    """
+
+    def __init__(self, fused: nn.Module, cfg: Config, run_dir: str | Path, epochs: float | None = None, *,
+                 t_start: float = 1.0, t_end: float = 1e4, k: float = 1.0, updates_per_epoch: int = 1):  # fmt: skip
+        super().__init__(fused, cfg, run_dir, epochs)
+        if updates_per_epoch < 1:
+            raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch}")
+        self.schedule = {"t_start": t_start, "t_end": t_end, "k": k}
+        self.interval = max(1, round(self.steps_per_epoch / updates_per_epoch))
+
+    def temperature_at(self, step: int) -> float:
+        spe = self.steps_per_epoch
+        return temperature(step / spe, self.total_steps / spe, **self.schedule)
+
+    def update_steps(self) -> list[int]:
+        """The steps that start with a fusion update."""
+        return list(range(0, self.total_steps, self.interval))
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        if self.step % self.interval == 0:
+            update_fusion(self.model, self.temperature_at(self.step))
+        return super().forward_backward(x, y)
+
+
 def dcff_train(
     model: nn.Module,
     input_size: Sequence[int],
-    train,
-    fit_config: FitConfig,
+    cfg: Config,
+    run_dir: str | Path,
     *,
     widths: Mapping[str, int] | None = None,
     target_macs: int | None = None,
@@ -199,26 +245,25 @@ def dcff_train(
     t_start: float = 1.0,
     t_end: float = 1e4,
     k: float = 1.0,
+    updates_per_epoch: int = 1,
+    resume: bool = False,
 ) -> PruneResult:
     """Train a compact network with DCFF from ``model`` (untrained, as in the paper); one call.
 
     The budget is ``widths`` or a uniform keep ratio meeting ``target_macs``/``target_params``
-    over the groups in ``include``. Returns the plain compact network with the fused weights.
+    over the groups in ``include``. Trains ``train.epochs`` epochs of ``cfg`` in ``RUN/train``
+    (``model`` itself is not changed). Returns the plain compact network with the fused weights.
     """
     gm, groups = channel_groups(model, input_size)
     widths = resolve_widths(gm, groups, input_size, include, widths, target_macs, target_params)
     fused = fuse_model(gm, input_size, widths)
-    temps: list[float] = []
-
-    def hook(m: nn.Module, epoch: int, epochs: int) -> None:
-        temps.append(update_fusion(m, epoch, epochs, t_start, t_end, k))
-
-    history = fit(fused, train, fit_config, epoch_hooks=[hook])
-    compact = to_compact(fused)
+    trainer = DCFFTrainer(fused, cfg, Path(run_dir) / runs.PRUNE_TRAIN, t_start=t_start, t_end=t_end, k=k,
+                          updates_per_epoch=updates_per_epoch)  # fmt: skip
+    val = fit(trainer, resume)
+    temps = [trainer.temperature_at(s) for s in trainer.update_steps()]
     info = {
-        "include": include,
-        "temperatures": temps,
-        "target_macs": target_macs,
-        "target_params": target_params,
-    }
-    return finish("dcff", compact, input_size, widths, history, info)
+        "include": include, "target_macs": target_macs, "target_params": target_params,
+        "schedule": {**trainer.schedule, "updates_per_epoch": updates_per_epoch, "updates": len(temps),
+                     "first_temperatures": temps[:3], "last_temperature": temps[-1]},
+    }  # fmt: skip
+    return finish("dcff", to_compact(trainer.model), input_size, widths, val, info)

@@ -13,16 +13,20 @@
 
 Widths come from ``widths`` (channels per group), or from ``target_macs`` / ``target_params``:
 then every prunable group keeps the same fraction of its channels, the largest that fits.
+Training (with ``cfg``) is a plain :class:`~dynaslice.train.ModelTrainer` run: fine-tuning in
+``RUN/finetune`` for ``prune.finetune_epochs``, or, from scratch, ``RUN/train`` for ``train.epochs``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._fit import FitConfig, fit_if
+from .. import runs
+from ..train.config import Config
 from .common import (
     ChannelGroup,
     PruneResult,
@@ -33,6 +37,7 @@ from .common import (
     reinitialize,
     resolve_widths,
 )
+from .phases import finetune, run_phase
 
 __all__ = ["l1_scores", "l1_select", "prune_l1", "prune_random", "random_select", "train_from_scratch"]
 
@@ -74,22 +79,23 @@ def _run(
     model: nn.Module,
     input_size: Sequence[int],
     select,
-    train,
-    finetune: FitConfig | None,
     widths: Mapping[str, int] | None,
-    target_macs: int | None,
-    target_params: int | None,
+    targets: tuple[int | None, int | None],
     include: str,
-    reinit_seed: int | None = None,
+    cfg: Config | None,
+    run_dir: str | Path | None,
+    resume: bool,
+    scratch_seed: int | None = None,
 ) -> PruneResult:
     gm, groups = channel_groups(model, input_size)
-    widths = resolve_widths(gm, groups, input_size, include, widths, target_macs, target_params)
+    widths = resolve_widths(gm, groups, input_size, include, widths, *targets)
     compact = prune_channels(gm, groups, select(gm, groups, widths))
-    if reinit_seed is not None:
-        reinitialize(compact, reinit_seed)
-    history = fit_if(compact, train, finetune)
-    info = {"include": include, "target_macs": target_macs, "target_params": target_params}
-    return finish(method, compact, input_size, widths, history, info)
+    if scratch_seed is None:
+        val = finetune(compact, cfg, run_dir, resume)
+    else:
+        val = run_phase(reinitialize(compact, scratch_seed), cfg, run_dir, runs.PRUNE_TRAIN, resume=resume)
+    info = {"include": include, "target_macs": targets[0], "target_params": targets[1]}
+    return finish(method, compact, input_size, widths, val, info)
 
 
 def prune_l1(
@@ -100,16 +106,16 @@ def prune_l1(
     target_macs: int | None = None,
     target_params: int | None = None,
     include: str = "internal",
-    train=None,
-    finetune: FitConfig | None = None,
+    cfg: Config | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> PruneResult:
-    """L1-norm filter pruning of a trained plain model, then fine-tuning on ``train`` (if given).
+    """L1-norm filter pruning of a trained plain model, then fine-tuning (with ``cfg``).
 
     ``model`` is not modified. The result's network is a plain ``fx.GraphModule``.
     """
-    return _run(
-        "l1", model, input_size, l1_select, train, finetune, widths, target_macs, target_params, include
-    )
+    targets = (target_macs, target_params)
+    return _run("l1", model, input_size, l1_select, widths, targets, include, cfg, run_dir, resume)
 
 
 def prune_random(
@@ -121,14 +127,14 @@ def prune_random(
     target_params: int | None = None,
     include: str = "internal",
     seed: int = 0,
-    train=None,
-    finetune: FitConfig | None = None,
+    cfg: Config | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> PruneResult:
-    """Random channels (seeded) at the given widths or budget, then fine-tuning."""
+    """Random channels (seeded) at the given widths or budget, then fine-tuning (with ``cfg``)."""
     select = lambda gm, groups, w: random_select(groups, w, seed)  # noqa: E731
-    return _run(
-        "random", model, input_size, select, train, finetune, widths, target_macs, target_params, include
-    )
+    targets = (target_macs, target_params)
+    return _run("random", model, input_size, select, widths, targets, include, cfg, run_dir, resume)
 
 
 def train_from_scratch(
@@ -140,12 +146,12 @@ def train_from_scratch(
     target_params: int | None = None,
     include: str = "internal",
     seed: int = 0,
-    train=None,
-    fit_config: FitConfig | None = None,
+    cfg: Config | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> PruneResult:
-    """The compact architecture (first channels of each group), freshly initialised, trained alone."""
+    """The compact architecture (first channels of each group), freshly initialised (``seed``),
+    trained alone for ``train.epochs`` (with ``cfg``, in ``RUN/train``)."""
     select = lambda gm, groups, w: keep_first(w)  # noqa: E731
-    return _run(
-        "scratch", model, input_size, select, train, fit_config, widths, target_macs, target_params, include,
-        reinit_seed=seed,
-    )  # fmt: skip
+    targets = (target_macs, target_params)
+    return _run("scratch", model, input_size, select, widths, targets, include, cfg, run_dir, resume, seed)

@@ -4,8 +4,9 @@
 **1xN.** A block is ``N`` consecutive output kernels at one input channel: ``W[o:o+N, i, :, :]``.
 Each sparse conv drops its ``int(sparsity * blocks)`` blocks of smallest L1 norm (the same rate
 in every layer, as the official ``pr_target``); the mask is fixed and the network fine-tuned with
-it (``torch.nn.utils.prune.custom_from_mask``, removed at the end so the result is a plain model
-whose pruned weights are exact zeros).
+it on the engine (:class:`MaskedTrainer`: pruned weights are zeroed before training and again
+after every optimizer step, so every forward sees them at zero), and the result is a plain model
+whose pruned weights are exact zeros.
 
 **Filter rearrangement** (``rearrange=True``). Before the blocks are formed, a conv's output
 filters are sorted by L1 norm (ascending, as the official ``rearrange_w``), so that each block
@@ -38,22 +39,25 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.utils import prune as torch_prune
 
-from ._fit import FitConfig, fit_if
+from ..train.config import Config
+from ..train.model import ModelTrainer
 from .common import ChannelGroup, PruneResult, PruningError, channel_groups, finish, prune_channels
+from .phases import finetune
 
 __all__ = [
+    "MaskedTrainer",
     "apply_masks",
     "block_mask",
     "magnitude_mask",
     "magnitude_prune",
     "onexn_prune",
     "rearrange_filters",
-    "remove_masks",
     "sparse_layers",
 ]
 
@@ -118,20 +122,33 @@ def rearrange_filters(
     return prune_channels(model, groups, perms), perms
 
 
+@torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Fix ``masks`` on the layers' weights (``torch.nn.utils.prune``): pruned weights stay zero
-    through training. Returns ``model`` (changed in place)."""
+    """Zero the weights each 0/1 mask drops (in place); returns ``model``."""
     for name, mask in masks.items():
-        torch_prune.custom_from_mask(model.get_submodule(name), "weight", mask)
+        model.get_submodule(name).weight.mul_(mask.to(model.get_submodule(name).weight))
     return model
 
 
-def remove_masks(model: nn.Module) -> nn.Module:
-    """Make the masks permanent: plain ``weight`` parameters with zeros, no hooks. In place."""
-    for m in model.modules():
-        if torch_prune.is_pruned(m) and hasattr(m, "weight_mask"):
-            torch_prune.remove(m, "weight")
-    return model
+class MaskedTrainer(ModelTrainer):
+    """Fine-tunes with fixed sparsity masks (``{layer: 0/1 tensor}``): the pruned weights are zero
+    before the first step and after every optimizer step. The masks travel with checkpoints, so
+    a resumed run keeps exactly the pattern it started with."""
+
+    def __init__(self, model: nn.Module, cfg: Config, run_dir: str | Path, epochs: float | None = None, *,
+                 masks: Mapping[str, torch.Tensor]):  # fmt: skip
+        super().__init__(model, cfg, run_dir, epochs)
+        self.masks = {name: m.detach().to(self.device, torch.bool) for name, m in masks.items()}
+        apply_masks(self.model, self.masks)
+
+    def after_step(self, losses: list[float], info: dict[str, Any]) -> None:
+        apply_masks(self.model, self.masks)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"masks": {name: m.cpu() for name, m in self.masks.items()}}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.masks = {name: m.to(self.device) for name, m in state["masks"].items()}
 
 
 def _sparse_run(
@@ -141,8 +158,9 @@ def _sparse_run(
     make_mask,
     rearrange: bool,
     layers: Sequence[str] | None,
-    train,
-    finetune: FitConfig | None,
+    cfg: Config | None,
+    run_dir: str | Path | None,
+    resume: bool,
     info: dict,
 ) -> PruneResult:
     gm, groups = channel_groups(model, input_size)
@@ -159,10 +177,9 @@ def _sparse_run(
         work = copy.deepcopy(gm)
     masks = {n: make_mask(work.get_submodule(n).weight) for n in layers}
     apply_masks(work, masks)
-    history = fit_if(work, train, finetune)
-    remove_masks(work)
+    val = finetune(work, cfg, run_dir, resume, MaskedTrainer, masks=masks)
     info = {**info, "layers": layers, "rearranged": sorted(perms)}
-    return finish(method, work, input_size, {}, history, info)
+    return finish(method, work, input_size, {}, val, info)
 
 
 def onexn_prune(
@@ -173,16 +190,18 @@ def onexn_prune(
     rearrange: bool = True,
     *,
     layers: Sequence[str] | None = None,
-    train=None,
-    finetune: FitConfig | None = None,
+    cfg: Config | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> PruneResult:
-    """1xN block pruning of a trained plain model with a fixed mask, then fine-tuning; one call.
+    """1xN block pruning of a trained plain model with a fixed mask, then fine-tuning (with ``cfg``,
+    in ``RUN/finetune``); one call.
 
     ``model`` is not modified. The result runs dense: see the module docstring on costs.
     """
     mask = lambda w: block_mask(w, n, sparsity)  # noqa: E731
     info = {"n": n, "sparsity": sparsity, "rearrange": rearrange}
-    return _sparse_run(f"1x{n}", model, input_size, mask, rearrange, layers, train, finetune, info)
+    return _sparse_run(f"1x{n}", model, input_size, mask, rearrange, layers, cfg, run_dir, resume, info)
 
 
 def magnitude_prune(
@@ -191,11 +210,12 @@ def magnitude_prune(
     sparsity: float = 0.5,
     *,
     layers: Sequence[str] | None = None,
-    train=None,
-    finetune: FitConfig | None = None,
+    cfg: Config | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> PruneResult:
     """Unstructured magnitude pruning on the same layers as 1xN (equal parameters at equal
     ``sparsity``), fixed mask, then fine-tuning."""
     mask = lambda w: magnitude_mask(w, sparsity)  # noqa: E731
     info = {"sparsity": sparsity}
-    return _sparse_run("magnitude", model, input_size, mask, False, layers, train, finetune, info)
+    return _sparse_run("magnitude", model, input_size, mask, False, layers, cfg, run_dir, resume, info)

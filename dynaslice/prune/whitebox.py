@@ -15,7 +15,8 @@ TNNLS 2022; code ``zyxxmu/White-Box``).
 
 Defaults follow the official ImageNet ResNet-50 recipe (the one ResNet setting that uses the
 regulariser): ``lambda = 5e-4``, masks on every block-internal width. The network trains with its
-masks from scratch in the official code (pass an untrained model for that; a trained one works too).
+masks from scratch in the official code (pass an untrained model for that; a trained one works too),
+on the engine (:class:`WhiteBoxTrainer`: the regulariser is its loss term).
 
 Departures from the official code, and why:
 
@@ -35,19 +36,27 @@ Departures from the official code, and why:
 - The official VGG and MobileNetV2 builders keep *random* channels of their last layers (and
   fill the classifier's columns from ``torch.randn`` placeholders); for ResNets they keep the
   residual stream whole, which is what we do: only block-internal widths are pruned.
-- A target the vote cannot reach (every layer at its minimum) is an error, not an endless loop.
+- A target the vote cannot reach (every layer at its minimum) is an error, not an endless loop,
+  raised before any training (:func:`vote_floor`).
+- The masks are not weight-decayed (the project decays conv and linear weights only; the official
+  code decays every parameter). Decay shrinks all masks by the same factor per step, which leaves
+  the ranking of the scores ``|sum_k M[k, c]|`` unchanged up to the gradient's share.
+- The loss uses the config's label smoothing, as every network of a comparison does.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._fit import FitConfig, fit, fit_if
+from .. import runs
+from ..train.config import Config
+from ..train.model import ModelTrainer
 from .common import (
     ChannelGroup,
     CostModel,
@@ -58,14 +67,17 @@ from .common import (
     prunable_groups,
     prune_channels,
 )
+from .phases import finetune, fit, pretrain_epochs
 
 __all__ = [
     "ClassMask",
-    "WhiteBoxLoss",
+    "WhiteBoxTrainer",
     "add_class_masks",
     "global_vote",
+    "mask_regularizer",
     "mask_scores",
     "strip_class_masks",
+    "vote_floor",
     "whitebox_prune",
 ]
 
@@ -150,19 +162,29 @@ def _masks(masked: nn.Module) -> dict[str, ClassMask]:
     return {n: m for n, m in masked.named_children() if isinstance(m, ClassMask)}
 
 
-class WhiteBoxLoss:
-    """Per-step loss of the mask phase: ``CE(model(x, y), y) + lam * sum_l || sum_k M_l[k] ||_2``."""
+def mask_regularizer(masked: nn.Module) -> torch.Tensor:
+    """White-Box's regulariser: ``sum_layers || sum_k M_l[k] ||_2`` over the class masks."""
+    return sum(m.mask.sum(0).norm(2) for m in _masks(masked).values())
 
-    def __init__(self, lam: float = 5e-4):
+
+class WhiteBoxTrainer(ModelTrainer):
+    """The mask phase: a masked network (:func:`add_class_masks`) trained with its masks by
+    ``CE(model(x, y), y) + lam * mask_regularizer``. It has no validation: the masked network
+    needs the labels, which test images do not have."""
+
+    def __init__(self, masked: nn.Module, cfg: Config, run_dir: str | Path, epochs: float | None = None, *,
+                 lam: float = 5e-4):  # fmt: skip
         if lam < 0:
             raise ValueError(f"the mask regulariser weight must be >= 0, got {lam}")
+        super().__init__(masked, cfg, run_dir, epochs)
         self.lam = lam
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(model(x, y), y)
-        if self.lam:
-            loss = loss + self.lam * sum(m.mask.sum(0).norm(2) for m in _masks(model).values())
-        return loss
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(self.model(x, y).float(), y, label_smoothing=self.cfg.train.label_smoothing)
+        return ce + self.lam * mask_regularizer(self.model) if self.lam else ce
+
+    def validate(self) -> None:
+        return None
 
 
 def mask_scores(masked: nn.Module, groups: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -184,6 +206,31 @@ def _vote(scores: Mapping[str, torch.Tensor], order: list[tuple[str, int]], n: i
     return kept
 
 
+def _minimum(groups: Mapping[str, ChannelGroup], names: Sequence[str], min_keep: float) -> dict[str, int]:
+    if not 0 <= min_keep <= 1:
+        raise PruningError(f"min_keep must lie in [0, 1], got {min_keep}")
+    return {g: max(1, int(groups[g].size * min_keep)) for g in names}
+
+
+def vote_floor(
+    model: fx.GraphModule,
+    groups: Mapping[str, ChannelGroup],
+    names: Sequence[str],
+    input_size: Sequence[int],
+    target_macs: int,
+    min_keep: float = 0.3,
+) -> int:
+    """The fewest MACs the vote can reach (every layer in ``names`` at its minimum); raises
+    :class:`PruningError` when ``target_macs`` is below it. Needs no scores: check before training."""
+    floor = CostModel(model, groups, input_size)(_minimum(groups, names, min_keep))["macs"]
+    if target_macs < floor:
+        raise PruningError(
+            f"a MACs target of {target_macs:,} is below the {floor:,} White-Box reaches with every layer at "
+            f"its minimum ({min_keep:.0%} of its channels); raise the target or lower min_keep"
+        )
+    return floor
+
+
 def global_vote(
     model: fx.GraphModule,
     groups: Mapping[str, ChannelGroup],
@@ -193,9 +240,8 @@ def global_vote(
     min_keep: float = 0.3,
 ) -> dict[str, list[int]]:
     """The channels to keep: the largest global vote whose compact network has ``<= target_macs``."""
-    if not 0 <= min_keep <= 1:
-        raise PruningError(f"min_keep must lie in [0, 1], got {min_keep}")
-    minimum = {g: max(1, int(groups[g].size * min_keep)) for g in scores}
+    vote_floor(model, groups, list(scores), input_size, target_macs, min_keep)
+    minimum = _minimum(groups, list(scores), min_keep)
     flat = [(g, i, float(s)) for g, t in scores.items() for i, s in enumerate(t)]
     order = [(g, i) for g, i, _ in sorted(flat, key=lambda e: -e[2])]  # stable: ties by position
     costs = CostModel(model, groups, input_size)
@@ -203,13 +249,7 @@ def global_vote(
     def macs(n: int) -> int:
         return costs({g: len(k) for g, k in _vote(scores, order, n, minimum).items()})["macs"]
 
-    floor = macs(0)
-    if target_macs < floor:
-        raise PruningError(
-            f"a MACs target of {target_macs:,} is below the {floor:,} White-Box reaches with every layer at "
-            f"its minimum ({min_keep:.0%} of its channels); raise the target or lower min_keep"
-        )
-    lo, hi = 0, len(order)  # macs(lo) <= target; find the largest such n
+    lo, hi = 0, len(order)  # macs(0) is the floor, within the target; find the largest such n
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if macs(mid) <= target_macs:
@@ -225,29 +265,34 @@ def whitebox_prune(
     model: nn.Module,
     input_size: Sequence[int],
     num_classes: int,
-    train,
     target_macs: int,
-    mask_fit: FitConfig,
-    finetune: FitConfig | None,
+    cfg: Config,
+    run_dir: str | Path,
     *,
     lam: float = 5e-4,
     min_keep: float = 0.3,
     include: str = "internal",
+    resume: bool = False,
 ) -> PruneResult:
-    """White-Box in one call: train masks with the network, vote, prune, fine-tune.
+    """White-Box in one call: train masks with the network (``RUN/train``, the budget less the
+    fine-tuning), vote to ``target_macs``, prune, fine-tune (``RUN/finetune``).
 
-    ``model`` is not modified (the mask phase trains a copy). ``finetune=None`` skips fine-tuning.
+    ``model`` is not modified (the mask phase trains a copy). An unreachable target is an error
+    before any training.
     """
     gm, groups = channel_groups(model, input_size)
     names = prunable_groups(groups, include)
+    vote_floor(gm, groups, names, input_size, target_macs, min_keep)
     masked = add_class_masks(gm, input_size, num_classes, include)
-    history = fit(masked, train, mask_fit, loss_fn=WhiteBoxLoss(lam))
-    trained = strip_class_masks(masked)
+    trainer = WhiteBoxTrainer(masked, cfg, Path(run_dir) / runs.PRUNE_TRAIN, pretrain_epochs(cfg), lam=lam)
+    fit(trainer, resume)
+    masked = trainer.model
     scores = mask_scores(masked, names)
+    trained = strip_class_masks(masked)
     keep = global_vote(trained, groups, scores, input_size, target_macs, min_keep)
     compact = prune_channels(trained, groups, keep)
-    history += fit_if(compact, train, finetune)
+    val = finetune(compact, cfg, run_dir, resume)
     widths = {g: len(k) for g, k in keep.items()}
     info = {"lam": lam, "min_keep": min_keep, "target_macs": target_macs, "include": include,
             "scores": {g: s.tolist() for g, s in scores.items()}}  # fmt: skip
-    return finish("whitebox", compact, input_size, widths, history, info)
+    return finish("whitebox", compact, input_size, widths, val, info)
