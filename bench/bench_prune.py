@@ -1,149 +1,138 @@
 """Pruning on Fashion-MNIST resnet_small: DCFF, White-Box, 1xN and the baselines they are judged by.
 
-Per seed, with E = --epochs (the budget of every pipeline) and F = --ft-epochs (fine-tuning):
+Every network trains on the project's engine with the recipe of ``configs/prune.yaml`` (SGD
+Nesterov lr 0.1, cosine, 0.1 epoch warm-up; label smoothing 0.1) for E = ``--epochs`` epochs in
+all; prune-then-fine-tune pipelines spend F = ``--ft-epochs`` of them fine-tuning at lr 0.01. Per
+seed (``train.seed``: the initialisation, the validation split, the batches):
 
   base  the full network trained E - F epochs; every prune-then-fine-tune method starts from it
-  (a)   ~--target of the full MACs: DCFF trained from scratch for E epochs | L1 filters (same
-        widths: DCFF's uniform ratio over every conv, residual streams included) + F epochs of
-        fine-tuning | that compact network from scratch for E epochs
-  (b)   the same MACs target: White-Box (masks and network trained E - F epochs, global vote,
-        F fine-tuning) | L1 on block-internal widths, uniform ratio + F | random channels with
-        White-Box's per-layer widths + F | White-Box's architecture from scratch for E epochs
+  (a)   ~--target of the full MACs, DCFF's uniform keep ratio over every conv (residual streams
+        included): DCFF from scratch, E epochs, the official temperature schedule (``dcff``) and
+        the official 300-epoch CIFAR schedule compressed into E epochs (``dcff_scaled``: k and
+        updates per epoch = 300 / E) | L1 filters at those widths + F | those widths from
+        scratch, E epochs
+  (b)   the same MACs target: White-Box (masks and network E - F epochs, global vote, F
+        fine-tuning) | L1 on block-internal widths, uniform ratio, + F | random channels with
+        White-Box's per-layer widths + F | White-Box's architecture from scratch, E epochs
   (c)   --sparsity of the weights of every conv but the stem: 1xN (N = 4, 8, with and without
-        filter rearrangement) + F | unstructured magnitude + F | L1 filter pruning at the same
-        number of parameters as 1x4 + F
-  (d)   (with --supernet CKPT) the supernet's widest uniform subnet within the (a)/(b) target
-        (BN recalibrated on 2000 training images) | that architecture trained alone for E epochs
+        filter rearrangement) + F | unstructured magnitude + F | L1 filter pruning at the
+        parameters of 1x4 (every group) + F
+  (d)   (``--supernet RUN``) the supernet's widest uniform subnet within the (a)/(b) target (BN
+        recalibrated on 2000 training images) | that architecture trained alone for E epochs
 
-So every pipeline trains for E epochs in all, on the full Fashion-MNIST training split minus a
-5000-image validation split (--train-size for smoke runs). Nothing is selected on the test split:
-each network is the one at the end of its schedule, reported on val (5k) and test (10k). Every
-final network is exported to ONNX (``runs/.../seed*/NAME.onnx``, dense weights); ``--latency``
-adds its measured onnxruntime latency at batch 1 (interleaved rounds; run it on a quiet machine).
-1xN and magnitude rows report ``macs`` (dense, what runs) next to ``nominal_macs`` (non-zero
-weights only): no 1xN kernel exists in torch or onnxruntime, so their latency is the dense one.
+Data: the full Fashion-MNIST training split minus a 5000-image validation split; nothing is
+selected on the 10k test split (every network is the one at the end of its schedule; the DCFF
+schedule question is read on the validation column). Each run is a resumable run directory
+under ``--runs``/seedN/NAME, exported to ``NAME.onnx`` (dense weights); its row (costs from
+``FlopCounterMode``, val and test top-1) is cached as ``NAME.json``, so a killed seed continues
+where it stopped. 1xN and magnitude rows report ``macs`` (dense, what runs) next to
+``nominal_macs`` (non-zero weights only): no 1xN kernel exists in torch or onnxruntime.
+``--latency`` adds each network's onnxruntime latency at batch 1 (interleaved rounds; quiet
+machine only).
 
-Budget: E = 2, F = 0.5 by default. A full-width training step of 128 images costs about 1.1 s on
-one core (bench/out/stage1_cost.json: 1.08 s), so one epoch of 55k images costs ~7.7 min at full
-width and ~4 min at half the MACs. One seed of (a)-(c) is about 10 full-width-epoch equivalents
-(base and White-Box masks 1.5 each, DCFF ~1.2, the two scratch nets ~2, the five sparse
-fine-tunes 2.5 -- they run dense --, five channel-pruned fine-tunes ~1.3) = ~77 min, plus ~8 min
-to evaluate (15k images per network) and export the 15 networks: ~85 min. Short budgets are where
-the methods differ most (inherited weights versus training from scratch, a criterion versus the
-widths it picks), and E = 2 leaves the full network short of saturation (the Stage-I static
-network reaches 85.9% after 2 epochs of 16k images), so the comparisons are not all ties.
-(d) adds E epochs of a ~50% network (~8 min).
+Budget: E = 1, F = 0.25 (429 steps of 128 images per epoch). On one core of the shared
+development machine a full-width step costs 1.1-1.6 s (half the MACs: ~1.3 s), so one seed is
+about 9 full-network epochs of training (base 0.75, DCFF 2 x ~0.9, White-Box 0.8, two scratch
+nets ~1.7, four 1xN + magnitude fine-tunes 1.25 at full width, four channel-pruned fine-tunes
+~0.9) plus evaluating 16 networks on 15k images: ~75-100 min. Short budgets are where the methods
+differ most (inherited weights versus training from scratch, a criterion versus the widths it
+picks); one epoch leaves the full network short of saturation.
 
-    python bench/bench_prune.py --seeds 0 1 2                       # the benchmark (~85 min/seed)
-    python bench/bench_prune.py --epochs 1 --ft-epochs 0.5 --train-size 2000 --test-images 1000
-        --parts a b c --out bench/out/prune_smoke.json                # smoke run (minutes)
+    python bench/bench_prune.py --seed 0                 # one seed -> bench/out/prune_seed0.json
+    python bench/bench_prune.py --summary                # bench/out/prune_seed*.json -> bench/out/prune.json
+    python bench/bench_prune.py --seed 0 --quick         # smoke run (minutes; says nothing)
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import math
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import QUICK, test_split, write_results
 
 import dynaslice as ds
-from dynaslice.atomic import atomic_path, atomic_write_json, cached_json
+from dynaslice import runs
+from dynaslice.atomic import cached_json
+from dynaslice.profile import count_module_macs
 from dynaslice.prune import (
-    FitConfig,
     PruneResult,
     accuracy,
-    count_model_macs,
     dcff_train,
     export_onnx,
     magnitude_prune,
     onexn_prune,
     prune_l1,
     prune_random,
+    train_base,
     train_from_scratch,
     whitebox_prune,
 )
-from dynaslice.prune._fit import fit
 from dynaslice.prune.common import finish, reinitialize
-from dynaslice.train.config import DataConfig
-from dynaslice.train.data import eval_loader, load_split, train_loader
-from dynaslice.train.samplers import derive_seed
+from dynaslice.prune.phases import run_phase
+from dynaslice.prune.run import full_network
+from dynaslice.train import load_config
+from dynaslice.train.data import eval_loader, load_split
 
-SIZE = (1, 28, 28)
+SCALED_FROM = 300  # the official CIFAR schedule's epochs, compressed into the run for dcff_scaled
 
-
-def fresh_model(seed: int) -> torch.fx.GraphModule:
-    """An untrained plain resnet_small (the supernet's largest subnet), the same for a given seed."""
-    torch.manual_seed(derive_seed("bench-prune-init", seed))
-    net = ds.create_supernet("resnet_small", in_chans=1, num_classes=10, input_size=SIZE[1])
-    return ds.extract_subnet(net, net.space.largest())
+# paired comparisons of issue 19 (a)-(c): (name, better?, than)
+GOALS = {
+    "a": [("dcff", "l1_all"), ("dcff", "scratch_all"), ("dcff_scaled", "l1_all"), ("dcff_scaled", "scratch_all")],
+    "b": [("whitebox", "l1_internal"), ("whitebox", "random_wb"), ("whitebox", "scratch_wb")],
+    "c": [("1x4_rearranged", "1x4"), ("1x8_rearranged", "1x8"), ("1x4_rearranged", "l1_params"),
+          ("1x8_rearranged", "l1_params"), ("1x4_rearranged", "magnitude")],
+    "d": [("supernet", "alone"), ("dcff", "supernet"), ("whitebox", "supernet")],
+}  # fmt: skip
 
 
 class Bench:
-    """One seed's runs, each cached as JSON (and its network as ONNX) under ``root``."""
+    """One seed's runs, each a run directory and a cached row under ``root``."""
 
     def __init__(self, args: argparse.Namespace, seed: int):
         self.args, self.seed = args, seed
         self.root = Path(args.runs) / f"seed{seed}"
-        cfg = DataConfig(
-            name="fashion_mnist", batch_size=args.batch_size, val_size=5000, train_size=args.train_size
-        )
-        self.train = train_loader(cfg, load_split(cfg, "train", seed), seed=seed, rank=0, world_size=1)
-        self.val = eval_loader(load_split(cfg, "val", seed))
-        test = load_split(cfg, "test", seed)
-        if args.test_images:
-            test = test.subset(range(min(args.test_images, len(test))))
-        self.test = eval_loader(test)
-        e, f = args.epochs, args.ft_epochs
-        self.scratch = FitConfig(epochs=e, lr=args.lr, weight_decay=args.weight_decay)
-        self.pre = FitConfig(epochs=e - f, lr=args.lr, weight_decay=args.weight_decay)
-        self.ft = FitConfig(epochs=f, lr=args.ft_lr, weight_decay=args.weight_decay, warmup_epochs=0)
-        self.full_macs = count_model_macs(fresh_model(seed), SIZE)
+        overrides = [
+            f"train.seed={seed}", f"train.threads={args.threads}", f"train.epochs={args.epochs}",
+            f"prune.finetune_epochs={args.ft_epochs}", *(QUICK if args.quick else []), *args.set,
+        ]  # fmt: skip
+        self.cfg = load_config("prune", overrides)
+        self.model, self.size, self.classes = full_network(self.cfg)
+        self.val = eval_loader(load_split(self.cfg.data, "val", seed))
+        self.test = eval_loader(test_split(self.cfg, args.test_images))
+        self.full_macs = count_module_macs(self.model, self.size)
         self.target = int(args.target * self.full_macs)
-        self._base: torch.fx.GraphModule | None = None
-        self.names: list[str] = []  # runs in the order they were made, for the table
+        self._base: torch.nn.Module | None = None
+        self.rows: dict[str, dict[str, Any]] = {}
 
-    def base(self) -> torch.fx.GraphModule:
-        """The full network trained E - F epochs (kept on disk: every fine-tune starts here)."""
+    def base(self) -> torch.nn.Module:
         if self._base is None:
-            path = self.root / "base.pt"
-            model = fresh_model(self.seed)
-            if not path.is_file():
-                (self.root / "base.json").unlink(missing_ok=True)  # a result without its weights
-
-            def train_base() -> PruneResult:
-                history = fit(model, self.train, self.pre)
-                with atomic_path(path) as tmp:
-                    torch.save(model.state_dict(), tmp)
-                return finish("base", copy.deepcopy(model), SIZE, history=history)
-
-            self.run("base", train_base)
-            model.load_state_dict(torch.load(path, weights_only=True))
-            self._base = model.eval()
+            self._base = train_base(self.model, self.cfg, self.root / "base", resume=True)
         return self._base
 
     def run(self, name: str, make) -> dict[str, Any]:
-        """``make()`` -> PruneResult, evaluated, exported and cached as ``NAME.json``."""
+        """``make(run_dir)`` -> PruneResult, exported and evaluated; cached as ``NAME.json``."""
 
         def compute() -> dict[str, Any]:
-            torch.manual_seed(derive_seed("bench-prune", self.seed, name))
             t0 = time.perf_counter()
-            result = make()
+            result: PruneResult = make(self.root / name)
             seconds = time.perf_counter() - t0
             export_onnx(result, self.root / f"{name}.onnx")
             row = {"name": name, **result.summary(), "train_seconds": seconds}
-            row["val_accuracy"] = accuracy(result.model, self.val)
+            row["info"] = {k: v for k, v in row["info"].items() if k != "scores"}  # in the run directory
+            if row["val_accuracy"] is None:
+                row["val_accuracy"] = accuracy(result.model, self.val)
             row["test_accuracy"] = accuracy(result.model, self.test)
             return row
 
-        row = cached_json(self.root / f"{name}.json", compute)
-        self.names.append(name)
+        row = self.rows[name] = cached_json(self.root / f"{name}.json", compute)
         print(
-            f"seed {self.seed} {name:<14} val {row['val_accuracy']:.2f}  test {row['test_accuracy']:.2f}  "
+            f"seed {self.seed} {name:<15} val {row['val_accuracy']:.2f}  test {row['test_accuracy']:.2f}  "
             f"MMACs {row['macs'] / 1e6:.2f} (nominal {row['nominal_macs'] / 1e6:.2f})  "
             f"params {row['nonzero_params']:,}/{row['params']:,}  {row['train_seconds']:.0f} s",
             flush=True,
@@ -153,63 +142,70 @@ class Bench:
     # ----------------------------------------------------------------------- the comparisons
 
     def part_a(self) -> None:
-        base = self.base()
-        dcff = self.run("dcff", lambda: dcff_train(fresh_model(self.seed), SIZE, self.train, self.scratch,
-                                                   target_macs=self.target, include="all"))  # fmt: skip
+        m, size, cfg, p = self.model, self.size, self.cfg, self.cfg.prune
+        schedule = {"t_start": p.t_start, "t_end": p.t_end}
+        dcff = self.run("dcff", lambda d: dcff_train(m, size, cfg, d, target_macs=self.target, include="all",
+                                                     k=p.k, updates_per_epoch=p.updates_per_epoch,
+                                                     resume=True, **schedule))  # fmt: skip
+        scaled = SCALED_FROM / self.args.epochs
+        self.run("dcff_scaled", lambda d: dcff_train(m, size, cfg, d, target_macs=self.target, include="all",
+                                                     k=scaled, updates_per_epoch=round(scaled),
+                                                     resume=True, **schedule))  # fmt: skip
         widths = dcff["widths"]
-        self.run("l1_all", lambda: prune_l1(base, SIZE, widths=widths, train=self.train, finetune=self.ft))
-        self.run("scratch_all", lambda: train_from_scratch(base, SIZE, widths=widths, seed=self.seed,
-                                                           train=self.train, fit_config=self.scratch))  # fmt: skip
+        self.run("l1_all", lambda d: prune_l1(self.base(), size, widths=widths, cfg=cfg, run_dir=d, resume=True))
+        self.run("scratch_all", lambda d: train_from_scratch(m, size, widths=widths, seed=self.seed, cfg=cfg,
+                                                             run_dir=d, resume=True))  # fmt: skip
 
     def part_b(self) -> None:
-        base = self.base()
-        wb = self.run("whitebox", lambda: whitebox_prune(fresh_model(self.seed), SIZE, 10, self.train,
-                                                         self.target, self.pre, self.ft))  # fmt: skip
+        m, size, cfg, p = self.model, self.size, self.cfg, self.cfg.prune
+        wb = self.run("whitebox", lambda d: whitebox_prune(m, size, self.classes, self.target, cfg, d, lam=p.lam,
+                                                           min_keep=p.min_keep, resume=True))  # fmt: skip
         widths = wb["widths"]
-        self.run("l1_internal", lambda: prune_l1(base, SIZE, target_macs=self.target, include="internal",
-                                                 train=self.train, finetune=self.ft))  # fmt: skip
-        self.run("random_wb", lambda: prune_random(base, SIZE, widths=widths, seed=self.seed, train=self.train,
-                                                   finetune=self.ft))  # fmt: skip
-        self.run("scratch_wb", lambda: train_from_scratch(base, SIZE, widths=widths, seed=self.seed,
-                                                          train=self.train, fit_config=self.scratch))  # fmt: skip
+        self.run("l1_internal", lambda d: prune_l1(self.base(), size, target_macs=self.target, include="internal",
+                                                   cfg=cfg, run_dir=d, resume=True))  # fmt: skip
+        self.run("random_wb", lambda d: prune_random(self.base(), size, widths=widths, seed=self.seed, cfg=cfg,
+                                                     run_dir=d, resume=True))  # fmt: skip
+        self.run("scratch_wb", lambda d: train_from_scratch(m, size, widths=widths, seed=self.seed, cfg=cfg,
+                                                            run_dir=d, resume=True))  # fmt: skip
 
     def part_c(self) -> None:
-        base, s = self.base(), self.args.sparsity
-        rows = {}
+        size, cfg, s = self.size, self.cfg, self.args.sparsity
         for n in (4, 8):
             for rearrange in (True, False):
                 name = f"1x{n}{'_rearranged' if rearrange else ''}"
-                rows[name] = self.run(name, lambda n=n, r=rearrange: onexn_prune(
-                    base, SIZE, n, s, r, train=self.train, finetune=self.ft))  # fmt: skip
-        self.run("magnitude", lambda: magnitude_prune(base, SIZE, s, train=self.train, finetune=self.ft))
-        params = rows["1x4_rearranged"]["nonzero_params"]
-        self.run("l1_params", lambda: prune_l1(base, SIZE, target_params=params, include="all",
-                                               train=self.train, finetune=self.ft))  # fmt: skip
+                self.run(name, lambda d, n=n, r=rearrange: onexn_prune(
+                    self.base(), size, n, s, r, cfg=cfg, run_dir=d, resume=True))  # fmt: skip
+        self.run("magnitude", lambda d: magnitude_prune(self.base(), size, s, cfg=cfg, run_dir=d, resume=True))
+        params = self.rows["1x4_rearranged"]["nonzero_params"]
+        self.run("l1_params", lambda d: prune_l1(self.base(), size, target_params=params, include="all", cfg=cfg,
+                                                 run_dir=d, resume=True))  # fmt: skip
 
     def part_d(self) -> None:
-        from dynaslice.train import load_supernet, recalibrate_bn
+        from dynaslice.modelfile import load_supernet, resolve_model_file
+        from dynaslice.train import recalibrate_bn
 
-        net, _ = load_supernet(self.args.supernet)
-        candidates = [net.space.uniform(r / 100) for r in range(35, 101, 5)]
-        fits = [a for a in candidates if ds.count_macs(net, a, SIZE) <= self.target]
+        net, _ = load_supernet(resolve_model_file(self.args.supernet))
+        if tuple(net.input_size) != self.size:
+            raise SystemExit(f"--supernet takes inputs {tuple(net.input_size)}, this benchmark {self.size}")
+        fits = [a for a in (net.space.uniform(r / 100) for r in range(35, 101, 5))
+                if ds.count_macs(net, a, self.size) <= self.target]  # fmt: skip
         if not fits:
-            raise ValueError(f"no uniform subnet of {self.args.supernet} fits {self.target:,} MACs")
-        arch = max(fits, key=lambda a: ds.count_macs(net, a, SIZE))
+            raise SystemExit(f"no uniform subnet of {self.args.supernet} fits {self.target:,} MACs")
+        arch = max(fits, key=lambda a: ds.count_macs(net, a, self.size))
+        info = {"arch": arch.to_dict(), "supernet": str(self.args.supernet)}
 
-        def supernet_row() -> PruneResult:
-            recalibrate_bn(net, [arch], self.train.ds, num_images=2000, seed=self.seed)
-            sub = ds.extract_subnet(net, arch, SIZE)
-            return finish("supernet", sub, SIZE, info={"arch": arch.to_dict()}, history=[])
+        def supernet_row(run_dir: Path) -> PruneResult:
+            train_ds = load_split(self.cfg.data, "train", self.seed)
+            recalibrate_bn(net, [arch], train_ds, num_images=2000, seed=self.seed)
+            return finish("supernet", ds.extract_subnet(net, arch, self.size), self.size, info=info)
+
+        def alone(run_dir: Path) -> PruneResult:
+            model = reinitialize(ds.extract_subnet(net, arch, self.size), seed=self.seed)
+            val = run_phase(model, self.cfg, run_dir, runs.PRUNE_TRAIN, resume=True)
+            return finish("alone", model, self.size, val=val, info=info)
 
         self.run("supernet", supernet_row)
-        self.run("alone", lambda: self._alone(arch))
-
-    def _alone(self, arch) -> PruneResult:
-        torch.manual_seed(derive_seed("bench-prune-alone", self.seed))
-        net = ds.create_supernet("resnet_small", in_chans=1, num_classes=10, input_size=SIZE[1])
-        model = reinitialize(ds.extract_subnet(net, arch, SIZE), seed=self.seed)
-        history = fit(model, self.train, self.scratch)
-        return finish("alone", model, SIZE, history=history, info={"arch": arch.to_dict()})
+        self.run("alone", alone)
 
 
 def latency_rows(root: Path, repeats: int) -> dict[str, float]:
@@ -221,83 +217,111 @@ def latency_rows(root: Path, repeats: int) -> dict[str, float]:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
-    x = np.zeros((1, *SIZE), dtype=np.float32)
     sessions = {p.stem: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                 for p in sorted(root.glob("*.onnx"))}  # fmt: skip
-    fns = {k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for k, s in sessions.items()}
+    x = {k: np.zeros([1, *s.get_inputs()[0].shape[1:]], dtype=np.float32) for k, s in sessions.items()}
+    fns = {k: (lambda s=s, k=k: s.run(None, {s.get_inputs()[0].name: x[k]})) for k, s in sessions.items()}
     times = measure_latency(fns, repeats=repeats)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def table(seeds: dict[int, dict[str, dict]]) -> str:
-    """Markdown: mean (and std over seeds) of each run's numbers."""
-    names = list(next(iter(seeds.values())))
-    lines = [
-        "| run | MMACs (dense) | MMACs (nominal) | params | non-zero params | val (%) | test (%) | latency (ms) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+# --------------------------------------------------------------------------- summary over seeds
+
+
+def mean_se(values: list[float]) -> dict[str, float]:
+    """Mean and standard error of the mean (0 for one value)."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return {"mean": statistics.mean(values), "se": se, "n": len(values)}
+
+
+def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:
+    """Per run: mean +- SE over seeds of accuracies and costs; per goal: the paired differences."""
+    names = list(dict.fromkeys(n for rows in per_seed.values() for n in rows))
+    runs = {}
     for name in names:
-        rows = [s[name] for s in seeds.values() if name in s]
+        rows = [rows[name] for rows in per_seed.values() if name in rows]
+        keys = ("val_accuracy", "test_accuracy", "macs", "nominal_macs", "params", "nonzero_params", "latency_ms")
+        runs[name] = {k: mean_se([r[k] for r in rows]) for k in keys if all(r.get(k) is not None for r in rows)}
+    goals = {}
+    for part, pairs in GOALS.items():
+        for a, b in pairs:
+            seeds = [s for s, rows in per_seed.items() if a in rows and b in rows]
+            if seeds:
+                goals[f"{a} - {b}"] = {
+                    "part": part, "seeds": seeds,
+                    **{split: mean_se([per_seed[s][a][f"{split}_accuracy"] - per_seed[s][b][f"{split}_accuracy"]
+                                       for s in seeds]) for split in ("val", "test")},
+                }  # fmt: skip
+    return {"runs": runs, "goals": goals, "table": table(runs), "goal_table": goal_table(goals)}
 
-        def stat(key: str, scale: float = 1.0, fmt: str = ".2f", rows: list[dict] = rows) -> str:
-            vals = [r[key] * scale for r in rows if r.get(key) is not None]
-            if not vals:
-                return "-"
-            sd = f" ± {statistics.stdev(vals):{fmt}}" if len(vals) > 1 else ""
-            return f"{statistics.mean(vals):{fmt}}{sd}"
 
+def _fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> str:
+    if not stat:
+        return "-"
+    se = f" ± {stat['se'] * scale:.{digits}f}" if stat["n"] > 1 else ""
+    return f"{stat['mean'] * scale:.{digits}f}{se}"
+
+
+def table(runs: dict[str, dict]) -> str:
+    lines = [
+        "| run | MMACs (dense) | MMACs (nominal) | params (k) | non-zero params (k) | val top-1 (%) | test top-1 (%) | latency (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]  # fmt: skip
+    for name, r in runs.items():
         lines.append(
-            f"| {name} | {stat('macs', 1e-6)} | {stat('nominal_macs', 1e-6)} | {stat('params', 1, ',.0f')} | "
-            f"{stat('nonzero_params', 1, ',.0f')} | "
-            f"{stat('val_accuracy')} | {stat('test_accuracy')} | {stat('latency_ms', 1, '.3f')} |"
+            f"| {name} | {_fmt(r.get('macs'), 1e-6)} | {_fmt(r.get('nominal_macs'), 1e-6)} | "
+            f"{_fmt(r.get('params'), 1e-3, 1)} | {_fmt(r.get('nonzero_params'), 1e-3, 1)} | "
+            f"{_fmt(r.get('val_accuracy'))} | {_fmt(r.get('test_accuracy'))} | {_fmt(r.get('latency_ms'), 1, 3)} |"
         )
+    return "\n".join(lines)
+
+
+def goal_table(goals: dict[str, dict]) -> str:
+    lines = ["| part | comparison | seeds | val gap (points) | test gap (points) |", "| --- | --- | ---: | ---: | ---: |"]
+    for name, g in goals.items():
+        lines.append(f"| ({g['part']}) | {name} | {len(g['seeds'])} | {_fmt(g['val'])} | {_fmt(g['test'])} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--epochs", type=float, default=2.0, help="training budget of every pipeline (E)")
-    ap.add_argument("--ft-epochs", type=float, default=0.5, help="fine-tuning epochs after pruning (F)")
+    ap.add_argument("--seed", type=int, default=None, help="run one seed -> OUT_DIR/prune_seedN.json")
+    ap.add_argument("--summary", action="store_true", help="summarise OUT_DIR/prune_seed*.json -> OUT_DIR/prune.json")
+    ap.add_argument("--epochs", type=int, default=1, help="training budget of every pipeline (E)")
+    ap.add_argument("--ft-epochs", type=float, default=0.25, help="fine-tuning epochs after pruning (F)")
     ap.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d"])
     ap.add_argument("--target", type=float, default=0.5, help="MACs target of (a), (b), (d) as a fraction")
     ap.add_argument("--sparsity", type=float, default=0.5, help="weight sparsity of (c)")
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--ft-lr", type=float, default=0.01)
-    ap.add_argument("--weight-decay", type=float, default=5e-5)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--train-size", type=int, default=0, help="train on N images (0: all 55k)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: bench/common.py's QUICK sizing")
     ap.add_argument("--test-images", type=int, default=0, help="evaluate on the first N test images (0: all)")
-    ap.add_argument("--supernet", default=None, help="supernet checkpoint for part (d)")
+    ap.add_argument("--supernet", default=None, metavar="RUN", help="supernet run or model file for part (d)")
     ap.add_argument("--latency", action="store_true", help="measure onnxruntime latency (quiet machine only)")
     ap.add_argument("--latency-repeats", type=int, default=50)
-    ap.add_argument("--runs", default="runs/bench_prune", help="cached runs (resumable)")
-    ap.add_argument("--out", default="bench/out/prune.json")
+    ap.add_argument("--runs", default="runs/bench_prune", help="run directories (resumable)")
+    ap.add_argument("--out-dir", default="bench/out")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    if not 0 < args.ft_epochs < args.epochs:
-        ap.error("--ft-epochs must lie strictly between 0 and --epochs")
+    if (args.seed is None) == (not args.summary):
+        ap.error("give --seed N (run one seed) or --summary (combine the seeds' files)")
     if "d" in args.parts and not args.supernet:
-        ap.error("part d needs --supernet CHECKPOINT")
+        ap.error("part d needs --supernet RUN")
     torch.set_num_threads(args.threads)
-
-    results: dict[int, dict[str, dict]] = {}
-    for seed in args.seeds:
-        bench = Bench(args, seed)
-        for part in args.parts:
-            getattr(bench, f"part_{part}")()
-        rows = {name: json.loads((bench.root / f"{name}.json").read_text()) for name in bench.names}
-        if args.latency:
-            for name, ms in latency_rows(bench.root, args.latency_repeats).items():
-                rows[name]["latency_ms"] = ms
-        results[seed] = rows
-    text = table(results)
-    atomic_write_json(
-        args.out,
-        {"args": vars(args), "threads": torch.get_num_threads(), "seeds": results, "table": text},
-        indent=1,
-    )
-    print("\n" + text + f"\n\nwrote {args.out}")
+    out_dir = Path(args.out_dir)
+    if args.summary:
+        files = sorted(out_dir.glob("prune_seed*.json"))
+        per_seed = {json.loads(f.read_text())["seed"]: json.loads(f.read_text())["rows"] for f in files}
+        summary = summarise(per_seed)
+        write_results(out_dir / "prune.json", {"files": [str(f) for f in files], **summary})
+        print(summary["table"] + "\n\n" + summary["goal_table"])
+        return
+    bench = Bench(args, args.seed)
+    for part in args.parts:
+        getattr(bench, f"part_{part}")()
+    if args.latency:
+        for name, ms in latency_rows(bench.root, args.latency_repeats).items():
+            bench.rows[name]["latency_ms"] = ms
+    write_results(out_dir / f"prune_seed{args.seed}.json", {"args": vars(args), "seed": args.seed, "rows": bench.rows})
 
 
 if __name__ == "__main__":
