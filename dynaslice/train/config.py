@@ -230,7 +230,7 @@ class PruneConfig:
     """
 
     method: str = "l1"
-    target_macs: float | None = 0.5
+    target_macs: float | None = None
     target_params: float | None = None
     include: str | None = None
     finetune_epochs: float = 0.25
