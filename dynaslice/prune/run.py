@@ -72,15 +72,19 @@ def resolve_targets(cfg: Config, model: nn.Module, input_size: tuple[int, ...]) 
         )
     if p.method == "whitebox" and p.target_params is not None:
         raise ConfigError("White-Box's vote meets a MACs target: use --target-macs")
-    full = {"macs": count_module_macs(model, input_size), "params": count_module_params(model)}
-    return tuple(
-        None if v is None else int(v * full[kind]) if v <= 1 else int(v)
-        for kind, v in (("macs", p.target_macs), ("params", p.target_params))
-    )  # type: ignore[return-value]
+
+    def count(value: float | None, full: int) -> int | None:
+        return None if value is None else int(value * full) if value <= 1 else int(value)
+
+    return (
+        count(p.target_macs, count_module_macs(model, input_size)),
+        count(p.target_params, count_module_params(model)),
+    )
 
 
-def _method(cfg: Config, model: nn.Module, size: tuple[int, ...], classes: int, run_dir: Path,
-            resume: bool) -> PruneResult:  # fmt: skip
+def _method(
+    cfg: Config, model: nn.Module, size: tuple[int, ...], classes: int, run_dir: Path, resume: bool
+) -> PruneResult:
     """Run ``cfg.prune.method`` on the untrained full network ``model``."""
     p = cfg.prune
     macs, params = resolve_targets(cfg, model, size)
