@@ -6,6 +6,7 @@ all; prune-then-fine-tune pipelines spend F = ``--ft-epochs`` of them fine-tunin
 seed (``train.seed``: the initialisation, the validation split, the batches):
 
   base  the full network trained E - F epochs; every prune-then-fine-tune method starts from it
+        (reported as the row ``base``)
   (a)   ~--target of the full MACs, DCFF's uniform keep ratio over every conv (residual streams
         included): DCFF from scratch, E epochs, the official temperature schedule (``dcff``) and
         the official 300-epoch CIFAR schedule compressed into E epochs (``dcff_scaled``: k and
@@ -46,6 +47,7 @@ picks); one epoch leaves the full network short of saturation.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -111,8 +113,11 @@ class Bench:
         self.rows: dict[str, dict[str, Any]] = {}
 
     def base(self) -> torch.nn.Module:
+        """The full network after E - F epochs (``RUN/base``), also reported as the row ``base``."""
         if self._base is None:
-            self._base = train_base(self.model, self.cfg, self.root / "base", resume=True)
+            base = self._base = train_base(self.model, self.cfg, self.root / "base", resume=True)
+            val = json.loads((self.root / "base" / runs.FINAL_EVAL).read_text())
+            self.run("base", lambda d: finish("base", copy.deepcopy(base), self.size, val=val))
         return self._base
 
     def run(self, name: str, make) -> dict[str, Any]:
@@ -142,6 +147,7 @@ class Bench:
     # ----------------------------------------------------------------------- the comparisons
 
     def part_a(self) -> None:
+        self.base()
         m, size, cfg, p = self.model, self.size, self.cfg, self.cfg.prune
         schedule = {"t_start": p.t_start, "t_end": p.t_end}
         dcff = self.run("dcff", lambda d: dcff_train(m, size, cfg, d, target_macs=self.target, include="all",
@@ -157,6 +163,7 @@ class Bench:
                                                              run_dir=d, resume=True))  # fmt: skip
 
     def part_b(self) -> None:
+        self.base()
         m, size, cfg, p = self.model, self.size, self.cfg, self.cfg.prune
         wb = self.run("whitebox", lambda d: whitebox_prune(m, size, self.classes, self.target, cfg, d, lam=p.lam,
                                                            min_keep=p.min_keep, resume=True))  # fmt: skip
@@ -169,6 +176,7 @@ class Bench:
                                                             run_dir=d, resume=True))  # fmt: skip
 
     def part_c(self) -> None:
+        self.base()
         size, cfg, s = self.size, self.cfg, self.args.sparsity
         for n in (4, 8):
             for rearrange in (True, False):
