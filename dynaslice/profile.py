@@ -219,6 +219,53 @@ def count_params(net: Supernet, arch: ArchLike | Sequence[ArchLike]) -> int | np
     return rm.params([net.space.validate(a) for a in arch])
 
 
+def module_macs(model: nn.Module, input_size: Sequence[int]) -> tuple[int, dict[str, int]]:
+    """MACs per image of any plain module at ``input_size`` ``(C, H, W)``, and those of each leaf module.
+
+    One pass of a meta-device copy (shapes only) under ``FlopCounterMode``, the counter
+    :func:`count_macs` is checked against: MACs = FLOPs / 2 of convolutions and matmuls. The
+    total also holds ops called outside any leaf (a functional ``F.linear`` in a ``forward``).
+    """
+    meta = meta_copy(model)
+    root = type(meta).__name__
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        meta(torch.empty(1, *input_size, device="meta"))
+    leaves = {name for name, m in meta.named_modules() if name and next(m.children(), None) is None}
+    per_leaf = {}
+    for key, counts in counter.get_flop_counts().items():
+        name = key.removeprefix(root + ".")
+        if name in leaves:
+            per_leaf[name] = sum(counts.values()) // 2
+    return counter.get_total_flops() // 2, per_leaf
+
+
+def count_module_macs(model: nn.Module, input_size: Sequence[int], sparse: bool = False) -> int:
+    """MACs per image of a plain model (a pruned network, an extracted subnet) at ``input_size``.
+
+    ``sparse=True`` counts *nominal* MACs: each leaf's MACs scaled by the fraction of its
+    ``weight`` that is non-zero -- what a sparse kernel would compute. Torch and onnxruntime run
+    the dense weights, so report nominal MACs next to measured latency, never as a speed.
+    """
+    total, per_leaf = module_macs(model, input_size)
+    if not sparse:
+        return total
+    for name, macs in per_leaf.items():
+        w = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(w, torch.Tensor) and macs:
+            nnz, numel = int(torch.count_nonzero(w)), w.numel()
+            if (macs * nnz) % numel:
+                raise RuntimeError(f"{name}: {macs} MACs are not a whole number per weight; cannot scale them")
+            total -= macs - macs * nnz // numel
+    return total
+
+
+def count_module_params(model: nn.Module, nonzero: bool = False) -> int:
+    """Parameters of a plain model (a tensor shared by several modules once); ``nonzero=True``
+    counts only the non-zero entries (unstructured or 1xN sparsity)."""
+    # parameters() yields a shared tensor once
+    return sum(int(torch.count_nonzero(p)) if nonzero else p.numel() for p in model.parameters())
+
+
 def measure_latency(
     fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3
 ) -> dict[str, list[float]]:

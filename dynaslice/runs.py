@@ -12,6 +12,9 @@ A training run (``dynaslice train``)::
     RUN/static-xW/                static counterparts (``train.static_widths``), one run each
     RUN/phase1/                   the first phase of a run that trains its largest network first
 
+A pruning run (``dynaslice prune``) holds up to three training runs, ``base/``, ``train/`` and
+``finetune/``, then the compact network (``model.pt``, ``model.onnx``) and ``final_eval.json``.
+
 A ``dynaslice run`` directory holds ``stage1/`` (a training run), ``routes-recalibrated.safetensors``,
 one Stage-II run per target (``gate-tX/``), ``eval/``, ``export/``, ``latency.json``,
 ``report.md``/``report.json``/``plots/``, ``pipeline.yaml`` (its settings) and ``done/`` (a marker
@@ -39,6 +42,15 @@ BUDGET_TABLE = "budget_table.json"
 BUDGET_WEIGHTS = "budget.safetensors"
 LOCK = ".lock"
 PHASE1 = "phase1"
+
+# dynaslice prune: RUN/base (the full network trained before pruning), RUN/train (the method's
+# own training: DCFF, White-Box's masks, scratch), RUN/finetune (the pruned network), then the
+# compact network RUN/model.pt and RUN/model.onnx, and RUN/final_eval.json last
+PRUNE_BASE = "base"
+PRUNE_TRAIN = "train"
+PRUNE_FINETUNE = "finetune"
+PRUNED_MODEL = "model.pt"
+PRUNED_ONNX = "model.onnx"
 
 # dynaslice run
 PIPELINE = "pipeline.yaml"

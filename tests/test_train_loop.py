@@ -318,3 +318,19 @@ def test_phase1_then_supernet_in_one_run_resumes_bit_for_bit(tmp_path):
     train(cfg, part, resume=True)
     ta, tb = tensors_of(latest_checkpoint(full)), tensors_of(latest_checkpoint(part))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_model_trainer_stops_within_the_last_epoch_for_fractional_epochs(tmp_path):
+    """1.5 epochs of 8 steps: 12 steps, the schedule annealed over exactly those, then the
+    half epoch's end saved (pruning fine-tunes for fractions of an epoch)."""
+    from torch import nn
+
+    from dynaslice.train import ModelTrainer
+
+    _, cfg = tiny_config(tmp_path, "optim.warmup_epochs=0")
+    torch.manual_seed(0)
+    trainer = ModelTrainer(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), cfg, tmp_path / "run", epochs=1.5)
+    assert trainer.steps_per_epoch == 8 and trainer.total_steps == 12 and trainer.epochs == 2
+    trainer.fit()
+    assert trainer.step == 12 and trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000012"

@@ -228,6 +228,70 @@ class Stage2Config:
     macs_weight: float = 10.0
 
 
+PRUNE_METHODS = ("dcff", "whitebox", "onexn", "l1", "random", "scratch", "magnitude")
+
+
+@dataclass
+class PruneConfig:
+    """``dynaslice prune METHOD`` (:mod:`dynaslice.prune`): one compact network from the config's
+    model (its largest subnet as a plain network), trained ``train.epochs`` epochs in all.
+
+    - ``method``: the CLI's METHOD, recorded so that a resumed run cannot switch methods.
+    - ``finetune_epochs`` (fractions allowed) of the budget fine-tune the pruned network at
+      ``finetune_lr`` (cosine, no warm-up): l1, random, onexn and magnitude prune the full network
+      trained ``train.epochs - finetune_epochs`` epochs; White-Box trains its masks with the
+      network that long. DCFF and scratch train the compact network all ``train.epochs``.
+    - ``target_macs`` / ``target_params`` (channel pruning: dcff, whitebox, l1, random, scratch;
+      exactly one, the other null): the compact network's budget, a fraction (<= 1) of the full
+      network's or an absolute count. ``include``: the channel groups pruned, ``internal``
+      (block-inner widths) or ``all`` (residual streams too); null: the method's own default.
+    - onexn / magnitude: ``sparsity`` of each conv's weights (but the stem) in blocks of ``n``
+      output kernels (``rearrange``: sort filters by L1 norm first) / unstructured.
+    - White-Box: mask regulariser ``lam``, at least ``min_keep`` of each layer's channels.
+    - DCFF: temperature from ``t_start`` to ``t_end`` with steepness ``k`` per epoch, the fusion
+      recomputed ``updates_per_epoch`` times per epoch (the official schedule: ``k = 1``, once).
+    """
+
+    method: str = "l1"
+    target_macs: float | None = None
+    target_params: float | None = None
+    include: str | None = None
+    finetune_epochs: float = 0.25
+    finetune_lr: float = 0.01
+    n: int = 4
+    sparsity: float = 0.5
+    rearrange: bool = True
+    lam: float = 5e-4
+    min_keep: float = 0.3
+    t_start: float = 1.0
+    t_end: float = 1e4
+    k: float = 1.0
+    updates_per_epoch: int = 1
+
+    def validate(self, epochs: int) -> None:
+        """Check choices and ranges (``epochs``: ``train.epochs``, the whole budget)."""
+        if self.method not in PRUNE_METHODS:
+            raise ConfigError(f"prune.method={self.method!r} is not one of {', '.join(PRUNE_METHODS)}")
+        if self.include not in (None, "internal", "all"):
+            raise ConfigError(f"prune.include={self.include!r} is not one of internal, all (or null)")
+        if not 0 < self.finetune_epochs < epochs:
+            raise ConfigError(
+                f"prune.finetune_epochs must lie between 0 and train.epochs ({epochs}), got {self.finetune_epochs}"
+            )
+        for key in ("target_macs", "target_params"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"prune.{key} must be > 0 (a fraction <= 1 or an amount), got {value}")
+        if not 0 <= self.sparsity < 1 or not 0 <= self.min_keep <= 1:
+            raise ConfigError(
+                f"prune.sparsity must lie in [0, 1) and prune.min_keep in [0, 1], got {self.sparsity} and {self.min_keep}"
+            )
+        if self.n < 1 or self.updates_per_epoch < 1 or self.finetune_lr <= 0 or self.lam < 0:
+            raise ConfigError("prune.n and prune.updates_per_epoch must be >= 1, prune.finetune_lr > 0, prune.lam >= 0")
+        if not 0 < self.t_start <= self.t_end or self.k <= 0:
+            raise ConfigError(f"prune needs 0 < t_start <= t_end and k > 0, got {self.t_start}, {self.t_end}, {self.k}")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -235,6 +299,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -311,6 +376,7 @@ class Config:
                 raise ConfigError(
                     "train.sampler=pss selects its budget table on the validation split: set data.val_size > 0"
                 )
+        self.prune.validate(t.epochs)
         if t.mvco and d.name == "folder":
             raise ConfigError(
                 "train.mvco needs an in-memory dataset (two views per batch); folder data is not supported yet"

@@ -20,6 +20,7 @@ networks, with pluggable samplers and targets) and :class:`~dynaslice.train.stag
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import sys
@@ -40,6 +41,13 @@ from .checkpoint import load_resumable, save_checkpoint
 from .config import RESUMABLE_CHANGES, Config, flatten, from_dict, save_config
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from .metrics import MetricsLogger
+
+
+def total_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps in ``epochs`` (possibly fractional) epochs: at least one."""
+    if not epochs > 0:
+        raise ValueError(f"the number of epochs must be > 0, got {epochs}")
+    return max(1, round(epochs * steps_per_epoch))
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,21 +97,26 @@ class Trainer:
     def setup_loop(
         self,
         loader: Any,
-        epochs: int,
+        epochs: float,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         clip_grad_norm: float | None = None,
     ) -> None:
         """The batches (anything with ``len()`` and ``epoch_batches(epoch, start)``), the length
-        of training and the optimizer and per-iteration scheduler that drive it."""
-        self.train_loader, self.epochs = loader, epochs
+        of training and the optimizer and per-iteration scheduler that drive it.
+
+        ``epochs`` may be fractional (a fine-tuning phase of a quarter epoch): training then
+        stops within its last epoch, after :func:`total_steps` steps.
+        """
+        self.train_loader = loader
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch < 1:
             raise ValueError(
                 "no training steps: the training split holds fewer images than one batch "
                 f"(data.batch_size {self.cfg.data.batch_size})"
             )
-        self.total_steps = epochs * self.steps_per_epoch
+        self.total_steps = total_steps(epochs, self.steps_per_epoch)
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)  # started epochs, the last maybe partial
         self.optimizer, self.scheduler, self.clip_grad_norm = optimizer, scheduler, clip_grad_norm
 
     def setup_amp(self, enabled: bool) -> None:
@@ -354,7 +367,8 @@ class Trainer:
                    disable=not show, leave=False)  # fmt: skip
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         self.on_epoch_start(epoch)
-        for x, y in self.train_loader.epoch_batches(epoch, start):
+        # islice: a fractional last epoch stops early; whole epochs end on their own
+        for x, y in itertools.islice(self.train_loader.epoch_batches(epoch, start), self.total_steps - self.step):
             out = self.train_step(x, y)
             losses = out["losses"]
             seen, loss_sum = seen + 1, loss_sum + sum(losses)

@@ -19,15 +19,16 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .data import eval_loader, load_split, train_loader
-from .engine import Trainer
+from .engine import Trainer, total_steps
 from .optim import build_optimizer, build_scheduler
 
 
 class ModelTrainer(Trainer):
-    """Train ``model`` with ``cfg`` (data, optim, ``train.epochs`` unless ``epochs`` is given) into ``run_dir``."""
+    """Train ``model`` with ``cfg`` (data, optim, ``train.epochs`` unless ``epochs`` is given, which
+    may be fractional) into ``run_dir``."""
 
 
-    def __init__(self, model: nn.Module, cfg: Config, run_dir: str | Path, epochs: int | None = None):
+    def __init__(self, model: nn.Module, cfg: Config, run_dir: str | Path, epochs: float | None = None):
         super().__init__(cfg, run_dir)
         t = cfg.train
         if cfg.data.name == "folder":
@@ -38,7 +39,7 @@ class ModelTrainer(Trainer):
         self.model = model.to(self.device)
         epochs = t.epochs if epochs is None else epochs
         optimizer = build_optimizer(self.model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, epochs * len(loader), len(loader))
+        scheduler = build_scheduler(optimizer, cfg.optim, total_steps(epochs, len(loader)), len(loader))
         self.setup_loop(loader, epochs, optimizer, scheduler, cfg.optim.clip_grad_norm)
         self.setup_amp(t.amp)
 
@@ -73,5 +74,5 @@ class ModelTrainer(Trainer):
 
     def finish(self) -> dict[str, Any]:
         result = self.validate() or {}
-        self.report(result, self.epochs, final=True)
+        self.report(result, self.total_steps / self.steps_per_epoch, final=True)
         return result
