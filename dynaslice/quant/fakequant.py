@@ -320,6 +320,7 @@ def finetune(
 ) -> nn.Module:
     """Calibrate ``student``'s activation ranges, then fine-tune it by distillation from ``teacher``.
 
+    ``calib_steps=0`` keeps the ranges as they are (set earlier with :func:`calibrate_ranges`).
     Each step draws ``batch_size`` images from every source (e.g. FDDA's generator and the real
     images). The student stays in eval mode throughout (BatchNorm on its running statistics, as
     the official code keeps it); the teacher is frozen. Returns ``student`` (trained in place).
@@ -329,7 +330,8 @@ def finetune(
     rng = torch.Generator().manual_seed(seed)
     teacher.eval()
     student.eval()
-    calibrate_ranges(student, teacher, sources, cfg.calib_steps, cfg.batch_size, rng)
+    if cfg.calib_steps:
+        calibrate_ranges(student, teacher, sources, cfg.calib_steps, cfg.batch_size, rng)
     if cfg.steps == 0:
         return student
     opt = torch.optim.SGD(

@@ -218,8 +218,8 @@ def bns_distorted_loss(
         if i < start:
             continue
         mean_c, var_c = centres.means[i][label], centres.vars[i][label]
-        noise_m = torch.randn(mean_c.shape, generator=generator, device=mean_c.device) * mean_std
-        noise_v = torch.randn(var_c.shape, generator=generator, device=var_c.device) * var_std
+        noise_m = torch.randn(mean_c.shape, generator=generator).to(mean_c.device) * mean_std
+        noise_v = torch.randn(var_c.shape, generator=generator).to(var_c.device) * var_std
         terms.append(F.mse_loss(s.mean, mean_c + noise_m) + F.mse_loss(s.var, var_c + noise_v))
     return torch.stack(terms).mean()
 
@@ -338,7 +338,7 @@ def generator_step(
         good = torch.nonzero(centres.correct).flatten()
         if good.numel() == 0:
             raise ValueError("the network misclassifies every class's real image; FDDA has no usable centre")
-        label = int(good[torch.randint(good.numel(), (1,), generator=rng)])
+        label = int(good[int(torch.randint(good.numel(), (1,), generator=rng))])
         device = gen.fc.weight.device
         images_c, labels_c = gen.sample(
             cfg.batch_size, rng, torch.full((cfg.batch_size,), label, device=device)
