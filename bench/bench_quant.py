@@ -26,9 +26,12 @@ budget table (each entry exported with its own BN statistics) quantized to int8 
     python bench/bench_quant.py --mode packages --gated-package PKG --budget PSS_RUN --threads 1 \\
         --out bench/out/quant_packages.json
 
-Sizing of (b): one seed (2 generators, 8 students) takes about 25 minutes on one quiet core
-with the defaults (``--gen-steps 500 --steps 300 --calib-steps 100``); the generator trains
-in about 0.7 s (FDDA) / 0.4 s (GDFQ) per step there, a student step about 0.25 s.
+Sizing of (b): with the defaults (``--gen-steps 500 --steps 200 --calib-steps 100``, all 10 000
+test images) one seed -- 2 generators, 8 students, 16 evaluations -- is estimated at about 30
+minutes on one quiet core: a generator step took 1.9 s (FDDA, two batches) / 0.9 s (GDFQ), a
+student step 1.1 s (two sources) and a fake-quant pass over the test set 85 s on the shared
+development machine at load ~5 on 2 cores, about 2.5x slower than a quiet core. ``--test-images
+5000`` halves the evaluation share (about a third of the total).
 """
 
 from __future__ import annotations
@@ -262,7 +265,7 @@ def main() -> None:
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     p.add_argument("--gen-steps", type=int, default=500)
-    p.add_argument("--steps", type=int, default=300, help="distillation steps per student")
+    p.add_argument("--steps", type=int, default=200, help="distillation steps per student")
     p.add_argument("--calib-steps", type=int, default=100, help="activation-range steps per student")
     p.add_argument("--lr", type=float, default=FinetuneConfig.lr)
     p.add_argument("--gated-package", type=Path)

@@ -198,6 +198,8 @@ def test_bad_calibration_input_gets_one_clear_error(subnet, tmp_path):
     with pytest.raises(ValueError, match="unknown calibrate_method 'best'"):
         quantize_artifact(path, tmp_path / "q.onnx", noise(4, 0), calibrate_method="best")  # type: ignore[arg-type]
     assert not (tmp_path / "q.onnx").exists()
+    with pytest.raises(ValueError, match="is the float original"):
+        quantize_artifact(path, path, noise(4, 0))
 
 
 # --------------------------------------------------------------------------- calibration sources

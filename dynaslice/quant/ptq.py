@@ -299,6 +299,8 @@ def quantize_artifact(
     """
     source, target = Path(source), Path(target)
     kind = artifact_kind(source)
+    if target.resolve() == source.resolve():
+        raise ValueError(f"target {target} is the float original; write the int8 artifact to a new path")
     if calibrate_method not in ("minmax", "entropy", "percentile"):
         raise ValueError(
             f"unknown calibrate_method {calibrate_method!r}: choose minmax, entropy or percentile"
