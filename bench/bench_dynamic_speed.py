@@ -20,14 +20,12 @@ per-round paired ratios. The gate's cost is given as % of the narrowest route's 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from common import write_results
 
 import dynaslice as ds
 from dynaslice.dynamic import DynamicNet
@@ -186,14 +184,9 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "results": results,
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, path)
+    write_results(args.out, out)
     print()
     print(markdown(results))
-    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

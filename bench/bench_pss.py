@@ -40,30 +40,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import QUICK as COMMON_QUICK
 
 from dynaslice.atomic import atomic_write_json, cached_json
 from dynaslice.budget import BudgetNet, BudgetTable
+from dynaslice.seeding import derive_seed
 from dynaslice.space import Arch
-from dynaslice.train import load_config, load_supernet, recalibrate_bn, run_finished, train
+from dynaslice.train import load_config, load_supernet, recalibrate_bn, train
 from dynaslice.train.config import save_config
 from dynaslice.train.data import eval_loader, load_split
-from dynaslice.train.pss import PSSSampler, accuracy, macs_fn, val_accuracy
-from dynaslice.train.samplers import derive_seed
+from dynaslice.train.evaluate import accuracy
+from dynaslice.train.pss import PSSSampler, macs_fn, val_accuracy
 
 COMMON = ["train.target=ib", "train.num_subnets=4"]
 VARIANTS: dict[str, list[str]] = {
     "pss": COMMON + ["train.sampler=pss"],
     "sandwich": COMMON + ["train.sampler=sandwich"],
 }
-QUICK = [
-    "data.train_size=512",
-    "data.val_size=256",
-    "data.batch_size=64",
-    "train.epochs=1",
-    "train.recal_images=256",
-    "train.recal_batch_size=128",
-    "train.pss.estimate_samples=5000",
-]
+QUICK = COMMON_QUICK + ["train.pss.estimate_samples=5000"]
 
 
 def main() -> None:
@@ -116,7 +110,7 @@ def main() -> None:
         cfg = load_config(args.config, sets + extra)
         run = Path(args.runs) / name
         timing = run / "bench_train_seconds.json"
-        finished = run_finished(run, cfg)
+        finished = runs.is_finished(run)
         t0 = time.perf_counter()
         train(cfg, run, resume=True)  # resumes an interrupted run, skips a finished one
         if not finished:  # the time of the call that trained it (after a resume: the rest only)

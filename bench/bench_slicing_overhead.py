@@ -10,12 +10,12 @@ zero-masked channels, i.e. the "sliced" subnet cost as much as the largest one.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 from pathlib import Path
 
 import torch
+from common import write_results
 
 import dynaslice as ds
 from dynaslice.profile import measure_latency, paired_ratio
@@ -74,7 +74,7 @@ def main() -> None:
         "max_ratio": max(r["sliced_over_static"] for r in rows),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_results(args.out, out)
     print(f"max ratio {out['max_ratio']:.3f}; wrote {args.out}")
 
 

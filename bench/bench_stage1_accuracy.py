@@ -23,15 +23,17 @@ sizing in the config's comment and in the report of issue 5).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
+from common import QUICK, test_split
 
 from dynaslice.train import evaluate, load_config, load_supernet, train
 from dynaslice.train.config import from_dict, save_config
-from dynaslice.train.data import eval_loader, load_split
+from dynaslice.train.data import eval_loader
 
 VARIANTS: dict[str, list[str]] = {
     "labels": ["train.target=labels"],
@@ -42,14 +44,6 @@ VARIANTS: dict[str, list[str]] = {
     "static": ["train.target=labels", "train.static_widths=[0.35,0.5,0.75,1.0]"],
 }
 
-QUICK = [
-    "data.train_size=512",
-    "data.val_size=256",
-    "data.batch_size=64",
-    "train.epochs=1",
-    "train.recal_images=256",
-    "train.recal_batch_size=128",
-]
 
 
 def test_rows(run: Path, test_images: int, seed: int) -> list[dict]:
@@ -57,9 +51,7 @@ def test_rows(run: Path, test_images: int, seed: int) -> list[dict]:
     net, meta = load_supernet(run / "recalibrated.safetensors")
     archs = {name: net.space.validate(a) for name, a in meta["recalibrated"].items()}
     cfg = from_dict(meta["config"])
-    test = load_split(cfg.data, "test", seed)
-    if test_images and test_images < len(test):
-        test = test.subset(range(test_images))
+    test = test_split(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed)), test_images)
     return evaluate(net, archs, eval_loader(test), input_size=net.input_size)
 
 

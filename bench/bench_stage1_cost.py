@@ -4,7 +4,7 @@ A sandwich step runs n subnets forward+backward and then one optimizer step; the
 whether weight sharing costs anything beyond the subnets' own work. We time, interleaved round
 by round (so load bursts on a shared machine hit every candidate alike), on the same batch:
 
-- the sandwich step of the real training loop (``Trainer.train_step``) with fixed subnets
+- the sandwich step of the real training loop (``SupernetTrainer.train_step``) with fixed subnets
   (largest, smallest, two random ones drawn once), per target (labels, in-place, IB);
 - each of those subnets trained alone as an *extracted* ordinary network (``extract_subnet``:
   plain ``nn.Conv2d``..., its own SGD), forward + backward + step.
@@ -20,7 +20,6 @@ no standalone network does; its ratio is reported for information).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -28,10 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import write_results
 
 from dynaslice.export import extract_subnet
 from dynaslice.profile import count_macs
-from dynaslice.train import FixedSampler, SandwichSampler, Trainer, load_config
+from dynaslice.train import FixedSampler, SandwichSampler, SupernetTrainer, load_config
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
         "optim.weight_decay=5e-5",
     ]
     tmp = tempfile.mkdtemp(prefix="bench_cost_")
-    trainers = {t: Trainer(load_config(None, sets + [f"train.target={t}"]), tmp) for t in args.targets}
+    trainers = {t: SupernetTrainer(load_config(None, sets + [f"train.target={t}"]), tmp) for t in args.targets}
     first = next(iter(trainers.values()))
     net, space = first.net, first.space
     archs = SandwichSampler(space, 4, seed=0).sample(0)
@@ -106,7 +106,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_results(out, result)
     print("| step | median ms | ratio to standalone sum |\n| --- | ---: | ---: |")
     for i in range(len(archs)):
         print(f"| alone[{i}] ({result['mmacs'][i]:.1f} MMACs) | {1e3 * med[f'alone[{i}]']:.1f} | |")

@@ -30,32 +30,23 @@ import time
 from pathlib import Path
 
 import torch
+from common import QUICK, test_split
 
 from dynaslice.atomic import cached_json
-from dynaslice.train import load_config, load_supernet, save_model_file, train
+from dynaslice.train import evaluate_gated, load_config, load_supernet, save_model_file, train, train_gate
 from dynaslice.train.checkpoint import latest_checkpoint
 from dynaslice.train.config import apply_override, from_dict
-from dynaslice.train.data import eval_loader, load_split
-from dynaslice.train.stage2 import evaluate_gated, recalibrate_routes, route_archs, train_gate
+from dynaslice.train.data import eval_loader
+from dynaslice.train.stage2 import recalibrate_routes
 
 STAGE1 = ["model.gate.enabled=true", "model.gate.cut=1", "model.gate.routes=4", "train.target=ib"]
 STAGE2 = ["stage2.epochs=2"]
-QUICK = [
-    "data.train_size=512",
-    "data.val_size=256",
-    "data.batch_size=64",
-    "train.epochs=1",
-    "train.recal_images=256",
-    "train.recal_batch_size=128",
-]
 
 
 def test_eval(model_file: Path, test_images: int) -> dict:
     net, meta = load_supernet(model_file)
     cfg = from_dict(meta["config"])
-    test = load_split(cfg.data, "test", cfg.train.seed)
-    if test_images and test_images < len(test):
-        test = test.subset(range(test_images))
+    test = test_split(cfg, test_images)
     return evaluate_gated(net, eval_loader(test), test.num_classes, net.input_size)
 
 
@@ -101,7 +92,7 @@ def main() -> None:
         net, meta = load_supernet(latest_checkpoint(stage1))
         recalibrate_routes(net, from_dict(meta["config"]))
         meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
-        meta["recalibrated"] = {k: a.to_dict() for k, a in route_archs(net).items()}
+        meta["recalibrated"] = {k: a.to_dict() for k, a in net.named_routes().items()}
         save_model_file(recal, {f"model.{k}": v for k, v in net.state_dict().items()}, meta)
     static_routes = cached_json(stage1 / "test_eval.json", lambda: test_eval(recal, args.test_images))[
         "routes"

@@ -20,7 +20,6 @@ Two forms of every subnet (``--forms``):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import warnings
@@ -28,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from common import write_results
 
 import dynaslice as ds
 from dynaslice.export import extract_subnet
@@ -111,7 +111,7 @@ def main() -> None:
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_results(args.out, out)
     print(f"wrote {args.out}")
 
 

@@ -6,17 +6,27 @@ arch = net.space.uniform(0.5)
 y = net(x, arch)                        # the subnet, computed with dense weight slices
 small = ds.extract_subnet(net, arch)    # a plain torch.nn model with the same outputs
 ds.count_macs(net, arch)                # exact, analytic
+
+gated = ds.GatedSupernet(net, routes=4)   # DS-Net's gate; ds.DynamicNet(gated) runs it per input
+budget = ds.BudgetNet.load("runs/pss")    # PSS-Net: budget(x, max_macs=12e6) switches subnets
 """
 
+from .budget import BudgetNet, BudgetTable
+from .dynamic import DynamicNet
 from .export import extract_subnet
+from .gate import GatedSupernet
+from .modelfile import load_supernet
 from .models import Supernet, create_supernet, list_supernets, load_pretrained, register_supernet
 from .profile import count_macs, count_params
 from .space import Arch, Dim, SearchSpace, make_divisible, width_grid
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "Arch",
+    "BudgetNet",
+    "BudgetTable",
+    "DynamicNet",
+    "GatedSupernet",
     "Dim",
     "SearchSpace",
     "Supernet",
@@ -26,6 +36,7 @@ __all__ = [
     "extract_subnet",
     "list_supernets",
     "load_pretrained",
+    "load_supernet",
     "make_divisible",
     "register_supernet",
     "width_grid",

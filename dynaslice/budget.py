@@ -22,24 +22,25 @@ From the shell: ``dynaslice select runs/pss --max-macs 10M [--export subnet.pt|s
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from . import runs
 from .atomic import atomic_write_json
+from .export import extract_subnet
+from .modelfile import CheckpointError, load_model_file, net_from_tensors, prefixed, save_model_file
+from .models.base import Supernet
 from .nn import SlicedBatchNorm2d
+from .runtime import pick_entry
 from .space import Arch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .models.base import Supernet
-
-TABLE_FILE, WEIGHTS_FILE = "budget_table.json", "budget.safetensors"
+TABLE_FILE, WEIGHTS_FILE = runs.BUDGET_TABLE, runs.BUDGET_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -94,31 +95,8 @@ class BudgetTable:
         return self.best_entry(max_macs, max_latency_ms).arch
 
     def best_entry(self, max_macs: float | None = None, max_latency_ms: float | None = None) -> BudgetEntry:
-        if not self.entries:
-            raise ValueError("the budget table is empty")
-        if max_latency_ms is not None and any(e.latency_ms is None for e in self.entries):
-            raise ValueError(
-                "this budget table has no latencies: train with train.pss.latency_table set, or use max_macs"
-            )
-        fits = [
-            e
-            for e in self.entries
-            if (max_macs is None or e.macs <= max_macs)
-            and (max_latency_ms is None or e.latency_ms <= max_latency_ms)  # type: ignore[operator]
-        ]
-        if not fits:
-            cheapest = min(self.entries, key=lambda e: e.macs)
-            need = f"{cheapest.macs / 1e6:.3g} MMACs"
-            if cheapest.latency_ms is not None:
-                need += f", {cheapest.latency_ms:.3g} ms"
-            asked = ", ".join(
-                f"{k}={v:g}"
-                for k, v in (("max_macs", max_macs), ("max_latency_ms", max_latency_ms))
-                if v is not None
-            )
-            raise ValueError(f"no subnet of the budget table fits {asked}; the cheapest needs {need}")
-        # most accurate; on a tie the cheaper one
-        return max(fits, key=lambda e: (e.val_accuracy, -e.macs))
+        """The most accurate entry within the budget, cheaper on a tie (:func:`dynaslice.runtime.pick_entry`)."""
+        return self.entries[pick_entry([e.to_dict() for e in self.entries], max_macs, max_latency_ms)]
 
     def format(self) -> str:
         """A Markdown table."""
@@ -163,8 +141,6 @@ class BudgetTable:
                 f"no budget table at {path}: it is written at the end of a run with train.sampler=pss"
             )
         if path.suffix == ".safetensors":
-            from .train.checkpoint import load_model_file
-
             _, meta = load_model_file(path)
             if "budget_table" not in meta:
                 raise ValueError(f"{path} holds no budget table (use the run's {WEIGHTS_FILE})")
@@ -233,15 +209,11 @@ class BudgetNet(nn.Module):
 
     def extract(self, max_macs: float | None = None, max_latency_ms: float | None = None) -> nn.Module:
         """The entry for the budget as a plain ``torch.nn`` model (its own BN statistics included)."""
-        from .export import extract_subnet
-
         return extract_subnet(self.net, self.use(self.entry(max_macs, max_latency_ms)))
 
     @classmethod
     def load(cls, path: str | Path) -> BudgetNet:
         """From a PSS run directory or its ``budget.safetensors`` (in train mode, like any new module)."""
-        from .train.checkpoint import CheckpointError, load_model_file, supernet_from_tensors
-
         path = Path(path)
         if path.name == TABLE_FILE:
             path = path.parent
@@ -266,7 +238,7 @@ class BudgetNet(nn.Module):
                 "table version 2); train the PSS run again to get them"
             )
         try:
-            return cls(supernet_from_tensors(tensors, meta, file), table, stats)
+            return cls(net_from_tensors(tensors, meta, file), table, stats)
         except ValueError as e:
             raise CheckpointError(f"{file}: {e}") from None
 
@@ -280,78 +252,7 @@ def save_budget_file(
 ) -> None:
     """Write what :meth:`BudgetNet.load` reads: ``net``'s weights, the table (in the metadata) and
     each entry's BN statistics, atomically."""
-    from .train.checkpoint import save_model_file
-
-    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+    tensors = prefixed("model", net)
     for i, stats in enumerate(bn_stats):
         tensors.update({f"{STATS_PREFIX}.{i}.{k}": v for k, v in stats.items()})
     save_model_file(path, tensors, {**meta, "budget_table": table.to_dict()})
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def parse_amount(text: str) -> float:
-    """``"12.5M"`` -> 12.5e6; plain numbers pass through; K, M, G suffixes (any case)."""
-    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1.0)
-    try:
-        return float(text[:-1] if scale != 1.0 else text) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number like 12e6 or 12M") from None
-
-
-def _select(args: argparse.Namespace) -> int:
-    from .cli import UserError
-
-    if args.max_macs is None and args.max_latency_ms is None:
-        raise UserError("give a budget: --max-macs X and/or --max-latency-ms X")
-    run = Path(args.run)
-    if not run.exists():
-        raise UserError(f"{run} not found: pass a PSS run directory or its {WEIGHTS_FILE}")
-    if run.is_dir() and not (run / TABLE_FILE).is_file() and (run / WEIGHTS_FILE).is_file():
-        run = run / WEIGHTS_FILE
-    if run.is_dir() and not (run / TABLE_FILE).is_file() and run.parent.name == "checkpoints":
-        run = run.parent.parent  # a checkpoint directory: its run directory holds the table
-    try:
-        table = BudgetTable.load(run)
-        entry = table.best_entry(args.max_macs, args.max_latency_ms)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
-    line = f"bucket {entry.bucket:g}: {entry.macs / 1e6:.2f} MMACs"
-    if entry.latency_ms is not None:
-        line += f", {entry.latency_ms:.3f} ms"
-    print(f"{line}, val top-1 {entry.val_accuracy:.2f}%")
-    print(entry.arch.to_json())
-    if args.export:
-        from .export_cli import load_budget_net, write_subnet
-
-        out = Path(args.export)
-        budget_net = load_budget_net(run)
-        write_subnet(budget_net.net, budget_net.use(entry), out, "onnx" if out.suffix == ".onnx" else "torch")
-        print(f"exported the subnet to {out}")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "select",
-        help="pick the most accurate subnet of a PSS run's budget table within a budget",
-        description="Print the most accurate subnet of a PSS run's budget table (chosen on the validation "
-        "split) whose MACs / predicted latency fit the budget; optionally export it.",
-    )
-    p.add_argument(
-        "run",
-        metavar="RUN_OR_CKPT",
-        help="PSS run directory, checkpoint dir, budget_table.json or budget.safetensors",
-    )
-    p.add_argument(
-        "--max-macs", type=parse_amount, default=None, metavar="X", help="MACs per image, e.g. 12e6 or 12M"
-    )
-    p.add_argument("--max-latency-ms", type=float, default=None, metavar="X", help="predicted milliseconds")
-    p.add_argument(
-        "--export",
-        default=None,
-        metavar="PATH",
-        help="write the subnet: PATH.onnx as ONNX, else torch.save of the static model",
-    )
-    p.set_defaults(func=_select)

@@ -11,12 +11,14 @@ submodules keep the supernet's names (``layer1.0.conv1``), so state dicts read n
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .atomic import atomic_path
 from .models.base import Supernet
 from .nn import SlicedModule
 
@@ -97,3 +99,13 @@ def extract_subnet(
         source = net.get_submodule(name) if name else net
         module.training = source.training
     return out
+
+
+def save_torch_model(module: nn.Module, path: str | os.PathLike) -> None:
+    """``torch.save`` of a whole plain-torch model (an extracted subnet), written atomically.
+
+    Load it without dynaslice: ``torch.load(path, weights_only=False)`` (only torch is imported;
+    the file is a pickle, so load only files you trust -- dynaslice itself never loads one).
+    """
+    with atomic_path(path) as tmp:
+        torch.save(module, tmp)

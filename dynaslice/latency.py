@@ -307,28 +307,3 @@ def check_table(
     ]
     errs = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] * 100 for r in rows]
     return {"archs": rows, "median_abs_pct_error": statistics.median(errs), "max_abs_pct_error": max(errs)}
-
-
-def latency_table_command(net: Supernet, model: str, size: tuple[int, int, int], args: Any) -> int:
-    """``dynaslice profile MODEL --latency-table PATH``: build, save, check on held-out archs."""
-    table = build_latency_table(net, size, args.batch_size, args.repeats, args.grid_values, seed=0)
-    table.meta = {**(table.meta or {}), "model": model}
-    check = check_table(table, net, args.check, repeats=args.repeats, batch_size=args.batch_size)
-    table.meta["check"] = {k: v for k, v in check.items() if k != "archs"}
-    table.save(args.latency_table)
-    points = sum(b.ms.size for b in table.blocks)
-    print(
-        f"{model}: latency table of {len(table.blocks)} blocks, {points} grid points "
-        f"(<= {args.grid_values} values per dimension, interpolated), overhead {table.overhead_ms:.3f} ms, "
-        f"batch {args.batch_size}, {torch.get_num_threads()} thread(s)"
-    )
-    for b in table.blocks:
-        print(f"  {b.name:<8} dims {', '.join(b.dims) or '-':<28} {b.ms.min():.3f} .. {b.ms.max():.3f} ms")
-    print(f"held-out check on {args.check} random archs: predicted vs measured end to end")
-    for r in check["archs"][:5]:
-        print(f"  predicted {r['predicted_ms']:.3f} ms, measured {r['measured_ms']:.3f} ms")
-    print(
-        f"median abs error {check['median_abs_pct_error']:.1f}% (max {check['max_abs_pct_error']:.1f}%); "
-        f"wrote {args.latency_table}"
-    )
-    return 0

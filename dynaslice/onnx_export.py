@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,15 +35,16 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from .atomic import atomic_path
+from .atomic import atomic_dir, atomic_path
 from .export import extract_subnet
 from .gate import GatedSupernet
 from .models.base import Supernet
 from .runtime import FORMAT, FORMAT_VERSION, MANIFEST
+from .version import __version__
 
 Exporter = Literal["torchscript", "dynamo"]
 
-__all__ = ["export_gated", "export_onnx", "extract_route", "extract_trunk"]
+__all__ = ["export_gated", "export_module", "export_onnx", "extract_route", "extract_trunk"]
 
 
 def _onnx():
@@ -107,16 +105,29 @@ def _export_module(
         onnx.save(model, str(tmp))
 
 
+def export_module(
+    module: nn.Module,
+    path: str | os.PathLike,
+    input_size: Sequence[int],
+    input_names: Sequence[str] = ("input",),
+    output_names: Sequence[str] = ("logits",),
+    batch_dynamic: bool = True,
+    opset: int | None = None,
+    exporter: Exporter = "torchscript",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write any plain-torch ``module`` (a pruned or quantization-ready network, an extracted
+    subnet) to ``path`` as ONNX, atomically and checked; ``input_size`` is ``(C, H, W)``."""
+    path = Path(path)
+    _export_module(module, path, tuple(input_size), list(input_names), list(output_names), batch_dynamic,
+                   opset, exporter, {"dynaslice.version": __version__, **(metadata or {})})  # fmt: skip
+    return path
+
+
 def _opset(path: Path) -> int:
     """The default-domain opset that ``path`` was written with."""
     model = _onnx().load(str(path), load_external_data=False)
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def export_onnx(
@@ -141,7 +152,7 @@ def export_onnx(
     input_size = tuple(input_size or net.input_size)
     subnet = extract_subnet(net, arch, input_size)
     path = Path(path)
-    metadata = {"dynaslice.arch": arch.to_json(), "dynaslice.version": _version()}
+    metadata = {"dynaslice.arch": arch.to_json(), "dynaslice.version": __version__}
     _export_module(subnet, path, input_size, ["input"], ["logits"], batch_dynamic, opset, exporter, metadata)
     return path
 
@@ -200,7 +211,7 @@ def _check_target(directory: Path) -> None:
         return
     if not directory.is_dir() or (any(directory.iterdir()) and not (directory / MANIFEST).is_file()):
         raise FileExistsError(
-            f"{directory} exists and is not a gated ONNX package; choose a new directory or remove it"
+            f"{directory} exists and is not a dynaslice ONNX package; choose a new directory or remove it"
         )
 
 
@@ -236,16 +247,13 @@ def export_gated(
             f"mean and std need one value per input channel ({input_size[0]}), got {len(mean)} and {len(std)}"
         )
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(directory) as tmp:
         trunk = extract_trunk(gated, input_size).eval()
         with torch.no_grad():
             param = next(trunk.parameters())
             features, _ = trunk(torch.zeros(1, *input_size, dtype=param.dtype, device=param.device))
         features_size = tuple(features.shape[1:])
-        version = _version()
-        common = {"dynaslice.version": version, "dynaslice.cut": str(gated.cut)}
+        common = {"dynaslice.version": __version__, "dynaslice.cut": str(gated.cut)}
         _export_module(
             trunk, tmp / "trunk.onnx", input_size, ["input"], ["features", "logits"], True, opset,
             exporter, common,
@@ -260,49 +268,38 @@ def export_gated(
                 module, tmp / name, features_size, ["features"], ["logits"], True, opset, exporter, metadata
             )
             routes.append({"index": r, "file": name, "arch": arch.to_dict(), "macs": int(route_macs[r])})
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dynaslice_version": version,
-            "family": type(gated.net).__name__,
-            "num_classes": gated.num_classes,
-            "input": {
-                "name": "input",
-                "shape": [None, *input_size],
-                "dtype": str(param.dtype).removeprefix("torch."),
-                "mean": None if mean is None else [float(v) for v in mean],
-                "std": None if std is None else [float(v) for v in std],
-            },
-            "cut": gated.cut,
-            "trunk": {
-                "file": "trunk.onnx",
-                "outputs": ["features", "logits"],
-                "features_shape": [None, *features_size],
-            },
-            "gate_macs": gated.gate.macs(),
-            "routes": routes,
-            "exporter": exporter,
-            "opset": _opset(tmp / "trunk.onnx"),
-        }
+        manifest = _gated_manifest(gated, input_size, str(param.dtype), mean, std, features_size, routes)
+        manifest.update(exporter=exporter, opset=_opset(tmp / "trunk.onnx"))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_target(directory)  # it may have appeared while we exported
     return directory
 
 
-def _move_into_place(tmp: Path, directory: Path) -> None:
-    """Rename ``tmp`` to ``directory``, replacing an earlier package (moved aside, then deleted)."""
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    _check_target(directory)  # it may have appeared while we exported
-    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(directory, old)
-    try:
-        os.replace(tmp, directory)
-    except BaseException:
-        os.replace(old, directory)  # put the earlier package back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _gated_manifest(
+    gated: GatedSupernet,
+    input_size: Sequence[int],
+    dtype: str,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    features_size: Sequence[int],
+    routes: list[dict],
+) -> dict:
+    """``manifest.json`` of a gated package (read back by :func:`dynaslice.runtime.read_manifest`)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dynaslice_version": __version__,
+        "family": type(gated.net).__name__,
+        "num_classes": gated.num_classes,
+        "input": {
+            "name": "input",
+            "shape": [None, *input_size],
+            "dtype": dtype.removeprefix("torch."),
+            "mean": None if mean is None else [float(v) for v in mean],
+            "std": None if std is None else [float(v) for v in std],
+        },
+        "cut": gated.cut,
+        "trunk": {"file": "trunk.onnx", "outputs": ["features", "logits"], "features_shape": [None, *features_size]},
+        "gate_macs": gated.gate.macs(),
+        "routes": routes,
+    }

@@ -30,10 +30,8 @@ overrides those like any other key.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,15 +41,15 @@ from typing import Any
 import torch
 import yaml
 
-from .atomic import atomic_write_json
-from .cli import UserError
-from .train.checkpoint import (
-    CheckpointError,
-    atomic_write_bytes,
-    latest_checkpoint,
-    load_supernet,
-    save_model_file,
-)
+from . import runs
+from .atomic import atomic_write_bytes, atomic_write_json
+from .dynamic import DynamicNet
+from .export import extract_subnet, save_torch_model
+from .modelfile import load_supernet, prefixed, resolve_model_file, save_model_file
+from .onnx_export import export_gated, export_onnx
+from .profile import count_macs, measure_latency
+from .report import write_report
+from .train import evaluate, evaluate_gated, train, train_gate, uniform_archs
 from .train.config import (
     Config,
     ConfigError,
@@ -61,8 +59,8 @@ from .train.config import (
     from_dict,
     read_config_file,
 )
-
-ROUTES_FILE = "routes-recalibrated.safetensors"
+from .train.data import eval_loader, load_split
+from .train.stage2 import recalibrate_routes
 
 
 @dataclass
@@ -128,10 +126,6 @@ def stage1_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, stage2=Stage2Config())
 
 
-def gate_name(target: float) -> str:
-    return f"gate-t{target:g}"
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -150,14 +144,19 @@ def check_settings(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     fine: new targets get trained, and the evaluation, export, latency and report steps run again.
     """
     settings = {"config": cfg.to_dict(), "run": dataclasses.asdict(run)}
-    path = run_dir / "pipeline.yaml"
+    path = run_dir / runs.PIPELINE
+    if not path.is_file() and any((run_dir / runs.DONE).glob("*.json")):
+        raise ConfigError(
+            f"{run_dir} has finished steps but no {runs.PIPELINE}: the settings they ran with are "
+            "unknown; use another --out directory (or restore the file)"
+        )
     if path.is_file():
         old = yaml.safe_load(path.read_text()) or {}
         # resolve through today's defaults, as Stage I's resume does
         a, b = flatten(from_dict(old.get("config", {})).to_dict()), flatten(settings["config"])
         diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
         if diff:
-            raise UserError(
+            raise ConfigError(
                 f"{run_dir} was trained with other settings ({', '.join(diff[:4])}); "
                 "use another --out directory, or the same config and --set options"
             )
@@ -165,7 +164,7 @@ def check_settings(run_dir: Path, cfg: Config, run: RunConfig) -> None:
             return
         print("the run: settings changed: evaluation, export, latency and report will run again", flush=True)
         for name in DERIVED:
-            (run_dir / "done" / f"{name}.json").unlink(missing_ok=True)
+            runs.done_marker(run_dir, name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, yaml.safe_dump(settings, sort_keys=False).encode())
 
@@ -179,7 +178,7 @@ def _read_only(path: Path) -> tuple[Any, dict[str, Any]]:
     Building a gated net derives its MAC model (a few seconds per instance), so the evaluation,
     export and latency steps of one run share their nets instead of rebuilding each.
     """
-    file = path if path.is_file() else latest_checkpoint(path) / "model.safetensors"
+    file = resolve_model_file(path)
     key = (str(file.resolve()), file.stat().st_mtime_ns)
     if key not in _LOADED:
         net, meta = load_supernet(file)
@@ -188,8 +187,6 @@ def _read_only(path: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def _test_split(cfg: Config, images: int):
-    from .train.data import load_split
-
     test = load_split(cfg.data, "test", cfg.train.seed)
     if images and images < len(test):
         test = test.subset(range(images))
@@ -200,50 +197,37 @@ def _test_split(cfg: Config, images: int):
 
 
 def step_stage1(run_dir: Path, cfg: Config, run: RunConfig) -> None:
-    from .train.loop import train
-
-    train(stage1_config(cfg), run_dir / "stage1", resume=True)
+    train(stage1_config(cfg), run_dir / runs.STAGE1, resume=True)
 
 
 def step_recalibrate(run_dir: Path, cfg: Config, run: RunConfig) -> None:
-    from .train.stage2 import recalibrate_routes, route_archs
-
-    net, meta = load_supernet(latest_checkpoint(run_dir / "stage1"))
+    net, meta = load_supernet(run_dir / runs.STAGE1)
     recalibrate_routes(net, from_dict(meta["config"]))
     meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
-    meta["recalibrated"] = {k: a.to_dict() for k, a in route_archs(net).items()}
-    save_model_file(run_dir / ROUTES_FILE, {f"model.{k}": v for k, v in net.state_dict().items()}, meta)
+    meta["recalibrated"] = {k: a.to_dict() for k, a in net.named_routes().items()}
+    save_model_file(run_dir / runs.ROUTES_RECALIBRATED, prefixed("model", net), meta)
 
 
 def step_gate(target: float) -> Callable[[Path, Config, RunConfig], None]:
     def run_gate(run_dir: Path, cfg: Config, run: RunConfig) -> None:
-        from .train.stage2 import train_gate
-
-        out = run_dir / gate_name(target)
-        shutil.rmtree(out, ignore_errors=True)  # an interrupted Stage II starts over (minutes)
-        net, meta = load_supernet(run_dir / ROUTES_FILE)
+        net, meta = load_supernet(run_dir / runs.ROUTES_RECALIBRATED)
         cfg2 = dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, target_macs=target))
-        train_gate(net, cfg2, out, meta, recalibrate=False)
+        # an interrupted Stage II resumes from its latest checkpoint, like Stage I
+        train_gate(net, cfg2, run_dir / runs.gate_name(target), meta, recalibrate=False, resume=True)
 
     return run_gate
 
 
 def step_eval(run_dir: Path, cfg: Config, run: RunConfig) -> None:
-    from .train.data import eval_loader
-    from .train.evaluate import evaluate, uniform_archs
-    from .train.stage2 import evaluate_gated
-
     test = _test_split(cfg, run.test_images)
     # the supernet's uniform subnets, with the BN statistics Stage I recalibrated for them
-    net, _ = _read_only(run_dir / "stage1" / "recalibrated.safetensors")
+    net, _ = _read_only(run_dir / runs.STAGE1 / runs.RECALIBRATED)
     rows = evaluate(net, uniform_archs(net, cfg.train.eval_widths), eval_loader(test), net.input_size)
-    atomic_write_json(
-        run_dir / "eval" / "supernet.json", {"split": "test", "images": len(test), "rows": rows}
-    )
+    atomic_write_json(run_dir / runs.EVAL / "supernet.json", {"split": "test", "images": len(test), "rows": rows})
     for target in run.gate_targets:
-        gated, _ = _read_only(run_dir / gate_name(target))
+        gated, _ = _read_only(run_dir / runs.gate_name(target))
         result = evaluate_gated(gated, eval_loader(test), test.num_classes, gated.input_size)
-        val = read_json(run_dir / gate_name(target) / "final_eval.json")
+        val = read_json(run_dir / runs.gate_name(target) / runs.FINAL_EVAL)
         result = {
             "target": target,
             "cut": gated.cut,
@@ -251,9 +235,9 @@ def step_eval(run_dir: Path, cfg: Config, run: RunConfig) -> None:
             "split": "test",
             **result,
         }
-        atomic_write_json(run_dir / "eval" / f"{gate_name(target)}.json", result)
+        atomic_write_json(run_dir / runs.EVAL / f"{runs.gate_name(target)}.json", result)
         print(
-            f"{gate_name(target)}: test top-1 {result['accuracy']:.2f}% at {result['avg_macs'] / 1e6:.2f} MMACs, "
+            f"{runs.gate_name(target)}: test top-1 {result['accuracy']:.2f}% at {result['avg_macs'] / 1e6:.2f} MMACs, "
             f"routes {result['histogram']}",
             flush=True,
         )
@@ -267,71 +251,50 @@ def best_target(run_dir: Path, run: RunConfig) -> float:
     """
     scored = []
     for target in run.gate_targets:
-        val = read_json(run_dir / gate_name(target) / "final_eval.json")
+        val = read_json(run_dir / runs.gate_name(target) / runs.FINAL_EVAL)
         if val:
             scored.append((val["accuracy"], -val["avg_macs"], target))
     return max(scored)[2] if scored else run.gate_targets[-1]
 
 
 def step_export(run_dir: Path, cfg: Config, run: RunConfig) -> None:
-    from .export import extract_subnet
-    from .onnx_export import export_gated, export_onnx
-
-    out = run_dir / "export"
+    out = run_dir / runs.EXPORT
     out.mkdir(parents=True, exist_ok=True)
     target = best_target(run_dir, run)
-    gated, _ = _read_only(run_dir / gate_name(target))
+    gated, _ = _read_only(run_dir / runs.gate_name(target))
     test = _test_split(cfg, 1)
     export_gated(gated.eval(), out / "gated", mean=test.mean, std=test.std)
-    routes, _ = _read_only(run_dir / ROUTES_FILE)
-    files = {"gated": {"dir": "gated", "target": target, "stage2_run": gate_name(target)}}
+    routes, _ = _read_only(run_dir / runs.ROUTES_RECALIBRATED)
+    files = {"gated": {"dir": "gated", "target": target, "stage2_run": runs.gate_name(target)}}
     for name, arch in (("largest", routes.routes[-1]), ("smallest", routes.routes[0])):
-        save_torch(extract_subnet(routes, arch).eval(), out / f"{name}.pt")
+        save_torch_model(extract_subnet(routes, arch).eval(), out / f"{name}.pt")
         export_onnx(routes, arch, out / f"{name}.onnx")
         files[name] = {"torch": f"{name}.pt", "onnx": f"{name}.onnx", "arch": arch.to_dict()}
     files["normalisation"] = {"mean": list(test.mean), "std": list(test.std)}
     atomic_write_json(out / "exports.json", files)
 
 
-def save_torch(module: torch.nn.Module, path: Path) -> None:
-    """``torch.save`` of a whole plain-torch model (a GraphModule), written atomically.
-
-    Load it without dynaslice: ``torch.load(path, weights_only=False)`` (only torch is imported;
-    the file is a pickle, so load only files you trust).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(module, tmp)
-    tmp.replace(path)
-
-
 def step_latency(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     """Batch-1 milliseconds per image on this machine: medians of interleaved rounds."""
-    from .dynamic import DynamicNet
-    from .export import extract_subnet
-    from .profile import count_macs, measure_latency
-    from .train.data import eval_loader
-    from .train.evaluate import uniform_archs
-
     test = _test_split(cfg, run.latency_images)
     x, _ = next(iter(eval_loader(test, len(test))))
     one = x[:1]
     fns: dict[str, Callable[[], object]] = {}
     macs: dict[str, float] = {}
     kinds: dict[str, str] = {}
-    sup, _ = _read_only(run_dir / "stage1" / "recalibrated.safetensors")
+    sup, _ = _read_only(run_dir / runs.STAGE1 / runs.RECALIBRATED)
     for name, arch in uniform_archs(sup.eval(), cfg.train.eval_widths).items():
         m = extract_subnet(sup, arch).eval()
         fns[name], macs[name], kinds[name] = (lambda m=m: m(one)), count_macs(sup, arch), "uniform"
-    routes, _ = _read_only(run_dir / ROUTES_FILE)
+    routes, _ = _read_only(run_dir / runs.ROUTES_RECALIBRATED)
     for i, arch in enumerate(routes.eval().routes):
         m = extract_subnet(routes, arch).eval()
         name = f"route{i}"
         fns[name], macs[name], kinds[name] = (lambda m=m: m(one)), count_macs(routes, arch), "route"
     for target in run.gate_targets:
-        gated, _ = _read_only(run_dir / gate_name(target))
+        gated, _ = _read_only(run_dir / runs.gate_name(target))
         dyn = DynamicNet(gated.eval()).eval()
-        name = gate_name(target)
+        name = runs.gate_name(target)
         images = [x[i : i + 1] for i in range(len(x))]
 
         def each(dyn=dyn, images=images) -> None:
@@ -360,14 +323,12 @@ def step_latency(run_dir: Path, cfg: Config, run: RunConfig) -> None:
             }
         )
     atomic_write_json(
-        run_dir / "latency.json",
+        run_dir / runs.LATENCY,
         {"batch": 1, "threads": torch.get_num_threads(), "repeats": run.latency_repeats, "rows": rows},
     )
 
 
 def step_report(run_dir: Path, cfg: Config, run: RunConfig) -> None:
-    from .report import write_report
-
     write_report(run_dir)
 
 
@@ -376,7 +337,7 @@ def steps(run: RunConfig) -> list[tuple[str, Callable[[Path, Config, RunConfig],
         ("stage1", step_stage1),
         ("recalibrate", step_recalibrate),
     ]
-    out += [(gate_name(t), step_gate(t)) for t in run.gate_targets]
+    out += [(runs.gate_name(t), step_gate(t)) for t in run.gate_targets]
     out += [("eval", step_eval)]
     if run.export:
         out += [("export", step_export)]
@@ -389,13 +350,19 @@ def run_pipeline(cfg: Config, run: RunConfig, run_dir: str | Path, until: str | 
     run_dir = Path(run_dir)
     names = [name for name, _ in steps(run)]
     if until is not None and until not in names:
-        raise UserError(f"--until {until!r} is not a step of this run: {', '.join(names)}")
+        raise ConfigError(f"--until {until!r} is not a step of this run: {', '.join(names)}")
     _test_split(cfg, 1)  # a missing dataset fails here, before anything is written
-    check_settings(run_dir, cfg, run)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    with runs.exclusive(run_dir):
+        check_settings(run_dir, cfg, run)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        _run_steps(run_dir, cfg, run, until)
+    return run_dir / "report.md"
+
+
+def _run_steps(run_dir: Path, cfg: Config, run: RunConfig, until: str | None) -> None:
     for name, fn in steps(run):
-        marker = run_dir / "done" / f"{name}.json"
+        marker = runs.done_marker(run_dir, name)
         if marker.is_file():
             print(f"[{name}] done already, skipped", flush=True)
         else:
@@ -407,40 +374,3 @@ def run_pipeline(cfg: Config, run: RunConfig, run_dir: str | Path, until: str | 
             print(f"[{name}] finished in {secs:.1f} s", flush=True)
         if name == until:
             break
-    return run_dir / "report.md"
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _run(args: argparse.Namespace) -> int:
-    try:
-        cfg, run = load_run_config(args.config, args.set or [])
-        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-        report = run_pipeline(cfg, run, out, args.until)
-    except (ConfigError, CheckpointError) as e:
-        raise UserError(str(e)) from e
-    if report.is_file():
-        print(f"report: {report}")
-    else:
-        print(f"stopped after step {args.until!r}; run the same command without --until to finish: {out}")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run",
-        help="the main job: Stage I, BN recalibration, Stage II, test evaluation, export, report",
-        description="Train a gated supernet and its gate from one YAML config, evaluate, export and "
-        "write RUN/report.md. Re-running skips finished steps and resumes an interrupted one.",
-    )
-    p.add_argument("config", metavar="CONFIG", help="YAML preset, e.g. configs/demo.yaml")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. train.epochs=2 or run.gate_targets=[0.6] (repeatable)",
-    )
-    p.add_argument("--until", default=None, metavar="STEP", help="stop after this step (e.g. stage1)")
-    p.set_defaults(func=_run)

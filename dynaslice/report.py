@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from .train.checkpoint import atomic_write_bytes
+from . import runs
+from .atomic import atomic_write_bytes
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -38,20 +39,20 @@ def _load(path: Path) -> Any:
 def collect(run_dir: str | Path) -> dict[str, Any]:
     """Everything the report shows, as one JSON-serialisable dict (written as ``report.json``)."""
     run_dir = Path(run_dir)
-    settings = yaml.safe_load((run_dir / "pipeline.yaml").read_text())
+    settings = yaml.safe_load((run_dir / runs.PIPELINE).read_text())
     cfg, run = settings["config"], settings["run"]
-    supernet = _load(run_dir / "eval" / "supernet.json")
+    supernet = _load(run_dir / runs.EVAL / "supernet.json")
     if supernet is None:
-        raise FileNotFoundError(f"{run_dir / 'eval' / 'supernet.json'} is missing: run the eval step first")
+        raise FileNotFoundError(f"{run_dir / runs.EVAL / 'supernet.json'} is missing: run the eval step first")
     gated = []
     for target in run["gate_targets"]:
-        result = _load(run_dir / "eval" / f"gate-t{target:g}.json")
+        result = _load(run_dir / runs.EVAL / f"{runs.gate_name(target)}.json")
         if result is not None:
-            gated.append({"name": f"gate-t{target:g}", **result})
+            gated.append({"name": runs.gate_name(target), **result})
     routes = gated[0]["routes"] if gated else []
     data = cfg["data"]
     classes = FASHION_MNIST_CLASSES if data["name"] == "fashion_mnist" else None
-    steps = {p.stem: _load(p)["seconds"] for p in sorted((run_dir / "done").glob("*.json"))}
+    steps = {p.stem: _load(p)["seconds"] for p in sorted((run_dir / runs.DONE).glob("*.json"))}
     return {
         "run_dir": str(run_dir),
         "model": cfg["model"]["name"],
@@ -62,9 +63,9 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
         "supernet": supernet["rows"],
         "routes": [{k: r[k] for k in ("name", "arch", "macs", "accuracy")} for r in routes],
         "gated": gated,
-        "static": (_load(run_dir / "eval" / "static.json") or {}).get("rows", []),
-        "latency": _load(run_dir / "latency.json"),
-        "exports": _load(run_dir / "export" / "exports.json"),
+        "static": (_load(run_dir / runs.EVAL / "static.json") or {}).get("rows", []),
+        "latency": _load(run_dir / runs.LATENCY),
+        "exports": _load(run_dir / runs.EXPORT / "exports.json"),
         "class_names": classes,
         "step_seconds": steps,
     }

@@ -10,12 +10,17 @@ package's ``__init__``, which does import torch.)
   ``dynaslice.onnx_export.export_gated``: the trunk and gate once on the whole batch, then the
   samples grouped by the argmax route, each group through its route's dense subnet, outputs put
   back in input order -- the same computation as ``dynaslice.dynamic.DynamicNet``.
+- :class:`BudgetOnnxRunner` runs a PSS budget-table package written by
+  ``dynaslice.onnx_export.export_budget``: ``runner(x, max_macs=...)`` runs the most accurate
+  entry within the budget, as ``dynaslice.budget.BudgetNet`` does (:func:`pick_entry`).
 
-Package layout (``manifest.json`` ``format_version`` 1)::
+Package layouts (``manifest.json``, ``format_version`` 1)::
 
-    manifest.json   format, input shape/dtype/normalisation, cut, routes (arch, MACs, file)
-    trunk.onnx      input -> (features, logits): stem, stages before the cut, the gate
-    route_{i}.onnx  features -> logits: route i's stages after the cut and the head
+    gated:   manifest.json   format, input shape/dtype/normalisation, cut, routes (arch, MACs, file)
+             trunk.onnx      input -> (features, logits): stem, stages before the cut, the gate
+             route_{i}.onnx  features -> logits: route i's stages after the cut and the head
+    budget:  manifest.json   format, input, entries (bucket, arch, MACs, val accuracy, latency, file)
+             entry_{i}.onnx  input -> logits: entry i's subnet with the BN statistics it was selected with
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 
 FORMAT = "dynaslice-gated-onnx"
+BUDGET_FORMAT = "dynaslice-budget-onnx"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -119,20 +125,22 @@ def _file(d: dict, where: str, path: Path) -> str:
     return name
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The checked ``manifest.json`` of a gated package (raises a clear error if missing or damaged)."""
+def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """The checked ``manifest.json`` of a package (gated or budget table; ``kind``: the format
+    required, default either); raises a clear error if it is missing or damaged."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: {directory} is not a gated ONNX package; write one with "
-            "dynaslice.onnx_export.export_gated"
+            f"{path} not found: {directory} is not a dynaslice ONNX package; write one with "
+            "dynaslice.onnx_export (export_gated, export_budget)"
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-export the package with export_gated") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT!r} manifest; re-export the package with export_gated")
+        raise ValueError(f"{path} is not valid JSON ({e}); re-export the package") from e
+    kinds = (kind,) if kind else (FORMAT, BUDGET_FORMAT)
+    if not isinstance(manifest, dict) or manifest.get("format") not in kinds:
+        raise ValueError(f"{path} is not a {' or '.join(map(repr, kinds))} manifest; re-export the package")
     version = _get(manifest, "format_version", int, "", path)
     if version != FORMAT_VERSION:
         newer = version > FORMAT_VERSION
@@ -140,31 +148,67 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{path} has format_version {version}, this runtime reads {FORMAT_VERSION}; "
             + ("upgrade dynaslice (or copy a newer runtime.py)" if newer else "re-export the package")
         )
+    _check_manifest_input(manifest, path)
+    _get(manifest, "num_classes", int, "", path)
+    if manifest["format"] == FORMAT:
+        _file(_get(manifest, "trunk", dict, "", path), "trunk.", path)
+        _check_list(manifest, "routes", 2, path)
+    else:
+        for i, e in enumerate(_check_list(manifest, "entries", 1, path)):
+            _get(e, "val_accuracy", (int, float), f"entries[{i}].", path)
+    return manifest
+
+
+def _check_manifest_input(manifest: dict, path: Path) -> None:
     inp = _get(manifest, "input", dict, "", path)
     shape = _get(inp, "shape", list, "input.", path)
     if not shape or shape[0] is not None or not all(isinstance(s, int) and s > 0 for s in shape[1:]):
-        raise ValueError(
-            f"{path} is damaged: input.shape {shape} is not [null, C, H, W]; re-export the package"
-        )
+        raise ValueError(f"{path} is damaged: input.shape {shape} is not [null, C, H, W]; re-export the package")
     dtype = _get(inp, "dtype", str, "input.", path)
     try:
         np.dtype(dtype)
     except TypeError as e:
-        raise ValueError(
-            f"{path} is damaged: input.dtype {dtype!r} is not a numpy dtype; re-export the package"
-        ) from e
-    _get(manifest, "num_classes", int, "", path)
-    _file(_get(manifest, "trunk", dict, "", path), "trunk.", path)
-    routes = _get(manifest, "routes", list, "", path)
-    if len(routes) < 2:
-        raise ValueError(
-            f"{path} is damaged: it lists {len(routes)} routes, a gate needs >= 2; re-export the package"
+        raise ValueError(f"{path} is damaged: input.dtype {dtype!r} is not a numpy dtype; re-export the package") from e
+
+
+def _check_list(manifest: dict, key: str, minimum: int, path: Path) -> list:
+    """A list of ``{file, arch, macs}`` entries (routes or budget entries), at least ``minimum`` long."""
+    items = _get(manifest, key, list, "", path)
+    if len(items) < minimum:
+        raise ValueError(f"{path} is damaged: it lists {len(items)} {key}, fewer than {minimum}; re-export the package")
+    for i, item in enumerate(items):
+        _file(item, f"{key}[{i}].", path)
+        _get(item, "arch", dict, f"{key}[{i}].", path)
+        _get(item, "macs", (int, float), f"{key}[{i}].", path)
+    return items
+
+
+def pick_entry(
+    entries: Sequence[dict[str, Any]], max_macs: float | None = None, max_latency_ms: float | None = None
+) -> int:
+    """Index of the most accurate entry (``val_accuracy``) whose ``macs`` / ``latency_ms`` fit the
+    budget (every limit given must hold); on a tie the cheaper one. The one rule of budget
+    switching, used by ``dynaslice.budget.BudgetTable`` and :class:`BudgetOnnxRunner` alike."""
+    if not entries:
+        raise ValueError("the budget table is empty")
+    if max_latency_ms is not None and any(e.get("latency_ms") is None for e in entries):
+        raise ValueError("this budget table has no latencies: train with train.pss.latency_table set, or use max_macs")
+    fits = [
+        i
+        for i, e in enumerate(entries)
+        if (max_macs is None or e["macs"] <= max_macs)
+        and (max_latency_ms is None or e["latency_ms"] <= max_latency_ms)
+    ]
+    if not fits:
+        cheapest = min(entries, key=lambda e: e["macs"])
+        need = f"{cheapest['macs'] / 1e6:.3g} MMACs"
+        if cheapest.get("latency_ms") is not None:
+            need += f", {cheapest['latency_ms']:.3g} ms"
+        asked = ", ".join(
+            f"{k}={v:g}" for k, v in (("max_macs", max_macs), ("max_latency_ms", max_latency_ms)) if v is not None
         )
-    for i, r in enumerate(routes):
-        _file(r, f"routes[{i}].", path)
-        _get(r, "arch", dict, f"routes[{i}].", path)
-        _get(r, "macs", (int, float), f"routes[{i}].", path)
-    return manifest
+        raise ValueError(f"no subnet of the budget table fits {asked}; the cheapest needs {need}")
+    return max(fits, key=lambda i: (entries[i]["val_accuracy"], -entries[i]["macs"]))
 
 
 class GatedOnnxRunner:
@@ -177,7 +221,7 @@ class GatedOnnxRunner:
 
     def __init__(self, directory: str | Path, providers: Sequence[str] | None = None):
         self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
+        self.manifest = read_manifest(self.directory, FORMAT)
         m = self.manifest
         self.input_shape: list[int | None] = m["input"]["shape"]
         self.dtype = np.dtype(m["input"]["dtype"]).type
@@ -246,3 +290,25 @@ class GatedOnnxRunner:
         if routes.size == 0:
             raise ValueError("avg_macs needs at least one route choice")
         return float(self.route_macs[routes].mean())
+
+
+class BudgetOnnxRunner:
+    """A PSS budget-table package run with onnxruntime: ``runner(x, max_macs=...)`` runs the most
+    accurate entry within the budget (:func:`pick_entry`), like ``dynaslice.budget.BudgetNet``.
+
+    Every entry's session is created once, at load: switching budget costs a dictionary lookup.
+    Inputs are numpy arrays ``[B, C, H, W]``, normalised as ``runner.manifest["input"]`` says.
+    """
+
+    def __init__(self, directory: str | Path, providers: Sequence[str] | None = None):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory, BUDGET_FORMAT)
+        self.entries: list[dict[str, Any]] = self.manifest["entries"]
+        self.models = [OnnxModel(self.directory / e["file"], providers) for e in self.entries]
+
+    def entry(self, max_macs: float | None = None, max_latency_ms: float | None = None) -> dict[str, Any]:
+        """The manifest entry that a call with this budget runs."""
+        return self.entries[pick_entry(self.entries, max_macs, max_latency_ms)]
+
+    def __call__(self, x: np.ndarray, max_macs: float | None = None, max_latency_ms: float | None = None) -> np.ndarray:
+        return self.models[pick_entry(self.entries, max_macs, max_latency_ms)](x)

@@ -155,7 +155,7 @@ class SearchSpace:
     dims: tuple[Dim, ...]
     tied: tuple[tuple[str, ...], ...] = ()
     _by_name: dict[str, Dim] = field(init=False, repr=False, compare=False)
-    _groups: tuple[tuple[str, ...], ...] = field(init=False, repr=False, compare=False)
+    groups: tuple[tuple[str, ...], ...] = field(init=False, repr=False, compare=False)
     # archs already validated: makes the check in every forward O(1); bounded, a pure cache
     _valid: set[Arch] = field(init=False, repr=False, compare=False)
 
@@ -178,7 +178,7 @@ class SearchSpace:
         groups = [g for g in self.tied] + [(d.name,) for d in self.dims if d.name not in seen]
         groups.sort(key=lambda g: [d.name for d in self.dims].index(g[0]))
         object.__setattr__(self, "_by_name", by_name)
-        object.__setattr__(self, "_groups", tuple(groups))
+        object.__setattr__(self, "groups", tuple(groups))
         object.__setattr__(self, "_valid", set())
 
     # --- construction helpers -------------------------------------------------------------
@@ -203,31 +203,51 @@ class SearchSpace:
 
     def __len__(self) -> int:
         """Number of distinct archs in the space."""
-        return math.prod(len(self._by_name[g[0]].choices) for g in self._groups)
+        return math.prod(self.group_sizes())
 
-    def _from_indices(self, indices: Sequence[int]) -> Arch:
+    def group_sizes(self) -> tuple[int, ...]:
+        """Number of choices of each group (in :attr:`groups` order): what :meth:`from_indices` indexes."""
+        return tuple(len(self._by_name[g[0]].choices) for g in self.groups)
+
+    def from_indices(self, indices: Sequence[int]) -> Arch:
+        """The arch taking grid index ``indices[j]`` in every dimension of group ``j``.
+
+        ``groups`` lists the dimensions that move together (tied ones share a group; every other
+        dimension is a group of its own), so any index vector is a valid arch: what samplers that
+        draw per-dimension indices (PSS-Net) use.
+        """
         values: dict[str, int] = {}
-        for group, i in zip(self._groups, indices, strict=True):
+        for group, i in zip(self.groups, indices, strict=True):
             for name in group:
                 values[name] = self._by_name[name].choices[i]
         return Arch((n, values[n]) for n in self.names)
 
     def largest(self) -> Arch:
-        return self._from_indices([len(self._by_name[g[0]].choices) - 1 for g in self._groups])
+        return self.from_indices([n - 1 for n in self.group_sizes()])
 
     def smallest(self) -> Arch:
-        return self._from_indices([0] * len(self._groups))
+        return self.from_indices([0] * len(self.groups))
+
+    def narrowest_ratio(self) -> float:
+        """The smallest ``min / max`` over the width dimensions: the narrowest uniform ratio there is."""
+        ratios = [d.min / d.max for d in self.dims if d.kind == "width" and len(d.choices) > 1]
+        return min(ratios, default=1.0)
 
     def uniform(self, ratio: float) -> Arch:
         """Every width dimension at ``ratio`` of its maximum, rounded to the nearest grid value.
 
         Kernel and depth dimensions stay at their maximum. Ties follow the group's first
-        dimension.
+        dimension. A ratio more than 10% below :meth:`narrowest_ratio` is refused rather than
+        silently rounded up to the narrowest subnet (a table row "x0.1" must be that wide).
         """
-        if not 0 < ratio <= 1:
-            raise ValueError(f"uniform ratio must be in (0, 1], got {ratio}")
+        lowest = self.narrowest_ratio()
+        if not (0 < ratio <= 1 and ratio >= 0.9 * lowest):
+            raise ValueError(
+                f"uniform width ratio {ratio:g} is outside [{lowest:.2f}, 1], the widths this space has; "
+                "use smallest() for its narrowest subnet"
+            )
         indices = []
-        for group in self._groups:
+        for group in self.groups:
             dim = self._by_name[group[0]]
             if dim.kind != "width":
                 indices.append(len(dim.choices) - 1)
@@ -236,26 +256,25 @@ class SearchSpace:
             # nearest grid value; on a tie take the wider one (never under-provision)
             best = min(range(len(dim.choices)), key=lambda i: (abs(dim.choices[i] - target), -i))
             indices.append(best)
-        return self._from_indices(indices)
+        return self.from_indices(indices)
 
     def sample(self, rng: Rng) -> Arch:
         """A uniformly random arch. ``rng``: a ``random.Random``, ``torch.Generator`` or seed."""
         if isinstance(rng, int):
             rng = random.Random(rng)
-        sizes = [len(self._by_name[g[0]].choices) for g in self._groups]
+        sizes = self.group_sizes()
         if isinstance(rng, torch.Generator):
             idx = [int(torch.randint(n, (1,), generator=rng)) for n in sizes]
         elif isinstance(rng, random.Random):
             idx = [rng.randrange(n) for n in sizes]
         else:
             raise TypeError(f"rng must be random.Random, torch.Generator or int, got {type(rng)}")
-        return self._from_indices(idx)
+        return self.from_indices(idx)
 
     def __iter__(self) -> Iterator[Arch]:
         """Enumerate every arch (in index order; mind ``len(space)`` before listing it)."""
-        sizes = [range(len(self._by_name[g[0]].choices)) for g in self._groups]
-        for idx in itertools.product(*sizes):
-            yield self._from_indices(idx)
+        for idx in itertools.product(*(range(n) for n in self.group_sizes())):
+            yield self.from_indices(idx)
 
     def __contains__(self, arch: object) -> bool:
         try:

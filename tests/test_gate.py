@@ -11,7 +11,6 @@ from dynaslice.gate import (
     GatedSupernet,
     anneal_tau,
     calibrate_route_bias,
-    default_cut,
     gate_loss,
     gumbel_routes,
     resolve_target_macs,
@@ -112,14 +111,13 @@ def test_validate_routes_explains_bad_lists(net):
         validate_routes(net, [small, b], 4)
 
 
-def test_default_cut_table(net):
-    assert default_cut(net) == net.n_stages // 2
-
-    class Unknown(ds.Supernet):
-        n_stages = 3
-
-    with pytest.raises(ValueError, match="pass cut="):
-        default_cut(Unknown())
+def test_default_cut_is_a_family_attribute(net):
+    assert net.default_gate_cut() == net.n_stages // 2  # after the middle stage
+    dsmbnet = ds.create_supernet("dsmbnet_small")
+    sliced = [i for i in range(dsmbnet.n_stages) if any(len(dsmbnet.space[d].choices) > 1 for d in dsmbnet.stage_dims(i))]
+    first_sliced = sliced[0]
+    assert dsmbnet.default_gate_cut() == first_sliced > 0
+    assert GatedSupernet(net, routes=2).cut == net.default_gate_cut()
 
 
 # --------------------------------------------------------------------------- Stage I

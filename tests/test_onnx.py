@@ -211,7 +211,7 @@ def _edit_manifest(directory: Path, edit) -> None:
 
 def test_damaged_packages_fail_clearly(package, tmp_path):
     directory, _, x = package
-    with pytest.raises(FileNotFoundError, match="not a gated ONNX package"):
+    with pytest.raises(FileNotFoundError, match="not a dynaslice ONNX package"):
         GatedOnnxRunner(tmp_path)
 
     d = _copy(directory, tmp_path / "a")
@@ -266,7 +266,7 @@ def test_export_gated_is_complete_or_absent(package, tmp_path, monkeypatch):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a gated ONNX package"):
+    with pytest.raises(FileExistsError, match="not a dynaslice ONNX package"):
         export_gated(dyn, busy)
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
     with pytest.raises(TypeError, match="GatedSupernet"):

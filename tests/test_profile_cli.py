@@ -53,7 +53,7 @@ def test_profile_without_latency_and_with_num_classes(tmp_path, capsys):
     "argv, message",
     [
         (["profile", "vit_smal"], "Unknown supernet 'vit_smal'. Did you mean 'vit_small'? Available: "),
-        (["profile", "resnet_small", "--repeats", "0"], "--repeats must be at least 1"),
+        (["profile", "resnet_small", "--repeats", "0"], "--repeats: '0' must be at least 1"),
         (
             ["profile", "vit_small_input", "--input-size", "3", "30", "30", "--no-latency"],
             "not a multiple of patch_size",

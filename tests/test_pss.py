@@ -15,7 +15,7 @@ from dynaslice.budget import STATS_PREFIX, BudgetEntry, BudgetNet, BudgetTable
 from dynaslice.cli import main
 from dynaslice.models import create_supernet
 from dynaslice.space import Arch, Dim, SearchSpace
-from dynaslice.train import Trainer, load_config
+from dynaslice.train import SupernetTrainer, load_config
 from dynaslice.train.checkpoint import latest_checkpoint, load_state
 from dynaslice.train.pss import PSSSampler, exp_schedule
 
@@ -199,13 +199,15 @@ def test_train_with_pss_writes_a_budget_table_selected_on_val(tmp_path, capsys):
         # accuracies are over the 24 validation images (the test split has 256)
         assert abs(e.val_accuracy * 24 / 100 - round(e.val_accuracy * 24 / 100)) < 1e-6
     # the pools are in the checkpoint, and a resumed trainer gets them back
-    state = load_state(latest_checkpoint(run) / "state.pt")["sampler"]
+    state = load_state(latest_checkpoint(run) / "state.pt")["extra"]["sampler"]
     assert state["kind"] == "pss" and sum(len(p) for p in state["pools"].values()) > 0
-    trainer = Trainer(load_config(run / "config.yaml"), run)
+    trainer = SupernetTrainer(load_config(run / "config.yaml"), run)
     assert trainer.resume()
     assert trainer.sampler.state_dict() == state
-    # killed during the end-of-run selection (no budget.safetensors yet): resume redoes it
+    # killed during the end-of-run selection (no budget.safetensors, no final_eval.json yet):
+    # resume redoes it
     (run / "budget.safetensors").unlink()
+    (run / "final_eval.json").unlink()
     assert main(["train", str(cfg_path), "--out", str(run), "--resume"]) == 0
     assert BudgetTable.load(run / "budget.safetensors").entries == t.entries
     capsys.readouterr()
@@ -240,7 +242,7 @@ def test_pss_config_errors(tmp_path):
 def test_latency_metric_buckets_and_budget_table_latencies(tmp_path):
     from dynaslice.latency import build_latency_table
     from dynaslice.train.data import eval_loader, load_split
-    from dynaslice.train.pss import build_pss_sampler, select_budget_table
+    from dynaslice.train.pss import make_pss_sampler, select_budget_table
 
     net = create_supernet("resnet_small", in_chans=1, num_classes=10, input_size=8, ratios=[0.5, 0.75, 1.0])
     lat = build_latency_table(net, repeats=1, warmup=0, max_values=2, calibration=2, progress=False)
@@ -249,7 +251,7 @@ def test_latency_metric_buckets_and_budget_table_latencies(tmp_path):
     cfg_path.write_text(yaml.safe_dump(TINY))
     sets = ["train.pss.metric=latency", f"train.pss.latency_table={tmp_path / 'lat.json'}"]
     cfg = load_config(cfg_path, sets + ["train.pss.bucket_step=0.02", "train.pss.estimate_samples=300"])
-    s = build_pss_sampler(net, cfg.train, 10)
+    s = make_pss_sampler(net, cfg.train, 10)
     rng = np.random.default_rng(0)
     picks = {}
     for b in s.buckets[:2]:
@@ -269,9 +271,13 @@ def test_budget_net_runs_each_entry_with_the_bn_statistics_it_was_selected_with(
     """Each entry keeps BN statistics recalibrated for it alone: running it through BudgetNet
     reproduces its validation accuracy exactly, whatever entry ran before it, and its extracted
     static model computes the same outputs."""
-    from dynaslice.train.checkpoint import load_model_file, save_model_file
+    from dynaslice.modelfile import load_model_file, save_model_file
     from dynaslice.train.data import eval_loader, load_split
-    from dynaslice.train.pss import accuracy, select_budget_table
+    from dynaslice.train.evaluate import evaluate
+    from dynaslice.train.pss import select_budget_table
+
+    def accuracy(net, arch, batches):
+        return evaluate(net, {"a": arch}, batches)[0]["accuracy"]
 
     cfg_path = tmp_path / "pss.yaml"
     cfg_path.write_text(yaml.safe_dump(TINY))
@@ -306,7 +312,7 @@ def test_budget_net_runs_each_entry_with_the_bn_statistics_it_was_selected_with(
 
     # the file round trip, and the errors
     from dynaslice.budget import save_budget_file
-    from dynaslice.train.checkpoint import CheckpointError
+    from dynaslice.modelfile import CheckpointError
 
     save_budget_file(
         tmp_path / "b.safetensors", net, table, stats, {"model": {"name": "resnet_small", "kwargs": kwargs}}

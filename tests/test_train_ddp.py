@@ -19,11 +19,11 @@ WORKER = r"""
 import json, sys
 from pathlib import Path
 import torch
-from dynaslice.train import Trainer, load_config, save_model_file
+from dynaslice.train import SupernetTrainer, load_config, save_model_file
 
 cfg = load_config(sys.argv[1])
 out = Path(sys.argv[2])
-trainer = Trainer(cfg, out / "run")
+trainer = SupernetTrainer(cfg, out / "run")
 rank = trainer.env.rank
 record = {"world_size": trainer.env.world_size, "archs": [], "labels": [], "shard": {}}
 

@@ -20,7 +20,7 @@ from dynaslice.models import create_supernet
 from dynaslice.profile import count_macs
 from dynaslice.train import (
     CheckpointError,
-    Trainer,
+    SupernetTrainer,
     TrainingDiverged,
     derive_seed,
     load_config,
@@ -169,7 +169,7 @@ def test_static_mode_trains_one_ordinary_network_per_width(tmp_path):
 
 def test_nan_loss_stops_without_stepping_and_keeps_the_checkpoint(tmp_path):
     _, cfg = tiny_config(tmp_path)
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = SupernetTrainer(cfg, tmp_path / "run")
     trainer.save()
     before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
     x, y = next(trainer.train_loader.epoch_batches(0))
@@ -185,7 +185,7 @@ def test_nan_loss_stops_without_stepping_and_keeps_the_checkpoint(tmp_path):
 
 def test_dropout_runs_in_the_largest_subnet_only(tmp_path):
     _, cfg = tiny_config(tmp_path, "model.kwargs.drop_rate=0.5", "train.target=inplace")
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = SupernetTrainer(cfg, tmp_path / "run")
     seen = []
     trainer.net.dropout.register_forward_pre_hook(lambda m, a: seen.append(m.training))
     x, y = next(trainer.train_loader.epoch_batches(0))
@@ -197,7 +197,7 @@ def test_dropout_runs_in_the_largest_subnet_only(tmp_path):
 
 def test_sandwich_step_runs_the_sampled_archs_and_learns(tmp_path):
     _, cfg = tiny_config(tmp_path, "train.target=ib", "train.epochs=3", "optim.lr=0.1")
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = SupernetTrainer(cfg, tmp_path / "run")
     first = [trainer.train_step(*b)["losses"] for b in trainer.train_loader.epoch_batches(0)]
     assert len(first[0]) == 4
     for epoch in (1, 2):
@@ -215,7 +215,7 @@ def test_grad_clipping_bounds_the_update(tmp_path):
         "optim.warmup_epochs=0",
         f"optim.lr={lr}",
     )
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = SupernetTrainer(cfg, tmp_path / "run")
     before = [p.detach().clone() for p in trainer.net.parameters()]
     trainer.train_step(*next(trainer.train_loader.epoch_batches(0)))
     change = torch.cat(
@@ -258,3 +258,33 @@ def test_cli_train_eval_recalibrate(tmp_path, capsys):
     assert main(["train", str(cfg_path), "--set", "optim.momentun=0.8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'optim.momentum'" in err
+
+
+# --------------------------------------------------------------------------- plain modules on the engine
+
+
+def test_model_trainer_trains_a_plain_module_with_epoch_hooks_and_resumes(tmp_path):
+    from torch import nn
+
+    from dynaslice.train import ModelTrainer
+
+    class Recorded(ModelTrainer):
+        def on_epoch_start(self, epoch):
+            self.epochs_started.append(epoch)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    _, cfg = tiny_config(tmp_path, "train.epochs=2")
+    trainer = Recorded(make(), cfg, tmp_path / "run")
+    trainer.epochs_started = []
+    result = trainer.fit()
+    assert trainer.epochs_started == [0, 1] and trainer.step == trainer.total_steps
+    assert 0 <= result["accuracy"] <= 100 and result["images"] == 32
+    assert json.loads((tmp_path / "run" / "final_eval.json").read_text()) == result
+    again = Recorded(make(), cfg, tmp_path / "run")
+    again.epochs_started = []
+    assert again.resume() and again.step == trainer.step
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), trainer.model.state_dict().values()))
+    assert again.fit() == result and again.epochs_started == []  # finished: nothing trains again

@@ -389,16 +389,17 @@ def test_damaged_or_foreign_files_give_one_clear_error(tmp_path):
         load_model_file(model)
     assert "\n" not in str(e.value)
     state.write_bytes(state.read_bytes()[:50])
-    with pytest.raises(CheckpointError, match="truncated, damaged") as e:
+    with pytest.raises(CheckpointError, match="truncated or damaged") as e:
         load_state(state)
     assert "\n" not in str(e.value)
     # a foreign pickle: torch.load(weights_only=True) refuses it and we say so in one line
     foreign = tmp_path / "foreign.pt"
     torch.save({"obj": Arch(a=1)}, foreign)
-    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+    with pytest.raises(CheckpointError, match="never loads files that way") as e:
         load_state(foreign)
+    assert "weights_only=False" not in str(e.value)
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(CheckpointError, match="not a dynaslice checkpoint"):
+    with pytest.raises(CheckpointError, match="not a dynaslice model file"):
         load_model_file(tmp_path / "other.safetensors")

@@ -8,21 +8,15 @@ restart yields exactly the batches an uninterrupted run would have produced from
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Iterator
 
 import torch
 
+from ..seeding import derive_seed
 from .datasets import DatasetNotFoundError, InMemoryDataset
 from .transforms import BatchTransform, EvalTransform, imagefolder_transforms
-
-
-def _seed(*parts: int | str) -> int:
-    """A 63-bit seed from `parts`; unlike hash(), stable across processes and Python versions."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class BatchLoader:
@@ -88,7 +82,7 @@ class BatchLoader:
         """The dataset indices this rank visits in `epoch`, in order."""
         n = len(self.ds)
         if self.shuffle:
-            g = torch.Generator().manual_seed(_seed("order", self.seed, epoch))
+            g = torch.Generator().manual_seed(derive_seed("order", self.seed, epoch))
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
@@ -104,7 +98,7 @@ class BatchLoader:
         idx = self.indices(epoch)
         for b in range(start, self.num_batches):
             batch = idx[b * self.batch_size : (b + 1) * self.batch_size]
-            g = torch.Generator().manual_seed(_seed("augment", self.seed, epoch, self.rank, b))
+            g = torch.Generator().manual_seed(derive_seed("augment", self.seed, epoch, self.rank, b))
             yield self.transform(self.ds.images[batch], g), self.ds.labels[batch]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

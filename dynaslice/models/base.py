@@ -40,6 +40,11 @@ class Supernet(nn.Module):
         """Names of the dimensions read by stage ``i`` (``-1``: the stem, ``n_stages``: the head)."""
         raise NotImplementedError
 
+    def default_gate_cut(self) -> int:
+        """The stage a DS-Net gate sits before by default: after the middle stage. Families where
+        another place is better override it (DS-MBNet: before its first sliced stage)."""
+        return self.n_stages // 2
+
     def dims_before(self, cut: int) -> tuple[str, ...]:
         """Dimensions that the stem and stages ``0..cut-1`` read (fixed for all routes of a gate at ``cut``)."""
         names = [n for i in range(-1, cut) for n in self.stage_dims(i)]

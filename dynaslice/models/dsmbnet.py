@@ -101,6 +101,14 @@ class DSMBNet(MobileNetBase):
     def forward_head(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         return self._pool_classify(x)
 
+    def default_gate_cut(self) -> int:
+        """Before the first sliced stage (s3). The paper places the gate in s3's first block; a cut
+        inside a stage is not part of the Supernet contract, so we take the boundary before it."""
+        for i in range(self.n_stages):
+            if any(len(self.space[d].choices) > 1 for d in self.stage_dims(i)):
+                return i
+        raise ValueError(f"{type(self).__name__} has no sliced stage to put a gate before")
+
 
 @register_supernet
 def dsmbnet(**kwargs) -> DSMBNet:

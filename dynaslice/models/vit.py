@@ -187,6 +187,10 @@ class DSViT(Supernet):
             return x
         return self.blocks[i](x, arch["embed"], arch["heads"], arch["mlp"])
 
+    def default_gate_cut(self) -> int:
+        """After the first quarter of the blocks: routing early saves the most."""
+        return max(1, self.n_stages // 4)
+
     def forward_head(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         # LayerNorm is per token, so normalising only the class token equals timm's norm-then-pick.
         return self.head(self.head_drop(self.norm(x[:, 0])))

@@ -21,8 +21,8 @@ from torch import nn
 
 from ..data import EvalTransform, InMemoryDataset
 from ..nn import SlicedBatchNorm2d
+from ..seeding import derive_seed
 from ..space import Arch
-from .samplers import derive_seed
 
 
 def recal_batches(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,9 +20,16 @@ from typing import Any
 
 import yaml
 
+from ..atomic import atomic_write_bytes
+from .samplers import sampler_names
+
 
 class ConfigError(ValueError):
     """A config file or override the user has to fix (printed as one line by the CLI)."""
+
+
+RESUMABLE_CHANGES = frozenset({"optim.lr", "optim.clip_grad_norm"})
+"""Keys a resume may change on request (``--allow-change``): what rescues a diverged run."""
 
 
 @dataclass
@@ -212,7 +220,7 @@ class Config:
         """Check value ranges and choices; returns self so calls can chain."""
         t, o, d = self.train, self.optim, self.data
         choices = {
-            "train.sampler": (t.sampler, ("sandwich", "fixed", "pss")),
+            "train.sampler": (t.sampler, sampler_names()),
             "train.target": (t.target, ("labels", "inplace", "ib", "ieb")),
             "train.device": (t.device, ("auto", "cpu", "cuda")),
             "optim.name": (o.name, ("sgd", "adamw")),
@@ -408,13 +416,33 @@ def apply_override(config: Config, assignment: str) -> Config:
     return from_dict(data)
 
 
+def presets() -> dict[str, Path]:
+    """The YAML presets shipped inside the package, by name (``demo``, ``fmnist_quick``, ...)."""
+    root = importlib.resources.files("dynaslice") / "configs"
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file: an existing path, or the name of a preset (``fmnist_quick`` or ``fmnist_quick.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    known = presets()
+    preset = known.get(path.stem) if path.parent == Path(".") or str(path.parent) == "configs" else None
+    if preset is not None:
+        return preset
+    raise ConfigError(
+        f"config {name_or_path} not found: give a YAML file or one of the presets {', '.join(sorted(known))}"
+    )
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML config file, or a one-line ConfigError saying what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found (presets live in configs/*.yaml)")
+    """The mapping in a YAML config file (a path or a preset name), or a one-line ConfigError."""
+    path = resolve_config(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text (UTF-8) YAML file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -432,5 +460,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (loadable again with :func:`load_config`), atomically."""
+    atomic_write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())

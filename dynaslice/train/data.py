@@ -18,8 +18,8 @@ from ..data import (
     load_dataset,
     split_train_val,
 )
+from ..seeding import derive_seed
 from .config import DataConfig
-from .samplers import derive_seed
 
 
 def synthetic_dataset(

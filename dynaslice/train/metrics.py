@@ -12,10 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .. import runs
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / runs.METRICS
         self.enabled = enabled
         self._file = None
         self._tb = None
@@ -43,7 +45,10 @@ class MetricsLogger:
                     self._tb.add_scalar(f"train/{key}", record[key], step)
             for i, value in enumerate(record.get("losses", [])):
                 self._tb.add_scalar(f"train/loss_subnet{i}", value, step)
-            for row in record.get("val", []):
+            val = record.get("val")
+            if isinstance(val, dict) and "accuracy" in val:  # a gated model: one accuracy
+                self._tb.add_scalar("val/top1_gated", val["accuracy"], step)
+            for row in val if isinstance(val, list) else []:  # a supernet: one row per subnet
                 self._tb.add_scalar(f"val/top1_{row['name']}", row["accuracy"], step)
 
     def close(self) -> None:

@@ -25,7 +25,8 @@ known bucket never fails); a bucket no random subnet reached is an error.
 Everything random comes from ``(seed, step)``: all ranks draw the same subnets, and a resumed
 run (the pools are in the checkpoint through :meth:`PSSSampler.state_dict`) continues exactly.
 
-At the end of training, :func:`write_budget_table` picks the best subnet of each pool on the
+At the end of training, :class:`BudgetTableWriter` (a fit-end callback the ``pss`` sampler
+builder installs) picks the best subnet of each pool on the
 *validation* split (never the test split) and writes ``RUN/budget_table.json`` plus
 ``RUN/budget.safetensors`` (the weights, and for every entry BatchNorm statistics recalibrated
 for it alone); see :mod:`dynaslice.budget` for using it.
@@ -42,13 +43,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .. import runs
+from ..budget import BudgetEntry, BudgetTable, save_budget_file
+from ..latency import LatencyTable
+from ..models.base import Supernet
+from ..profile import count_macs, resource_model
+from ..seeding import derive_seed
 from ..space import Arch, SearchSpace
-from .samplers import derive_seed
+from .bn import bn_statistics, recalibrate_bn
+from .engine import Callback
+from .evaluate import accuracy
+from .samplers import register_sampler
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..budget import BudgetTable
-    from ..models.base import Supernet
-    from .loop import Trainer
+    from .supernet import SupernetTrainer
 
 ResourceFn = Callable[[Sequence[Arch]], Sequence[float]]
 """Vectorised metric of many archs (e.g. MMACs), in the units of ``bucket_step``."""
@@ -95,8 +103,7 @@ class PSSSampler:
         self.pool_size, self.n_pool, self.seed = int(pool_size), int(n_pool), int(seed)
         self.p_e_range, self.t_e_range = tuple(map(float, p_e)), tuple(map(float, t_e))
         self.max_tries = int(max_tries)
-        self._groups = space._groups  # tied dimensions move together: sample group indices
-        self._sizes = np.array([len(space[g[0]].choices) for g in self._groups])
+        self._sizes = np.array(space.group_sizes())  # tied dimensions move together: sample group indices
         self._largest, self._smallest = space.largest(), space.smallest()
         self._metric_cache: dict[Arch, float] = {}  # a pure cache of resource_fn
         # pools[bucket] = [[arch, score], ...] in insertion order (deterministic eviction ties)
@@ -106,7 +113,7 @@ class PSSSampler:
     # ------------------------------------------------------------------ buckets and drawing
 
     def _archs(self, idx: np.ndarray) -> list[Arch]:
-        return [self.space._from_indices(row) for row in idx.tolist()]
+        return [self.space.from_indices(row) for row in idx.tolist()]
 
     def _metric(self, archs: Sequence[Arch]) -> np.ndarray:
         missing = [a for a in dict.fromkeys(archs) if a not in self._metric_cache]
@@ -247,57 +254,30 @@ class PSSSampler:
 
 def macs_fn(net: Supernet) -> ResourceFn:
     """MMACs per image of many archs at once (the analytic :class:`~dynaslice.profile.ResourceModel`)."""
-    from ..profile import resource_model
-
     rm = resource_model(net)
     return lambda archs: rm.macs(archs) / 1e6
 
 
-def build_pss_sampler(net: Supernet, t: Any, total_steps: int) -> PSSSampler:
-    """The sampler a config's ``train.pss`` section describes (``t``: the TrainConfig)."""
+def make_pss_sampler(net: Supernet, t: Any, total_steps: int) -> PSSSampler:
+    """The sampler a ``train`` config section's ``pss`` settings describe (``t``: the TrainConfig)."""
     p = t.pss
-    if p.metric == "latency":
-        from ..latency import LatencyTable
-
-        fn: ResourceFn = LatencyTable.load(p.latency_table).predict_many
-    else:
-        fn = macs_fn(net)
+    fn: ResourceFn = LatencyTable.load(p.latency_table).predict_many if p.metric == "latency" else macs_fn(net)
     return PSSSampler(
-        net.space,
-        fn,
-        p.bucket_step,
-        total_steps,
-        pool_size=p.pool_size,
-        n_pool=max(1, t.num_subnets - 2),
-        p_e=p.p_e,
-        t_e=p.t_e,
-        seed=t.seed,
-        estimate_samples=p.estimate_samples,
-    )
+        net.space, fn, p.bucket_step, total_steps, pool_size=p.pool_size, n_pool=max(1, t.num_subnets - 2),
+        p_e=p.p_e, t_e=p.t_e, seed=t.seed, estimate_samples=p.estimate_samples,
+    )  # fmt: skip
 
 
-@torch.no_grad()
-def accuracy(net: Supernet, arch: Arch, batches: Any) -> float:
-    """Top-1 (%) of ``arch`` on ``batches`` in eval mode (BN statistics as they are)."""
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    correct = total = 0
-    try:
-        for x, y in batches:
-            correct += int((net(x.to(device), arch).argmax(-1).cpu() == y).sum())
-            total += len(y)
-    finally:
-        net.train(was_training)
-    if total == 0:
-        raise ValueError("evaluation got no images")
-    return 100.0 * correct / total
+@register_sampler("pss")
+def build_pss_sampler(trainer: SupernetTrainer) -> PSSSampler:
+    """``train.sampler: pss``: the sampler, and the callback that selects the budget table at the end."""
+    sampler = make_pss_sampler(trainer.net, trainer.cfg.train, trainer.total_steps)
+    trainer.callbacks.append(BudgetTableWriter(sampler))
+    return sampler
 
 
 def val_accuracy(net: Supernet, arch: Arch, recal_data: Any, val_batches: Any, t: Any) -> float:
     """Top-1 (%) of ``arch`` on the validation batches after recalibrating BN for it alone."""
-    from .bn import recalibrate_bn
-
     recalibrate_bn(net, [arch], recal_data, t.recal_images, t.recal_batch_size, seed=t.seed)
     return accuracy(net, arch, val_batches)
 
@@ -319,16 +299,8 @@ def select_budget_table(
     subnets tens of points (see :class:`dynaslice.budget.BudgetNet`, which switches them).
     ``net`` itself is left untouched.
     """
-    from ..budget import BudgetEntry, BudgetTable
-    from ..profile import count_macs
-    from .bn import bn_statistics
-
     work = copy.deepcopy(net)
-    lat = None
-    if latency_table:
-        from ..latency import LatencyTable
-
-        lat = LatencyTable.load(latency_table)
+    lat = LatencyTable.load(latency_table) if latency_table else None
     entries, stats = [], []
     for bucket, archs in sorted(candidates.items()):
         best = None  # (accuracy, arch, its BN statistics); the first candidate wins a tie
@@ -341,59 +313,46 @@ def select_budget_table(
         acc, arch, bn = best
         entries.append(
             BudgetEntry(
-                bucket=bucket,
-                arch=arch,
-                macs=int(count_macs(net, arch)),
-                val_accuracy=acc,
-                candidates=len(archs),
-                latency_ms=lat.predict(arch) if lat is not None else None,
+                bucket=bucket, arch=arch, macs=int(count_macs(net, arch)), val_accuracy=acc,
+                candidates=len(archs), latency_ms=lat.predict(arch) if lat is not None else None,
             )
-        )
+        )  # fmt: skip
         stats.append(bn)
     return BudgetTable(entries), stats
 
 
-def write_budget_table(trainer: Trainer) -> BudgetTable | None:
+class BudgetTableWriter(Callback):
     """At the end of a PSS run: the best pool subnet per bucket on the validation split, written
     to ``RUN/budget_table.json`` and ``RUN/budget.safetensors`` (the weights plus each entry's
-    BN statistics, see :class:`dynaslice.budget.BudgetNet`; rank 0; others return None)."""
-    from ..budget import save_budget_file
-    from .data import eval_loader, folder_recal_batches
-    from .distributed import barrier
+    BN statistics, see :class:`dynaslice.budget.BudgetNet`; rank 0)."""
 
-    table = None
-    sampler, t = trainer.sampler, trainer.cfg.train
-    if trainer.env.is_main:
-        if not isinstance(sampler, PSSSampler):
-            raise TypeError("write_budget_table needs a run trained with train.sampler=pss")
-        if trainer.val_ds is None:
-            raise ValueError(
-                "the PSS budget table is selected on the validation split: set data.val_size > 0"
-            )
-        if trainer.train_ds is not None:
-            recal: Any = trainer.train_ds
-        else:
-            recal = folder_recal_batches(trainer.cfg.data, t.recal_images, t.recal_batch_size, t.seed)
+    def __init__(self, sampler: PSSSampler):
+        self.sampler = sampler
+
+    def on_fit_end(self, trainer: SupernetTrainer, result: Any) -> None:
+        if not trainer.env.is_main:
+            return
+        sampler, t = self.sampler, trainer.cfg.train
+        batches = trainer.val_batches()
+        if batches is None:
+            raise ValueError("the PSS budget table is selected on the validation split: set data.val_size > 0")
         cands = {sampler.bucket_value(b): sampler.candidates(b, t.pss.select_top_k) for b in sampler.buckets}
         lat = t.pss.latency_table
-        table, stats = select_budget_table(trainer.net, cands, recal, eval_loader(trainer.val_ds), t, lat)
+        table, stats = select_budget_table(trainer.net, cands, trainer.recal_data(), batches, t, lat)
         table.meta = {"metric": t.pss.metric, "bucket_step": t.pss.bucket_step, "split": "val"}
         run = Path(trainer.run_dir)
-        table.save(run / "budget_table.json")
-        meta = {**trainer._meta(), "step": trainer.step}
-        save_budget_file(run / "budget.safetensors", trainer.net, table, stats, meta)
+        table.save(run / runs.BUDGET_TABLE)
+        save_budget_file(run / runs.BUDGET_WEIGHTS, trainer.net, table, stats, {**trainer.meta(), "step": trainer.step})
         print(f"PSS budget table (best pool subnet per bucket, validation split):\n{table.format()}")
-    barrier(trainer.env)
-    return table
 
 
 __all__ = [
+    "BudgetTableWriter",
     "PSSSampler",
     "build_pss_sampler",
     "exp_schedule",
+    "make_pss_sampler",
     "macs_fn",
     "select_budget_table",
-    "write_budget_table",
     "val_accuracy",
-    "accuracy",
 ]

@@ -14,17 +14,15 @@ without touching it:
 
 from __future__ import annotations
 
-import hashlib
 import random
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ..seeding import derive_seed
 from ..space import Arch, SearchSpace
 
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from ``parts``; stable across processes and Python versions (unlike hash())."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+if TYPE_CHECKING:  # pragma: no cover
+    from .supernet import SupernetTrainer
 
 
 @runtime_checkable
@@ -89,3 +87,47 @@ class FixedSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "fixed" or [Arch(a) for a in state.get("archs", [])] != self.archs:
             raise ValueError(f"sampler state {state} does not belong to FixedSampler({self.archs})")
+
+
+# --------------------------------------------------------------------------- the registry
+
+SamplerBuilder = Callable[["SupernetTrainer"], ArchSampler]
+_SAMPLERS: dict[str, SamplerBuilder] = {}
+
+
+def register_sampler(name: str) -> Callable[[SamplerBuilder], SamplerBuilder]:
+    """Register ``builder(trainer) -> ArchSampler`` under ``name`` (the value of ``train.sampler``).
+
+    The builder reads what it needs from the trainer (``trainer.space``, ``trainer.cfg.train``,
+    ``trainer.total_steps``, ``trainer.net``) and may add a :class:`~dynaslice.train.engine.Callback`
+    to ``trainer.callbacks`` for work at the end of training (PSS-Net selects its budget table).
+    """
+
+    def register(builder: SamplerBuilder) -> SamplerBuilder:
+        if name in _SAMPLERS:
+            raise ValueError(f"sampler {name!r} registered twice")
+        _SAMPLERS[name] = builder
+        return builder
+
+    return register
+
+
+def sampler_names() -> tuple[str, ...]:
+    return tuple(_SAMPLERS)
+
+
+def build_sampler(name: str, trainer: SupernetTrainer) -> ArchSampler:
+    if name not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(_SAMPLERS)}")
+    return _SAMPLERS[name](trainer)
+
+
+@register_sampler("sandwich")
+def _sandwich(trainer: SupernetTrainer) -> SandwichSampler:
+    t = trainer.cfg.train
+    return SandwichSampler(trainer.space, t.num_subnets, seed=t.seed)
+
+
+@register_sampler("fixed")
+def _fixed(trainer: SupernetTrainer) -> FixedSampler:
+    return FixedSampler(trainer.space.uniform(trainer.cfg.train.fixed_width))

@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write_json
-from .cli import UserError
-from .export import extract_subnet
-from .models import Supernet, create_supernet
-from .profile import measure_latency, paired_ratio, resource_model
-from .space import Arch
+from ..atomic import atomic_write_json
+from ..export import extract_subnet
+from ..latency import build_latency_table, check_table
+from ..models import Supernet, create_supernet
+from ..profile import measure_latency, paired_ratio, resource_model
+from ..space import Arch
+from .common import UserError, positive_int, refuse_existing
 
 RATIOS = (0.35, 0.5, 0.75)
 
@@ -79,7 +80,7 @@ def profile_supernet(
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_profile(rows: list[dict[str, Any]]) -> str:
     """The rows as an aligned text table; speed-up: the largest static subnet's time over this
     one's, median of per-round paired ratios."""
     timed = "static_ms" in rows[0]
@@ -96,8 +97,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def profile(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.repeats < 1:
-        raise UserError("--batch-size and --repeats must be at least 1")
+    if args.json:
+        refuse_existing(Path(args.json), "JSON results", force=True)
     kwargs: dict[str, Any] = {}
     if args.num_classes is not None:
         if args.num_classes < 1:
@@ -113,11 +114,9 @@ def profile(args: argparse.Namespace) -> int:
     net = create_supernet(args.model, **kwargs)
     size = tuple(args.input_size) if args.input_size else net.input_size
     if args.latency_table:
-        from .latency import latency_table_command
-
-        if args.grid_values < 2 or args.check < 1:
-            raise UserError("--grid-values must be at least 2 and --check at least 1")
-        return latency_table_command(net, args.model, size, args)
+        if args.grid_values < 2:
+            raise UserError("--grid-values must be at least 2")
+        return latency_table(net, args.model, size, args)
     rows = profile_supernet(net, size, args.batch_size, args.repeats, latency=not args.no_latency)
 
     c, h, w = size
@@ -125,7 +124,7 @@ def profile(args: argparse.Namespace) -> int:
         f"{args.model}: input {c}x{h}x{w}, batch {args.batch_size}, {len(net.space)} subnets"
         + ("" if args.no_latency else f", CPU threads {torch.get_num_threads()}, median of {args.repeats}")
     )
-    print(format_table(rows))
+    print(format_profile(rows))
     if args.json:
         atomic_write_json(
             Path(args.json),
@@ -146,6 +145,31 @@ def profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def latency_table(net: Supernet, model: str, size: tuple[int, int, int], args: argparse.Namespace) -> int:
+    """``--latency-table PATH``: build a per-block table on this machine, save it, check it on held-out archs."""
+    table = build_latency_table(net, size, args.batch_size, args.repeats, args.grid_values, seed=0)
+    table.meta = {**(table.meta or {}), "model": model}
+    check = check_table(table, net, args.check, repeats=args.repeats, batch_size=args.batch_size)
+    table.meta["check"] = {k: v for k, v in check.items() if k != "archs"}
+    table.save(args.latency_table)
+    points = sum(b.ms.size for b in table.blocks)
+    print(
+        f"{model}: latency table of {len(table.blocks)} blocks, {points} grid points "
+        f"(<= {args.grid_values} values per dimension, interpolated), overhead {table.overhead_ms:.3f} ms, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} thread(s)"
+    )
+    for b in table.blocks:
+        print(f"  {b.name:<8} dims {', '.join(b.dims) or '-':<28} {b.ms.min():.3f} .. {b.ms.max():.3f} ms")
+    print(f"held-out check on {args.check} random archs: predicted vs measured end to end")
+    for r in check["archs"][:5]:
+        print(f"  predicted {r['predicted_ms']:.3f} ms, measured {r['measured_ms']:.3f} ms")
+    print(
+        f"median abs error {check['median_abs_pct_error']:.1f}% (max {check['max_abs_pct_error']:.1f}%); "
+        f"wrote {args.latency_table}"
+    )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "profile",
@@ -158,8 +182,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input shape (default: the model's)"
     )
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per timed forward (default: 1)")
-    p.add_argument("--repeats", type=int, default=20, help="timed rounds per subnet (default: 20)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per timed forward (default: 1)")
+    p.add_argument("--repeats", type=positive_int, default=20, help="timed rounds per subnet (default: 20)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--no-latency", action="store_true", help="only count MACs and parameters")
     p.add_argument(
@@ -172,6 +196,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--grid-values", type=int, default=5, help="latency table: timed values per dimension (default 5)"
     )
     p.add_argument(
-        "--check", type=int, default=20, help="latency table: held-out random subnets to check (default 20)"
+        "--check", type=positive_int, default=20, help="latency table: held-out random subnets to check (default 20)"
     )
     p.set_defaults(func=profile)

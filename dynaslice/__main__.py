@@ -1,0 +1,7 @@
+"""``python -m dynaslice ...``: the ``dynaslice`` command."""
+
+import sys
+
+from dynaslice.cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""``dynaslice export``: one subnet of a checkpoint as a plain PyTorch or ONNX model, a PSS budget
+entry, or a gated checkpoint as an ONNX package.
+
+- ``--arch A``: ``largest``, ``smallest``, a ratio ``x0.5``, ``routeN`` (a gated net's route), an
+  inline JSON arch ``'{"s1": 16, ...}'`` or a JSON file holding one arch;
+- ``--budget-macs X`` / ``--budget-ms X``: the most accurate subnet of a PSS run's budget table
+  within the budget (chosen on the validation split; see ``dynaslice select``);
+- ``--gated``: the whole DS-Net model (trunk + gate + routes) as an ONNX package directory, run
+  by :class:`dynaslice.runtime.GatedOnnxRunner` (onnxruntime and numpy only).
+
+``--format torch`` (the default unless ``--out`` ends in ``.onnx``) writes ``torch.save`` of the
+extracted subnet, a ``torch.fx.GraphModule`` of plain ``torch.nn`` modules. Loading it needs torch
+only, not dynaslice: ``model = torch.load(path, weights_only=False).eval()`` (a pickle: load only
+files you trust). ``--format onnx`` writes one ONNX file: input ``input [batch, C, H, W]``
+(normalised like the training data), output ``logits``.
+
+BatchNorm statistics are per width: with ``--arch``, export from a file recalibrated for the
+subnet (``dynaslice recalibrate``, a run's ``recalibrated.safetensors``); the command says so
+when the file was not recalibrated for it. With ``--budget-*`` the subnet gets the BN
+statistics its budget entry was selected with (see :class:`dynaslice.budget.BudgetNet`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..budget import BudgetNet
+from ..data import DatasetError
+from ..export import extract_subnet, save_torch_model
+from ..gate import GatedSupernet
+from ..models.base import Supernet
+from ..profile import count_macs
+from ..space import Arch
+from ..train.data import load_split
+from .common import (
+    UserError,
+    budget_source,
+    load_checkpoint,
+    parse_amount,
+    parse_arch,
+    refuse_existing,
+    trusted_data,
+)
+
+
+def write_subnet(net: Supernet, arch: Arch, out: Path, fmt: str) -> str:
+    """Write subnet ``arch`` of ``net`` (evaluated as it is: eval mode, its BN statistics) to
+    ``out`` as ``fmt`` (``"torch"`` or ``"onnx"``); returns how to load the file."""
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; give a file name (.pt or .onnx)")
+    if fmt == "onnx":
+        try:
+            from ..onnx_export import export_onnx
+        except ImportError as e:
+            raise UserError(f"ONNX export is unavailable ({e}); use --format torch") from None
+        export_onnx(net, arch, out)
+        return "run it with dynaslice.runtime.OnnxModel or any ONNX runtime"
+    save_torch_model(extract_subnet(net, arch).eval(), out)
+    return "load it with torch.load(PATH, weights_only=False), no dynaslice needed"
+
+
+def _export(args: argparse.Namespace) -> int:
+    ckpt, out = Path(args.ckpt), Path(args.out)
+    if not ckpt.exists():
+        raise UserError(f"checkpoint {ckpt} not found: pass a run directory, a checkpoint directory or a model file")
+    if args.gated:
+        return _export_gated(ckpt, out, args.data_dir)
+    fmt = args.format or ("onnx" if out.suffix == ".onnx" else "torch")
+    refuse_existing(out, "export", force=True)
+    if args.arch is not None:
+        net, meta, _, _ = load_checkpoint(str(ckpt))
+        arch = parse_arch(args.arch, net)
+        how = f"--arch {args.arch}"
+        recal = {Arch(a) for a in (meta.get("recalibrated") or {}).values()}
+        if arch not in recal:
+            print(
+                f"note: {ckpt} was not recalibrated for this subnet; its BN statistics may be off "
+                "(run dynaslice recalibrate CKPT --archs ... first)",
+                file=sys.stderr,
+            )
+        net.eval()
+    else:
+        budget_net = BudgetNet.load(budget_source(ckpt)).eval()
+        entry = budget_net.entry(args.budget_macs, args.budget_ms)
+        net, arch = budget_net.net, budget_net.use(entry)  # the entry's own BN statistics
+        how = f"budget bucket {entry.bucket:g} (val top-1 {entry.val_accuracy:.2f}%)"
+    macs = count_macs(net, arch)
+    load = write_subnet(net, arch, out, fmt)
+    print(f"exported {arch.to_json()} ({macs / 1e6:.2f} MMACs, {how}) to {out}; {load}")
+    return 0
+
+
+def _export_gated(ckpt: Path, out: Path, data_dir: str | None) -> int:
+    net, meta, cfg, _ = load_checkpoint(str(ckpt))
+    if not isinstance(net, GatedSupernet):
+        raise UserError(f"{ckpt} is not a gated checkpoint: use --arch to export one subnet")
+    if meta.get("stage") != 2:
+        print(f"note: {ckpt} is a Stage-I checkpoint: its gate's slimming head is untrained", file=sys.stderr)
+    mean = std = None
+    try:  # the normalisation goes into the manifest, so raw images can be fed
+        data = load_split(trusted_data(cfg, data_dir).data, "test", cfg.train.seed)
+        mean, std = data.mean, data.std
+    except (DatasetError, UserError, ValueError):
+        print("note: the dataset is not available here: the manifest has no mean/std", file=sys.stderr)
+    from ..onnx_export import export_gated
+
+    try:
+        export_gated(net.eval(), out, mean=mean, std=std)
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
+    print(f"exported the gated model ({len(net.routes)} routes) to {out}/; run it with dynaslice.runtime.GatedOnnxRunner")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="a subnet as plain PyTorch or ONNX, or a gated model as an ONNX package",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    p.add_argument("ckpt", metavar="CKPT", help="run directory, checkpoint directory or .safetensors model file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", default=None, metavar="A", help="largest | smallest | x0.5 | routeN | JSON | file.json")
+    which.add_argument("--budget-macs", type=parse_amount, default=None, metavar="X", help="PSS runs: e.g. 12M")
+    which.add_argument("--budget-ms", type=parse_amount, default=None, metavar="X", help="PSS runs with a latency table")
+    which.add_argument("--gated", action="store_true", help="a gated checkpoint as an ONNX package (--out DIR)")
+    p.add_argument("--format", choices=("torch", "onnx"), default=None, help="default: onnx if --out ends in .onnx")
+    p.add_argument("--out", required=True, metavar="PATH", help="output file (a directory with --gated)")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="--gated: the dataset, for the manifest's normalisation")
+    p.set_defaults(func=_export)

@@ -1,0 +1,74 @@
+"""The double-headed gate of DS-Net: one module, two heads (attention and slimming)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DynamicGate(nn.Module):
+    """Double-headed gate of DS-Net on features ``[B, C, H, W]`` (or tokens ``[B, N, C]``).
+
+    ``forward(x) -> (scaled_x, logits)``. Plain torch layers: the features before the gate have
+    one fixed width for every route, so nothing here is sliced. For tokens (a ViT's stage
+    output) the gate reads the class token ``x[:, 0]`` and scales the channels of every token.
+
+    Cost: ``C*R + R*C + R*n_routes`` MACs per image (:meth:`macs`), independent of the image size.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        routes: int,
+        reduction: int = 4,
+        hidden: int | None = None,
+        tokens: bool = False,
+    ):
+        super().__init__()
+        if routes < 2:
+            raise ValueError(f"a gate needs at least 2 routes to choose from, got {routes}")
+        if channels < 1 or reduction < 1:
+            raise ValueError(f"DynamicGate: channels ({channels}) and reduction ({reduction}) must be >= 1")
+        hidden = max(1, round(channels / reduction)) if hidden is None else hidden
+        self.channels, self.routes, self.hidden, self.tokens = channels, routes, hidden, tokens
+        self.reduce = nn.Conv2d(channels, hidden, 1)  # the shared trunk of both heads
+        self.relu = nn.ReLU(inplace=True)
+        self.attention = nn.Conv2d(hidden, channels, 1)
+        self.slimming = nn.Conv2d(hidden, routes, 1)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, hidden={self.hidden}, routes={self.routes}, tokens={self.tokens}"
+
+    def squeeze(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared trunk: pooled (or class-token) features -> ``[B, R, 1, 1]``."""
+        if self.tokens:
+            pooled = x[:, 0, :, None, None]
+        else:
+            pooled = x.mean((2, 3), keepdim=True)
+        return self.relu(self.reduce(pooled))
+
+    def scale(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Attention head: ``x`` scaled channel-wise by ``sigmoid(attention(z))``."""
+        s = torch.sigmoid(self.attention(z))  # [B, C, 1, 1]
+        if self.tokens:
+            s = s.flatten(1)[:, None, :]  # [B, 1, C]: every token, same channel scale
+        return x * s
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention head only (Stage I: the slimming head is not computed, so it has no unused
+        parameters in a DDP step)."""
+        return self.scale(x, self.squeeze(x))
+
+    def route_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The slimming head: route logits ``[B, n_routes]`` from the squeezed features ``z``."""
+        return self.slimming(z).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.squeeze(x)
+        return self.scale(x, z), self.route_logits(z)
+
+    def macs(self) -> int:
+        """MACs per image of a full gate call (both heads), as torch's FLOP counter counts them."""
+        return self.channels * self.hidden + self.hidden * self.channels + self.hidden * self.routes
+
+

@@ -1,0 +1,78 @@
+"""Training of one plain ``nn.Module`` on the engine: pruned, quantized and baseline networks.
+
+:class:`ModelTrainer` trains any module (not a supernet: no Arch) on the config's in-memory data
+with the config's optimizer and schedule, by cross-entropy with label smoothing. Methods that
+need more subclass it and override :meth:`ModelTrainer.loss` (an extra term: White-Box's mask
+regulariser, a distillation target), :meth:`~dynaslice.train.engine.Trainer.after_step` (re-apply
+a fixed sparsity mask) or :meth:`~dynaslice.train.engine.Trainer.on_epoch_start` (DCFF's fusion
+temperature). Checkpoints, resume, metrics and the run lock are the engine's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config, ConfigError
+from .data import eval_loader, load_split, train_loader
+from .engine import Trainer
+from .optim import build_optimizer, build_scheduler
+
+
+class ModelTrainer(Trainer):
+    """Train ``model`` with ``cfg`` (data, optim, ``train.epochs`` unless ``epochs`` is given) into ``run_dir``."""
+
+    name = "epoch"
+
+    def __init__(self, model: nn.Module, cfg: Config, run_dir: str | Path, epochs: int | None = None):
+        super().__init__(cfg, run_dir)
+        t = cfg.train
+        if cfg.data.name == "folder":
+            raise ConfigError("ModelTrainer trains on in-memory datasets (fashion_mnist, cifar10/100, synthetic)")
+        self.train_ds = load_split(cfg.data, "train", t.seed)
+        self.val_ds = load_split(cfg.data, "val", t.seed) if cfg.data.val_size > 0 else None
+        loader = train_loader(cfg.data, self.train_ds, t.seed, self.env.rank, self.env.world_size)
+        self.model = model.to(self.device)
+        epochs = t.epochs if epochs is None else epochs
+        optimizer = build_optimizer(self.model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, epochs * len(loader), len(loader))
+        self.setup_loop(loader, epochs, optimizer, scheduler, cfg.optim.clip_grad_norm)
+        self.setup_amp(t.amp)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch (the model is in train mode): CE with label smoothing."""
+        return F.cross_entropy(self.model(x).float(), y, label_smoothing=self.cfg.train.label_smoothing)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        self.model.train()
+        with self.autocast():
+            loss = self.loss(x, y)
+        self.scaler.scale(loss).backward()
+        return [loss.detach()], {"names": ["the loss"]}
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any] | None:
+        """Top-1 (%) on the validation split, in eval mode."""
+        if self.val_ds is None:
+            return None
+        self.model.eval()
+        correct = total = 0
+        for x, y in eval_loader(self.val_ds):
+            correct += int((self.model(x.to(self.device)).argmax(-1).cpu() == y).sum())
+            total += len(y)
+        return {"accuracy": 100.0 * correct / total, "images": total}
+
+    def format_validation(self, result: Any) -> str:
+        return f": top-1 {result['accuracy']:.2f}% on {result['images']} images"
+
+    def finish(self) -> dict[str, Any]:
+        result = self.validate() or {}
+        self.report(result, self.epochs, final=True)
+        return result

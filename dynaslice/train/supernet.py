@@ -1,0 +1,305 @@
+"""Stage I: a supernet (or a static network) trained on the engine, with pluggable samplers and targets.
+
+Each step the sampler names the subnets (:mod:`.samplers`, a registry: ``train.sampler``), the
+target decides what each learns from (:mod:`.targets`; teacher forwards happen first), then
+every subnet runs forward and backward *immediately* -- gradients accumulate in the shared
+weights while only one subnet's activations are alive -- and the engine takes one optimizer
+step. Under DDP all but the last subnet's backward run inside ``no_sync()``, so gradients are
+all-reduced once per step.
+
+Everything random is a function of ``(seed, step)`` or ``(seed, epoch, batch, rank)``: the
+batches (:class:`dynaslice.data.BatchLoader`), the subnets, and the global torch RNG (reseeded
+every step by the engine, for dropout). So a run resumed from any checkpoint, even one taken
+mid-epoch, continues bit for bit as the uninterrupted run would have on the same device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import runs
+from ..atomic import atomic_write_json
+from ..gate import GatedSupernet
+from ..modelfile import CheckpointError, model_spec, prefixed, save_model_file
+from ..models import create_supernet
+from ..seeding import derive_seed
+from ..space import Arch
+from .bn import recalibrate_bn
+from .checkpoint import latest_checkpoint
+from .config import Config, ConfigError
+from .data import FolderBatches, eval_loader, folder_loader, folder_recal_batches, load_split, train_loader
+from .distributed import DistEnv
+from .ema import ema_decay_for, make_ema
+from .engine import Trainer
+from .evaluate import evaluate, format_rows, uniform_archs
+from .optim import build_optimizer, build_scheduler
+from .samplers import ArchSampler, FixedSampler, build_sampler
+from .targets import make_target
+
+
+class SupernetTrainer(Trainer):
+    """Builds every piece a :class:`Config` names, then :meth:`fit` trains (resumable).
+
+    The pieces are plain attributes (``net``, ``sampler``, ``target``, ``optimizer``,
+    ``scheduler``, ``ema``, ``train_loader``); replace one after construction to try a new
+    strategy, e.g. ``trainer.sampler = MySampler(...)`` (or register it: :func:`register_sampler`).
+    """
+
+    name = "epoch"
+
+    def __init__(self, cfg: Config, run_dir: str | Path, env: DistEnv | None = None):
+        super().__init__(cfg, run_dir, env)
+        t = cfg.train
+        views = 2 if t.mvco else 1
+        loader, shape, num_classes = self._data(views)
+        self.net = self._build_net(shape, num_classes).to(self.device)
+        self.space = self.net.space
+        optimizer = build_optimizer(self.net, cfg.optim)
+        spe = len(loader)
+        scheduler = build_scheduler(optimizer, cfg.optim, t.epochs * spe, spe)
+        self.setup_loop(loader, t.epochs, optimizer, scheduler, cfg.optim.clip_grad_norm)
+        self.setup_amp(t.amp)
+        self.sampler: ArchSampler = build_sampler(t.sampler, self)
+        self.target = make_target(
+            t.target, self.space, label_smoothing=t.label_smoothing, temperature=t.temperature,
+            views=views, view_weight=t.mvco_weight,
+        )  # fmt: skip
+        self.ema_decay = ema_decay_for(t.ema_decay, t.ema_half_life_epochs, self.steps_per_epoch)
+        self.ema = make_ema(self.net, self.ema_decay) if self.target.uses_teacher else None
+        self.dropouts = [m for m in self.net.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        self.model: nn.Module = self.net
+        if self.env.distributed:
+            # Narrow subnets give zero gradients to the unused part of a sliced weight, so every
+            # parameter gets a gradient each step, unless a depth dimension skips whole blocks.
+            skips_blocks = any(d.kind == "depth" for d in self.space.dims)
+            cuda = self.device.type == "cuda"
+            self.model = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if cuda else None, find_unused_parameters=skips_blocks
+            )
+
+    # ------------------------------------------------------------------ set-up
+
+    def _data(self, views: int) -> tuple[Any, tuple[int, ...], int]:
+        """The training batches, the image shape and the number of classes."""
+        cfg, t, env = self.cfg, self.cfg.train, self.env
+        if cfg.data.name == "folder":
+            loader = folder_loader(cfg.data, "train", True, t.seed, env.rank, env.world_size)
+            self.train_ds = self.val_ds = None
+            return FolderBatches(loader, t.seed), (3, cfg.data.image_size, cfg.data.image_size), len(
+                loader.dataset.classes
+            )
+        self.train_ds = load_split(cfg.data, "train", t.seed)
+        self.val_ds = load_split(cfg.data, "val", t.seed) if cfg.data.val_size > 0 else None
+        loader = train_loader(cfg.data, self.train_ds, t.seed, env.rank, env.world_size, views)
+        return loader, tuple(self.train_ds.images.shape[1:]), self.train_ds.num_classes
+
+    def _build_net(self, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        """The supernet (gated when ``model.gate.enabled``), identically initialised on every rank."""
+        cfg = self.cfg
+        kwargs = {"in_chans": shape[0], "num_classes": num_classes, "input_size": shape[-1], **cfg.model.kwargs}
+        torch.manual_seed(derive_seed("init", cfg.train.seed))
+        try:
+            net = create_supernet(cfg.model.name, **kwargs)
+        except TypeError as e:  # an unknown keyword in model.kwargs
+            raise ConfigError(f"model.kwargs does not fit {cfg.model.name}: {e}") from None
+        g = cfg.model.gate
+        if g.enabled:
+            # Stage I of DS-Net: the gate's attention head trains with the supernet; the slimming
+            # head is not used until Stage II, so it gets no gradient (and no DDP reduction) here.
+            try:
+                net = GatedSupernet(net, g.cut, g.routes, g.pre_gate or None, reduction=g.reduction)
+            except ValueError as e:
+                raise ConfigError(f"model.gate: {e}") from None
+            net.gate.slimming.requires_grad_(False)
+        self.model_spec = model_spec(net, kwargs, cfg.model.name)
+        return net
+
+    # ------------------------------------------------------------------ one step
+
+    def _teacher(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+        return self.ema.module(x, arch)  # type: ignore[union-attr]
+
+    @contextlib.contextmanager
+    def _dropout_for(self, arch: Arch) -> Iterator[None]:
+        """Dropout only in the largest subnet (the DS-Net recipe): switched off for the others."""
+        off = self.cfg.train.dropout_largest_only and arch != self.space.largest()
+        modes = [m.training for m in self.dropouts]
+        if off:
+            for m in self.dropouts:
+                m.training = False
+        try:
+            yield
+        finally:
+            for m, mode in zip(self.dropouts, modes, strict=True):
+                m.training = mode
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """Every subnet the sampler names: forward + backward; ``x`` is ``[V, B, ...]`` with views."""
+        if x.dim() == 5:  # views, view-major: [V*B, C, H, W], labels repeated per view
+            views = x.shape[0]
+            x, y = x.flatten(0, 1), y.repeat(views)
+        self.net.train()
+        archs = self.sampler.sample(self.step)
+        with self.autocast():
+            targets = self.target.begin(x, y, archs, self._teacher if self.ema is not None else None)
+        losses = []
+        for i, arch in enumerate(archs):
+            last = i == len(archs) - 1
+            sync = contextlib.nullcontext() if last or not self.env.distributed else self.model.no_sync()
+            with sync:
+                with self.autocast(), self._dropout_for(arch):
+                    loss = targets.loss(arch, self.model(x, arch))
+                self.scaler.scale(loss).backward()
+            losses.append(loss.detach())
+        return losses, {"archs": archs, "names": [f"subnet {dict(a)}" for a in archs]}
+
+    def after_step(self, losses: list[float], info: dict[str, Any]) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+        for arch, value in zip(info["archs"], losses, strict=True):
+            self.sampler.observe(arch, value)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"model": self.net}
+        if self.ema is not None:
+            modules["ema"] = self.ema.module
+        return modules
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "sampler": self.sampler.state_dict(),
+            "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        if self.ema is not None:
+            self.ema.n_averaged.fill_(state["ema_n_averaged"])
+
+    def meta(self) -> dict[str, Any]:
+        return {"model": self.model_spec, **super().meta()}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_archs(self) -> dict[str, Arch]:
+        widths = self.cfg.train.eval_widths
+        if isinstance(self.sampler, FixedSampler) and len(self.sampler.archs) == 1:
+            widths = [self.cfg.train.fixed_width]
+        return uniform_archs(self.net, widths)
+
+    def recal_data(self) -> Any:
+        """What BN recalibration reads: the training split (a seeded subset, eval preprocessing)."""
+        t = self.cfg.train
+        if self.train_ds is not None:
+            return self.train_ds
+        return folder_recal_batches(self.cfg.data, t.recal_images, t.recal_batch_size, t.seed)
+
+    def val_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]] | None:
+        if self.val_ds is not None:
+            return eval_loader(self.val_ds)
+        if self.cfg.data.name == "folder":
+            return folder_loader(self.cfg.data, "val", False, self.cfg.train.seed)
+        return None
+
+    def recalibrated_copy(self, archs: dict[str, Arch]) -> nn.Module:
+        """A copy of the net with BN statistics recomputed for ``archs`` (training state untouched)."""
+        t = self.cfg.train
+        net = copy.deepcopy(self.net)
+        return recalibrate_bn(net, list(archs.values()), self.recal_data(), t.recal_images,
+                              t.recal_batch_size, seed=t.seed)  # fmt: skip
+
+    def validate(self, save_to: str | Path | None = None) -> list[dict[str, Any]]:
+        """Recalibrate a copy and evaluate the eval archs on the validation split (rank 0 only).
+
+        ``save_to``: also write the recalibrated net there as a model file.
+        """
+        rows: list[dict[str, Any]] = []
+        if self.env.is_main:
+            archs = self.eval_archs()
+            net = self.recalibrated_copy(archs)
+            batches = self.val_batches()
+            if batches is not None:
+                rows = evaluate(net, archs, batches, input_size=self.net.input_size)
+            if save_to is not None:
+                recal = {k: a.to_dict() for k, a in archs.items()}
+                save_model_file(save_to, prefixed("model", net), {**self.meta(), "step": self.step,
+                                                                  "recalibrated": recal})  # fmt: skip
+        return rows
+
+    def format_validation(self, result: Any) -> str:
+        return " (BN recalibrated):\n" + format_rows(result)
+
+    def finish(self) -> list[dict[str, Any]]:
+        rows = self.validate(save_to=self.run_dir / runs.RECALIBRATED)
+        self.report(rows, self.epochs, final=True)
+        return rows
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    env: DistEnv | None = None,
+    allow_changes: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """Train the run ``cfg`` describes into ``run_dir``; return the final validation rows.
+
+    With ``train.static_widths`` set, trains one ordinary network per width instead
+    (:func:`train_static`). ``resume=True`` continues from the run's newest intact checkpoint
+    (or starts when there is none); without it an existing checkpoint is an error, never
+    silently overwritten. ``allow_changes``: config keys that may differ from the run's (see
+    :meth:`Trainer.resume`).
+    """
+    if cfg.train.static_widths:
+        return train_static(cfg, run_dir, resume, env)
+    existing = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+    if existing is not None and not resume:
+        raise CheckpointError(
+            f"{run_dir} already holds a checkpoint ({existing.name}): pass --resume to continue it, "
+            "or choose another --out directory"
+        )
+    trainer = SupernetTrainer(cfg, run_dir, env)
+    if resume and trainer.resume(allow_changes) and trainer.env.is_main:
+        print(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}", flush=True)
+    return trainer.fit()
+
+
+def static_config(cfg: Config, width: float) -> Config:
+    """The same recipe for one ordinary network of uniform ``width``: one subnet, labels, one view."""
+    t = dataclasses.replace(
+        cfg.train, sampler="fixed", fixed_width=width, target="labels", mvco=False,
+        static_widths=[], eval_widths=[width],
+    )  # fmt: skip
+    return dataclasses.replace(cfg, train=t)
+
+
+def train_static(
+    cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv | None = None
+) -> list[dict[str, Any]]:
+    """Static counterparts: one network per ``train.static_widths`` entry, each in ``RUN/static-xW``.
+
+    Each is the supernet's uniform subnet of that width trained alone (a :class:`FixedSampler`)
+    with the same optimizer, schedule, data and epochs. Its weights outside the slice get no
+    gradient, so it *is* an ordinary network of that width (initialised as a slice of the
+    wide one).
+    """
+    rows: list[dict[str, Any]] = []
+    for width in cfg.train.static_widths:
+        rows += train(static_config(cfg, width), Path(run_dir) / runs.static_name(width), resume, env)
+    if rows:
+        atomic_write_json(Path(run_dir) / runs.FINAL_EVAL, rows, indent=1)
+    return rows

@@ -1,0 +1,155 @@
+"""The house rules, checked from the source: dependencies point down, the CLI is the top.
+
+The import graph is built from the AST of every module of ``dynaslice/``, imports inside
+functions included (a cycle hidden in a function still makes modules depend on each other, and
+only avoids failing at import time by luck). Imports under ``if TYPE_CHECKING:`` are left out:
+they never run and exist for type hints only.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import dynaslice
+
+ROOT = Path(dynaslice.__file__).parent
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
+    """The package's modules that ``path`` imports (``from x import name`` of a submodule counts as it)."""
+    top = root.name
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    skip = _type_checking_lines(tree)
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if getattr(node, "lineno", None) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == top)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != top:
+                continue
+            for alias in node.names:  # `from . import runs` imports the submodule runs
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in modules else target)
+    return {m for m in found if m in modules and m != name}
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    files = sorted(root.rglob("*.py"))
+    modules = {module_name(p, root) for p in files}
+    return {module_name(p, root): imports_of(p, modules, root) for p in files}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_only_the_cli_imports_the_cli():
+    offenders = {
+        m: sorted(d for d in deps if d == "dynaslice.cli" or d.startswith("dynaslice.cli."))
+        for m, deps in import_graph().items()
+        if not (m == "dynaslice.cli" or m.startswith("dynaslice.cli.") or m == "dynaslice.__main__")
+    }
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+@pytest.mark.parametrize(
+    "layer, forbidden",
+    [
+        # serving and model code never reaches into training
+        ("dynaslice.budget", "dynaslice.train"),
+        ("dynaslice.dynamic", "dynaslice.train"),
+        ("dynaslice.modelfile", "dynaslice.train"),
+        ("dynaslice.onnx_export", "dynaslice.train"),
+        ("dynaslice.runtime", "dynaslice"),  # copied alone onto deployment targets: no dynaslice at all
+        ("dynaslice.gate", "dynaslice.train"),
+        ("dynaslice.models", "dynaslice.gate"),
+    ],
+)
+def test_layers_point_down(layer, forbidden):
+    graph = import_graph()
+    bad = {
+        m: sorted(d for d in deps if d == forbidden or d.startswith(forbidden + "."))
+        for m, deps in graph.items()
+        if m == layer or m.startswith(layer + ".")
+    }
+    assert {m: d for m, d in bad.items() if d} == {}
+
+
+def test_the_checker_sees_cycles_through_function_level_imports(tmp_path):
+    """The checker itself, on a tiny package: a cycle hidden in a function body is found, one
+    under TYPE_CHECKING is not (it never runs)."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from .b import B\n")
+    (pkg / "a.py").write_text("def f():\n    from .sub import b\n    return b\n")
+    (pkg / "sub" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..a import f\nB = 1\n")
+    assert find_cycle(import_graph(pkg)) is None
+    (pkg / "sub" / "b.py").write_text("B = 1\ndef g():\n    from .. import a\n    return a\n")
+    cycle = find_cycle(import_graph(pkg))
+    assert cycle is not None and set(cycle) == {"pkg.a", "pkg.sub.b"}
+
+
+def test_no_function_is_longer_than_about_80_lines():
+    """Long functions hide several jobs; the few that are one job written out say why beside them."""
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > 85 and "long-function:" not in "\n".join(lines[node.lineno - 3 : node.lineno + 2]):
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert long == []
