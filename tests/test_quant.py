@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dynaslice as ds
 from dynaslice.data import InMemoryDataset
 from dynaslice.gate import GatedSupernet
+from dynaslice.modelfile import CheckpointError
 from dynaslice.onnx_export import export_gated, export_onnx
 from dynaslice.quant import (
     GeneratorImages,
@@ -25,22 +26,24 @@ from dynaslice.quant import (
     graph_accounting,
     quantize_artifact,
 )
+from dynaslice.quant.calibration import UNLABELLED, SourceBatches, random_resized_crop_flip
 from dynaslice.quant.fakequant import (
     ActQuant,
-    FinetuneConfig,
+    DistillConfig,
+    DistillTrainer,
     QuantConv2d,
     QuantLinear,
+    distill_config,
     fake_quant,
-    finetune,
     kd_loss,
     observe_ranges,
     quantize_model,
-    random_resized_crop_flip,
 )
 from dynaslice.quant.fdda import (
     BNCentres,
     BNStat,
     FDDAConfig,
+    GeneratorTrainer,
     bn_centres,
     bns_centre_loss,
     bns_distorted_loss,
@@ -51,7 +54,7 @@ from dynaslice.quant.fdda import (
     one_per_class,
     train_generator,
 )
-from dynaslice.runtime import GatedOnnxRunner, OnnxModel, read_manifest
+from dynaslice.runtime import BUDGET_FORMAT, BudgetOnnxRunner, GatedOnnxRunner, OnnxModel, read_manifest
 
 # QDQ tolerance: every logit within 10 % of the largest float logit on fresh random input. The
 # test networks have random weights and random BN statistics, and int8 rounding compounds over
@@ -162,6 +165,47 @@ def test_quantized_gated_package_keeps_its_manifest_and_runner(gated_package):
     assert artifact_kind(quant) == "package"
 
 
+def budget_package(directory, net):
+    """A budget-table package in :class:`BudgetOnnxRunner`'s format: two entries, one file each."""
+    directory.mkdir()
+    entries = []
+    for i, arch in enumerate((net.space.smallest(), net.space.largest())):
+        export_onnx(net, arch, directory / f"entry_{i}.onnx")
+        entries.append({"bucket": i, "file": f"entry_{i}.onnx", "arch": arch.to_dict(),
+                        "macs": ds.count_macs(net, arch), "val_accuracy": 50.0 + i})  # fmt: skip
+    manifest = {
+        "format": BUDGET_FORMAT, "format_version": 1, "num_classes": 10, "entries": entries,
+        "input": {"name": "input", "shape": [None, 1, 28, 28], "dtype": "float32"},
+    }  # fmt: skip
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def test_quantized_budget_package_keeps_its_manifest_and_runner(tmp_path):
+    net = make_net(2)
+    directory = budget_package(tmp_path / "budget", net)
+    quant = quantize_artifact(directory, tmp_path / "budget_int8", noise(32, 5), {"kind": "noise"})
+    before, after = read_manifest(directory), read_manifest(quant)
+    assert {k: v for k, v in after.items() if k != "quantization"} == before
+    entries = after["quantization"]["entries"]
+    assert [e["macs"] for e in entries] == [e["macs"] for e in before["entries"]]  # exact, from the graphs
+    assert all(e["macs_by_bits"] == {"w8a8": e["macs"]} for e in entries)
+    f, q = BudgetOnnxRunner(directory), BudgetOnnxRunner(quant)
+    x = noise(8, 6)
+    for budget in (entries[0]["macs"], None):  # the cheap entry, then the most accurate one
+        assert q.entry(budget) == f.entry(budget)
+        assert within(q(x, max_macs=budget), f(x, max_macs=budget))
+    labels = f(x).argmax(1)
+    r = compare_artifacts(directory, quant, x, labels)
+    assert r["float"]["entry_top1"][1] == 100.0 and len(r["entry_drop"]) == 2
+    assert r["entry_drop"][1] == pytest.approx(100.0 - r["int8"]["entry_top1"][1])
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_artifact(quant, tmp_path / "again", noise(4, 0))
+    quantize_artifact(directory, quant, noise(32, 7))  # an earlier package is replaced, nothing left over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["budget", "budget_int8"]
+    assert read_manifest(quant)["quantization"]["calibration"] == {"images": 32}
+
+
 def test_quantizing_twice_is_refused(subnet, gated_package, tmp_path):
     with pytest.raises(ValueError, match="already quantized; quantize its float original"):
         quantize_artifact(subnet[3], tmp_path / "again.onnx", noise(4, 0))
@@ -257,7 +301,7 @@ def test_fdda_source_trains_a_generator_and_samples_labelled_images():
     torch.manual_seed(0)
     ds_ = tiny_dataset()
     teacher = Tiny().eval()
-    src = calibration_source("fdda", ds_, teacher, fdda=FDDAConfig(steps=2, batch_size=4))
+    src = calibration_source("fdda", ds_, teacher, fdda=FDDAConfig(epochs=1, steps_per_epoch=2, batch_size=4))
     assert isinstance(src, GeneratorImages) and src.describe()["kind"] == "fdda"
     x, y = src.sample(9, torch.Generator().manual_seed(0))
     assert x.shape == (9, 1, 8, 8) and y.shape == (9,) and int(y.max()) < 3
@@ -386,33 +430,89 @@ def test_generator_step_combines_the_losses_and_reaches_the_generator():
 
     gen = ConditionalGenerator(3, 8, 1, latent_dim=6).train()
     cfg = FDDAConfig(batch_size=4, latent_dim=6)
-    out = generator_step(gen, teacher, cfg, 0, centres, torch.Generator().manual_seed(0))
+    z, labels = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    out = generator_step(gen, teacher, cfg, 0, centres, z, labels, torch.Generator().manual_seed(0))
     assert set(out) == {"ce", "bns", "ce_class", "c_bns", "d_bns", "total"}
     assert out["total"].item() == pytest.approx(sum(v.item() for k, v in out.items() if k != "total"))
     out["total"].backward()
     assert all(p.grad is not None for p in gen.conv3.parameters())
-    gdfq = generator_step(
-        gen, teacher, FDDAConfig(batch_size=4, latent_dim=6, fdda=False), 0, None, torch.Generator()
-    )
+    gdfq = generator_step(gen, teacher, FDDAConfig(batch_size=4, latent_dim=6, fdda=False), 0, None, z, labels)
     assert set(gdfq) == {"ce", "bns", "total"}
     with pytest.raises(ValueError, match="FDDA needs BN centres"):
-        generator_step(gen, teacher, cfg, 0, None, torch.Generator())
+        generator_step(gen, teacher, cfg, 0, None, z, labels)
     wrong = BNCentres(centres.means, centres.vars, torch.zeros(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="misclassifies every class"):
-        generator_step(gen, teacher, cfg, 0, wrong, torch.Generator())
+        generator_step(gen, teacher, cfg, 0, wrong, z, labels)
 
 
-def test_train_generator_is_seeded_and_leaves_the_teacher_alone():
+def test_train_generator_is_seeded_and_leaves_the_teacher_alone(tmp_path):
     teacher = Tiny().eval()
     state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    a = train_generator(teacher, 3, 8, 1, FDDAConfig(steps=2, batch_size=4, fdda=False), seed=3)
-    b = train_generator(teacher, 3, 8, 1, FDDAConfig(steps=2, batch_size=4, fdda=False), seed=3)
+    cfg = FDDAConfig(epochs=1, steps_per_epoch=2, batch_size=4, fdda=False)
+    a = train_generator(teacher, 3, 8, 1, tmp_path / "a", cfg, seed=3)
+    b = train_generator(teacher, 3, 8, 1, tmp_path / "b", cfg, seed=3)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb)
     for k, v in teacher.state_dict().items():
-        torch.testing.assert_close(v, state[k])  # BN running statistics untouched (eval mode)
+        torch.testing.assert_close(v, state[k])  # BN running statistics untouched
+    assert all(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert json.loads((tmp_path / "a" / "final_eval.json").read_text())["method"] == "gdfq"
     with pytest.raises(ValueError, match="multiple of 4"):
-        train_generator(teacher, 3, 10, 1, FDDAConfig(steps=1))
+        train_generator(teacher, 3, 10, 1, tmp_path / "c", cfg)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupted(cls):
+    """``cls`` with an ``after_step`` that raises once the step counter reaches ``stop_at``."""
+
+    class Stopping(cls):
+        stop_at = None
+
+        def after_step(self, losses, info):
+            super().after_step(losses, info)
+            if self.step + 1 == self.stop_at:
+                raise Interrupt
+
+    return Stopping
+
+
+def engine_config(seed: int = 0, *sets: str):
+    from dynaslice.train.config import load_config
+
+    return load_config(None, [f"train.seed={seed}", "train.threads=1", "train.device=cpu", *sets])
+
+
+def test_generator_training_resumed_mid_epoch_ends_identical(tmp_path):
+    """Killed at step 5 of 3 x 3 (a checkpoint every 2 steps), resumed: bitwise the same generator."""
+    torch.manual_seed(0)
+    teacher = Tiny().eval()
+    x, y = torch.randn(3, 1, 8, 8), torch.arange(3)
+    centres = bn_centres(teacher, x, y, 3)
+    centres = BNCentres(centres.means, centres.vars, torch.ones(3, dtype=torch.bool))
+    fdda = FDDAConfig(epochs=3, steps_per_epoch=3, batch_size=4, latent_dim=6)
+    cfg = engine_config(1, "train.ckpt_every_steps=2")
+
+    def run(directory, cls=GeneratorTrainer, stop_at=None):
+        trainer = cls(teacher, 3, 8, 1, cfg, directory, fdda, centres)
+        trainer.stop_at = stop_at
+        trainer.resume()
+        trainer.fit()
+        return trainer
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(Interrupt):
+        run(tmp_path / "cut", interrupted(GeneratorTrainer), stop_at=6)
+    resumed = GeneratorTrainer(teacher, 3, 8, 1, cfg, tmp_path / "cut", fdda, centres)
+    assert resumed.resume() and resumed.step == 4
+    resumed.fit()
+    for (k, a), b in zip(whole.generator.state_dict().items(), resumed.generator.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    other = GeneratorTrainer(teacher, 3, 8, 1, cfg, tmp_path / "cut", FDDAConfig(**{**fdda.__dict__, "lr": 0.1}), centres)
+    with pytest.raises(CheckpointError, match="other FDDA settings"):
+        other.resume()
 
 
 # --------------------------------------------------------------------------- fake quantization
@@ -491,15 +591,64 @@ def test_augmentation_keeps_shape_and_a_full_crop_is_the_image_or_its_mirror():
         assert torch.allclose(a, b, atol=1e-4) or torch.allclose(a, b.flip(-1), atol=1e-4)
 
 
-def test_finetune_calibrates_then_trains_the_student_only():
+def test_source_batches_are_seeded_per_batch_and_label_what_has_no_label():
+    real = RealImages.from_dataset(tiny_dataset(), 6)
+    batches = SourceBatches([real, NoiseImages((1, 8, 8))], 4, steps=3, seed=1, augment=True)
+    assert len(batches) == 3
+    epoch = list(batches.epoch_batches(1))
+    x, y = epoch[0]
+    assert x.shape == (8, 1, 8, 8) and (y[:4] >= 0).all() and (y[4:] == UNLABELLED).all()
+    tail = list(batches.epoch_batches(1, start=2))  # a resume mid-epoch sees the same batches
+    assert len(tail) == 1 and torch.equal(tail[0][0], epoch[2][0])
+    assert not torch.equal(epoch[0][0], next(batches.epoch_batches(0))[0])  # epochs differ
+    with pytest.raises(ValueError, match="at least one calibration source"):
+        SourceBatches([], 4, 3)
+
+
+def distill_run(tmp_path, name, teacher, sources, cls=DistillTrainer, stop_at=None, lr=1e-2):
+    cfg = distill_config(engine_config(0, "train.ckpt_every_steps=2"), epochs=2, lr=lr)
+    student = quantize_model(teacher, 4, 4)
+    trainer = cls(student, teacher, sources, cfg, tmp_path / name, DistillConfig(range_steps=2, batch_size=4, steps_per_epoch=3))
+    trainer.stop_at = stop_at
+    trainer.resume()
+    trainer.resumed_at = trainer.step
+    trainer.fit()
+    return trainer
+
+
+def test_distillation_sets_ranges_then_trains_the_student_only_and_resumes_identically(tmp_path):
     torch.manual_seed(0)
     teacher = Tiny().eval()
-    real = RealImages.from_dataset(tiny_dataset(), 6)
-    student = quantize_model(teacher, 4, 4)
-    before = student.conv1.weight.detach().clone()
-    finetune(
-        student, teacher, [real, NoiseImages((1, 8, 8))], FinetuneConfig(steps=3, calib_steps=2, lr=1e-2)
-    )
-    assert all(a.hi.item() > 0 for a in student.modules() if isinstance(a, ActQuant))
-    assert not torch.equal(student.conv1.weight, before)
+    sources = [RealImages.from_dataset(tiny_dataset(), 6), NoiseImages((1, 8, 8))]
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    whole = distill_run(tmp_path, "whole", teacher, sources)
+    student = whole.model
+    assert all(a.hi.item() > 0 for a in student.modules() if isinstance(a, ActQuant))  # ranges set
+    untrained = quantize_model(teacher, 4, 4)
+    assert not torch.equal(student.conv1.weight, untrained.conv1.weight)  # the student learned
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # the teacher did not
     assert not isinstance(teacher.conv1, QuantConv2d) and not teacher.training
+    assert not student.bn1.training  # fine-tuned in eval mode: BN running statistics unchanged
+    torch.testing.assert_close(student.bn1.running_mean, teacher.bn1.running_mean)
+    with pytest.raises(Interrupt):
+        distill_run(tmp_path, "cut", teacher, sources, interrupted(DistillTrainer), stop_at=5)
+    resumed = distill_run(tmp_path, "cut", teacher, sources)  # ranges and weights from the checkpoint
+    assert resumed.resumed_at == 4
+    for (k, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(CheckpointError, match="other distillation settings"):
+        distill_run(tmp_path, "cut", teacher, sources[:1])
+
+
+def test_kd_loss_labels_unlabelled_images_with_the_teacher_class(tmp_path):
+    torch.manual_seed(0)
+    teacher = Tiny().eval()
+    trainer = DistillTrainer(
+        quantize_model(teacher, 8, 8), teacher, [NoiseImages((1, 8, 8))], distill_config(engine_config()), tmp_path
+    )
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        t = teacher(x)
+        got = trainer.loss(x, torch.full((5,), UNLABELLED))
+        want = kd_loss(trainer.model(x), t, t.argmax(1))
+    assert got.item() == pytest.approx(want.item())

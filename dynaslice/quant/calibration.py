@@ -11,29 +11,39 @@ draws its batches from them.
 - :class:`NoiseImages`: standard Gaussian noise in the normalised input space (the baseline).
 
 :func:`calibration_source` builds any of them by name from a dataset and a full-precision model.
+:class:`SourceBatches` turns sources into training batches (seeded per batch, optionally
+augmented) for the training engine: the fake-quant student's distillation fine-tuning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data import EvalTransform, InMemoryDataset
-from .fdda import ConditionalGenerator, FDDAConfig, bn_centres, one_per_class, train_generator
+from ..seeding import derive_seed
+from .fdda import ConditionalGenerator, FDDAConfig, bn_centres, fingerprint, one_per_class, train_generator
 
 __all__ = [
     "KINDS",
     "CalibrationSource",
     "GeneratorImages",
     "NoiseImages",
+    "UNLABELLED",
     "RealImages",
+    "SourceBatches",
     "calibration_images",
     "calibration_source",
+    "random_resized_crop_flip",
 ]
 
 KINDS = ("real", "fdda", "gdfq", "noise")
@@ -84,7 +94,7 @@ class RealImages:
         return self.images[idx], self.labels[idx]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "real", "images": len(self.images)}
+        return {"kind": "real", "images": len(self.images), "sha256": fingerprint([self.images, self.labels])}
 
 
 @dataclass
@@ -127,7 +137,10 @@ class GeneratorImages:
         return images, torch.cat([c[1] for c in chunks])[:n].cpu()
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "generator": "conditional (GDFQ layout)", "batch_size": self.batch_size}
+        return {
+            "kind": self.kind, "generator": "conditional (GDFQ layout)", "batch_size": self.batch_size,
+            "sha256": fingerprint(self.generator.state_dict().values()),
+        }  # fmt: skip
 
 
 def calibration_source(
@@ -137,12 +150,14 @@ def calibration_source(
     num_real: int = 256,
     seed: int = 0,
     fdda: FDDAConfig | None = None,
+    run_dir: str | Path | None = None,
 ) -> CalibrationSource:
     """The calibration source ``kind`` (``real``, ``fdda``, ``gdfq`` or ``noise``).
 
     ``real`` takes ``num_real`` images of ``dataset``; ``fdda`` picks one image per class of
     ``dataset``, computes the BNS centres on ``model`` (the full-precision network with its
-    BatchNorm layers) and trains a generator against it (``fdda`` settings); ``gdfq`` trains the
+    BatchNorm layers) and trains a generator against it (``fdda`` settings) in ``run_dir``
+    (resumed if it holds an unfinished run; None: a temporary directory); ``gdfq`` trains the
     generator without FDDA's class-wise losses; ``noise`` needs only the input shape (from
     ``dataset``).
     """
@@ -156,13 +171,16 @@ def calibration_source(
         return RealImages.from_dataset(dataset, num_real, seed)
     if model is None:
         raise ValueError(f"the {kind!r} calibration source trains a generator: pass the full-precision model")
-    cfg = fdda or FDDAConfig()
-    cfg = FDDAConfig(**{**cfg.__dict__, "fdda": kind == "fdda"})
+    cfg = FDDAConfig(**{**(fdda or FDDAConfig()).__dict__, "fdda": kind == "fdda"})
     real = RealImages.from_dataset(dataset, dataset.num_classes, seed, per_class=True)
     device = next(model.parameters()).device
     centres = bn_centres(model, real.images.to(device), real.labels.to(device), dataset.num_classes)
-    size = dataset.images.shape[-1]
-    gen = train_generator(model, dataset.num_classes, size, dataset.images.shape[1], cfg, centres, seed)
+    shape = (dataset.num_classes, dataset.images.shape[-1], dataset.images.shape[1])
+    if run_dir is None:
+        with tempfile.TemporaryDirectory(prefix="dynaslice-generator-") as tmp:
+            gen = train_generator(model, *shape, tmp, cfg, centres, seed)
+    else:
+        gen = train_generator(model, *shape, run_dir, cfg, centres, seed)
     return GeneratorImages(gen, kind, cfg.batch_size)
 
 
@@ -172,3 +190,75 @@ def calibration_images(source: CalibrationSource, n: int, seed: int = 0) -> np.n
         raise ValueError(f"calibration needs at least one image, got n={n}")
     images, _ = source.sample(n, torch.Generator().manual_seed(seed))
     return images.detach().cpu().numpy().astype(np.float32)
+
+
+# --------------------------------------------------------------------------- training batches
+
+
+def random_resized_crop_flip(
+    x: torch.Tensor,
+    rng: torch.Generator,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """Per-sample random resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) and
+    horizontal flip, resampled bilinearly to the input size: the official augmentation of
+    synthetic images (``RandomResizedCrop(scale=(0.5, 1.0))`` + ``RandomHorizontalFlip``),
+    seeded by ``rng`` and vectorised with ``affine_grid``."""
+    n = x.shape[0]
+    area = torch.empty(n).uniform_(*scale, generator=rng)
+    aspect = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=rng).exp()
+    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+    cx = (torch.rand(n, generator=rng) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, generator=rng) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(n, generator=rng) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    theta = theta.to(x.device, x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+UNLABELLED = -1
+"""The label of an image whose source has none (noise); a trainer labels it itself (the teacher's class)."""
+
+
+class SourceBatches:
+    """Training batches drawn from calibration sources: ``batch_size`` images of every source per
+    batch (concatenated in source order), ``steps`` batches per epoch, each augmented with
+    :func:`random_resized_crop_flip` when ``augment``. A source without labels (noise) gets
+    :data:`UNLABELLED`. Batch ``(epoch, i)`` is seeded from ``(seed, epoch, i)`` alone, so a
+    resumed run sees what an uninterrupted one would (the engine's ``epoch_batches`` contract).
+    """
+
+    def __init__(
+        self, sources: Sequence[CalibrationSource], batch_size: int, steps: int, seed: int = 0, augment: bool = False
+    ):
+        if not sources:
+            raise ValueError("SourceBatches needs at least one calibration source")
+        if batch_size < 1 or steps < 1:
+            raise ValueError(f"SourceBatches needs batch_size and steps >= 1, got {batch_size} and {steps}")
+        self.sources, self.batch_size, self.steps = list(sources), batch_size, steps
+        self.seed, self.augment = seed, augment
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = torch.Generator().manual_seed(derive_seed("source-batches", self.seed, epoch, index))
+        images, labels = [], []
+        for source in self.sources:
+            x, y = source.sample(self.batch_size, rng)
+            x = x.detach().cpu()
+            if self.augment:
+                x = random_resized_crop_flip(x, rng)
+            images.append(x)
+            labels.append(torch.full((len(x),), UNLABELLED) if y is None else y.cpu().long())
+        return torch.cat(images), torch.cat(labels)
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(start, self.steps):
+            yield self.batch(epoch, i)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [s.describe() for s in self.sources]

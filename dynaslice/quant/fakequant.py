@@ -16,32 +16,44 @@ layers and the activations after the first and before the last at 8 bits (the pa
 The model must be traceable by ``torch.fx`` (an extracted dynaslice subnet already is a
 GraphModule); every *call* of an activation gets its own quantizer, so a ReLU module called twice
 (ResNet blocks do) has two ranges.
+
+:class:`DistillTrainer` fine-tunes the fake-quantized student by distillation from the
+full-precision network (:func:`kd_loss`) on calibration images (:class:`~.calibration.SourceBatches`),
+on dynaslice's training engine: checkpoints, exact resume and metrics come with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..seeding import derive_seed
+from ..train.config import Config, OptimConfig
+from ..train.model import Batches, ModelTrainer
+from .calibration import UNLABELLED, CalibrationSource, SourceBatches
+from .fdda import check_same_run, fingerprint
+
 __all__ = [
     "ActQuant",
-    "FinetuneConfig",
+    "DistillConfig",
+    "DistillTrainer",
     "QuantConv2d",
     "QuantLinear",
     "calibrate_ranges",
+    "distill_config",
     "fake_quant",
-    "finetune",
     "kd_loss",
     "observe_ranges",
     "quantize_model",
-    "random_resized_crop_flip",
 ]
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU)
@@ -225,126 +237,129 @@ def kd_loss(
     return alpha * temperature**2 * kl + F.cross_entropy(student, labels)
 
 
-# --------------------------------------------------------------------------- fine-tuning pieces
-
-
-def random_resized_crop_flip(
-    x: torch.Tensor,
-    rng: torch.Generator,
-    scale: tuple[float, float] = (0.5, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> torch.Tensor:
-    """Per-sample random resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) and
-    horizontal flip, resampled bilinearly to the input size: the official augmentation of
-    synthetic images (``RandomResizedCrop(scale=(0.5, 1.0))`` + ``RandomHorizontalFlip``),
-    seeded by ``rng`` and vectorised with ``affine_grid``."""
-    n = x.shape[0]
-    area = torch.empty(n).uniform_(*scale, generator=rng)
-    aspect = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=rng).exp()
-    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
-    cx = (torch.rand(n, generator=rng) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, generator=rng) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(n, generator=rng) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    theta = theta.to(x.device, x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def _draw(
-    sources: Sequence, n: int, rng: torch.Generator, teacher: nn.Module, augment: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch: ``n`` images from every source, concatenated; a source without labels (noise)
-    takes the teacher's predictions."""
-    device = _device(teacher)
-    images, labels = [], []
-    for source in sources:
-        x, y = source.sample(n, rng)
-        x = x.to(device)
-        if augment:
-            x = random_resized_crop_flip(x, rng)
-        if y is None:
-            with torch.no_grad():
-                y = teacher(x).argmax(1)
-        images.append(x)
-        labels.append(y.to(device))
-    return torch.cat(images), torch.cat(labels)
+# --------------------------------------------------------------------------- fine-tuning
 
 
 @torch.no_grad()
-def calibrate_ranges(
-    student: nn.Module,
-    teacher: nn.Module,
-    sources: Sequence,
-    steps: int,
-    batch_size: int,
-    rng: torch.Generator,
-) -> None:
-    """Set the activation ranges: ``steps`` forward passes over fresh batches inside
-    :func:`observe_ranges` (un-augmented, as the official range period sees generator output)."""
-    if steps < 1:
-        raise ValueError(f"range calibration needs at least one step, got {steps}")
-    with observe_ranges(student):
-        for _ in range(steps):
-            student(_draw(sources, batch_size, rng, teacher, augment=False)[0])
+def calibrate_ranges(student: nn.Module, batches: Batches) -> None:
+    """Set the activation ranges: one forward pass per batch of ``batches`` (epoch 0) inside
+    :func:`observe_ranges`, the student in eval mode (the official range period runs un-augmented
+    generator output through it)."""
+    if len(batches) < 1:
+        raise ValueError("range calibration needs at least one batch")
+    training = student.training
+    student.eval()
+    device = _device(student)
+    try:
+        with observe_ranges(student):
+            for x, _ in batches.epoch_batches(0, 0):
+                student(x.to(device))
+    finally:
+        student.train(training)
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """Distillation fine-tuning of the fake-quantized student (official values unless noted).
+class DistillConfig:
+    """Distillation fine-tuning of a fake-quantized student (official values unless noted).
 
-    ``calib_steps`` range-observation steps (official: the first 4 of 400 epochs), then ``steps``
-    of SGD (Nesterov, momentum 0.9, weight decay 1e-4) on :func:`kd_loss` with a cosine schedule
-    to zero over ``steps`` (official: a 20 000-step cosine period). The official ``lr = 1e-6``
-    looks tiny but meets a loss scaled by ``alpha * T^2 = 8000``; it transfers (docs/QUANT.md).
+    ``range_steps`` un-augmented batches set the activation ranges first (official: the first 4
+    of 400 epochs); then every step takes ``batch_size`` images of each calibration source
+    (augmented when ``augment``), ``steps_per_epoch`` steps per epoch, and minimises
+    :func:`kd_loss` with ``temperature`` and ``alpha``. The optimizer and its schedule are the
+    run config's ``optim`` section: :func:`distill_config` sets the official ones.
     """
 
-    steps: int = 500
-    calib_steps: int = 100
+    range_steps: int = 100
     batch_size: int = 16
-    lr: float = 1e-6
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    steps_per_epoch: int = 100
     temperature: float = 20.0
     alpha: float = 20.0
     augment: bool = True
 
 
-def finetune(
-    student: nn.Module,
-    teacher: nn.Module,
-    sources: Sequence,
-    cfg: FinetuneConfig = FinetuneConfig(),
-    seed: int = 0,
-) -> nn.Module:
-    """Calibrate ``student``'s activation ranges, then fine-tune it by distillation from ``teacher``.
+def distill_config(base: Config | None = None, epochs: int = 2, lr: float = 1e-6) -> Config:
+    """``base`` (default: the defaults) set up for :class:`DistillTrainer`: the official student
+    optimizer -- SGD, Nesterov momentum 0.9, weight decay 1e-4, ``lr`` -- with a cosine schedule to
+    zero and no warm-up, ``epochs`` epochs, and no validation split (the fine-tuning is data-free;
+    evaluate the result yourself). The official ``lr = 1e-6`` looks tiny but meets a loss scaled by
+    ``alpha * T^2 = 8000`` (docs/QUANT.md)."""
+    base = base or Config()
+    optim = OptimConfig(name="sgd", lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    return dataclasses.replace(
+        base,
+        optim=optim,
+        data=dataclasses.replace(base.data, val_size=0),
+        train=dataclasses.replace(base.train, epochs=epochs, eval_every_epochs=0),
+    ).validate()
 
-    ``calib_steps=0`` keeps the ranges as they are (set earlier with :func:`calibrate_ranges`).
-    Each step draws ``batch_size`` images from every source (e.g. FDDA's generator and the real
-    images). The student stays in eval mode throughout (BatchNorm on its running statistics, as
-    the official code keeps it); the teacher is frozen. Returns ``student`` (trained in place).
-    TEMPORARY loop, to move onto dynaslice's training engine; the method is :func:`kd_loss`,
-    :func:`calibrate_ranges` and :func:`random_resized_crop_flip`.
+
+def _bit_widths(model: nn.Module) -> list[int]:
+    return [m.weight_bits if isinstance(m, (QuantConv2d, QuantLinear)) else m.bits
+            for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear, ActQuant))]  # fmt: skip
+
+
+class DistillTrainer(ModelTrainer):
+    """KD fine-tuning of a fake-quantized ``student`` from a frozen full-precision ``teacher`` on
+    batches of calibration ``sources`` (e.g. FDDA's generator and the few real images), on the
+    training engine.
+
+    :meth:`fit` first sets the student's activation ranges (:meth:`calibrate`, unless already
+    done or the run resumed past step 0), then trains with :func:`kd_loss`; images without a
+    label (noise) take the teacher's class. The student trains in eval mode (BatchNorm on its
+    running statistics, as the official code keeps it); the teacher is a frozen copy (the
+    caller's module is not touched). ``cfg``: see :func:`distill_config`. A resume must continue
+    with the same settings, bit widths, teacher and sources (checked).
     """
-    rng = torch.Generator().manual_seed(seed)
-    teacher.eval()
-    student.eval()
-    if cfg.calib_steps:
-        calibrate_ranges(student, teacher, sources, cfg.calib_steps, cfg.batch_size, rng)
-    if cfg.steps == 0:
-        return student
-    opt = torch.optim.SGD(
-        student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
-    )
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
-    for _ in range(cfg.steps):
-        x, y = _draw(sources, cfg.batch_size, rng, teacher, cfg.augment)
+
+    name = "distill"
+    rng_name = "distill-step"
+    train_mode = False
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        sources: Sequence[CalibrationSource],
+        cfg: Config,
+        run_dir: str | Path,
+        distill: DistillConfig = DistillConfig(),
+        epochs: int | None = None,
+    ):
+        seed = cfg.train.seed
+        batches = SourceBatches(sources, distill.batch_size, distill.steps_per_epoch, seed, distill.augment)
+        super().__init__(student, cfg, run_dir, epochs, batches)
+        self.distill, self.ranges_set = distill, False
+        self.ranges = SourceBatches(sources, distill.batch_size, max(distill.range_steps, 1),
+                                    derive_seed("ranges", seed), augment=False)  # fmt: skip
+        self.teacher = copy.deepcopy(teacher).to(self.device).eval().requires_grad_(False)
+
+    def calibrate(self) -> None:
+        """Set the activation ranges on ``range_steps`` un-augmented batches (0: keep them as they are)."""
+        if self.distill.range_steps > 0:
+            calibrate_ranges(self.model, self.ranges)
+        self.ranges_set = True
+
+    def fit(self) -> Any:
+        if self.step == 0 and not self.ranges_set:
+            self.calibrate()
+        return super().fit()
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target = teacher(x)
-        loss = kd_loss(student(x), target, y, cfg.temperature, cfg.alpha)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return student
+            target = self.teacher(x)
+        y = torch.where(y == UNLABELLED, target.argmax(1), y)
+        return kd_loss(self.model(x), target, y, self.distill.temperature, self.distill.alpha)
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "distill": dataclasses.asdict(self.distill),
+            "bits": _bit_widths(self.model),
+            "teacher": fingerprint(self.teacher.state_dict().values()),
+            "sources": self.train_loader.describe(),
+        }
+
+    def extra_state(self) -> dict[str, Any]:
+        return self._identity()
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        check_same_run(self.run_dir, state, self._identity(), "distillation settings, bit widths, teacher or sources")

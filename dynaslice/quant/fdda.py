@@ -14,32 +14,47 @@ losses built from one real image per class, on the deeper BN layers only:
   :func:`bns_distorted_loss`.
 
 The pieces here (statistics capture, centres, losses, generator, one generator step) are
-independent of any training loop; :func:`train_generator` is a small temporary loop around them
-until dynaslice's training engine takes it over. Defaults follow the official code
+independent of any training loop; :class:`GeneratorTrainer` trains the generator with them on
+dynaslice's training engine (checkpoints, exact resume, metrics), :func:`train_generator` is the
+one-call version. Defaults follow the official code
 (``zysxmu/FDDA``, ``imagenet_config.hocon`` and ``trainer_DBNS_CBNS.py``); every departure is
 listed in ``docs/QUANT.md``.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..modelfile import CheckpointError
+from ..seeding import derive_seed
+from ..train.config import Config, TrainConfig
+from ..train.engine import Trainer
 
 __all__ = [
     "BNCentres",
     "BNStat",
     "ConditionalGenerator",
     "FDDAConfig",
+    "GeneratorTrainer",
+    "LatentBatches",
     "bn_centres",
     "bns_centre_loss",
     "bns_distorted_loss",
     "bns_loss",
+    "check_same_run",
     "deep_start",
+    "fingerprint",
     "forward_with_bn_stats",
     "generator_step",
     "one_per_class",
@@ -296,11 +311,13 @@ class FDDAConfig:
     """Generator training settings; defaults are the official ImageNet ones unless noted.
 
     ``fdda=False`` gives GDFQ's generator (CE + global BNS loss only), the ablation baseline.
-    ``steps`` is ours to size (the official generator trains 400 x 200 steps); the learning rate
-    drops x0.1 at 25 %, 50 % and 75 % of them (official: epochs 100/200/300 of 400).
+    ``epochs`` x ``steps_per_epoch`` is ours to size (the official generator trains 400 x 200
+    steps); the learning rate drops x0.1 at 25 %, 50 % and 75 % of the steps (official: epochs
+    100/200/300 of 400).
     """
 
-    steps: int = 2000
+    epochs: int = 20
+    steps_per_epoch: int = 100
     batch_size: int = 16
     lr: float = 1e-3
     betas: tuple[float, float] = (0.5, 0.999)
@@ -313,6 +330,10 @@ class FDDAConfig:
     fdda_every: int = 1
     latent_dim: int = 100
 
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
 
 def generator_step(
     gen: ConditionalGenerator,
@@ -320,17 +341,20 @@ def generator_step(
     cfg: FDDAConfig,
     step: int,
     centres: BNCentres | None,
-    rng: torch.Generator,
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    rng: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """The losses of one generator step (the official ``train``/``cal_true_BNLoss`` pair).
 
-    A batch with uniform random labels gives ``ce + bns_weight * bns``. With FDDA (every
-    ``fdda_every`` steps) a second, one-class batch of a random class that the teacher gets right
-    on its real image adds ``distorted_weight * D-BNS + centre_weight * C-BNS`` and its own CE;
-    both CE terms are then halved. Returns the named terms and ``total``.
+    The batch ``gen(z, labels)`` gives ``ce + bns_weight * bns``. With FDDA (every ``fdda_every``
+    steps) a second, one-class batch of a random class that the teacher gets right on its real
+    image adds ``distorted_weight * D-BNS + centre_weight * C-BNS`` and its own CE; both CE terms
+    are then halved. The class, the second batch and the distortion noise are drawn from ``rng``
+    (None: the global RNG, which the training engine seeds per step). Returns the named terms
+    and ``total``.
     """
-    images, labels = gen.sample(cfg.batch_size, rng)
-    logits, stats = forward_with_bn_stats(teacher, images)
+    logits, stats = forward_with_bn_stats(teacher, gen(z, labels))
     out = {"ce": F.cross_entropy(logits, labels), "bns": cfg.bns_weight * bns_loss(stats)}
     if cfg.fdda and step % cfg.fdda_every == 0:
         if centres is None:
@@ -355,47 +379,132 @@ def generator_step(
     return out
 
 
+class LatentBatches:
+    """The generator's inputs as training batches: ``(z, labels)``, ``steps`` per epoch, labels
+    uniform over the classes. Every batch is seeded from ``(seed, epoch, index)`` alone, so a
+    resumed run sees the batches an uninterrupted one would."""
+
+    def __init__(self, num_classes: int, latent_dim: int, batch_size: int, steps: int, seed: int = 0):
+        if min(num_classes, latent_dim, batch_size, steps) < 1:
+            raise ValueError("LatentBatches needs num_classes, latent_dim, batch_size and steps >= 1")
+        self.num_classes, self.latent_dim, self.batch_size = num_classes, latent_dim, batch_size
+        self.steps, self.seed = steps, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(start, self.steps):
+            g = torch.Generator().manual_seed(derive_seed("fdda-latent", self.seed, epoch, i))
+            labels = torch.randint(self.num_classes, (self.batch_size,), generator=g)
+            yield torch.randn(self.batch_size, self.latent_dim, generator=g), labels
+
+
+def fingerprint(*tensors: Iterable[torch.Tensor]) -> str:
+    """A SHA-256 over tensors (values, shapes, dtypes): what a resume checks it continues against."""
+    h = hashlib.sha256()
+    for group in tensors:
+        for t in group:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_same_run(run_dir: Path, saved: dict[str, Any], now: dict[str, Any], what: str) -> None:
+    """Refuse to resume a run whose recorded identity (settings, fingerprints) differs from ``now``."""
+    if any(saved.get(k) != v for k, v in now.items()):
+        raise CheckpointError(
+            f"{run_dir} was trained with other {what}; resume with the same ones or start a new run directory"
+        )
+
+
+class GeneratorTrainer(Trainer):
+    """FDDA's (or, with ``fdda=False``, GDFQ's) generator training on dynaslice's engine.
+
+    The conditional generator is the trained module; a frozen copy of the full-precision
+    ``teacher`` (eval mode, no gradients; the caller's module is not touched) computes the losses
+    of :func:`generator_step`. Adam and the step-decay schedule come from ``fdda``; the engine
+    settings (seed, device, threads, checkpoints, logging) from ``cfg.train``. A resume must
+    continue with the same ``fdda`` settings, teacher and centres (checked). The result is
+    ``self.generator`` (use it through :class:`dynaslice.quant.GeneratorImages`).
+    """
+
+    name = "generator"
+    rng_name = "generator-step"
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        num_classes: int,
+        image_size: int,
+        channels: int,
+        cfg: Config,
+        run_dir: str | Path,
+        fdda: FDDAConfig = FDDAConfig(),
+        centres: BNCentres | None = None,
+    ):
+        super().__init__(cfg, run_dir)
+        if fdda.fdda and centres is None:
+            raise ValueError("FDDA needs BN centres (bn_centres); pass fdda=False for the GDFQ generator")
+        _bn_layers(teacher)
+        self.fdda = fdda
+        self.teacher = copy.deepcopy(teacher).to(self.device).eval().requires_grad_(False)
+        self.centres = centres.to(self.device) if centres is not None else None
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
+            torch.manual_seed(derive_seed("fdda-generator", self.seed))
+            gen = ConditionalGenerator(num_classes, image_size, channels, fdda.latent_dim)
+        self.generator = gen.to(self.device).train()
+        batches = LatentBatches(num_classes, fdda.latent_dim, fdda.batch_size, fdda.steps_per_epoch, self.seed)
+        opt = torch.optim.Adam(self.generator.parameters(), lr=fdda.lr, betas=fdda.betas)
+        milestones = [math.ceil(fdda.steps * f) for f in (0.25, 0.5, 0.75)]
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+        self.setup_loop(batches, fdda.epochs, opt, sched)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        losses = generator_step(self.generator, self.teacher, self.fdda, self.step, self.centres, x, y)
+        losses.pop("total").backward()
+        return [v.detach() for v in losses.values()], {"names": list(losses)}
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator}
+
+    def _identity(self) -> dict[str, Any]:
+        parts = [self.teacher.state_dict().values()]
+        if self.centres is not None:
+            parts += [self.centres.means, self.centres.vars, [self.centres.correct]]
+        return {"fdda": dataclasses.asdict(self.fdda), "teacher_and_centres": fingerprint(*parts)}
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "fdda": dataclasses.asdict(self.fdda)}
+
+    def extra_state(self) -> dict[str, Any]:
+        return self._identity()
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        check_same_run(self.run_dir, state, self._identity(), "FDDA settings, teacher or BN centres")
+
+    def finish(self) -> dict[str, Any]:
+        return {"generator_steps": self.total_steps, "method": "fdda" if self.fdda.fdda else "gdfq"}
+
+
 def train_generator(
     teacher: nn.Module,
     num_classes: int,
     image_size: int,
     channels: int,
-    cfg: FDDAConfig = FDDAConfig(),
+    run_dir: str | Path,
+    fdda: FDDAConfig = FDDAConfig(),
     centres: BNCentres | None = None,
     seed: int = 0,
-    log: Callable[[int, dict[str, float]], None] | None = None,
+    threads: int | None = None,
 ) -> ConditionalGenerator:
-    """Train a conditional generator against the frozen ``teacher`` (eval mode, no weight grads).
-
-    ``log(step, losses)`` is called every step when given. TEMPORARY loop: it moves onto
-    dynaslice's training engine as a strategy once that exists; the method lives in
-    :func:`generator_step`.
-    """
-    rng = torch.Generator().manual_seed(seed)
-    device = next(teacher.parameters()).device
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
-        torch.manual_seed(seed)
-        gen = ConditionalGenerator(num_classes, image_size, channels, cfg.latent_dim)
-    gen = gen.to(device).train()
-    if centres is not None:
-        centres = centres.to(device)
-    opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=cfg.betas)
-    milestones = [math.ceil(cfg.steps * f) for f in (0.25, 0.5, 0.75)]
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
-    modes = [(p, p.requires_grad) for p in teacher.parameters()]
-    training = teacher.training
-    teacher.eval().requires_grad_(False)
-    try:
-        for step in range(cfg.steps):
-            losses = generator_step(gen, teacher, cfg, step, centres, rng)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            opt.step()
-            sched.step()
-            if log is not None:
-                log(step, {k: v.item() for k, v in losses.items()})
-    finally:
-        teacher.train(training)
-        for p, flag in modes:
-            p.requires_grad_(flag)
-    return gen
+    """Train (or finish, resuming ``run_dir``) a generator with :class:`GeneratorTrainer` on the
+    teacher's device, default engine settings (a checkpoint every 100 steps), ``seed`` and
+    ``threads``; returns the generator."""
+    device = next(teacher.parameters()).device.type
+    cfg = Config(train=TrainConfig(seed=seed, threads=threads, device=device, ckpt_every_steps=100))
+    trainer = GeneratorTrainer(teacher, num_classes, image_size, channels, cfg, run_dir, fdda, centres)
+    trainer.resume()
+    trainer.fit()
+    return trainer.generator

@@ -2,9 +2,9 @@
 
 ``quantize_artifact(src, dst, images)`` takes what :mod:`dynaslice.onnx_export` writes -- one
 subnet ``.onnx`` file, or a package directory (``manifest.json`` + one graph per piece: a gated
-model's trunk and routes; budget-table packages follow the same pattern) -- and writes its int8
-twin, which loads with the same runner classes (:class:`dynaslice.runtime.OnnxModel`,
-:class:`dynaslice.runtime.GatedOnnxRunner`).
+model's trunk and routes, a budget table's entries) -- and writes its int8 twin, which loads with
+the same runner classes (:class:`dynaslice.runtime.OnnxModel`, :class:`~dynaslice.runtime.GatedOnnxRunner`,
+:class:`~dynaslice.runtime.BudgetOnnxRunner`).
 
 For every graph: onnxruntime's pre-processing (``quant_pre_process``: symbolic shape inference,
 graph optimisation -- BatchNorm folded into the convolutions -- and ONNX shape inference), then
@@ -18,7 +18,8 @@ What was done is recorded where the artifact keeps its description: the ``dynasl
 metadata entry of each ``.onnx`` file, and a ``quantization`` block in a package's manifest (whose
 format and version stay those of the float package, so older runners read it). Both hold the
 settings, the calibration source and the exact accounting of :func:`graph_accounting`: MACs per
-image of every Conv/Gemm/MatMul and the bit widths its weights and input activations run at.
+image of every Conv/Gemm/MatMul and the bit widths its weights and input activations run at
+(summed per route of a gated package and per entry of a budget table).
 
 :func:`compare_artifacts` reports the accuracy of the int8 artifact beside its float original.
 """
@@ -35,11 +36,21 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..atomic import atomic_path
-from ..runtime import FORMAT, MANIFEST, GatedOnnxRunner, OnnxModel
+from ..atomic import atomic_dir, atomic_path
+from ..runtime import (
+    BUDGET_FORMAT,
+    FORMAT,
+    MANIFEST,
+    BudgetOnnxRunner,
+    GatedOnnxRunner,
+    OnnxModel,
+    read_manifest,
+)
 
 __all__ = [
     "QUANT_KEY",
+    "artifact_archs",
+    "artifact_input_shape",
     "artifact_kind",
     "compare_artifacts",
     "evaluate_artifact",
@@ -87,7 +98,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise ValueError(_NOT_OURS.format(path=directory)) from None
     if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("dynaslice-"):
         raise ValueError(_NOT_OURS.format(path=directory))
-    return manifest
+    return read_manifest(directory)  # the runtime's own check of a gated or budget-table manifest
 
 
 def artifact_kind(path: str | os.PathLike) -> ArtifactKind:
@@ -105,6 +116,29 @@ def artifact_kind(path: str | os.PathLike) -> ArtifactKind:
     if "dynaslice.version" not in _metadata(path):
         raise ValueError(_NOT_OURS.format(path=path))
     return "model"
+
+
+def artifact_input_shape(path: str | os.PathLike) -> list[int]:
+    """The ``[C, H, W]`` of the images an artifact takes (from its graph, or its package manifest)."""
+    path = Path(path)
+    if artifact_kind(path) == "package":
+        return list(_read_manifest(path)["input"]["shape"][1:])
+    shape = OnnxModel(path).input_shape[1:]
+    if any(d is None for d in shape):
+        raise ValueError(f"{path} has a dynamic image size {shape}; export it with a fixed input size")
+    return [int(d) for d in shape]
+
+
+def artifact_archs(path: str | os.PathLike) -> list[dict[str, int]]:
+    """The subnets an artifact runs: a model file's arch, a gated package's routes, a budget table's entries."""
+    path = Path(path)
+    if artifact_kind(path) == "model":
+        arch = OnnxModel(path).arch
+        if arch is None:
+            raise ValueError(f"{path} does not record its subnet (dynaslice.arch); re-export it with dynaslice")
+        return [arch]
+    manifest = _read_manifest(path)
+    return [item["arch"] for item in manifest.get("routes", manifest.get("entries", []))]
 
 
 def _package_graphs(manifest: Mapping[str, Any]) -> list[str]:
@@ -340,9 +374,7 @@ def _quantize_package(source: Path, target: Path, images: np.ndarray, settings: 
         raise FileExistsError(f"{target} exists and is not a package; choose a new directory or remove it")
     graphs = _package_graphs(manifest)
     feeds = _package_feeds(source, manifest, graphs, images)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(target) as tmp:  # complete or absent; an earlier package there is replaced
         for item in source.iterdir():  # anything besides the graphs travels unchanged
             if item.is_file() and item.name not in graphs and item.name != MANIFEST:
                 shutil.copy2(item, tmp / item.name)
@@ -358,12 +390,13 @@ def _quantize_package(source: Path, target: Path, images: np.ndarray, settings: 
         }
         if manifest.get("format") == FORMAT:
             quant["routes"] = _route_accounting(manifest, accounting)
+        elif manifest.get("format") == BUDGET_FORMAT:
+            quant["entries"] = [
+                {"index": i, "macs": accounting[e["file"]]["macs"], "macs_by_bits": accounting[e["file"]]["macs_by_bits"]}
+                for i, e in enumerate(manifest["entries"])
+            ]  # fmt: skip
         manifest = {**manifest, "quantization": quant}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -415,21 +448,6 @@ def _route_accounting(manifest: Mapping[str, Any], accounting: Mapping[str, dict
     return routes
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``, replacing an earlier package (moved aside, then deleted)."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- accuracy
 
 
@@ -444,8 +462,8 @@ def evaluate_artifact(
 
     A model file gives ``{"top1", "predictions"}``. A gated package is run by
     :class:`GatedOnnxRunner` (``top1``, ``route_counts``, ``avg_macs``) and also with every sample
-    forced through each route (``route_top1``). Another package kind gives each graph that reads
-    the package input its own ``top1`` (``graph_top1``).
+    forced through each route (``route_top1``). A budget-table package is run by
+    :class:`BudgetOnnxRunner`: every entry's ``entry_top1``, in manifest order.
     """
     path = Path(path)
     images, labels = _check_images(images), np.asarray(labels)
@@ -453,31 +471,22 @@ def evaluate_artifact(
         model = OnnxModel(path)
         pred = _batched(model, images, batch_size).argmax(1)
         return {"top1": float((pred == labels).mean() * 100), "predictions": pred}
-    manifest = _read_manifest(path)
-    if manifest.get("format") == FORMAT:
-        runner = GatedOnnxRunner(path)
-        parts = [
-            runner.forward_with_routes(images[i : i + batch_size]) for i in range(0, len(images), batch_size)
-        ]
-        pred = np.concatenate([p[0] for p in parts]).argmax(1)
-        routes = np.concatenate([p[1] for p in parts])
-        forced = []
-        for r in range(len(runner.routes)):
-            out = _batched(
-                lambda x, r=r: runner.forward_with_routes(x, np.full(len(x), r))[0], images, batch_size
-            )
-            forced.append(float((out.argmax(1) == labels).mean() * 100))
-        return {
-            "top1": float((pred == labels).mean() * 100), "predictions": pred,
-            "route_counts": runner.route_counts(routes), "avg_macs": runner.avg_macs(routes), "route_top1": forced,
-        }  # fmt: skip
-    image_input = manifest.get("input", {}).get("name", "input")
-    tops = {}
-    for name in _package_graphs(manifest):
-        if _input_names(path / name) == [image_input]:
-            pred = _batched(OnnxModel(path / name), images, batch_size).argmax(1)
-            tops[name] = float((pred == labels).mean() * 100)
-    return {"graph_top1": tops}
+    if _read_manifest(path)["format"] == BUDGET_FORMAT:
+        runner = BudgetOnnxRunner(path)
+        tops = [float((_batched(m, images, batch_size).argmax(1) == labels).mean() * 100) for m in runner.models]
+        return {"entry_top1": tops}
+    runner = GatedOnnxRunner(path)
+    parts = [runner.forward_with_routes(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    pred = np.concatenate([p[0] for p in parts]).argmax(1)
+    routes = np.concatenate([p[1] for p in parts])
+    forced = []
+    for r in range(len(runner.routes)):
+        out = _batched(lambda x, r=r: runner.forward_with_routes(x, np.full(len(x), r))[0], images, batch_size)
+        forced.append(float((out.argmax(1) == labels).mean() * 100))
+    return {
+        "top1": float((pred == labels).mean() * 100), "predictions": pred,
+        "route_counts": runner.route_counts(routes), "avg_macs": runner.avg_macs(routes), "route_top1": forced,
+    }  # fmt: skip
 
 
 def compare_artifacts(
@@ -486,8 +495,9 @@ def compare_artifacts(
     """Accuracy of the quantized artifact beside its float original on the same images.
 
     ``{"float": ..., "int8": ...}`` (as :func:`evaluate_artifact`, without per-sample predictions),
-    ``drop`` (float minus int8 top-1, points; per route for a gated package) and ``agreement``
-    (% of samples with the same predicted class).
+    ``drop`` (float minus int8 top-1, points; also per route of a gated package, ``route_drop``,
+    and per entry of a budget table, ``entry_drop``) and ``agreement`` (% of samples with the same
+    predicted class; model files and gated packages).
     """
     results = {}
     for name, path in (("float", float_path), ("int8", quant_path)):
@@ -499,6 +509,6 @@ def compare_artifacts(
         out["drop"] = f["top1"] - q["top1"]
     if "route_top1" in f:
         out["route_drop"] = [a - b for a, b in zip(f["route_top1"], q["route_top1"], strict=True)]
-    if "graph_top1" in f:
-        out["graph_drop"] = {k: f["graph_top1"][k] - q["graph_top1"][k] for k in f["graph_top1"]}
+    if "entry_top1" in f:
+        out["entry_drop"] = [a - b for a, b in zip(f["entry_top1"], q["entry_top1"], strict=True)]
     return {**results, **out}
