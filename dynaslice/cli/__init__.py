@@ -5,6 +5,7 @@
 - :mod:`.profile`: ``profile`` (MACs, latency, latency tables);
 - :mod:`.select`: ``select`` (a PSS budget table's subnet for a budget);
 - :mod:`.export`: ``export`` (a subnet, a budget entry or a gated model as PyTorch/ONNX);
+- :mod:`.quantize`: ``quantize`` (int8 post-training quantization of an exported ONNX artifact);
 - :mod:`.common`: what several commands share (``--set``, default run directories, archs, amounts).
 
 The library raises its own exceptions (``ConfigError``, ``CheckpointError``, ``DatasetError``,
@@ -23,10 +24,10 @@ from typing import NoReturn
 from ..data import DatasetError
 from ..runs import RunDirBusy
 from ..train import TrainingDiverged
-from . import export, profile, run, select, train
+from . import export, profile, quantize, run, select, train
 from .common import UserError
 
-GROUPS = (run, train, profile, select, export)  # --help order
+GROUPS = (run, train, profile, select, export, quantize)  # --help order
 
 
 class _Parser(argparse.ArgumentParser):
