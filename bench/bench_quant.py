@@ -8,7 +8,7 @@ noise-calibrated: speed does not depend on the weights), timed interleaved round
 reported as medians and the median of per-round paired ratios (on a quiet machine only).
 
 ``--mode fdda`` (b): the paper's claim at 4 bits with fake quantization, W4A4 and W4A4 with 8-bit
-first/last layers. Four calibration-data choices on the same 10 real images (one per class,
+first/last layers (``--settings`` takes others too, e.g. W3A3). Four calibration-data choices on the same 10 real images (one per class,
 drawn per seed) and equal iterations (``--range-steps`` range batches, ``--steps`` distillation
 steps of :class:`~dynaslice.quant.DistillTrainer`): ``fdda`` (real + FDDA generator), ``gdfq``
 (real + generator with the global BN loss only), ``real`` (the 10 real images alone: plain PTQ
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import statistics
 import tempfile
 import time
@@ -73,7 +74,15 @@ from dynaslice.train.config import Config, from_dict
 from dynaslice.train.data import load_split
 
 METHODS = ("fdda", "gdfq", "real", "noise")
-SETTINGS = {"W4A4": None, "W4A4-F8L8": 8}  # first/last layer bits
+SETTINGS = ("W4A4", "W4A4-F8L8")  # the paper's: weight/activation bits, optionally first/last layers at 8
+
+
+def bit_widths(setting: str) -> tuple[int, int, int | None]:
+    """``"W4A4"`` -> (4, 4, None); ``"W3A3-F8L8"`` -> (3, 3, 8)."""
+    match = re.fullmatch(r"W(\d+)A(\d+)(-F8L8)?", setting)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{setting!r} is not a setting like W4A4 or W4A4-F8L8")
+    return int(match[1]), int(match[2]), 8 if match[3] else None
 
 
 def run_config(path: str | Path, threads: int) -> tuple[torch.nn.Module, Config]:
@@ -171,14 +180,15 @@ def generator(args, teacher, cfg: Config, train: InMemoryDataset, centres, kind:
     return GeneratorImages(trainer.generator, kind)
 
 
-def student(args, teacher, cfg: Config, sources: list, bits: int | None, run_dir: Path, xy) -> dict[str, Any]:
-    """One W4A4 student: ranges, then distillation; test top-1 before and after fine-tuning."""
+def student(args, teacher, cfg: Config, sources: list, setting: str, run_dir: Path, xy) -> dict[str, Any]:
+    """One fake-quantized student: ranges, then distillation; test top-1 before and after fine-tuning."""
+    w, a, first_last = bit_widths(setting)
     t0 = time.perf_counter()
     distill = DistillConfig(range_steps=args.range_steps, batch_size=16, steps_per_epoch=args.unit)
-    trainer = DistillTrainer(quantize_model(teacher, 4, 4, bits), teacher, sources,
+    trainer = DistillTrainer(quantize_model(teacher, w, a, first_last), teacher, sources,
                              distill_config(cfg, args.steps // args.unit, args.lr), run_dir, distill)  # fmt: skip
     if trainer.resume():  # the ranges-only student, rebuilt as the run started it
-        fresh = quantize_model(teacher, 4, 4, bits)
+        fresh = quantize_model(teacher, w, a, first_last)
         calibrate_ranges(fresh, trainer.ranges)
         before = accuracy(fresh, *xy)
     else:
@@ -200,11 +210,11 @@ def fdda_seed(args, teacher, cfg: Config, train: InMemoryDataset, xy, seed: int)
         sources[kind] = [real, generator(args, teacher, cfg, train, centres, kind, work)]
         timing[f"generator_{kind}_s"] = time.perf_counter() - t0
     results: dict[str, Any] = {"seed": seed, "correct_centres": int(centres.correct.sum()), **timing}
-    for setting, bits in SETTINGS.items():
+    for setting in args.settings:
         for method in METHODS:
             run_dir = work / setting / method
             r = cached_json(run_dir / "bench_result.json",
-                            lambda m=method, b=bits, d=run_dir: student(args, teacher, cfg, sources[m], b, d, xy))  # fmt: skip
+                            lambda m=method, s=setting, d=run_dir: student(args, teacher, cfg, sources[m], s, d, xy))  # fmt: skip
             results[f"{setting}/{method}"] = r
             print(f"seed {seed} {setting} {method}: ranges only {r['ranges_only']:.2f}, fine-tuned {r['top1']:.2f}",
                   flush=True)  # fmt: skip
@@ -216,9 +226,9 @@ def mean_se(values: list[float]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(values), "se": se, "n": len(values)}
 
 
-def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(seeds: list[dict[str, Any]], settings: list[str]) -> dict[str, Any]:
     out = {}
-    for setting in SETTINGS:
+    for setting in settings:
         for method in METHODS:
             for key in ("top1", "ranges_only"):
                 vals = [s[f"{setting}/{method}"][key] for s in seeds]
@@ -235,7 +245,7 @@ def mode_fdda(args: argparse.Namespace) -> dict[str, Any]:
     xy = tuple(torch.from_numpy(a) for a in arrays(test_split(cfg, args.test_images)))
     seeds = [fdda_seed(args, teacher, cfg, train, xy, s) for s in args.seeds]
     return {"teacher_top1": accuracy(teacher, *xy), "test_images": len(xy[1]), "seeds": seeds,
-            "summary": summarise(seeds)}  # fmt: skip
+            "summary": summarise(seeds, args.settings)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- (c) packages
@@ -282,6 +292,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="latency rounds at batch 1 (a quarter at 64)")
     p.add_argument("--skip-resnet50", action="store_true")
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--settings", type=lambda s: s.split(","), default=list(SETTINGS),
+                   help="fdda: bit settings, e.g. W4A4,W4A4-F8L8,W3A3 (default the paper's two)")  # fmt: skip
     p.add_argument("--gen-steps", type=int, default=500, help="generator steps (a multiple of 100)")
     p.add_argument("--steps", type=int, default=200, help="distillation steps per student (a multiple of 100)")
     p.add_argument("--range-steps", type=int, default=100, help="activation-range batches per student")
@@ -299,6 +311,11 @@ def parse_args() -> argparse.Namespace:
         args.seeds, args.widths = args.seeds[:1], args.widths[-1:]
     if args.gen_steps % args.unit or args.steps % args.unit or min(args.gen_steps, args.steps) < args.unit:
         p.error("--gen-steps and --steps must be positive multiples of 100 (epochs of 100 steps)")
+    for setting in args.settings:
+        try:
+            bit_widths(setting)
+        except argparse.ArgumentTypeError as e:
+            p.error(str(e))
     if args.mode == "fdda" and args.work is None:
         p.error("--mode fdda needs --work DIR (where the generators and students train)")
     return args
