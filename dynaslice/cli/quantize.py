@@ -48,11 +48,12 @@ from ..train.data import load_split
 from .common import UserError, load_checkpoint, positive_int, trusted_data
 
 
-def _datasets(run: str, data_dir: str | None, seed: int) -> tuple[Any, InMemoryDataset, InMemoryDataset]:
-    """``(net, train split, test split)`` of the run; the data from ``data_dir`` or its standard place."""
+def _datasets(run: str, data_dir: str | None) -> tuple[Any, InMemoryDataset, InMemoryDataset]:
+    """``(net, train split, test split)`` of the run (split as the run split it: its own seed); the
+    data from ``data_dir`` or its standard place."""
     net, _, cfg, _ = load_checkpoint(run)
     cfg = trusted_data(cfg, data_dir)
-    return net, load_split(cfg.data, "train", seed), load_split(cfg.data, "test", seed)
+    return net, load_split(cfg.data, "train", cfg.train.seed), load_split(cfg.data, "test", cfg.train.seed)
 
 
 def _source(args: argparse.Namespace, artifact: Path, shape: list[int], run: tuple | None):
@@ -97,7 +98,7 @@ def _quantize(args: argparse.Namespace) -> int:
     artifact, out = Path(args.artifact), Path(args.out)
     kind = artifact_kind(artifact)
     shape = artifact_input_shape(artifact)
-    run = _datasets(args.run, args.data_dir, args.seed) if args.run else None
+    run = _datasets(args.run, args.data_dir) if args.run else None
     if run is not None and list(run[1].images.shape[1:]) != shape:
         raise UserError(
             f"{artifact} takes images of shape {shape}, the run's dataset has {list(run[1].images.shape[1:])}: "
