@@ -5,6 +5,7 @@
 - :mod:`.profile`: ``profile`` (MACs, latency, latency tables);
 - :mod:`.select`: ``select`` (a PSS budget table's subnet for a budget);
 - :mod:`.export`: ``export`` (a subnet, a budget entry or a gated model as PyTorch/ONNX);
+- :mod:`.quantize`: ``quantize`` (int8 post-training quantization of an exported ONNX artifact);
 - :mod:`.prune`: ``prune`` (one compact network by DCFF, White-Box, 1xN or a baseline);
 - :mod:`.common`: what several commands share (``--set``, default run directories, archs, amounts).
 
@@ -24,10 +25,10 @@ from typing import NoReturn
 from ..data import DatasetError, DatasetNotFoundError
 from ..runs import RunDirBusy
 from ..train import TrainingDiverged
-from . import export, profile, prune, run, select, train
+from . import export, profile, prune, quantize, run, select, train
 from .common import UserError
 
-GROUPS = (run, train, profile, select, export, prune)  # --help order
+GROUPS = (run, train, profile, select, export, quantize, prune)  # --help order
 
 
 class _Parser(argparse.ArgumentParser):
