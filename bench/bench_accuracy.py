@@ -23,6 +23,7 @@ session reports null).
 
     python bench/bench_accuracy.py --seeds 0 1 2 --epochs 12 --threads 2 --out bench/out/accuracy.json
     python bench/bench_accuracy.py --seeds 0 --epochs 4 --set data.train_size=20000 --threads 1
+    python bench/bench_accuracy.py summary bench/out/acc_seed*.json --out bench/out/acc.json   # seeds run apart
     python bench/bench_accuracy.py table runs/acc/*_s0            # val/test per width of finished runs
     python bench/bench_accuracy.py ordering runs/acc/p1_e2_s0     # what channel ordering alone buys
     python bench/bench_accuracy.py routes runs/demo/stage1          # a gated run's routes (val / test)
@@ -253,8 +254,27 @@ def cmd_routes(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_summary(args: argparse.Namespace) -> None:
+    """One summary of seeds run as separate commands (one seed per core): their JSONs -> ``--out``."""
+    seeds = [s for f in args.files for s in json.loads(Path(f).read_text())["seeds"]]
+    summary = summarise(seeds)
+    for w, r in summary["widths"].items():
+        gaps = [a - b for a, b in zip(r["supernet_test_seeds"], r["static_test_seeds"], strict=True)]
+        r["gap_test_se"] = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None
+        print(f"{w}: paired test gap {statistics.mean(gaps):+.2f} +- {r['gap_test_se'] or 0:.2f} over {len(gaps)} seeds")
+    atomic_write_json(args.out, {"files": args.files, "seeds": seeds, "summary": summary}, indent=1)
+    print(markdown(summary))
+    print(f"wrote {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "summary":
+        ap = argparse.ArgumentParser(description=cmd_summary.__doc__)
+        ap.add_argument("files", nargs="+")
+        ap.add_argument("--out", required=True)
+        cmd_summary(ap.parse_args(argv[1:]))
+        return
     if argv and argv[0] in ("table", "ordering", "routes"):
         ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         if argv[0] in ("table", "routes"):
