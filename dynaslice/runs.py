@@ -125,9 +125,12 @@ def exclusive(run_dir: str | Path) -> Iterator[None]:
     never leaves a stale lock behind. A second writer gets :class:`RunDirBusy` at once instead of
     interleaving its checkpoints and metrics with the first one's. The lock belongs to the
     process: blocks on the same directory in one process share it (a trainer resumed, then a
-    new one for the same run), and it is released when the last of them ends.
+    new one for the same run), and it is released when the last of them ends. A block that fails
+    before writing anything leaves no trace: a directory this call created and that holds only the
+    lock is removed again (a refused budget or config must not leave an empty run behind).
     """
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     key = run_dir.resolve()
     if key not in _HELD:
@@ -145,11 +148,16 @@ def exclusive(run_dir: str | Path) -> Iterator[None]:
         os.write(fd, f"pid {os.getpid()}".encode())
         _HELD[key] = [0, fd]
     _HELD[key][0] += 1
+    failed = True
     try:
         yield
+        failed = False
     finally:
         _HELD[key][0] -= 1
         if _HELD[key][0] == 0:
             fd = _HELD.pop(key)[1]
+            if failed and created and os.listdir(run_dir) == [LOCK]:
+                (run_dir / LOCK).unlink()
+                run_dir.rmdir()
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

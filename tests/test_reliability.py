@@ -352,6 +352,16 @@ SUBCOMMAND_MISTAKES = [
     "profile vit_small_input --input-size 1 6 6 --no-latency",
     "train-gate {run}", "train-gate {run} --target-macs nan", "train-gate {run} --epochs 0",
     "run {tmp}/bin.json", "run {tmp}/nope.yaml", "train nonexistent_preset", "demo --data-dir /nonexistent --out {tmp}/d",
+    "prune foo --out {tmp}/p", "prune l1 --target-macs 0 --out {tmp}/p", "prune l1 --target-macs abc --out {tmp}/p",
+    "prune l1 --target-params -1 --out {tmp}/p", "prune l1 --target-macs 0.5 --target-params 0.5 --out {tmp}/p",
+    "prune l1 --config {tmp}/bin.json --target-macs 0.5 --out {tmp}/p", "prune l1 --out {tmp}/p",
+    "prune l1 --set prune.sparsity=2 --target-macs 0.5 --out {tmp}/p",
+    "prune l1 --set prune.finetune_epochs=abc --target-macs 0.5 --out {tmp}/p",
+    "prune l1 --target-macs 1k --out {tmp}/p",  # unreachable: refused before training, no empty run left
+    "quantize {tmp}/nope.onnx --calibration real --out {tmp}/q.onnx",
+    "quantize {tmp}/bin.json --calibration real --out {tmp}/q.onnx",
+    "quantize {run} --calibration real --out {tmp}/q.onnx", "quantize {tmp}/bin.json --calibration foo --out {tmp}/q.onnx",
+    "quantize {tmp}/bin.json --calibration real --images 0 --out {tmp}/q.onnx",
 ]  # fmt: skip
 
 
