@@ -61,8 +61,8 @@ class ModelTrainer(Trainer):
         if batches is None:
             if cfg.data.name == "folder":
                 raise ConfigError("ModelTrainer trains on in-memory datasets (fashion_mnist, cifar10/100, synthetic)")
-            self.train_ds = load_split(cfg.data, "train", t.seed)
-            batches = train_loader(cfg.data, self.train_ds, t.seed, self.env.rank, self.env.world_size)
+            train_ds = load_split(cfg.data, "train", t.seed)
+            batches = train_loader(cfg.data, train_ds, t.seed, self.env.rank, self.env.world_size)
         self.val_ds = load_split(cfg.data, "val", t.seed) if cfg.data.val_size > 0 else None
         self.model = model.to(self.device)
         epochs = t.epochs if epochs is None else epochs
