@@ -44,6 +44,7 @@ from common import QUICK as COMMON_QUICK
 
 from dynaslice.atomic import atomic_write_json, cached_json
 from dynaslice.budget import BudgetNet, BudgetTable
+from dynaslice.runs import is_finished
 from dynaslice.seeding import derive_seed
 from dynaslice.space import Arch
 from dynaslice.train import load_config, load_supernet, recalibrate_bn, train
@@ -77,6 +78,20 @@ def main() -> None:
         choices=list(VARIANTS),
         help="only train this supernet and stop (to train both at once on two cores; then run without it)",
     )
+    ap.add_argument(
+        "--recipe",
+        choices=("ib", "config"),
+        default="ib",
+        help="ib: IB targets and 4 subnets per step for both supernets (the Stage-I benchmark's); "
+        "config: the config's own recipe (e.g. a supernet run's config.yaml: teacher target, init_from)",
+    )
+    ap.add_argument(
+        "--sandwich",
+        default=None,
+        metavar="RUN",
+        help="a finished sandwich supernet run of the same config to search instead of training one "
+        "(e.g. bench_accuracy.py's supernet, which starts from the same phase-1 network)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny subset, 1 epoch")
     ap.add_argument("--runs", default="runs/bench_pss")
     ap.add_argument("--out", default="bench/out/pss.json")
@@ -107,10 +122,18 @@ def main() -> None:
     for name, sets in VARIANTS.items():
         if args.train_only and name != args.train_only:
             continue
+        if args.recipe == "config":
+            sets = [s for s in sets if not s.startswith(tuple(c.split("=")[0] for c in COMMON))]
         cfg = load_config(args.config, sets + extra)
         run = Path(args.runs) / name
+        if name == "sandwich" and args.sandwich:
+            if not is_finished(Path(args.sandwich)):
+                raise SystemExit(f"--sandwich {args.sandwich}: not a finished run")
+            runs[name], cfgs[name], seconds[name] = Path(args.sandwich), cfg, None
+            print(f"{name}: {args.sandwich} (trained elsewhere)", flush=True)
+            continue
         timing = run / "bench_train_seconds.json"
-        finished = runs.is_finished(run)
+        finished = is_finished(run)
         t0 = time.perf_counter()
         train(cfg, run, resume=True)  # resumes an interrupted run, skips a finished one
         if not finished:  # the time of the call that trained it (after a resume: the rest only)
@@ -194,7 +217,8 @@ def main() -> None:
             )
         return rows
 
-    sandwich = cached_json(runs["sandwich"] / "bench_rows.json", sandwich_rows)
+    # cached beside the benchmark's runs, not inside a --sandwich run that belongs to another one
+    sandwich = cached_json(Path(args.runs) / "sandwich_search.json", sandwich_rows)
 
     # (c) static counterparts from the Stage-I benchmark, if it has run
     static: list[dict] = []
@@ -226,6 +250,8 @@ def main() -> None:
             {
                 "config": args.config,
                 "quick": args.quick,
+                "recipe": args.recipe,
+                "sandwich_run": args.sandwich,
                 "overrides": {k: v + extra for k, v in VARIANTS.items()},
                 "bucket_step_mmacs": args.bucket_step,
                 "top_k": args.top_k,

@@ -19,8 +19,12 @@ with the same fine-tuning) and ``noise`` (real + Gaussian noise). Generators tra
 ``--work`` (resumable: a killed benchmark continues; finished students are read back).
 
 ``--mode packages`` (c): a gated ONNX package (``dynaslice export --gated``) and a PSS run's
-budget table (each entry exported with its own BN statistics) quantized to int8 with
-``--calib`` real images; float vs int8 accuracy per route / per entry (goal: within 0.5 points).
+budget table (exported as a budget-table package, each entry with its own BN statistics)
+quantized to int8 with ``--calib`` real images; float vs int8 accuracy per route / per entry
+(goal: within 0.5 points). With ``--latency``, float vs int8 time of every route / entry as the
+serving layer runs it (``serve.load``; a gated route includes the trunk and the gate), batch 1
+and 64 interleaved, and each one's speed-up over the widest route in float and in int8 (goal:
+int8 keeps the speed-up per route).
 
     python bench/bench_quant.py --mode int8 --run RUN/static-x1/recalibrated.safetensors \\
         --out bench/out/quant_int8.json
@@ -61,6 +65,7 @@ from dynaslice.quant import (
     GeneratorTrainer,
     NoiseImages,
     RealImages,
+    artifact_input_shape,
     bn_centres,
     calibration_images,
     compare_artifacts,
@@ -112,7 +117,9 @@ def int8_accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         q = quantize_artifact(f, work / f"x{width:g}_int8.onnx", images, {"kind": "real"})
         r = compare_artifacts(f, q, x, y)
         rows.append({"width": width, "arch": arch.to_dict(), "macs": ds.count_macs(net, arch), **r})
-        print(f"x{width:g}: float {r['float']['top1']:.2f} int8 {r['int8']['top1']:.2f} drop {r['drop']:+.2f}")
+        print(
+            f"x{width:g}: float {r['float']['top1']:.2f} int8 {r['int8']['top1']:.2f} drop {r['drop']:+.2f}"
+        )
     return rows
 
 
@@ -170,11 +177,15 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean() * 100)
 
 
-def generator(args, teacher, cfg: Config, train: InMemoryDataset, centres, kind: str, work: Path) -> GeneratorImages:
+def generator(
+    args, teacher, cfg: Config, train: InMemoryDataset, centres, kind: str, work: Path
+) -> GeneratorImages:
     """A trained (or, from ``work``, finished) FDDA/GDFQ generator against ``teacher``."""
     size, channels = train.images.shape[-1], train.images.shape[1]
     fdda = FDDAConfig(epochs=args.gen_steps // args.unit, steps_per_epoch=args.unit, fdda=kind == "fdda")
-    trainer = GeneratorTrainer(teacher, train.num_classes, size, channels, cfg, work / f"gen_{kind}", fdda, centres)
+    trainer = GeneratorTrainer(
+        teacher, train.num_classes, size, channels, cfg, work / f"gen_{kind}", fdda, centres
+    )
     trainer.resume()
     trainer.fit()
     return GeneratorImages(trainer.generator, kind)
@@ -233,7 +244,10 @@ def summarise(seeds: list[dict[str, Any]], settings: list[str]) -> dict[str, Any
             for key in ("top1", "ranges_only"):
                 vals = [s[f"{setting}/{method}"][key] for s in seeds]
                 out[f"{setting}/{method}" + ("" if key == "top1" else "/ranges_only")] = mean_se(vals)
-        gaps = [s[f"{setting}/fdda"]["top1"] - max(s[f"{setting}/{m}"]["top1"] for m in METHODS[1:]) for s in seeds]
+        gaps = [
+            s[f"{setting}/fdda"]["top1"] - max(s[f"{setting}/{m}"]["top1"] for m in METHODS[1:])
+            for s in seeds
+        ]
         out[f"{setting}/fdda_minus_best_other"] = mean_se(gaps)
     return out
 
@@ -251,6 +265,48 @@ def mode_fdda(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- (c) packages
 
 
+def _route_call(served: Any, x: torch.Tensor, route: int, gated: bool):
+    """A zero-argument call of one route (gated: forced, the gate still runs) or budget entry."""
+    if gated:
+        forced = torch.full((len(x),), route)
+        return lambda: served.forward_with_routes(x, forced)
+    return lambda: served(x, max_macs=served.entries[route].macs)
+
+
+def package_latency(float_pkg: Path, int8_pkg: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Float vs int8 time of every route (gated) or entry (budget table) of two packages on
+    onnxruntime, batch by batch: all 2 x routes calls interleaved round by round. Per route the
+    int8 / float paired ratio and each runtime's speed-up over its own widest route."""
+    from dynaslice import serve
+    from dynaslice.profile import measure_latency, paired_ratio
+
+    served = {k: serve.load(p, runtime="onnxruntime") for k, p in (("float", float_pkg), ("int8", int8_pkg))}
+    gated = isinstance(served["float"], serve.ServedGated)
+    n = len(served["float"].routes) if gated else len(served["float"].entries)
+    in_shape = tuple(artifact_input_shape(float_pkg))
+    rows = []
+    for batch in args.batches:
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, *in_shape)).astype(np.float32))
+
+        fns = {f"{k}{r}": _route_call(s, x, r, gated) for r in range(n) for k, s in served.items()}
+        repeats = args.repeats if batch == 1 else max(3, args.repeats // 4)
+        times = measure_latency(fns, repeats=repeats, warmup=2)
+        for r in range(n):
+            rows.append(
+                {
+                    "batch": batch,
+                    "route" if gated else "entry": r,
+                    "median_ms": {k: statistics.median(times[f"{k}{r}"]) * 1e3 for k in served},
+                    "int8_over_float": paired_ratio(times, f"int8{r}", f"float{r}"),
+                    "speedup_vs_widest": {k: paired_ratio(times, f"{k}{n - 1}", f"{k}{r}") for k in served},
+                }
+            )
+            print(
+                f"batch {batch} route {r}: {rows[-1]['median_ms']} int8/float {rows[-1]['int8_over_float']:.3f}"
+            )
+    return rows
+
+
 def mode_packages(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if not (args.gated_package or args.budget):
         raise SystemExit("--mode packages needs --gated-package and/or --budget")
@@ -258,22 +314,21 @@ def mode_packages(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     train = load_split(cfg.data, "train", cfg.train.seed)
     images = calibration_images(RealImages.from_dataset(train, args.calib, seed=0), args.calib)
     x, y = arrays(test_split(cfg, args.test_images))
-    out: dict[str, Any] = {}
+    packages: dict[str, Path] = {}
     if args.gated_package:
-        q = quantize_artifact(args.gated_package, work / "gated_int8", images, {"kind": "real"})
-        out["gated"] = compare_artifacts(args.gated_package, q, x, y)
-        print("gated:", {k: out["gated"][k] for k in ("drop", "route_drop")})
+        packages["gated"] = args.gated_package
     if args.budget:
         from dynaslice.budget import BudgetNet
+        from dynaslice.onnx_export import export_budget
 
-        budget = BudgetNet.load(args.budget).eval()
-        rows = []
-        for i, entry in enumerate(budget.table.entries):
-            f = export_onnx(budget.net, budget.use(entry), work / f"entry{i}.onnx")
-            q = quantize_artifact(f, work / f"entry{i}_int8.onnx", images, {"kind": "real"})
-            rows.append({"bucket": entry.bucket, "macs": entry.macs, **compare_artifacts(f, q, x, y)})
-            print(f"budget entry {i} ({entry.macs / 1e6:.1f} MMACs): drop {rows[-1]['drop']:+.2f}")
-        out["budget"] = rows
+        packages["budget"] = export_budget(BudgetNet.load(args.budget).eval(), work / "budget")
+    out: dict[str, Any] = {}
+    for name, package in packages.items():
+        q = quantize_artifact(package, work / f"{name}_int8", images, {"kind": "real"})
+        out[name] = compare_artifacts(package, q, x, y)
+        print(f"{name}:", {k: v for k, v in out[name].items() if "drop" in k})
+        if args.latency:
+            out[name]["latency"] = package_latency(Path(package), q, args)
     return out
 
 
@@ -284,10 +339,14 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("int8", "fdda", "packages"), required=True)
     p.add_argument("--run", required=True, help="trained model file (its config names the dataset)")
-    p.add_argument("--widths", type=lambda s: [float(v) for v in s.split(",")], default=[0.35, 0.5, 0.75, 1.0])
+    p.add_argument(
+        "--widths", type=lambda s: [float(v) for v in s.split(",")], default=[0.35, 0.5, 0.75, 1.0]
+    )
     p.add_argument("--calib", type=int, default=256, help="real calibration images for int8")
     p.add_argument("--test-images", type=int, default=0, help="test images to evaluate on (0: all)")
-    p.add_argument("--latency", action="store_true", help="int8: also time float vs int8 (quiet machines only)")
+    p.add_argument(
+        "--latency", action="store_true", help="int8, packages: also time float vs int8 (quiet machines only)"
+    )
     p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 64])
     p.add_argument("--repeats", type=int, default=20, help="latency rounds at batch 1 (a quarter at 64)")
     p.add_argument("--skip-resnet50", action="store_true")
@@ -295,14 +354,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--settings", type=lambda s: s.split(","), default=list(SETTINGS),
                    help="fdda: bit settings, e.g. W4A4,W4A4-F8L8,W3A3 (default the paper's two)")  # fmt: skip
     p.add_argument("--gen-steps", type=int, default=500, help="generator steps (a multiple of 100)")
-    p.add_argument("--steps", type=int, default=200, help="distillation steps per student (a multiple of 100)")
+    p.add_argument(
+        "--steps", type=int, default=200, help="distillation steps per student (a multiple of 100)"
+    )
     p.add_argument("--range-steps", type=int, default=100, help="activation-range batches per student")
     p.add_argument("--lr", type=float, default=1e-6, help="distillation learning rate (official 1e-6)")
     p.add_argument("--work", type=Path, help="fdda: where generators and students train (resumable)")
     p.add_argument("--gated-package", type=Path)
     p.add_argument("--budget", type=Path, help="a PSS run directory (budget table)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="smoke run: 10 steps each, 200 test images (says nothing)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 10 steps each, 200 test images (says nothing)"
+    )
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args()
     args.unit = 100  # steps per epoch of the generators and students
