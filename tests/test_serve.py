@@ -92,6 +92,69 @@ def test_gated_model_on_each_runtime_groups_by_route_like_dynamic_net(gated, run
     assert served.avg_macs(mixed) == pytest.approx(dyn.avg_macs(mixed))
 
 
+def _check_gated_batch_one(served, dyn, n_routes):
+    """Every sample alone (onnxruntime's batch-1 path) and the batch together (grouped) give eager's
+    logits and routes, with the gate's choice and with every route forced."""
+    x = x_batch(6)
+    with torch.no_grad():
+        want, want_routes = dyn.forward_with_routes(x)
+        forced = {r: dyn.forward_with_routes(x, torch.full((6,), r))[0] for r in range(n_routes)}
+    got, routes = served.forward_with_routes(x)
+    assert torch.equal(routes, want_routes) and torch.allclose(got, want, atol=ATOL)
+    for i in range(6):
+        one, route = served.forward_with_routes(x[i : i + 1])
+        assert route.dtype == torch.long and torch.equal(route, want_routes[i : i + 1])
+        assert one.shape == (1, want.shape[1]) and torch.allclose(one, want[i : i + 1], atol=ATOL)
+        assert torch.equal(served.route(x[i : i + 1]), route)
+        for r in range(n_routes):
+            pick = torch.tensor([r])
+            one, route = served.forward_with_routes(x[i : i + 1], pick)
+            assert torch.equal(route, pick) and torch.allclose(one, forced[r][i : i + 1], atol=ATOL)
+    for bad, match in ((torch.tensor([n_routes]), f"outside 0..{n_routes - 1}"), (torch.tensor([-1]), "outside"),
+                       (torch.tensor([0.0]), "LongTensor of shape"), (torch.tensor([0, 1]), "LongTensor of shape")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            served.forward_with_routes(x[:1], bad)
+
+
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+def test_gated_model_at_batch_one_equals_eager_per_sample(gated, runtime):
+    """Batch 1 takes its own path (on onnxruntime, no torch op between the two sessions)."""
+    served = serve.serve_gated(gated, runtime)
+    assert served._numpy == (runtime == "onnxruntime")
+    _check_gated_batch_one(served, ds.DynamicNet(gated), len(gated.routes))
+
+
+def test_gated_packages_float_and_int8_at_batch_one(tmp_path, gated):
+    """A gated package loaded with serve.load takes the batch-1 path too, float and int8 (quantize's
+    package: same files, QDQ graphs); int8 agrees with the package's own numpy runner."""
+    if "onnxruntime" not in CPU_RUNTIMES:
+        pytest.skip("onnxruntime is not installed")
+    import numpy as np
+
+    from dynaslice.quant import quantize_artifact
+    from dynaslice.runtime import GatedOnnxRunner
+
+    package = export_gated(gated, tmp_path / "gated")
+    served = serve.load(package)
+    assert served._numpy
+    _check_gated_batch_one(served, ds.DynamicNet(gated), len(gated.routes))
+
+    images = np.random.default_rng(0).standard_normal((32, 1, 12, 12)).astype(np.float32)
+    int8 = serve.load(quantize_artifact(package, tmp_path / "gated_int8", images))
+    runner = GatedOnnxRunner(tmp_path / "gated_int8")
+    x = x_batch(6)
+    want, want_routes = runner.forward_with_routes(x.numpy())
+    batch, batch_routes = int8.forward_with_routes(x)
+    assert np.array_equal(batch_routes.numpy(), want_routes) and np.allclose(batch.numpy(), want, atol=ATOL)
+    for i in range(6):
+        one, route = int8.forward_with_routes(x[i : i + 1])
+        assert int(route) == want_routes[i] and np.allclose(one.numpy(), want[i : i + 1], atol=ATOL)
+        for r in range(len(gated.routes)):
+            want_r = runner.forward_with_routes(x[i : i + 1].numpy(), np.array([r]))[0]
+            one = int8.forward_with_routes(x[i : i + 1], torch.tensor([r]))[0]
+            assert np.allclose(one.numpy(), want_r, atol=ATOL)
+
+
 def test_exported_packages_load_on_onnxruntime_and_match(tmp_path, net, budget, gated):
     if "onnxruntime" not in CPU_RUNTIMES:
         pytest.skip("onnxruntime is not installed")
@@ -136,9 +199,13 @@ def test_nothing_is_built_per_call(monkeypatch, tmp_path, budget, gated):
     assert at_load["sessions"] == 4 + 3 and at_load["scripts"] == 4 + 3  # trunk + 3 routes; 3 budget entries
     macs = [e.macs for e in budget.table.entries]
     for i in range(100):
-        x = x_batch(1 + i % 7)
+        x = x_batch(1 + i % 7)  # batch 1 too: the gated models' batch-1 path, gate-chosen and forced
         for m in models:
-            m(x, max_macs=macs[i % 3]) if isinstance(m, serve.ServedBudget) else m(x)
+            if isinstance(m, serve.ServedBudget):
+                m(x, max_macs=macs[i % 3])
+            else:
+                m(x)
+                m.forward_with_routes(x, torch.full((len(x),), i % 3))
     assert made == at_load
 
 

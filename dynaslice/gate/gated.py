@@ -171,15 +171,13 @@ def run_grouped(
     serving runtimes (:mod:`dynaslice.serve`): each group runs densely in one call, a route no
     sample takes costs nothing, and outputs come back in input order.
     """
-    if route_index.shape != (h.shape[0],) or route_index.dtype != torch.long:
-        raise ValueError(
-            f"route_index must be a LongTensor of shape [{h.shape[0]}], got "
-            f"{route_index.dtype} {tuple(route_index.shape)}"
-        )
+    check_route_index(route_index, h.shape[0])
+    if h.shape[0] == 1:  # batch 1 (serving's common case): one int, not unique()'s sort
+        return run(h, check_route(int(route_index), n_routes))
     present = route_index.unique().tolist()  # sorted
     if present and not (0 <= present[0] and present[-1] < n_routes):
         raise ValueError(f"route indices {present} outside 0..{n_routes - 1}")
-    if len(present) == 1:  # the whole batch (always so at batch 1) on one route: no copies
+    if len(present) == 1:  # the whole batch on one route: no copies
         return run(h, present[0])
     out: torch.Tensor | None = None
     for r in present:
@@ -191,6 +189,21 @@ def run_grouped(
     if out is None:
         raise ValueError("got an empty batch")
     return out
+
+
+def check_route_index(route_index: torch.Tensor, n: int) -> None:
+    """Raise unless ``route_index`` is a LongTensor of shape ``[n]`` (one route per sample)."""
+    if route_index.shape != (n,) or route_index.dtype != torch.long:
+        raise ValueError(
+            f"route_index must be a LongTensor of shape [{n}], got {route_index.dtype} {tuple(route_index.shape)}"
+        )
+
+
+def check_route(route: int, n_routes: int) -> int:
+    """``route`` if it names one of ``n_routes`` routes, else the ``ValueError`` :func:`run_grouped` raises."""
+    if not 0 <= route < n_routes:
+        raise ValueError(f"route indices {[route]} outside 0..{n_routes - 1}")
+    return route
 
 
 def _pinned_space(space: SearchSpace, fixed: Mapping[str, int]) -> SearchSpace:

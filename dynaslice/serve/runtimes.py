@@ -134,6 +134,11 @@ def ort_session(path: str | Path, device: torch.device, threads: int | None = No
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    """``x`` as the contiguous host array an onnxruntime session reads (no copy when it already is one)."""
+    return np.ascontiguousarray(x.detach().cpu().numpy())
+
+
 class OrtPiece:
     """An onnxruntime session behind the torch call signature (host numpy in between)."""
 
@@ -142,7 +147,7 @@ class OrtPiece:
         self.input = session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> Output:
-        outs = self.session.run(None, {self.input: np.ascontiguousarray(x.detach().cpu().numpy())})
+        outs = self.session.run(None, {self.input: to_numpy(x)})
         tensors = tuple(torch.from_numpy(o).to(self.device) for o in outs)
         return tensors[0] if len(tensors) == 1 else tensors
 
