@@ -24,6 +24,7 @@ session reports null).
     python bench/bench_accuracy.py --seeds 0 1 2 --epochs 12 --threads 2 --out bench/out/accuracy.json
     python bench/bench_accuracy.py --seeds 0 --epochs 4 --set data.train_size=20000 --threads 1
     python bench/bench_accuracy.py summary bench/out/acc_seed*.json --out bench/out/acc.json   # seeds run apart
+    python bench/bench_accuracy.py compare A.json B.json --out bench/out/a_vs_b.json   # two recipes, paired
     python bench/bench_accuracy.py table runs/acc/*_s0            # val/test per width of finished runs
     python bench/bench_accuracy.py ordering runs/acc/p1_e2_s0     # what channel ordering alone buys
     python bench/bench_accuracy.py routes runs/demo/stage1          # a gated run's routes (val / test)
@@ -267,6 +268,31 @@ def cmd_summary(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Two recipes' supernets, paired per seed (same seeds, same networks alone): ``A - B`` per
+    width (test and val, mean +- s.e.) and the ratio of their training times."""
+    runs = [{s["seed"]: s for s in json.loads(Path(f).read_text())["seeds"]} for f in (args.a, args.b)]
+    common = sorted(set(runs[0]) & set(runs[1]))
+    if not common:
+        raise SystemExit(f"{args.a} and {args.b} share no seed")
+    out: dict[str, Any] = {"a": args.a, "b": args.b, "seeds": common, "widths": {}}
+    print(f"| width | A - B test (mean +- s.e., {len(common)} seeds) | A - B val |\n| --- | ---: | ---: |")
+    for w in (f"x{w:g}" for w in WIDTHS):
+        row = {}
+        for split in ("test", "val"):
+            gaps = [runs[0][s]["supernet"][w][split] - runs[1][s]["supernet"][w][split] for s in common]
+            se = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None
+            row[split] = {"mean": statistics.mean(gaps), "se": se, "seeds": gaps}
+        out["widths"][w] = row
+        print(f"| {w} | " + " | ".join(f"{row[k]['mean']:+.2f} +- {row[k]['se'] or 0:.2f}" for k in ("test", "val")) + " |")
+    seconds = [(runs[0][s]["supernet_seconds"], runs[1][s]["supernet_seconds"]) for s in common]
+    if all(a and b for a, b in seconds):
+        out["seconds_ratio"] = [a / b for a, b in seconds]
+        print("training time A / B per seed: " + ", ".join(f"{r:.2f}" for r in out["seconds_ratio"]))
+    atomic_write_json(args.out, out, indent=1)
+    print(f"wrote {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "summary":
@@ -274,6 +300,13 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument("files", nargs="+")
         ap.add_argument("--out", required=True)
         cmd_summary(ap.parse_args(argv[1:]))
+        return
+    if argv and argv[0] == "compare":
+        ap = argparse.ArgumentParser(description=cmd_compare.__doc__)
+        ap.add_argument("a", help="summary JSON of recipe A (bench_accuracy.py summary ...)")
+        ap.add_argument("b", help="summary JSON of recipe B, same seeds")
+        ap.add_argument("--out", required=True)
+        cmd_compare(ap.parse_args(argv[1:]))
         return
     if argv and argv[0] in ("table", "ordering", "routes"):
         ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
