@@ -249,6 +249,7 @@ def main() -> None:
         json.dumps(
             {
                 "config": args.config,
+                "seed": t.seed,
                 "quick": args.quick,
                 "recipe": args.recipe,
                 "sandwich_run": args.sandwich,

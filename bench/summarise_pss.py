@@ -27,8 +27,8 @@ def main() -> None:
     runs = [json.loads(Path(p).read_text()) for p in args.runs]
     if any(r.get("quick") for r in runs):
         ap.error("a --quick run is not a benchmark result")
-    seeds = [
-        next((int(o.split("=")[1]) for o in r["overrides"]["pss"] if o.startswith("train.seed=")), 0)
+    seeds = [  # written by bench_pss.py since --recipe config; before, only an override named it
+        r.get("seed", next((int(o.split("=")[1]) for o in r["overrides"]["pss"] if o.startswith("train.seed=")), 0))
         for r in runs
     ]
     gaps: dict[float, list[float]] = {}
