@@ -250,6 +250,11 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:
         rows = [rows[name] for rows in per_seed.values() if name in rows]
         keys = ("val_accuracy", "test_accuracy", "macs", "nominal_macs", "params", "nonzero_params", "latency_ms")
         runs[name] = {k: mean_se([r[k] for r in rows]) for k in keys if all(r.get(k) is not None for r in rows)}
+        # a seed's networks are timed interleaved in one process: its ratios are paired, its
+        # absolute times drift from process to process
+        pairs = [(r["base"].get("latency_ms"), r[name].get("latency_ms")) for r in per_seed.values() if name in r and "base" in r]
+        if pairs and all(a and b for a, b in pairs):
+            runs[name]["speedup"] = mean_se([a / b for a, b in pairs])
     goals = {}
     for part, pairs in GOALS.items():
         for a, b in pairs:
@@ -272,14 +277,15 @@ def _fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> 
 
 def table(runs: dict[str, dict]) -> str:
     lines = [
-        "| run | MMACs (dense) | MMACs (nominal) | params (k) | non-zero params (k) | val top-1 (%) | test top-1 (%) | latency (ms) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | MMACs (dense) | MMACs (nominal) | params (k) | non-zero params (k) | val top-1 (%) | test top-1 (%) | latency (ms) | speed-up vs base |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]  # fmt: skip
     for name, r in runs.items():
         lines.append(
             f"| {name} | {_fmt(r.get('macs'), 1e-6)} | {_fmt(r.get('nominal_macs'), 1e-6)} | "
             f"{_fmt(r.get('params'), 1e-3, 1)} | {_fmt(r.get('nonzero_params'), 1e-3, 1)} | "
-            f"{_fmt(r.get('val_accuracy'))} | {_fmt(r.get('test_accuracy'))} | {_fmt(r.get('latency_ms'), 1, 3)} |"
+            f"{_fmt(r.get('val_accuracy'))} | {_fmt(r.get('test_accuracy'))} | {_fmt(r.get('latency_ms'), 1, 3)} | "
+            f"{_fmt(r.get('speedup'))} |"
         )
     return "\n".join(lines)
 
