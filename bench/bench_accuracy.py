@@ -255,9 +255,17 @@ def cmd_routes(args: argparse.Namespace) -> None:
         )
 
 
+def seed_rows(file: str) -> list[dict[str, Any]]:
+    """The per-seed rows of a benchmark JSON (one seed's run, or a summary); one line if it is not one."""
+    try:
+        return json.loads(Path(file).read_text())["seeds"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{file}: not a bench_accuracy.py result ({type(e).__name__}: {e})") from None
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
     """One summary of seeds run as separate commands (one seed per core): their JSONs -> ``--out``."""
-    seeds = [s for f in args.files for s in json.loads(Path(f).read_text())["seeds"]]
+    seeds = [s for f in args.files for s in seed_rows(f)]
     summary = summarise(seeds)
     for w, r in summary["widths"].items():
         gaps = [a - b for a, b in zip(r["supernet_test_seeds"], r["static_test_seeds"], strict=True)]
@@ -271,7 +279,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     """Two recipes' supernets, paired per seed (same seeds, same networks alone): ``A - B`` per
     width (test and val, mean +- s.e.) and the ratio of their training times."""
-    runs = [{s["seed"]: s for s in json.loads(Path(f).read_text())["seeds"]} for f in (args.a, args.b)]
+    runs = [{s["seed"]: s for s in seed_rows(f)} for f in (args.a, args.b)]
     common = sorted(set(runs[0]) & set(runs[1]))
     if not common:
         raise SystemExit(f"{args.a} and {args.b} share no seed")

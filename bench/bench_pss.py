@@ -53,11 +53,8 @@ from dynaslice.train.data import eval_loader, load_split
 from dynaslice.train.evaluate import accuracy
 from dynaslice.train.pss import PSSSampler, macs_fn, val_accuracy
 
-COMMON = ["train.target=ib", "train.num_subnets=4"]
-VARIANTS: dict[str, list[str]] = {
-    "pss": COMMON + ["train.sampler=pss"],
-    "sandwich": COMMON + ["train.sampler=sandwich"],
-}
+COMMON = ["train.target=ib", "train.num_subnets=4"]  # --recipe ib; --recipe config keeps the config's
+SAMPLERS: dict[str, list[str]] = {"pss": ["train.sampler=pss"], "sandwich": ["train.sampler=sandwich"]}
 QUICK = COMMON_QUICK + ["train.pss.estimate_samples=5000"]
 
 
@@ -75,7 +72,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--train-only",
-        choices=list(VARIANTS),
+        choices=list(SAMPLERS),
         help="only train this supernet and stop (to train both at once on two cores; then run without it)",
     )
     ap.add_argument(
@@ -112,6 +109,9 @@ def main() -> None:
         f"train.pss.pool_size={args.pool_size}",
     ]
     extra += (QUICK if args.quick else []) + args.set
+    if args.sandwich and not is_finished(Path(args.sandwich)):
+        raise SystemExit(f"--sandwich {args.sandwich}: not a finished run")
+    variants = {k: (COMMON if args.recipe == "ib" else []) + v for k, v in SAMPLERS.items()}
     if args.quick:
         args.test_images = args.test_images or 500
         args.runs += "_quick"
@@ -119,16 +119,12 @@ def main() -> None:
         args.static = args.static.replace(".json", "_quick.json")
 
     runs, seconds, cfgs = {}, {}, {}
-    for name, sets in VARIANTS.items():
+    for name, sets in variants.items():
         if args.train_only and name != args.train_only:
             continue
-        if args.recipe == "config":
-            sets = [s for s in sets if not s.startswith(tuple(c.split("=")[0] for c in COMMON))]
         cfg = load_config(args.config, sets + extra)
         run = Path(args.runs) / name
         if name == "sandwich" and args.sandwich:
-            if not is_finished(Path(args.sandwich)):
-                raise SystemExit(f"--sandwich {args.sandwich}: not a finished run")
             runs[name], cfgs[name], seconds[name] = Path(args.sandwich), cfg, None
             print(f"{name}: {args.sandwich} (trained elsewhere)", flush=True)
             continue
@@ -253,7 +249,7 @@ def main() -> None:
                 "quick": args.quick,
                 "recipe": args.recipe,
                 "sandwich_run": args.sandwich,
-                "overrides": {k: v + extra for k, v in VARIANTS.items()},
+                "overrides": {k: v + extra for k, v in variants.items()},
                 "bucket_step_mmacs": args.bucket_step,
                 "top_k": args.top_k,
                 "pool_size": args.pool_size,

@@ -288,22 +288,22 @@ def package_latency(float_pkg: Path, int8_pkg: Path, args: argparse.Namespace) -
     rows = []
     for batch in args.batches:
         x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, *in_shape)).astype(np.float32))
-
         fns = {f"{k}{r}": _route_call(s, x, r, gated) for r in range(n) for k, s in served.items()}
         repeats = args.repeats if batch == 1 else max(3, args.repeats // 4)
         times = measure_latency(fns, repeats=repeats, warmup=2)
+        kind = "route" if gated else "entry"
         for r in range(n):
             rows.append(
                 {
                     "batch": batch,
-                    "route" if gated else "entry": r,
+                    kind: r,
                     "median_ms": {k: statistics.median(times[f"{k}{r}"]) * 1e3 for k in served},
                     "int8_over_float": paired_ratio(times, f"int8{r}", f"float{r}"),
                     "speedup_vs_widest": {k: paired_ratio(times, f"{k}{n - 1}", f"{k}{r}") for k in served},
                 }
             )
             print(
-                f"batch {batch} route {r}: {rows[-1]['median_ms']} int8/float {rows[-1]['int8_over_float']:.3f}"
+                f"batch {batch} {kind} {r}: {rows[-1]['median_ms']} int8/float {rows[-1]['int8_over_float']:.3f}"
             )
     return rows
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -57,7 +58,7 @@ def part_widths(args: argparse.Namespace, runtimes: list[str]) -> dict:
     return out
 
 
-Calls = list  # zero-argument callables, run in order as one timed unit
+Calls = list[Callable[[], object]]  # run in order as one timed unit
 
 
 def _mix(cycles: dict[int, tuple[Calls, Calls]], repeats: int) -> list[dict]:

@@ -375,6 +375,31 @@ def test_every_subcommand_refuses_bad_arguments_in_one_line(tmp_path, fast_run):
     assert listing(tmp_path) == before  # nothing written, nothing half-written
 
 
+# The benchmarks' own flags: a bad one stops the script at once, in one line, before any work.
+BENCH_MISTAKES = [
+    ("bench_pss.py", "--sandwich {tmp}/nope --runs {tmp}/r --out {tmp}/o.json", "not a finished run"),
+    ("bench_pss.py", "--recipe foo --out {tmp}/o.json", "invalid choice"),
+    ("bench_accuracy.py", "compare {tmp}/nope.json {tmp}/b.json --out {tmp}/c.json", "not a bench_accuracy.py result"),
+    ("bench_accuracy.py", "compare {tmp}/bin.json {tmp}/b.json --out {tmp}/c.json", "not a bench_accuracy.py result"),
+    ("bench_accuracy.py", "compare {tmp}/a.json {tmp}/b.json --out {tmp}/c.json", "share no seed"),
+    ("bench_accuracy.py", "summary {tmp}/nope.json --out {tmp}/s.json", "not a bench_accuracy.py result"),
+    ("bench_quant.py", "--mode packages --run {tmp}/nope --out {tmp}/q.json", "needs --gated-package"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("script, args, needle", BENCH_MISTAKES)
+def test_benchmark_flags_refuse_bad_input_in_one_line(tmp_path, script, args, needle):
+    (tmp_path / "bin.json").write_bytes(b"\xff\x00")
+    for name, seed in (("a", 0), ("b", 1)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"seeds": [{"seed": seed}]}))
+    before = listing(tmp_path)
+    argv = [sys.executable, str(ROOT / "bench" / script), *args.format(tmp=tmp_path).split()]
+    proc = subprocess.run(argv, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert listing(tmp_path) == before
+
+
 def test_recalibrate_refuses_to_overwrite_without_force(tmp_path, fast_run):
     out = tmp_path / "r.safetensors"
     assert cli("recalibrate", fast_run, "--archs", "largest", "--out", out)[0] == 0

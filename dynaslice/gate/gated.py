@@ -172,11 +172,9 @@ def run_grouped(
     sample takes costs nothing, and outputs come back in input order.
     """
     check_route_index(route_index, h.shape[0])
-    if h.shape[0] == 1:  # batch 1 (serving's common case): one int, not unique()'s sort
-        return run(h, check_route(int(route_index), n_routes))
-    present = route_index.unique().tolist()  # sorted
-    if present and not (0 <= present[0] and present[-1] < n_routes):
-        raise ValueError(f"route indices {present} outside 0..{n_routes - 1}")
+    # batch 1 (serving's common case): one int, not unique()'s sort
+    present = [int(route_index)] if h.shape[0] == 1 else route_index.unique().tolist()  # sorted
+    check_routes(present, n_routes)
     if len(present) == 1:  # the whole batch on one route: no copies
         return run(h, present[0])
     out: torch.Tensor | None = None
@@ -199,11 +197,10 @@ def check_route_index(route_index: torch.Tensor, n: int) -> None:
         )
 
 
-def check_route(route: int, n_routes: int) -> int:
-    """``route`` if it names one of ``n_routes`` routes, else the ``ValueError`` :func:`run_grouped` raises."""
-    if not 0 <= route < n_routes:
-        raise ValueError(f"route indices {[route]} outside 0..{n_routes - 1}")
-    return route
+def check_routes(present: list[int], n_routes: int) -> None:
+    """Raise unless every index in ``present`` (sorted) names one of ``n_routes`` routes."""
+    if present and not (0 <= present[0] and present[-1] < n_routes):
+        raise ValueError(f"route indices {present} outside 0..{n_routes - 1}")
 
 
 def _pinned_space(space: SearchSpace, fixed: Mapping[str, int]) -> SearchSpace:

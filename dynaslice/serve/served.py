@@ -21,7 +21,7 @@ import torch
 from ..budget import BudgetEntry, BudgetNet
 from ..export import extract_subnet
 from ..gate import GatedSupernet, run_grouped
-from ..gate.gated import check_route, check_route_index
+from ..gate.gated import check_route_index, check_routes
 from ..models.base import Supernet
 from ..onnx_export import extract_route, extract_trunk
 from ..profile import count_macs
@@ -100,7 +100,8 @@ class ServedGated:
             route, routes = int(chosen[0]), torch.from_numpy(chosen)
         else:
             check_route_index(routes, 1)
-            route, routes = check_route(int(routes), len(self.routes)), routes.cpu()
+            route, routes = int(routes), routes.cpu()
+            check_routes([route], len(self.routes))
         piece: OrtPiece = self.routes[route]  # type: ignore[assignment]
         return torch.from_numpy(piece.session.run(None, {piece.input: features})[0]), routes
 
