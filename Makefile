@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test lint setup data
+.PHONY: demo test lint setup data device-data
 
 setup: $(STAMP) data
 
@@ -31,3 +31,8 @@ lint: setup
 
 demo: setup
 	$(PY) -m dynaslice.cli run configs/demo.yaml --out runs/demo
+
+# Fashion-MNIST copied into the checkout for a device machine, which gets only the checkout
+# (git-ignored; name it in the device tool's carry: bench/gpu_check.sh)
+device-data: data
+	mkdir -p data/fashion-mnist && cp $(dir $(FMNIST))*.gz data/fashion-mnist/

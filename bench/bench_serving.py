@@ -18,6 +18,9 @@ the static subnets as the ideal, in interleaved rounds with paired ratios (see `
 Weights are random: speed does not depend on them, and the routing is forced.
 
     OMP_NUM_THREADS=1 taskset -c 1 python bench/bench_serving.py --threads 1 --out bench/out/serving.json
+
+``--device cuda`` runs the same parts on the GPU (eager, CUDA graphs, onnxruntime's CUDA provider
+where installed); times then include waiting for the GPU (``measure_latency`` synchronises).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from dynaslice.serve.speed import compare_runtimes
 from dynaslice.train.bn import bn_statistics
 
 WIDTHS = (0.35, 0.5, 0.75, 1.0)
+# torch.compile is left out by default: it compiles each subnet and batch size (minutes)
+DEFAULT_RUNTIMES = {"cpu": ("eager", "frozen", "onnxruntime"), "cuda": ("eager", "cudagraph", "onnxruntime")}
 MODELS = {
     "resnet_small": dict(in_chans=1, num_classes=10, input_size=28),
     "resnet50": dict(num_classes=1000, input_size=224),
@@ -47,7 +52,7 @@ MODELS = {
 def part_widths(args: argparse.Namespace, runtimes: list[str]) -> dict:
     out = {}
     for name in args.models:
-        net = create_supernet(name, **MODELS[name]).eval()
+        net = create_supernet(name, **MODELS[name]).eval().to(args.device)
         archs = {f"x{w:g}": net.space.uniform(w) for w in WIDTHS}
         repeats = args.repeats if name == "resnet_small" else args.repeats_large
         rows = compare_runtimes(net, archs, runtimes, args.batch_sizes, repeats, largest="x1")
@@ -86,13 +91,13 @@ def part_gated(args: argparse.Namespace, runtime: str) -> dict:
     one per route; a larger batch is one call with the routes alternating over its samples, its
     ideal each route's static subnet on its half of the batch."""
     torch.manual_seed(0)
-    gated = GatedSupernet(create_supernet("resnet_small", **MODELS["resnet_small"]), cut=1, routes=4).eval()
+    gated = GatedSupernet(create_supernet("resnet_small", **MODELS["resnet_small"]), cut=1, routes=4).eval().to(args.device)
     served = serve.serve_gated(gated, runtime)
     ends = [0, len(gated.routes) - 1]
     statics = [serve.serve_subnet(gated, gated.routes[r], runtime) for r in ends]
     cycles = {}
     for b in args.batch_sizes:
-        x = torch.randn(b, 1, 28, 28)
+        x = torch.randn(b, 1, 28, 28, device=args.device)
         if b == 1:
             mix = [partial(served.forward_with_routes, x, torch.tensor([r])) for r in ends]
             ideal = [partial(s, x) for s in statics]
@@ -108,7 +113,7 @@ def part_gated(args: argparse.Namespace, runtime: str) -> dict:
 def part_budget(args: argparse.Namespace, runtime: str) -> dict:
     """A different entry every call: a cycle is one call per entry (all four), the whole batch each."""
     torch.manual_seed(0)
-    net = create_supernet("resnet_small", **MODELS["resnet_small"]).eval()
+    net = create_supernet("resnet_small", **MODELS["resnet_small"]).eval().to(args.device)
     archs = [net.space.uniform(w) for w in WIDTHS]
     entries = [BudgetEntry(bucket=i, arch=a, macs=int(count_macs(net, a)), val_accuracy=80.0 + i) for i, a in enumerate(archs)]
     budget = BudgetNet(net, BudgetTable(entries), [bn_statistics(net)] * len(entries)).eval()
@@ -116,7 +121,7 @@ def part_budget(args: argparse.Namespace, runtime: str) -> dict:
     statics = [serve.serve_subnet(net, a, runtime) for a in archs]
     cycles = {}
     for b in args.batch_sizes:
-        x = torch.randn(b, 1, 28, 28)
+        x = torch.randn(b, 1, 28, 28, device=args.device)
         mix = [partial(served, x, max_macs=e.macs) for e in entries]
         cycles[b] = (mix, [partial(s, x) for s in statics])
     print(f"budget table ({runtime}):")
@@ -127,7 +132,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+", default=["widths", "gated", "budget"], choices=["widths", "gated", "budget"])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--runtimes", default="eager,frozen,onnxruntime")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--runtimes", default=None, help="comma-separated (default: those of DEFAULT_RUNTIMES available on --device)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--repeats", type=int, default=30, help="rounds (resnet_small, gated, budget)")
     ap.add_argument("--repeats-large", type=int, default=5, help="rounds for ResNet-50")
@@ -135,9 +141,17 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/serving.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    runtimes = [serve.resolve_runtime(r) for r in args.runtimes.split(",")]
-    best = serve.resolve_runtime("auto")
-    out: dict = {"benchmark": "serving", "runtimes": runtimes, "auto": best, "batch_sizes": args.batch_sizes}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    have = serve.available_runtimes(args.device)
+    names = args.runtimes.split(",") if args.runtimes else [r for r in DEFAULT_RUNTIMES[args.device] if r in have]
+    try:
+        runtimes = [serve.resolve_runtime(r, args.device) for r in names]
+    except ValueError as e:
+        ap.error(str(e))
+    best = serve.resolve_runtime("auto", args.device)
+    out: dict = {"benchmark": "serving", "device": args.device, "runtimes": runtimes, "auto": best,
+                 "batch_sizes": args.batch_sizes}  # fmt: skip
     if "widths" in args.parts:
         out["widths"] = part_widths(args, runtimes)
     if "gated" in args.parts:

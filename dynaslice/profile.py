@@ -273,7 +273,12 @@ def measure_latency(
 
     Interleaving means a burst of load on a shared machine hits every candidate alike, so the
     ratios of medians stay meaningful even when absolute times drift.
+
+    When CUDA is in use in this process, the device is synchronised before and after each call:
+    CUDA kernels run asynchronously, so without it a call's time would be the time to *launch*
+    its work, not to do it.
     """
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -281,8 +286,10 @@ def measure_latency(
     with torch.inference_mode():
         for _ in range(repeats):
             for name, fn in fns.items():
+                sync()
                 t0 = time.perf_counter()
                 fn()
+                sync()
                 times[name].append(time.perf_counter() - t0)
     return times
 

@@ -86,3 +86,21 @@ def test_profile_cli_builds_a_latency_table(tmp_path, capsys):
     table = LatencyTable.load(out)  # (its values are timings: only their relation is checked)
     arch = Arch(s1=16, s2=32, s3=64, s4=128)
     assert table.predict(arch) == pytest.approx(table.overhead_ms + sum(b.predict(arch) for b in table.blocks))
+
+
+def test_measure_latency_waits_for_cuda_work(monkeypatch):
+    """CUDA kernels run asynchronously: each timed call must sit between two synchronisations,
+    or the time measured is only the launch. Simulated here (CI has no GPU)."""
+    from dynaslice.profile import measure_latency
+
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    times = measure_latency({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, repeats=2, warmup=1)
+    assert [len(t) for t in times.values()] == [2, 2]
+    timed = events[2:]  # after one warm-up call each
+    assert timed == ["sync", "a", "sync", "sync", "b", "sync"] * 2
+    events.clear()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    measure_latency({"a": lambda: events.append("a")}, repeats=2, warmup=0)
+    assert events == ["a", "a"]  # no CUDA in use: nothing to wait for

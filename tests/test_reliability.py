@@ -384,7 +384,13 @@ BENCH_MISTAKES = [
     ("bench_accuracy.py", "compare {tmp}/a.json {tmp}/b.json --out {tmp}/c.json", "share no seed"),
     ("bench_accuracy.py", "summary {tmp}/nope.json --out {tmp}/s.json", "not a bench_accuracy.py result"),
     ("bench_quant.py", "--mode packages --run {tmp}/nope --out {tmp}/q.json", "needs --gated-package"),
+    ("bench_serving.py", "--runtimes eager,nope --out {tmp}/s.json", "unknown runtime"),
 ]  # fmt: skip
+if not torch.cuda.is_available():  # what a CPU-only machine (CI) answers to the GPU check's flags
+    BENCH_MISTAKES += [
+        ("bench_serving.py", "--device cuda --out {tmp}/s.json", "no CUDA device"),
+        ("bench_serving.py", "--runtimes cudagraph --out {tmp}/s.json", "needs a CUDA device"),
+    ]
 
 
 @pytest.mark.parametrize("script, args, needle", BENCH_MISTAKES)
