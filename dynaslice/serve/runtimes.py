@@ -40,8 +40,9 @@ Output = torch.Tensor | tuple[torch.Tensor, ...]
 Piece = Callable[[torch.Tensor], Output]
 
 RUNTIMES = ("eager", "frozen", "compile", "onnxruntime", "cudagraph")
-# the default ("auto") per device: the fastest correct runtime measured there (docs/RESULTS.md,
-# "Serving speed"), then the next when one is not installed
+# the default ("auto") per device, then the next when one is not installed: on CPU the fastest
+# measured (docs/RESULTS.md, "Serving speed"); on CUDA graphs, which remove the launch overhead
+# that bounds eager GPU inference (not yet timed: bench/gpu_check.sh is the prepared check)
 PREFERRED = {"cpu": ("onnxruntime", "frozen", "eager"), "cuda": ("cudagraph", "eager")}
 
 
