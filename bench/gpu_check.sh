@@ -10,12 +10,13 @@
 #     SMOKE=1 bash bench/gpu_check.sh
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-py=$( [ -x .venv/bin/python ] && [ "${SMOKE:-0}" = 1 ] && echo .venv/bin/python || echo python3 )
-if [ "${SMOKE:-0}" = 1 ]; then
+if [ "${SMOKE:-0}" = 1 ]; then  # here, in the project's venv (the device machine has its own torch)
+  py=.venv/bin/python
   out=${OUT:-$(mktemp -d)}  # smoke results are not results: never in bench/out
   device=cpu; runtimes=eager,onnxruntime; batches="1 2"; repeats=2; epochs=2; limit=900; threads=1
   extra=(--set data.train_size=512 --set data.val_size=256 --set train.recal_images=256)
 else
+  py=python3
   device=cuda; runtimes=eager,cudagraph; batches="1 256"; repeats=20; epochs=12; limit=420; threads=8
   extra=()
   out=${OUT:-bench/out/gpu}

@@ -385,6 +385,7 @@ BENCH_MISTAKES = [
     ("bench_accuracy.py", "summary {tmp}/nope.json --out {tmp}/s.json", "not a bench_accuracy.py result"),
     ("bench_quant.py", "--mode packages --run {tmp}/nope --out {tmp}/q.json", "needs --gated-package"),
     ("bench_serving.py", "--runtimes eager,nope --out {tmp}/s.json", "unknown runtime"),
+    ("bench_serving.py", "--device tpu --out {tmp}/s.json", "invalid choice"),
 ]  # fmt: skip
 if not torch.cuda.is_available():  # what a CPU-only machine (CI) answers to the GPU check's flags
     BENCH_MISTAKES += [
