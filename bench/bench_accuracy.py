@@ -12,6 +12,10 @@ split minus the config's validation images unless ``--set data.train_size=N``):
   remaining epochs with the phase-1 network, frozen, as the teacher of every subnet
   (``train.target=teacher``); all phases count towards E.
   ``ib``: today's default, the IB sandwich from scratch for E epochs.
+  ``--from-static``: the main road of a user who has a trained model. Phase 1 is the x1 network
+  trained alone for E epochs above; phase 2 the same ``E - round(E * --phase1)`` epochs. The
+  supernet then trains for more than E epochs, so its fair comparison is wall-clock (b): phase 1
+  plus phase 2 against the four networks trained alone.
 
 Every network is BN-recalibrated per width (2000 training images), then evaluated on the
 validation split (decisions) and the 10k-image test split (the goals). Reported per width: the
@@ -91,6 +95,14 @@ def timed_train(cfg, run: Path) -> float | None:
     return time.perf_counter() - t0 if fresh else None
 
 
+def phase1_epochs(args: argparse.Namespace) -> int:
+    """Epochs of phase 1 out of E; refuses a split that leaves phase 2 nothing before anything trains."""
+    e1 = round(args.epochs * (args.phase1 if args.phase1 is not None else RECIPES[args.recipe]["phase1"]))
+    if not 0 <= e1 < args.epochs:
+        raise SystemExit(f"--phase1 {args.phase1} of --epochs {args.epochs} leaves phase 2 no epoch")
+    return e1
+
+
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     root = Path(args.runs) / f"seed{seed}"
     base = [
@@ -101,18 +113,23 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         *args.set,
     ]
     recipe = RECIPES[args.recipe]
-    e1 = round(args.epochs * (args.phase1 if args.phase1 is not None else recipe["phase1"]))
+    e1 = phase1_epochs(args)
     static_seconds: dict[str, float | None] = {}
     for w in WIDTHS:  # one run each, so each is timed on its own
         cfg = load_config(args.config, [*base, f"train.epochs={args.epochs}", f"train.static_widths=[{w}]"])
         static_seconds[f"x{w:g}"] = timed_train(cfg, root / f"static_w{w:g}")
+    e2 = args.epochs - e1
     phase_seconds = []
     init = []
-    if e1 > 0:
+    if args.from_static:  # a trained model to start from: the x1 network trained alone above
+        e1 = args.epochs
+        phase_seconds.append(static_seconds["x1"])
+        init = [f"train.init_from={root / 'static_w1'}"]
+    elif e1 > 0:
         cfg = load_config(args.config, [*base, f"train.epochs={e1}", "train.static_widths=[1.0]"])
         phase_seconds.append(timed_train(cfg, root / "phase1"))
         init = [f"train.init_from={root / 'phase1'}"]
-    over = [*base, f"train.epochs={args.epochs - e1}", *recipe["overrides"], *init, *args.recipe_set]
+    over = [*base, f"train.epochs={e2}", *recipe["overrides"], *init, *args.recipe_set]
     phase_seconds.append(timed_train(load_config(args.config, over), root / "supernet"))
     static = {}
     for w in WIDTHS:
@@ -121,6 +138,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     return {
         "seed": seed,
         "phase1_epochs": e1,
+        "phase2_epochs": e2,
+        "from_static": args.from_static,
         "static": static,
         "supernet": accuracies(root / "supernet"),
         "static_seconds": static_seconds,
@@ -178,6 +197,7 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    phase1_epochs(args)
     seeds = []
     for seed in args.seeds:
         seeds.append(run_seed(args, seed))
@@ -334,6 +354,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--recipe", choices=list(RECIPES), default="teacher")
     ap.add_argument("--phase1", type=float, default=None, help="fraction of E that trains the largest alone")
+    ap.add_argument(
+        "--from-static",
+        action="store_true",
+        help="phase 1 is the x1 network trained alone for E epochs (a user's trained model); "
+        "the supernet then costs that plus phase 2: compare at equal wall-clock (b), not equal epochs",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for every run")
     ap.add_argument(
