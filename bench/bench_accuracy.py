@@ -103,7 +103,8 @@ def phase1_epochs(args: argparse.Namespace) -> int:
     return e1
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+def run_seed(args: argparse.Namespace, seed: int, e1: int) -> dict[str, Any]:
+    """One seed: the four networks alone, then the supernet's phases (phase 1 of ``e1`` epochs)."""
     root = Path(args.runs) / f"seed{seed}"
     base = [
         f"train.seed={seed}",
@@ -113,7 +114,6 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         *args.set,
     ]
     recipe = RECIPES[args.recipe]
-    e1 = phase1_epochs(args)
     static_seconds: dict[str, float | None] = {}
     for w in WIDTHS:  # one run each, so each is timed on its own
         cfg = load_config(args.config, [*base, f"train.epochs={args.epochs}", f"train.static_widths=[{w}]"])
@@ -122,7 +122,6 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     phase_seconds = []
     init = []
     if args.from_static:  # a trained model to start from: the x1 network trained alone above
-        e1 = args.epochs
         phase_seconds.append(static_seconds["x1"])
         init = [f"train.init_from={root / 'static_w1'}"]
     elif e1 > 0:
@@ -137,7 +136,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     known = [s for s in static_seconds.values() if s is not None]
     return {
         "seed": seed,
-        "phase1_epochs": e1,
+        "phase1_epochs": args.epochs if args.from_static else e1,
         "phase2_epochs": e2,
         "from_static": args.from_static,
         "static": static,
@@ -197,10 +196,10 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    phase1_epochs(args)
+    e1 = phase1_epochs(args)  # before anything trains: a bad split stops here
     seeds = []
     for seed in args.seeds:
-        seeds.append(run_seed(args, seed))
+        seeds.append(run_seed(args, seed, e1))
         print(f"seed {seed}: {json.dumps(seeds[-1]['supernet'])}", flush=True)
     summary = summarise(seeds)
     out = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "seeds": seeds, "summary": summary}
