@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import save_file
 
 import dynaslice as ds
+from dynaslice.gate import GatedSupernet
 from dynaslice.space import Arch
 from dynaslice.train import SupernetTrainer, load_config, save_model_file, train
 from dynaslice.train.init import InitSourceError, frozen_copy, init_from, zero_init_last_bn
@@ -72,6 +73,43 @@ def test_from_a_plain_state_dict_of_the_static_model(tmp_path):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(net(x, net.space.largest()), static(x), rtol=0, atol=1e-5)
+
+
+def gated_resnet(seed: int = 0) -> GatedSupernet:
+    torch.manual_seed(seed)
+    return GatedSupernet(ds.create_supernet("resnet_small", **SPEC["kwargs"]), cut=1, routes=3)
+
+
+def test_a_network_without_a_gate_goes_into_a_gated_supernets_backbone(tmp_path):
+    src = trained_like(5)
+    gated = gated_resnet()
+    info = init_from(gated, save_supernet(src, tmp_path / "plain.safetensors"), SPEC)
+    assert info["gate"].startswith("new") and same_state(gated.net, src)
+    x = torch.rand(3, gated.gate.channels, 4, 4)  # the new attention head: 0.98 on every channel
+    torch.testing.assert_close(gated.gate.attend(x), 0.98 * x)
+
+    # a plain state dict of the static model too
+    static = ds.extract_subnet(src, src.space.largest())
+    save_file({k: v.contiguous() for k, v in static.state_dict().items()}, str(tmp_path / "static.safetensors"))
+    other = gated_resnet(1)
+    assert "gate" in init_from(other, tmp_path / "static.safetensors")
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        y = other.net.eval()(x, other.net.space.largest())
+        torch.testing.assert_close(y, static(x), rtol=0, atol=1e-5)
+
+    # a gated supernet's own weights load whole, its trained gate included
+    with torch.no_grad():
+        gated.gate.attention.weight.normal_()
+    spec = {**SPEC, "gate": gated.spec()}
+    again = gated_resnet(2)
+    info = init_from(again, save_supernet(gated, tmp_path / "gated.safetensors", spec), SPEC)
+    assert "gate" not in info and same_state(again, gated)
+    # ... and never into a supernet without a gate
+    with pytest.raises(InitSourceError, match="is a gated supernet and .* has no gate: set model.gate.enabled"):
+        init_from(ds.create_supernet("resnet_small", **SPEC["kwargs"]), tmp_path / "gated.safetensors", SPEC)
+    with pytest.raises(ValueError, match="never reaches 1"):
+        gated.gate.start_near_identity(1.0)
 
 
 def test_mismatched_or_missing_sources_are_refused_in_one_line(tmp_path):
@@ -180,16 +218,14 @@ def test_trainer_starts_from_a_static_run_reordered_and_teaches_with_it(tmp_path
     path.write_text(yaml.safe_dump(TINY))
     train(load_config(path, ["train.static_widths=[1.0]"]), tmp_path / "p1")
     src = ds.train.load_supernet(tmp_path / "p1" / "static-x1" / "recalibrated.safetensors")[0].eval()
-    cfg = load_config(
-        path,
-        [
-            f"train.init_from={tmp_path / 'p1'}",
-            "train.order_channels=true",
-            "train.target=teacher",
-            "train.kd_ramp_epochs=0.5",
-            "optim.clip_grad_value=1.0",
-        ],
-    )
+    overrides = [
+        f"train.init_from={tmp_path / 'p1'}",
+        "train.order_channels=true",
+        "train.target=teacher",
+        "train.kd_ramp_epochs=0.5",
+        "optim.clip_grad_value=1.0",
+    ]
+    cfg = load_config(path, overrides)
     trainer = SupernetTrainer(cfg, tmp_path / "p2")
     x = torch.randn(4, 1, 8, 8)
     largest = Arch(trainer.space.largest())
@@ -202,6 +238,12 @@ def test_trainer_starts_from_a_static_run_reordered_and_teaches_with_it(tmp_path
     teacher_before = {k: v.clone() for k, v in trainer.target.teacher.state_dict().items()}
     trainer.fit()
     assert all(torch.equal(teacher_before[k], v) for k, v in trainer.target.teacher.state_dict().items())
+
+    # a gated supernet from the same network without a gate: the teacher has its new gate too,
+    # near the identity (a random attention head would halve every channel at the cut)
+    gated = SupernetTrainer(load_config(path, [*overrides, "model.gate.enabled=true", "model.gate.routes=2"]), tmp_path / "p3")
+    attention = gated.target.teacher.gate.attention
+    assert not attention.weight.any() and torch.sigmoid(attention.bias).allclose(torch.tensor(0.98))
 
 
 def test_teacher_target_without_a_source_is_a_config_error(tmp_path):

@@ -17,7 +17,10 @@ it is the natural frozen teacher (:class:`dynaslice.train.targets.FrozenTeacherT
   whose largest subnet *is* a torchvision model (:func:`dynaslice.load_pretrained`). torchvision
   reads them from its cache (``TORCH_HOME``) and downloads them once when they are missing.
 
-A source that does not fit the supernet is refused with one sentence naming both.
+Into a gated supernet (``model.gate.enabled``), a network trained without a gate goes into its
+backbone and the new gate's attention head starts near the identity; a gated supernet's own
+weights load whole. A source that does not fit the supernet is refused with one sentence naming
+both.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import runs
+from ..gate import GatedSupernet
 from ..modelfile import FORMAT, CheckpointError, load_model_file, resolve_model_file
 from ..models.base import Supernet, load_pretrained
 from ..nn import SlicedBatchNorm2d
@@ -127,9 +131,9 @@ def init_from(net: Supernet, source: str | Path, model_spec: dict[str, Any] | No
     text = str(source)
     if text.startswith(TORCHVISION):
         name = text[len(TORCHVISION) :]
-        state = _torchvision_state(net, name, ours)
-        _load_plain_state(net, state, text, ours)
-        return {"source": text, "kind": "torchvision"}
+        state = _torchvision_state(backbone(net), name, ours)
+        _load_plain_state(backbone(net), state, text, ours)
+        return {"source": text, "kind": "torchvision", **_new_gate(net)}
     path = Path(source)
     if not path.exists():
         raise InitSourceError(
@@ -145,11 +149,34 @@ def init_from(net: Supernet, source: str | Path, model_spec: dict[str, Any] | No
         state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         if not state:
             raise InitSourceError(f"train.init_from={file} holds no model weights")
-        _load_supernet_state(net, state, str(file), meta.get("model"), ours)
-        return {"source": str(file), "kind": "dynaslice", "model": meta.get("model")}
+        gated_source = any(k.startswith("gate.") for k in state)
+        if gated_source and not isinstance(net, GatedSupernet):  # its backbone learnt with the gate
+            raise InitSourceError(
+                f"train.init_from={file} is a gated supernet and {ours} has no gate: "
+                "set model.gate.enabled=true (with the same gate) to start from it"
+            )
+        into = net if gated_source else backbone(net)
+        _load_supernet_state(into, state, str(file), meta.get("model"), ours)
+        info = {"source": str(file), "kind": "dynaslice", "model": meta.get("model")}
+        return info if gated_source else {**info, **_new_gate(net)}
     state = load_file(str(file))
-    _load_plain_state(net, state, str(file), ours)
-    return {"source": str(file), "kind": "state_dict"}
+    _load_plain_state(backbone(net), state, str(file), ours)
+    return {"source": str(file), "kind": "state_dict", **_new_gate(net)}
+
+
+def backbone(net: Supernet) -> Supernet:
+    """Where a network trained without a gate goes: a gated supernet's wrapped net, else ``net``."""
+    return net.net if isinstance(net, GatedSupernet) else net
+
+
+def _new_gate(net: Supernet) -> dict[str, Any]:
+    """After loading a gate-less network into a gated supernet: its new attention head starts
+    near the identity (:meth:`DynamicGate.start_near_identity`), so the loaded network, and the
+    frozen teacher made from it, keep their accuracy. ``{}`` for a supernet without a gate."""
+    if not isinstance(net, GatedSupernet):
+        return {}
+    net.gate.start_near_identity()
+    return {"gate": "new: attention head started near the identity"}
 
 
 def _load_plain_state(net: Supernet, state: dict[str, torch.Tensor], source: str, ours: str) -> None:
