@@ -32,12 +32,15 @@ session reports null).
     python bench/bench_accuracy.py table runs/acc/*_s0            # val/test per width of finished runs
     python bench/bench_accuracy.py ordering runs/acc/p1_e2_s0     # what channel ordering alone buys
     python bench/bench_accuracy.py routes runs/demo/stage1          # a gated run's routes (val / test)
+    python bench/bench_accuracy.py gate-init runs/acc/seed0/static_w1   # a new gate on a trained network
+    python bench/bench_accuracy.py gated runs/gated_s* --static bench/out/acc.json --out g.json   # goal (c)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import statistics
 import sys
@@ -47,6 +50,7 @@ from typing import Any
 
 import torch
 
+from dynaslice import count_macs, create_supernet
 from dynaslice.atomic import atomic_write_json
 from dynaslice.ordering import reorder_channels
 from dynaslice.train import evaluate, load_config, load_supernet, recalibrate_bn, train, uniform_archs
@@ -274,6 +278,94 @@ def cmd_routes(args: argparse.Namespace) -> None:
         )
 
 
+def interpolate(x: float, points: list[tuple[float, float]]) -> float:
+    """``y`` at ``x`` on the line through the two ``(x, y)`` points around it (sorted by ``x``)."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    raise ValueError(f"{x:g} lies outside {points[0][0]:g}..{points[-1][0]:g}: no two points around it")
+
+
+def static_macs(model: str, input_size: tuple[int, ...], num_classes: int) -> dict[str, int]:
+    """MACs per image of each width's network alone (the uniform subnets of a gate-less supernet)."""
+    net = create_supernet(model, in_chans=input_size[0], input_size=input_size[-1], num_classes=num_classes)
+    archs = uniform_archs(net, WIDTHS)
+    return dict(zip(archs, count_macs(net, list(archs.values()), input_size), strict=True))
+
+
+def cmd_gated(args: argparse.Namespace) -> None:
+    """Goal (c): each gated model of ``dynaslice run`` directories against the networks alone of
+    the same seed (``--static``: a bench_accuracy.py result), interpolated linearly in MACs."""
+    static = {}
+    for f in args.static:
+        for s in seed_rows(f):
+            if "static" not in s:
+                raise SystemExit(f"{f}: seed {s.get('seed')} has no networks alone (no 'static' results)")
+            static[s["seed"]] = s["static"]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for run in map(Path, args.run_dirs):
+        evals = sorted((run / "eval").glob("gate-t*.json"))
+        if not evals:
+            raise SystemExit(f"{run}: no eval/gate-t*.json (run `dynaslice run ... --until eval` first)")
+        gated_net, meta = load_supernet(run / "stage1" / "recalibrated.safetensors")
+        cfg = from_dict(meta["config"])
+        seed = cfg.train.seed
+        if seed not in static:
+            raise SystemExit(f"{run}: seed {seed} has no networks alone in {' '.join(args.static)}")
+        macs = static_macs(cfg.model.name, gated_net.input_size, gated_net.num_classes)
+        curve = [(macs[w], static[seed][w]["test"]) for w in macs]
+        for file in evals:
+            g = json.loads(file.read_text())
+            alone = interpolate(g["avg_macs"], curve)
+            rows.setdefault(f"{g['target']:g}", []).append(
+                {"seed": seed, "run": str(run), "avg_macs": g["avg_macs"], "gated_test": g["accuracy"],
+                 "gated_val": g["val_accuracy"], "alone_test": alone, "gap_test": g["accuracy"] - alone,
+                 "routes_test": [r["accuracy"] for r in g["routes"]], "routes_macs": [r["macs"] for r in g["routes"]]}
+            )  # fmt: skip
+    summary = {}
+    print("| gate target | avg MMACs | gated (test) | alone at equal MACs | gap |\n| --- | ---: | ---: | ---: | ---: |")
+    for target, seeds in rows.items():
+        gaps = [r["gap_test"] for r in seeds]
+        se = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None
+        summary[target] = {
+            key: statistics.mean(r[key] for r in seeds) for key in ("avg_macs", "gated_test", "alone_test")
+        } | {"gap_test": statistics.mean(gaps), "gap_test_se": se, "seeds": len(seeds)}
+        m = summary[target]
+        print(
+            f"| {target} | {m['avg_macs'] / 1e6:.2f} | {m['gated_test']:.2f} | {m['alone_test']:.2f} | "
+            f"{m['gap_test']:+.2f} +- {se or 0:.2f} |"
+        )
+    goal = all(m["gap_test"] >= 0 for m in summary.values())
+    print(f"goal (c), every target at or above the networks alone: {goal}")
+    atomic_write_json(args.out, {"static": args.static, "targets": rows, "summary": summary, "goal_c": goal}, indent=1)
+    print(f"wrote {args.out}")
+
+
+def cmd_gate_init(args: argparse.Namespace) -> None:
+    """What adding a gate to a trained network costs before any training: its largest network's
+    validation accuracy alone and inside a gated supernet whose new attention head scales every
+    channel by each of ``--scales`` (``train.init_from`` uses 0.98, DynamicGate.start_near_identity)."""
+    from dynaslice.gate import GatedSupernet
+
+    run = Path(args.run)
+    file = run / "static-x1" / "recalibrated.safetensors" if (run / "static-x1").is_dir() else run
+    net, meta = load_supernet(file)
+    cfg = from_dict(meta["config"])
+    val = eval_loader(load_split(cfg.data, "val", cfg.train.seed))
+    net.eval()
+    result = {"alone": evaluate(net, {"x1": net.space.largest()}, val, net.input_size)[0]["accuracy"]}
+    print(f"alone: {result['alone']:.2f}", flush=True)
+    for scale in args.scales:
+        gated = GatedSupernet(copy.deepcopy(net), cut=args.cut, routes=2).eval()
+        gated.gate.start_near_identity(scale)
+        acc = evaluate(gated, {"x1": gated.space.largest()}, val, gated.input_size)[0]["accuracy"]
+        result[f"{scale:g}"] = acc
+        print(f"gated, attention {scale:g}: {acc:.2f}", flush=True)
+    if args.out:
+        atomic_write_json(args.out, {"run": str(run), "cut": args.cut, "val": result}, indent=1)
+
+
 def seed_rows(file: str) -> list[dict[str, Any]]:
     """The per-seed rows of a benchmark JSON (one seed's run, or a summary); one line if it is not one."""
     try:
@@ -334,6 +426,21 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument("b", help="summary JSON of recipe B, same seeds")
         ap.add_argument("--out", required=True)
         cmd_compare(ap.parse_args(argv[1:]))
+        return
+    if argv and argv[0] == "gated":
+        ap = argparse.ArgumentParser(description=cmd_gated.__doc__)
+        ap.add_argument("run_dirs", nargs="+", help="dynaslice run directories (one per seed)")
+        ap.add_argument("--static", nargs="+", required=True, help="bench_accuracy.py results with the networks alone")
+        ap.add_argument("--out", required=True)
+        cmd_gated(ap.parse_args(argv[1:]))
+        return
+    if argv and argv[0] == "gate-init":
+        ap = argparse.ArgumentParser(description=cmd_gate_init.__doc__)
+        ap.add_argument("run", help="a static run (its static-x1) or a model file")
+        ap.add_argument("--scales", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
+        ap.add_argument("--cut", type=int, default=1, help="the stage the gate sits before (the demo's: 1)")
+        ap.add_argument("--out", default=None)
+        cmd_gate_init(ap.parse_args(argv[1:]))
         return
     if argv and argv[0] in ("table", "ordering", "routes"):
         ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -385,6 +385,7 @@ BENCH_MISTAKES = [
     ("bench_accuracy.py", "summary {tmp}/nope.json --out {tmp}/s.json", "not a bench_accuracy.py result"),
     ("bench_accuracy.py", "--epochs 2 --phase1 1 --runs {tmp}/r --out {tmp}/o.json", "leaves phase 2 no epoch"),
     ("bench_accuracy.py", "--epochs 2 --from-static --phase1 0.9 --runs {tmp}/r --out {tmp}/o.json", "leaves phase 2 no epoch"),
+    ("bench_accuracy.py", "gated {tmp} --static {tmp}/a.json --out {tmp}/g.json", "has no networks alone"),
     ("bench_quant.py", "--mode packages --run {tmp}/nope --out {tmp}/q.json", "needs --gated-package"),
     ("bench_serving.py", "--runtimes eager,nope --out {tmp}/s.json", "unknown runtime"),
     ("bench_serving.py", "--device tpu --out {tmp}/s.json", "invalid choice"),
