@@ -45,6 +45,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -412,45 +413,58 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _files_out(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--out", required=True)
+
+
+def _compare_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("a", help="summary JSON of recipe A (bench_accuracy.py summary ...)")
+    ap.add_argument("b", help="summary JSON of recipe B, same seeds")
+    ap.add_argument("--out", required=True)
+
+
+def _gated_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("run_dirs", nargs="+", help="dynaslice run directories (one per seed)")
+    ap.add_argument("--static", nargs="+", required=True, help="bench_accuracy.py results with the networks alone")
+    ap.add_argument("--out", required=True)
+
+
+def _gate_init_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("run", help="a static run (its static-x1) or a model file")
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
+    ap.add_argument("--cut", type=int, default=1, help="the stage the gate sits before (the demo's: 1)")
+    ap.add_argument("--out", default=None)
+
+
+def _run_dirs(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("run_dirs", nargs="+")
+
+
+def _run_out(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("run")
+    ap.add_argument("--out", default=None)
+
+
+# name -> (command, its arguments); without one of these names the arguments are a run's
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argparse.ArgumentParser], None]]] = {
+    "summary": (cmd_summary, _files_out),
+    "compare": (cmd_compare, _compare_args),
+    "gated": (cmd_gated, _gated_args),
+    "gate-init": (cmd_gate_init, _gate_init_args),
+    "table": (cmd_table, _run_dirs),
+    "routes": (cmd_routes, _run_dirs),
+    "ordering": (cmd_ordering, _run_out),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "summary":
-        ap = argparse.ArgumentParser(description=cmd_summary.__doc__)
-        ap.add_argument("files", nargs="+")
-        ap.add_argument("--out", required=True)
-        cmd_summary(ap.parse_args(argv[1:]))
-        return
-    if argv and argv[0] == "compare":
-        ap = argparse.ArgumentParser(description=cmd_compare.__doc__)
-        ap.add_argument("a", help="summary JSON of recipe A (bench_accuracy.py summary ...)")
-        ap.add_argument("b", help="summary JSON of recipe B, same seeds")
-        ap.add_argument("--out", required=True)
-        cmd_compare(ap.parse_args(argv[1:]))
-        return
-    if argv and argv[0] == "gated":
-        ap = argparse.ArgumentParser(description=cmd_gated.__doc__)
-        ap.add_argument("run_dirs", nargs="+", help="dynaslice run directories (one per seed)")
-        ap.add_argument("--static", nargs="+", required=True, help="bench_accuracy.py results with the networks alone")
-        ap.add_argument("--out", required=True)
-        cmd_gated(ap.parse_args(argv[1:]))
-        return
-    if argv and argv[0] == "gate-init":
-        ap = argparse.ArgumentParser(description=cmd_gate_init.__doc__)
-        ap.add_argument("run", help="a static run (its static-x1) or a model file")
-        ap.add_argument("--scales", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
-        ap.add_argument("--cut", type=int, default=1, help="the stage the gate sits before (the demo's: 1)")
-        ap.add_argument("--out", default=None)
-        cmd_gate_init(ap.parse_args(argv[1:]))
-        return
-    if argv and argv[0] in ("table", "ordering", "routes"):
-        ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-        if argv[0] in ("table", "routes"):
-            ap.add_argument("run_dirs", nargs="+")
-            (cmd_table if argv[0] == "table" else cmd_routes)(ap.parse_args(argv[1:]))
-        else:
-            ap.add_argument("run")
-            ap.add_argument("--out", default=None)
-            cmd_ordering(ap.parse_args(argv[1:]))
+    if argv and argv[0] in SUBCOMMANDS:
+        command, add_args = SUBCOMMANDS[argv[0]]
+        ap = argparse.ArgumentParser(prog=f"bench_accuracy.py {argv[0]}", description=command.__doc__)
+        add_args(ap)
+        command(ap.parse_args(argv[1:]))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/fmnist_bench.yaml")
