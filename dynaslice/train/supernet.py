@@ -159,7 +159,10 @@ class SupernetTrainer(Trainer):
                 raise ConfigError(f"model.gate: {e}") from None
             net.gate.slimming.requires_grad_(False)
         if cfg.train.init_from:  # a trained network; on resume the checkpoint then overwrites it
-            init_from(net, cfg.train.init_from, {"name": cfg.model.name, "kwargs": kwargs})
+            loaded = init_from(net, cfg.train.init_from, {"name": cfg.model.name, "kwargs": kwargs})
+            if self.env.is_main:
+                gate = f"; gate {loaded['gate']}" if "gate" in loaded else ""
+                print(f"train.init_from: {loaded['source']} ({loaded['kind']}{gate})", flush=True)
         if cfg.train.order_channels:
             reorder_channels(net)
         self.model_spec = model_spec(net, kwargs, cfg.model.name)
