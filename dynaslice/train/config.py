@@ -150,8 +150,8 @@ class TrainConfig:
     - ``init_from``: start from a trained network (:func:`dynaslice.train.init.init_from`: a
       static run, a checkpoint, a .safetensors file or ``torchvision:<Weights.NAME>``; a
       network without a gate goes into a gated supernet's backbone, its new gate's attention
-      head starting near the identity); ``order_channels`` then sorts every sliced dimension by channel importance
-      (:mod:`dynaslice.ordering`). ``target: teacher`` makes that network, frozen, the teacher of
+      head starting near the identity); ``order_channels`` then sorts every sliced dimension
+      by channel importance (:mod:`dynaslice.ordering`). ``target: teacher`` makes that network, frozen, the teacher of
       every subnet (``teacher_label_term``: the others also learn the labels;
       ``teacher_kd_largest``: the largest also distils; ``kd_ramp_epochs``: the others' loss
       weight ramps from 0 to 1 over that many epochs).
