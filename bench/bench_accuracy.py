@@ -51,8 +51,9 @@ from typing import Any
 
 import torch
 
-from dynaslice import count_macs, create_supernet
+from dynaslice import count_macs, create_supernet, runs
 from dynaslice.atomic import atomic_write_json
+from dynaslice.modelfile import CheckpointError
 from dynaslice.ordering import reorder_channels
 from dynaslice.train import evaluate, load_config, load_supernet, recalibrate_bn, train, uniform_archs
 from dynaslice.train.config import from_dict
@@ -231,11 +232,20 @@ def cmd_table(args: argparse.Namespace) -> None:
         print(f"| {Path(run).name} | " + " | ".join(cells) + " |", flush=True)
 
 
+def trained_network(run: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network of a static run (its x1 network, BN recalibrated) or of a model file or run;
+    one line if there is none."""
+    largest = run / runs.static_name(1.0)
+    try:
+        return load_supernet(largest / runs.RECALIBRATED if largest.is_dir() else run)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
+
+
 def cmd_ordering(args: argparse.Namespace) -> None:
     """Each width of a trained network's slices after BN recalibration, without and with ordering."""
     run = Path(args.run)
-    file = run / "static-x1" / "recalibrated.safetensors" if (run / "static-x1").is_dir() else run
-    net, meta = load_supernet(file)
+    net, meta = trained_network(run)
     cfg = from_dict(meta["config"])
     t = cfg.train
     train_ds = load_split(cfg.data, "train", t.seed)
@@ -318,7 +328,10 @@ def cmd_gated(args: argparse.Namespace) -> None:
         curve = [(macs[w], static[seed][w]["test"]) for w in macs]
         for file in evals:
             g = json.loads(file.read_text())
-            alone = interpolate(g["avg_macs"], curve)
+            try:
+                alone = interpolate(g["avg_macs"], curve)
+            except ValueError as e:  # a gated model costlier than x1, or cheaper than x0.35
+                raise SystemExit(f"{file}: its MACs {e} of the networks alone") from None
             rows.setdefault(f"{g['target']:g}", []).append(
                 {"seed": seed, "run": str(run), "avg_macs": g["avg_macs"], "gated_test": g["accuracy"],
                  "gated_val": g["val_accuracy"], "alone_test": alone, "gap_test": g["accuracy"] - alone,
@@ -348,10 +361,15 @@ def cmd_gate_init(args: argparse.Namespace) -> None:
     validation accuracy alone and inside a gated supernet whose new attention head scales every
     channel by each of ``--scales`` (``train.init_from`` uses 0.98, DynamicGate.start_near_identity)."""
     from dynaslice.gate import GatedSupernet
+    from dynaslice.gate.module import check_identity_scale
 
+    for scale in args.scales:  # before the network is read
+        try:
+            check_identity_scale(scale)
+        except ValueError as e:
+            raise SystemExit(f"--scales: {e}") from None
     run = Path(args.run)
-    file = run / "static-x1" / "recalibrated.safetensors" if (run / "static-x1").is_dir() else run
-    net, meta = load_supernet(file)
+    net, meta = trained_network(run)
     cfg = from_dict(meta["config"])
     val = eval_loader(load_split(cfg.data, "val", cfg.train.seed))
     net.eval()

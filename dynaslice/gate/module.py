@@ -80,8 +80,7 @@ class DynamicGate(nn.Module):
         Fashion-MNIST, docs/ACCURACY_NOTES.md) and the head still has a gradient
         (``scale * (1 - scale)``) to learn from. The shared squeeze keeps its initialisation.
         """
-        if not 0.5 <= scale < 1:
-            raise ValueError(f"scale={scale}: give a value in [0.5, 1) (a sigmoid never reaches 1)")
+        check_identity_scale(scale)
         self.attention.weight.zero_()
         self.attention.bias.fill_(math.log(scale / (1 - scale)))
 
@@ -90,3 +89,7 @@ class DynamicGate(nn.Module):
         return self.channels * self.hidden + self.hidden * self.channels + self.hidden * self.routes
 
 
+def check_identity_scale(scale: float) -> None:
+    """Raise unless ``scale`` is one :meth:`DynamicGate.start_near_identity` can give: [0.5, 1)."""
+    if not 0.5 <= scale < 1:
+        raise ValueError(f"scale={scale}: give a value in [0.5, 1) (a sigmoid never reaches 1)")

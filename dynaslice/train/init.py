@@ -133,7 +133,7 @@ def init_from(net: Supernet, source: str | Path, model_spec: dict[str, Any] | No
         name = text[len(TORCHVISION) :]
         state = _torchvision_state(backbone(net), name, ours)
         _load_plain_state(backbone(net), state, text, ours)
-        return {"source": text, "kind": "torchvision", **_new_gate(net)}
+        return {"source": text, "kind": "torchvision", **_start_new_gate(net)}
     path = Path(source)
     if not path.exists():
         raise InitSourceError(
@@ -158,10 +158,10 @@ def init_from(net: Supernet, source: str | Path, model_spec: dict[str, Any] | No
         into = net if gated_source else backbone(net)
         _load_supernet_state(into, state, str(file), meta.get("model"), ours)
         info = {"source": str(file), "kind": "dynaslice", "model": meta.get("model")}
-        return info if gated_source else {**info, **_new_gate(net)}
+        return info if gated_source else {**info, **_start_new_gate(net)}
     state = load_file(str(file))
     _load_plain_state(backbone(net), state, str(file), ours)
-    return {"source": str(file), "kind": "state_dict", **_new_gate(net)}
+    return {"source": str(file), "kind": "state_dict", **_start_new_gate(net)}
 
 
 def backbone(net: Supernet) -> Supernet:
@@ -169,7 +169,7 @@ def backbone(net: Supernet) -> Supernet:
     return net.net if isinstance(net, GatedSupernet) else net
 
 
-def _new_gate(net: Supernet) -> dict[str, Any]:
+def _start_new_gate(net: Supernet) -> dict[str, Any]:
     """After loading a gate-less network into a gated supernet: its new attention head starts
     near the identity (:meth:`DynamicGate.start_near_identity`), so the loaded network, and the
     frozen teacher made from it, keep their accuracy. ``{}`` for a supernet without a gate."""
