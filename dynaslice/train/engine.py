@@ -90,6 +90,7 @@ class Trainer:
         self.amp_dtype: torch.dtype | None = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)  # a no-op unless setup_amp enables it
         self.clip_grad_norm: float | None = None
+        self.clip_grad_value: float | None = None
         self._lock: contextlib.ExitStack | None = None  # the run directory's lock, from resume/fit to fit's end
 
     # ------------------------------------------------------------------ set-up by subclasses
@@ -101,6 +102,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
     ) -> None:
         """The batches (anything with ``len()`` and ``epoch_batches(epoch, start)``), the length
         of training and the optimizer and per-iteration scheduler that drive it.
@@ -117,7 +119,8 @@ class Trainer:
             )
         self.total_steps = total_steps(epochs, self.steps_per_epoch)
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)  # started epochs, the last maybe partial
-        self.optimizer, self.scheduler, self.clip_grad_norm = optimizer, scheduler, clip_grad_norm
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
 
     def setup_amp(self, enabled: bool) -> None:
         """Mixed precision on CUDA (bf16 where supported, else fp16 with a gradient scaler)."""
@@ -188,10 +191,8 @@ class Trainer:
         if not all(math.isfinite(v) for v in values):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(self._diverged_message(values, info))
-        if self.clip_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        if self.clip_grad_norm or self.clip_grad_value:
+            info = {**info, **self._clip_gradients()}
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -199,6 +200,17 @@ class Trainer:
         self.after_step(values, info)
         self.step += 1
         return {"losses": values, **info}
+
+    def _clip_gradients(self) -> dict[str, torch.Tensor]:
+        """Clip each gradient entry (``clip_grad_value``), then the total norm (``clip_grad_norm``);
+        returns the norm before its clip, which the metrics log shows (how often the clip bites)."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.clip_grad_value:
+            torch.nn.utils.clip_grad_value_(params, self.clip_grad_value)
+        if self.clip_grad_norm:
+            return {"grad_norm": torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)}
+        return {}
 
     def _diverged_message(self, values: list[float], info: dict[str, Any]) -> str:
         which = info.get("names") or list(range(len(values)))
@@ -377,6 +389,8 @@ class Trainer:
             if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 record = {"step": self.step, "epoch": self.step / spe, "lr": lr, "loss": sum(losses)}
+                if "grad_norm" in out:  # with optim.clip_grad_norm; float() syncs, so only when logged
+                    record["grad_norm"] = float(out["grad_norm"])
                 self.logger.log({**record, "losses": losses, **out.get("log", {})})
             if t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0 and self.step % spe:
                 self.save()

@@ -68,7 +68,7 @@ class ModelTrainer(Trainer):
         epochs = t.epochs if epochs is None else epochs
         optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps(epochs, len(batches)), len(batches))
-        self.setup_loop(batches, epochs, optimizer, scheduler, cfg.optim.clip_grad_norm)
+        self.setup_loop(batches, epochs, optimizer, scheduler, cfg.optim.clip_grad_norm, cfg.optim.clip_grad_value)
         self.setup_amp(t.amp)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

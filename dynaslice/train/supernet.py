@@ -67,7 +67,7 @@ class SupernetTrainer(Trainer):
         optimizer = build_optimizer(self.net, cfg.optim)
         spe = len(loader)
         scheduler = build_scheduler(optimizer, cfg.optim, t.epochs * spe, spe)
-        self.setup_loop(loader, t.epochs, optimizer, scheduler, cfg.optim.clip_grad_norm)
+        self.setup_loop(loader, t.epochs, optimizer, scheduler, cfg.optim.clip_grad_norm, cfg.optim.clip_grad_value)
         self.setup_amp(t.amp)
         self.sampler: ArchSampler = build_sampler(t.sampler, self)
         teacher: dict[str, Any] = {}
