@@ -131,7 +131,7 @@ def run_seed(args: argparse.Namespace, seed: int, e1: int) -> dict[str, Any]:
         phase_seconds.append(static_seconds["x1"])
         init = [f"train.init_from={root / 'static_w1'}"]
     elif e1 > 0:
-        cfg = load_config(args.config, [*base, f"train.epochs={e1}", "train.static_widths=[1.0]"])
+        cfg = load_config(args.config, [*base, f"train.epochs={e1}", "train.static_widths=[1.0]", *args.phase1_set])
         phase_seconds.append(timed_train(cfg, root / "phase1"))
         init = [f"train.init_from={root / 'phase1'}"]
     over = [*base, f"train.epochs={e2}", *recipe["overrides"], *init, *args.recipe_set]
@@ -203,6 +203,8 @@ def markdown(summary: dict[str, Any]) -> str:
 def cmd_run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     e1 = phase1_epochs(args)  # before anything trains: a bad split stops here
+    if args.phase1_set and (args.from_static or e1 == 0):
+        raise SystemExit("--phase1-set needs a phase 1 of this benchmark (not --from-static, --phase1 > 0)")
     seeds = []
     for seed in args.seeds:
         seeds.append(run_seed(args, seed, e1))
@@ -506,6 +508,13 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="overrides for the supernet phase",
+    )
+    ap.add_argument(
+        "--phase1-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides for phase 1 (the largest alone), e.g. train.zero_init_last_bn=true",
     )
     ap.add_argument("--runs", default="runs/bench_accuracy")
     ap.add_argument("--out", default="bench/out/accuracy.json")

@@ -385,6 +385,8 @@ BENCH_MISTAKES = [
     ("bench_accuracy.py", "summary {tmp}/nope.json --out {tmp}/s.json", "not a bench_accuracy.py result"),
     ("bench_accuracy.py", "--epochs 2 --phase1 1 --runs {tmp}/r --out {tmp}/o.json", "leaves phase 2 no epoch"),
     ("bench_accuracy.py", "--epochs 2 --from-static --phase1 0.9 --runs {tmp}/r --out {tmp}/o.json", "leaves phase 2 no epoch"),
+    ("bench_accuracy.py", "--epochs 2 --from-static --phase1-set a=1 --runs {tmp}/r --out {tmp}/o.json", "needs a phase 1"),
+    ("bench_accuracy.py", "--recipe ib --phase1-set a=1 --runs {tmp}/r --out {tmp}/o.json", "needs a phase 1"),
     ("bench_accuracy.py", "gated {tmp} --static {tmp}/a.json --out {tmp}/g.json", "has no networks alone"),
     ("bench_accuracy.py", "gate-init {tmp}/nope --scales 1.0", "a sigmoid never reaches 1"),
     ("bench_accuracy.py", "gate-init {tmp}/nope", "not found"),
