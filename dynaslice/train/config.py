@@ -94,6 +94,8 @@ class OptimConfig:
     """Optimizer and per-iteration schedule: linear warm-up, then cosine to ``min_lr``.
 
     Weight decay applies to conv and linear weights only (never norms or biases).
+    ``clip_grad_value`` clips each gradient entry, then ``clip_grad_norm`` the total norm (the
+    norm before clipping goes to ``metrics.jsonl`` as ``grad_norm``: how often the clip bites).
     """
 
     name: str = "sgd"  # sgd (Nesterov) | adamw
