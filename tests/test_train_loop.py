@@ -206,6 +206,15 @@ def test_sandwich_step_runs_the_sampled_archs_and_learns(tmp_path):
     assert int(trainer.ema.n_averaged) == trainer.step == 3 * trainer.steps_per_epoch
 
 
+def test_an_ema_teacher_that_lags_by_epochs_is_noted(tmp_path, capsys):
+    # 0.997 per step on 8 steps per epoch: a half-life of ~29 epochs
+    SupernetTrainer(tiny_config(tmp_path, "train.ema_half_life_epochs=0")[1], tmp_path / "a")
+    assert "the EMA teacher's half-life is 29 epochs" in capsys.readouterr().err
+    SupernetTrainer(tiny_config(tmp_path, "train.ema_half_life_epochs=0.2")[1], tmp_path / "b")
+    SupernetTrainer(tiny_config(tmp_path, "train.ema_half_life_epochs=0", "train.target=labels")[1], tmp_path / "c")
+    assert "half-life" not in capsys.readouterr().err  # a short horizon, or no EMA teacher at all
+
+
 @pytest.mark.parametrize("key", ["clip_grad_norm", "clip_grad_value"])
 def test_grad_clipping_bounds_the_update(tmp_path, key):
     clip, lr = (1e-6 if key == "clip_grad_norm" else 1e-3), 0.05

@@ -39,13 +39,15 @@ from .checkpoint import latest_checkpoint
 from .config import Config, ConfigError
 from .data import FolderBatches, eval_loader, folder_loader, folder_recal_batches, load_split, train_loader
 from .distributed import DistEnv
-from .ema import ema_decay_for, make_ema
+from .ema import ema_decay_for, half_life_steps, make_ema
 from .engine import Trainer
 from .evaluate import evaluate, format_rows, uniform_archs
 from .init import frozen_copy, init_from, zero_init_last_bn
 from .optim import build_optimizer, build_scheduler
 from .samplers import ArchSampler, FixedSampler, build_sampler
 from .targets import make_target
+
+SLOW_TEACHER_EPOCHS = 0.25  # EMA half-life from which the trainer notes that the teacher lags
 
 
 class SupernetTrainer(Trainer):
@@ -80,6 +82,8 @@ class SupernetTrainer(Trainer):
         )  # fmt: skip
         self.ema_decay = ema_decay_for(t.ema_decay, t.ema_half_life_epochs, self.steps_per_epoch)
         self.ema = make_ema(self.net, self.ema_decay) if self.target.uses_teacher else None
+        if self.ema is not None:
+            self._check_teacher_horizon()
         self.dropouts = [m for m in self.net.modules() if isinstance(m, nn.Dropout) and m.p > 0]
         self._check_net(shape)
         self.model: nn.Module = self.net
@@ -93,6 +97,20 @@ class SupernetTrainer(Trainer):
             )
 
     # ------------------------------------------------------------------ set-up
+
+    def _check_teacher_horizon(self) -> None:
+        """Say so when the EMA teacher averages over a large part of an epoch: it then lags the
+        subnets it teaches. ImageNet's 0.997 per step is ~0.1 epoch; the same decay on a small
+        dataset is ~1 epoch, and IB lost 4-8 points on its subnets for it (docs/RESULTS.md,
+        "Short-budget stabilisers"). A note, not a change: the decay is the user's choice."""
+        epochs = half_life_steps(self.ema_decay) / self.steps_per_epoch
+        if epochs >= SLOW_TEACHER_EPOCHS:
+            self._note(
+                f"note: the EMA teacher's half-life is {epochs:.2g} epochs (decay {self.ema_decay:g} per step, "
+                f"{self.steps_per_epoch} steps per epoch), so it lags the subnets it teaches; "
+                "set train.ema_half_life_epochs=0.1 for ImageNet's horizon"
+            )
+
 
     def _data(self, views: int) -> tuple[Any, tuple[int, ...], int]:
         """The training batches, the image shape and the number of classes."""
