@@ -101,7 +101,7 @@ class SupernetTrainer(Trainer):
     def _check_teacher_horizon(self) -> None:
         """Say so when the EMA teacher averages over a large part of an epoch: it then lags the
         subnets it teaches. ImageNet's 0.997 per step is ~0.1 epoch; the same decay on a small
-        dataset is ~1 epoch, and IB lost 4-8 points on its subnets for it (docs/RESULTS.md,
+        dataset is ~1 epoch, and IB lost 6-8 points on its subnets for it (docs/RESULTS.md,
         "Short-budget stabilisers"). A note, not a change: the decay is the user's choice."""
         epochs = half_life_steps(self.ema_decay) / self.steps_per_epoch
         if epochs >= SLOW_TEACHER_EPOCHS:
