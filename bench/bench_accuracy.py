@@ -152,6 +152,7 @@ def run_seed(args: argparse.Namespace, seed: int, e1: int) -> dict[str, Any]:
         "supernet_seconds": sum(phase_seconds) if None not in phase_seconds else None,
         "supernet_phase_seconds": phase_seconds,
         "overrides": over,
+        "phase1_overrides": args.phase1_set if e1 > 0 and not args.from_static else [],
     }
 
 
