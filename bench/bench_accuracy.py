@@ -56,7 +56,7 @@ from dynaslice.atomic import atomic_write_json
 from dynaslice.modelfile import CheckpointError
 from dynaslice.ordering import reorder_channels
 from dynaslice.train import evaluate, load_config, load_supernet, recalibrate_bn, train, uniform_archs
-from dynaslice.train.config import from_dict
+from dynaslice.train.config import ConfigError, from_dict
 from dynaslice.train.data import eval_loader, load_split
 
 WIDTHS = [0.35, 0.5, 0.75, 1.0]
@@ -152,7 +152,7 @@ def run_seed(args: argparse.Namespace, seed: int, e1: int) -> dict[str, Any]:
         "supernet_seconds": sum(phase_seconds) if None not in phase_seconds else None,
         "supernet_phase_seconds": phase_seconds,
         "overrides": over,
-        "phase1_overrides": args.phase1_set if e1 > 0 and not args.from_static else [],
+        "phase1_overrides": args.phase1_set,  # cmd_run refused them where there is no phase 1
     }
 
 
@@ -201,11 +201,22 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_overrides(args: argparse.Namespace) -> None:
+    """Read each flag's overrides once before anything trains: a typo in ``--recipe-set`` stops
+    here in one line, not after the networks alone have trained for an hour."""
+    for flag, extra in (("--set", []), ("--phase1-set", args.phase1_set), ("--recipe-set", args.recipe_set)):
+        try:
+            load_config(args.config, [*args.set, *extra])
+        except ConfigError as e:
+            raise SystemExit(f"{flag}: {e}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     e1 = phase1_epochs(args)  # before anything trains: a bad split stops here
     if args.phase1_set and (args.from_static or e1 == 0):
         raise SystemExit("--phase1-set needs a phase 1 of this benchmark (not --from-static, --phase1 > 0)")
+    check_overrides(args)
     seeds = []
     for seed in args.seeds:
         seeds.append(run_seed(args, seed, e1))

@@ -233,7 +233,8 @@ def test_grad_clipping_bounds_the_update(tmp_path, key):
     )
     # first Nesterov step: update = lr * (1 + momentum) * clipped gradient
     bound = change.norm() if key == "clip_grad_norm" else change.abs().max()
-    assert 0 < float(bound) <= lr * 1.9 * clip * 1.001 + 1e-6  # + float32 rounding of weights near 1
+    slack = 1.001 if key == "clip_grad_norm" else 1.01  # by value: float32 rounding (~1e-7) of a 1e-4 step
+    assert 0 < float(bound) <= lr * 1.9 * clip * slack
     # the norm before clipping is reported (and logged), so a user sees how often the clip bites
     assert ("grad_norm" in out) == (key == "clip_grad_norm")
     if key == "clip_grad_norm":

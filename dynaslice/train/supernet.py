@@ -111,7 +111,6 @@ class SupernetTrainer(Trainer):
                 "set train.ema_half_life_epochs=0.1 for ImageNet's horizon"
             )
 
-
     def _data(self, views: int) -> tuple[Any, tuple[int, ...], int]:
         """The training batches, the image shape and the number of classes."""
         cfg, t, env = self.cfg, self.cfg.train, self.env
