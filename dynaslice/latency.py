@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .models.base import Supernet
 from .profile import measure_latency, meta_copy
+from .progress import Progress
 from .space import Arch, SearchSpace
 
 FORMAT = "dynaslice-latency-table"
@@ -234,7 +234,7 @@ def build_latency_table(
     total = sum(
         int(np.prod([len(subsample(net.space[d].choices, max_values)) for d in dims])) for _, dims in specs
     )
-    bar = tqdm(total=total, desc="latency table", unit="point", disable=not progress)
+    bar = Progress(total, "latency table", unit="point", enabled=progress)
     blocks = []
     for k, (name, dims) in enumerate(specs):
         grid = tuple(subsample(net.space[d].choices, max_values) for d in dims)
@@ -251,17 +251,17 @@ def build_latency_table(
         times: dict[str, list[float]] = {}
         keys = list(fns)
         for c in range(0, len(keys), CHUNK):
-            times.update(
-                measure_latency({k: fns[k] for k in keys[c : c + CHUNK]}, repeats=repeats, warmup=warmup)
-            )
+            chunk = keys[c : c + CHUNK]
+            times.update(measure_latency({k: fns[k] for k in chunk}, repeats=repeats, warmup=warmup))
+            bar.update(len(chunk))
         ms = np.array([1e3 * min(times[str(j)]) for j in range(len(fns))])
         blocks.append(LatencyBlock(name, dims, grid, ms.reshape(tuple(len(g) for g in grid))))
-        bar.update(len(fns))
     bar.close()
     table = LatencyTable(blocks, 0.0)
     rng = random.Random(seed)
     calib = [net.space.smallest(), largest] + [net.space.sample(rng) for _ in range(max(0, calibration - 2))]
-    measured = measure_e2e(net, calib, size, batch_size, repeats, warmup)
+    desc = "latency table: end to end" if progress else None
+    measured = measure_e2e(net, calib, size, batch_size, repeats, warmup, desc=desc)
     table.overhead_ms = float(
         statistics.median(m - table.predict(a) for a, m in zip(calib, measured, strict=True))
     )
@@ -287,29 +287,39 @@ def measure_e2e(
     batch_size: int = 1,
     repeats: int = 10,
     warmup: int = 2,
+    desc: str | None = None,
 ) -> list[float]:
-    """Milliseconds of ``net(x, arch)`` for each arch: the minimum over interleaved rounds."""
+    """Milliseconds of ``net(x, arch)`` for each arch: the minimum over interleaved rounds
+    (``desc``: show progress under that name)."""
     net.eval()
     param = next(net.parameters())
     x = torch.randn(batch_size, *input_size, dtype=param.dtype, device=param.device)
     fns = {str(i): partial(net, x, a) for i, a in enumerate(archs)}
     times: dict[str, list[float]] = {}
     keys = list(fns)
-    for c in range(0, len(keys), CHUNK):  # as for the blocks: stay within the slice cache
-        times.update(
-            measure_latency({k: fns[k] for k in keys[c : c + CHUNK]}, repeats=repeats, warmup=warmup)
-        )
+    with Progress(len(keys), desc or "", unit="arch", enabled=desc is not None) as bar:
+        for c in range(0, len(keys), CHUNK):  # as for the blocks: stay within the slice cache
+            chunk = keys[c : c + CHUNK]
+            times.update(measure_latency({k: fns[k] for k in chunk}, repeats=repeats, warmup=warmup))
+            bar.update(len(chunk))
     return [1e3 * min(times[str(i)]) for i in range(len(archs))]
 
 
 def check_table(
-    table: LatencyTable, net: Supernet, n: int = 20, seed: int = 1, repeats: int = 10, batch_size: int = 1
+    table: LatencyTable,
+    net: Supernet,
+    n: int = 20,
+    seed: int = 1,
+    repeats: int = 10,
+    batch_size: int = 1,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Predicted vs measured end-to-end latency of ``n`` random archs (held out: not calibrated on)."""
     rng = random.Random(seed + 12345)
     archs = [net.space.sample(rng) for _ in range(n)]
     size = tuple((table.meta or {}).get("input_size") or net.input_size)
-    measured = measure_e2e(net, archs, size, batch_size, repeats)
+    desc = "latency table: held-out check" if progress else None
+    measured = measure_e2e(net, archs, size, batch_size, repeats, desc=desc)
     rows = [
         {"arch": a.to_dict(), "predicted_ms": table.predict(a), "measured_ms": m}
         for a, m in zip(archs, measured, strict=True)

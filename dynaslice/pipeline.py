@@ -13,8 +13,9 @@ Steps (each reuses the library's own function for it; nothing here trains or eva
 5. ``export``     the best gated model (highest *validation* accuracy; the test split never
                   chooses) as an ONNX package (:func:`~dynaslice.onnx_export.export_gated`), the
                   widest and narrowest routes as plain PyTorch (``.pt``) and ONNX -> ``RUN/export``;
-6. ``latency``    batch-1 latency of the routes, the uniform subnets and the gated models on this
-                  machine (:func:`~dynaslice.profile.measure_latency`) -> ``RUN/latency.json``;
+6. ``latency``    latency per image of the routes, the uniform subnets and the gated models on this
+                  machine at batch 1 and ``run.latency_batch``, every model timed the same way
+                  (:func:`~dynaslice.profile.measure_latency`) -> ``RUN/latency.json``;
 7. ``report``     ``RUN/report.md`` with plots, and ``RUN/report.json`` (:mod:`dynaslice.report`).
 
 A step is finished when its marker ``RUN/done/<step>.json`` exists (written last, atomically); a
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ from .export import extract_subnet, save_torch_model
 from .modelfile import load_supernet, prefixed, resolve_model_file, save_model_file
 from .onnx_export import export_gated, export_onnx
 from .profile import count_macs, measure_latency
+from .progress import Progress
 from .report import write_report
 from .serve import resolve_runtime, serve_gated, serve_subnet
 from .train import evaluate, evaluate_gated, train, train_gate, uniform_archs
@@ -70,9 +73,10 @@ class RunConfig:
 
     ``gate_targets``: Stage-II MAC targets, fractions (<= 1) of the widest route or MACs.
     ``test_images``: evaluate on the first N test images (0: all). ``latency_repeats``: interleaved
-    rounds per model for the latency plot; ``latency_images``: test images the gated models'
-    batch-1 latency is averaged over (their cost depends on the input); ``latency_batch``: the
-    large batch size timed next to batch 1. ``export``: write the
+    rounds per model for the latency plot; ``latency_images``: test images every model runs one
+    at a time in each round, for its batch-1 latency (a gated model's cost depends on the input;
+    the static ones run the same calls, so rows compare); ``latency_batch``: the large batch size
+    timed next to batch 1. ``export``: write the
     ONNX package and the plain PyTorch routes.
     """
 
@@ -230,11 +234,13 @@ def step_eval(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     test = _test_split(cfg, run.test_images)
     # the supernet's uniform subnets, with the BN statistics Stage I recalibrated for them
     net, _ = _read_only(run_dir / runs.STAGE1 / runs.RECALIBRATED)
-    rows = evaluate(net, uniform_archs(net, cfg.train.eval_widths), eval_loader(test), net.input_size)
+    rows = evaluate(net, uniform_archs(net, cfg.train.eval_widths), eval_loader(test), net.input_size,
+                    desc="eval: uniform subnets")  # fmt: skip
     atomic_write_json(run_dir / runs.EVAL / "supernet.json", {"split": "test", "images": len(test), "rows": rows})
     for target in run.gate_targets:
         gated, _ = _read_only(run_dir / runs.gate_name(target))
-        result = evaluate_gated(gated, eval_loader(test), test.num_classes, gated.input_size)
+        result = evaluate_gated(gated, eval_loader(test), test.num_classes, gated.input_size,
+                                desc=f"eval: {runs.gate_name(target)}")  # fmt: skip
         val = read_json(run_dir / runs.gate_name(target) / runs.FINAL_EVAL)
         result = {
             "target": target,
@@ -284,41 +290,48 @@ def step_export(run_dir: Path, cfg: Config, run: RunConfig) -> None:
 
 def step_latency(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     """Milliseconds per image on this machine, in eager PyTorch and in the deployment runtime
-    (:func:`dynaslice.serve.resolve_runtime` ``auto``), at batch 1 and ``run.latency_batch``:
-    medians of interleaved rounds. Gated models run each of ``run.latency_images`` test images
-    alone at batch 1 (their cost depends on the input), and the whole batch at the large size."""
+    (:func:`dynaslice.serve.resolve_runtime` ``auto``), at batch 1 and ``run.latency_batch``.
+
+    Every model is timed the same way, so rows compare: in each of ``run.latency_repeats``
+    interleaved rounds it runs the same ``run.latency_images`` test images one at a time (batch 1:
+    a gated model's cost depends on the image, and a static one's is timed on the same calls) and
+    one batch of ``run.latency_batch``; a row's ``ms`` is the median over rounds of the round's
+    time per image, and ``ms_all`` keeps every round's, from which the report shows the spread
+    (:func:`dynaslice.report.spread`). Once the same statistic was not used for every row: a gated
+    model (the mean of 16 consecutive calls) looked faster than its own narrowest route (the
+    median of single calls) that it runs plus a gate.
+    """
     deploy = resolve_runtime("auto")
     runtimes = list(dict.fromkeys(["eager", deploy]))
     test = _test_split(cfg, max(run.latency_images, run.latency_batch))
     x, _ = next(iter(eval_loader(test, len(test))))
-    batches = {1: x[: run.latency_images], run.latency_batch: x[: run.latency_batch]}
-    models, macs, kinds = _latency_models(run_dir, cfg, run, runtimes, x[: run.latency_images])
+    images, batch = x[: run.latency_images], x[: run.latency_batch]
+    per_call = {1: len(images), run.latency_batch: len(batch)}  # images per timed call
+    models, macs, kinds = _latency_models(run_dir, cfg, run, runtimes, images)
     fns: dict[str, Callable[[], object]] = {}
     for (name, rt), model in models.items():
-        for b, xb in batches.items():
-            if kinds[name] == "gated" and b == 1:
-                fns[f"{name}|{rt}|1"] = lambda m=model, xb=xb: [m(xb[i : i + 1]) for i in range(len(xb))]
-            else:
-                fns[f"{name}|{rt}|{b}"] = lambda m=model, xb=xb, b=b: m(xb[:b])
+        fns[f"{name}|{rt}|1"] = lambda m=model: [m(images[i : i + 1]) for i in range(len(images))]
+        fns[f"{name}|{rt}|{run.latency_batch}"] = lambda m=model: m(batch)
     with torch.inference_mode():
-        times = measure_latency(fns, repeats=run.latency_repeats, warmup=2)
+        times = measure_latency(fns, repeats=run.latency_repeats, warmup=2, desc="latency")
     rows = []
     for key, ts in times.items():
         name, rt, b = key.split("|")
-        per = len(batches[1]) if kinds[name] == "gated" and b == "1" else len(batches[int(b)][: int(b)])
-        ms = sorted(1e3 * t / per for t in ts)
+        ms = [1e3 * t / per_call[int(b)] for t in ts]
         rows.append({"name": name, "kind": kinds[name], "runtime": rt, "batch": int(b), "macs": float(macs[name]),
-                     "ms": ms[len(ms) // 2], "ms_all": ms})  # fmt: skip
+                     "ms": statistics.median(ms), "ms_all": ms})  # fmt: skip
     atomic_write_json(run_dir / runs.LATENCY, {
-        "batch_sizes": sorted(batches), "runtimes": runtimes, "deployment": deploy,
-        "threads": torch.get_num_threads(), "repeats": run.latency_repeats, "rows": rows,
+        "batch_sizes": sorted(per_call), "runtimes": runtimes, "deployment": deploy,
+        "threads": torch.get_num_threads(), "repeats": run.latency_repeats, "images": len(images),
+        "rows": rows,
     })  # fmt: skip
 
 
 def _latency_models(
     run_dir: Path, cfg: Config, run: RunConfig, runtimes: list[str], images: torch.Tensor
 ) -> tuple[dict[tuple[str, str], Any], dict[str, float], dict[str, str]]:
-    """Every timed model on every runtime, with its MACs per image and kind."""
+    """Every timed model on every runtime, with its MACs per image and kind (built with progress:
+    an ONNX export per model takes seconds)."""
     models: dict[tuple[str, str], Any] = {}
     macs: dict[str, float] = {}
     kinds: dict[str, str] = {}
@@ -326,17 +339,21 @@ def _latency_models(
     routes, _ = _read_only(run_dir / runs.ROUTES_RECALIBRATED)
     subnets = [(n, a, sup, "uniform") for n, a in uniform_archs(sup, cfg.train.eval_widths).items()]
     subnets += [(n, a, routes, "route") for n, a in routes.named_routes().items()]
+    bar = Progress((len(subnets) + len(run.gate_targets)) * len(runtimes), "latency: preparing", unit="model")
     for name, arch, net, kind in subnets:
         for rt in runtimes:
             models[name, rt] = serve_subnet(net, arch, rt)
+            bar.update()
         macs[name], kinds[name] = count_macs(net, arch), kind
     for target in run.gate_targets:
         gated, _ = _read_only(run_dir / runs.gate_name(target))
         name = runs.gate_name(target)
         for rt in runtimes:
             models[name, rt] = serve_gated(gated, rt)
+            bar.update()
         with torch.no_grad():
             macs[name], kinds[name] = DynamicNet(gated).avg_macs(DynamicNet(gated).route(images)), "gated"
+    bar.close()
     return models, macs, kinds
 
 

@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .models.base import Supernet
 from .nn import SlicedModule
+from .progress import Progress
 from .space import Arch, SearchSpace
 
 ArchLike = Mapping[str, int]
@@ -267,7 +268,7 @@ def count_module_params(model: nn.Module, nonzero: bool = False) -> int:
 
 
 def measure_latency(
-    fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3
+    fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, desc: str | None = None
 ) -> dict[str, list[float]]:
     """Wall-clock seconds of each zero-argument callable, *interleaved* round by round.
 
@@ -277,20 +278,27 @@ def measure_latency(
     When CUDA is in use in this process, the device is synchronised before and after each call:
     CUDA kernels run asynchronously, so without it a call's time would be the time to *launch*
     its work, not to do it.
+
+    ``desc``: show progress under that name (:mod:`dynaslice.progress`; counts calls, warm-up
+    included), for measurements that take minutes.
     """
     sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                sync()
-                t0 = time.perf_counter()
+    bar = Progress(len(fns) * (warmup + repeats), desc or "", unit="call", enabled=desc is not None)
+    with bar:
+        for fn in fns.values():
+            for _ in range(warmup):
                 fn()
-                sync()
-                times[name].append(time.perf_counter() - t0)
+                bar.update()
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        with torch.inference_mode():
+            for _ in range(repeats):
+                for name, fn in fns.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    times[name].append(time.perf_counter() - t0)
+                    bar.update()
     return times
 
 

@@ -10,21 +10,27 @@ Plots (matplotlib, Agg backend, so no display is needed):
   subnets, the routes run as static subnets, each gated model at its average MACs (labelled with
   its target) and, when the run directory has them (``eval/static.json``), static counterparts;
 - ``plots/latency_vs_macs.png``: batch-1 milliseconds per image measured on the machine that ran
-  the pipeline (medians of interleaved rounds);
+  the pipeline (medians of interleaved rounds, bars from the fastest to the slowest round), on a
+  log axis: the deployment runtime is often 10x faster than eager, and a busy machine's rounds
+  span 100x -- on a linear axis both squash the fast points onto zero;
 - ``plots/routes_per_class.png``: per class, the share of test images each gated model sends
   down each route.
+
+Latency rows are flagged *noisy* when their rounds spread too much (:func:`spread`,
+:data:`NOISY_SPREAD`): times measured while the machine was busy are reported, never silently.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import runs
 from .atomic import atomic_write_bytes
+from .train.config import load_yaml
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -32,14 +38,44 @@ FASHION_MNIST_CLASSES = [
 ]  # fmt: skip
 
 
+NOISY_SPREAD = 1.5
+"""A latency row is *noisy* when the slowest quarter of its rounds took more than this many times
+the fastest quarter (the ratio of the upper to the lower quartile). On a quiet machine rounds of
+one model differ by a few per cent; a busy one (a second job on the cores) stretches some rounds
+by 2-200x, and a median over 10 rounds then no longer says what the code costs."""
+
+
+def spread(ms_all: Sequence[float]) -> dict[str, float | bool]:
+    """Summary of one row's rounds: min, quartiles, median, max, ``spread`` (upper / lower
+    quartile) and ``noisy`` (``spread > NOISY_SPREAD``)."""
+    xs = sorted(float(v) for v in ms_all)
+    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else xs * 3
+    ratio = q3 / q1 if q1 > 0 else float("inf")
+    return {"min": xs[0], "q1": q1, "median": med, "q3": q3, "max": xs[-1], "spread": ratio,
+            "noisy": ratio > NOISY_SPREAD}  # fmt: skip
+
+
+def unused_routes(gated: dict[str, Any]) -> list[int]:
+    """The routes a gated model sent no evaluated image to."""
+    return [i for i, count in enumerate(gated["histogram"]) if count == 0]
+
+
 def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _with_spread(lat: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``latency.json`` with each row's :func:`spread` (rows without rounds are left as they are)."""
+    if not lat:
+        return lat
+    rows = [{**row, **spread(row["ms_all"])} if row.get("ms_all") else row for row in lat["rows"]]
+    return {**lat, "rows": rows, "noisy_spread": NOISY_SPREAD}
 
 
 def collect(run_dir: str | Path) -> dict[str, Any]:
     """Everything the report shows, as one JSON-serialisable dict (written as ``report.json``)."""
     run_dir = Path(run_dir)
-    settings = yaml.safe_load((run_dir / runs.PIPELINE).read_text())
+    settings = load_yaml((run_dir / runs.PIPELINE).read_text(encoding="utf-8"), str(run_dir / runs.PIPELINE))
     cfg, run = settings["config"], settings["run"]
     supernet = _load(run_dir / runs.EVAL / "supernet.json")
     if supernet is None:
@@ -49,6 +85,8 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
         result = _load(run_dir / runs.EVAL / f"{runs.gate_name(target)}.json")
         if result is not None:
             gated.append({"name": runs.gate_name(target), **result})
+    for g in gated:
+        g["unused_routes"] = unused_routes(g)
     routes = gated[0]["routes"] if gated else []
     data = cfg["data"]
     classes = FASHION_MNIST_CLASSES if data["name"] == "fashion_mnist" else None
@@ -64,7 +102,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
         "routes": [{k: r[k] for k in ("name", "arch", "macs", "accuracy")} for r in routes],
         "gated": gated,
         "static": (_load(run_dir / runs.EVAL / "static.json") or {}).get("rows", []),
-        "latency": _load(run_dir / runs.LATENCY),
+        "latency": _with_spread(_load(run_dir / runs.LATENCY)),
         "exports": _load(run_dir / runs.EXPORT / "exports.json"),
         "class_names": classes,
         "step_seconds": steps,
@@ -147,14 +185,17 @@ def plot_latency(r: dict[str, Any], path: Path) -> None:
             ax.plot([x["macs"] / 1e6 for x in rows], [x["ms"] for x in rows], marker, color=color, alpha=alpha,
                     label=f"{label}, {runtime}", markersize=14 if kind == "gated" else 7,
                     linestyle="-" if kind == "uniform" else "none")  # fmt: skip
+            ranged = [x for x in rows if "min" in x]  # the fastest to the slowest round
+            ax.vlines([x["macs"] / 1e6 for x in ranged], [x["min"] for x in ranged],
+                      [x["max"] for x in ranged], color=color, alpha=alpha * 0.6, linewidth=1)  # fmt: skip
             for x in rows if runtime == deploy else []:
                 if kind != "route":
                     ax.annotate(x["name"], (x["macs"] / 1e6, x["ms"]), textcoords="offset points",
                                 xytext=(5, -11 if kind == "uniform" else 5), fontsize=8, color=color)  # fmt: skip
     ax.set_xlabel("MMACs per image")
-    ax.set_ylabel("ms per image (batch 1, median)")
+    ax.set_ylabel("ms per image (batch 1; median, bar: min..max round)")
     ax.set_title(f"Latency here: {deploy} (solid) vs eager PyTorch (faint); {lat['threads']} thread(s)")
-    ax.set_ylim(bottom=0)
+    ax.set_yscale("log")  # runtimes 10x apart and noisy rounds stay readable
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=7)
     _save(fig, path)
@@ -197,12 +238,20 @@ def plot_routes(r: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- Markdown
 
 
+def _ms(row: dict[str, Any], digits: int = 2) -> str:
+    """A latency cell: the median, the range of rounds, and the noisy flag."""
+    text = f"{row['ms']:.{digits}f}"
+    if "min" in row:
+        text += f" ({row['min']:.{digits}f}-{row['max']:.{digits}f})"
+    return text + (" **noisy**" if row.get("noisy") else "")
+
+
 def _table(r: dict[str, Any]) -> str:
     deploy = (r["latency"] or {}).get("deployment", "eager")
-    lat = {x["name"]: x["ms"] for x in _latency_rows(r["latency"], deploy)}
+    lat = {x["name"]: x for x in _latency_rows(r["latency"], deploy)}
 
     def ms(name: str) -> str:
-        return f"{lat[name]:.2f}" if name in lat else "-"
+        return _ms(lat[name]) if name in lat else "-"
 
     rows = [(s["macs"], f"supernet {s['name']}", s["accuracy"], ms(s["name"]), "") for s in r["supernet"]]
     rows += [(x["macs"], f"{x['name']} (static)", x["accuracy"], ms(x["name"]), "") for x in r["routes"]]
@@ -218,7 +267,8 @@ def _table(r: dict[str, Any]) -> str:
         for g in r["gated"]
     ]
     lines = [
-        f"| model | MMACs per image | test top-1 (%) | ms per image (batch 1, {deploy}) | routes taken (narrowest first) |",
+        f"| model | MMACs per image | test top-1 (%) | ms per image (batch 1, {deploy}; median (min-max)) "
+        "| routes taken (narrowest first) |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
     for macs, label, acc, t, hist in sorted(rows, key=lambda row: row[0]):
@@ -229,8 +279,8 @@ def _table(r: dict[str, Any]) -> str:
 def _speed_table(lat: dict[str, Any]) -> str:
     """Per runtime and batch size: the widest and narrowest uniform subnets, the speed-up between
     them against their MAC ratio, and the fastest runtime."""
-    lines = ["| runtime | batch | widest ms/image | narrowest ms/image | speed-up | MAC ratio | efficiency |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = ["| runtime | batch | widest ms/image (min-max) | narrowest ms/image (min-max) | speed-up "
+             "| MAC ratio | efficiency |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     best: dict[int, tuple[float, str]] = {}
     for rt in lat.get("runtimes", ["eager"]):
         for b in lat.get("batch_sizes", [1]):
@@ -239,7 +289,8 @@ def _speed_table(lat: dict[str, Any]) -> str:
                 continue
             lo, hi = uni[0], uni[-1]
             speed, ratio = hi["ms"] / lo["ms"], hi["macs"] / lo["macs"]
-            lines.append(f"| {rt} | {b} | {hi['ms']:.3f} | {lo['ms']:.3f} | {speed:.2f}x | {ratio:.2f}x | {speed / ratio:.2f} |")
+            cells = f"{_ms(hi, 3)} | {_ms(lo, 3)} | {speed:.2f}x | {ratio:.2f}x | {speed / ratio:.2f}"
+            lines.append(f"| {rt} | {b} | {cells} |")
             best[b] = min(best.get(b, (float("inf"), "")), (hi["ms"], rt))
     fastest = ", ".join(f"{rt} at batch {b}" for b, (_, rt) in sorted(best.items()))
     return "\n".join(lines) + (f"\n\nFastest here (widest subnet): {fastest}." if best else "")
@@ -260,12 +311,58 @@ def _per_class(r: dict[str, Any], g: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _routes_used(r: dict[str, Any]) -> str:
+    """``4 routes`` -- or, when the gates leave some unused, which ones and how many are used."""
+    n = len(r["routes"]) if r["routes"] else r["gate"]["routes"]
+    if not r["gated"]:
+        return f"{n} routes"
+    never = sorted(set.intersection(*(set(g["unused_routes"]) for g in r["gated"])))
+    if not never:
+        return f"{n} routes"
+    names = ", ".join(f"route{i}" for i in never)
+    which = "the gate sends" if len(r["gated"]) == 1 else "no gate sends"
+    verb = "no" if len(r["gated"]) == 1 else "any"
+    used = n - len(never)
+    are = "is" if used == 1 else "are"
+    return f"{n} routes, of which {used} {are} used: {which} {verb} test image to {names}"
+
+
+def _latency_text(lat: dict[str, Any]) -> list[str]:
+    rows = [x for x in lat["rows"] if "noisy" in x]
+    noisy = [x for x in rows if x["noisy"]]
+    images = lat.get("images")
+    how = (
+        f"every model runs the same {images} test images one at a time at batch 1 (a gated model's cost "
+        "depends on the image), and one batch at the large size; a row is the median over rounds of the "
+        "time per image, the same statistic for every row; the range is the fastest to the slowest round"
+        if images
+        else "a gated model's batch-1 time is the mean over a fixed set of test images (its cost depends on "
+        "the image), a static one's the median of single calls (an older latency.json: rows do not compare)"
+    )
+    text = [
+        f"Measured on the machine that ran the pipeline: {lat['threads']} thread(s), {lat['repeats']} "
+        f"interleaved rounds, in eager PyTorch and in the deployment runtime (`{lat.get('deployment', 'eager')}`, "
+        f"what `dynaslice.serve.load` picks here); {how}. Gated models are plotted at their average MACs on "
+        "those images.",
+        "",
+    ]
+    if noisy:
+        text += [
+            f"**Warning: {len(noisy)} of {len(rows)} latency rows are noisy** (marked below: the slowest "
+            f"quarter of their rounds took over {NOISY_SPREAD:g}x the fastest quarter): the machine was busy "
+            "while they were timed, so their times say more about the load than about the models. Time again "
+            "on a quiet machine (delete `done/latency.json` and `done/report.json`, then run the same command).",
+            "",
+        ]
+    return text
+
+
 def render(r: dict[str, Any]) -> str:
     cut = r["gated"][0]["cut"] if r["gated"] else r["gate"]["cut"]
     lines = [
         f"# dynaslice run: {r['model']} on {r['dataset']}",
         "",
-        f"Gated supernet (gate before stage {cut}, {len(r['routes'])} routes), Stage II at targets "
+        f"Gated supernet (gate before stage {cut}, {_routes_used(r)}), Stage II at targets "
         f"{', '.join(f'{t:g}' for t in r['gate_targets'])} of the widest route's MACs. Test split: "
         f"{r['test_images']} images. BN statistics recalibrated (uniform subnets: for the uniform widths; "
         "routes and gated models: for the routes).",
@@ -284,12 +381,7 @@ def render(r: dict[str, Any]) -> str:
         lines += [
             "## Latency vs MACs",
             "",
-            f"Measured on the machine that ran the pipeline: {lat['threads']} thread(s), median of "
-            f"{lat['repeats']} interleaved rounds, in eager PyTorch and in the deployment runtime "
-            f"(`{lat.get('deployment', 'eager')}`, what `dynaslice.serve.load` picks here); a gated model's batch-1 "
-            "time is the mean over a fixed set of test images (its cost depends on the image), plotted at its "
-            "average MACs on those images.",
-            "",
+            *_latency_text(lat),
             "![latency vs MACs](plots/latency_vs_macs.png)",
             "",
             _speed_table(lat),
@@ -308,6 +400,11 @@ def render(r: dict[str, Any]) -> str:
                 f"SGS agreement (gate route == SGS target): {g['sgs']['agreement']:.1f}%",
                 "",
             ]
+            if g["unused_routes"]:
+                names = ", ".join(f"route{i}" for i in g["unused_routes"])
+                lines += [f"No test image goes down {names}: this gate uses "
+                          f"{len(g['histogram']) - len(g['unused_routes'])} of its {len(g['histogram'])} routes.",
+                          ""]  # fmt: skip
     if r["exports"]:
         e = r["exports"]
         lines += [

@@ -104,3 +104,20 @@ def test_measure_latency_waits_for_cuda_work(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     measure_latency({"a": lambda: events.append("a")}, repeats=2, warmup=0)
     assert events == ["a", "a"]  # no CUDA in use: nothing to wait for
+
+
+def test_latency_measurements_report_progress_in_a_log_file(capsys, monkeypatch):
+    """Timing takes minutes on a real model: with a description, every call counts towards a
+    progress line (here every update, interval 0); without one (benchmarks) nothing is printed."""
+    from dynaslice.profile import measure_latency
+
+    monkeypatch.setenv("DYNASLICE_PROGRESS_SECONDS", "0")
+    measure_latency({"a": lambda: None, "b": lambda: None}, repeats=2, warmup=1, desc="latency")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("latency: 1/6 calls (17%), ") and err[-1].startswith("latency: 5/6 calls")
+    measure_latency({"a": lambda: None}, repeats=2, warmup=1)
+    assert capsys.readouterr().err == ""
+    net = tiny()
+    build_latency_table(net, repeats=1, warmup=0, max_values=2, calibration=2)
+    err = capsys.readouterr().err
+    assert "latency table: 2/18 points" in err  # updated per chunk of timed grid points

@@ -174,3 +174,108 @@ def test_bad_inputs_exit_2_with_one_line(run, config, tmp_path, capsys, argv):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"dynaslice {argv[0]}: error:"), err
     assert not (tmp_path / "new").exists()
+
+
+# --------------------------------------------------------------------------- latency and report (issue 33 item 6)
+
+
+def test_every_latency_row_is_timed_the_same_way(run, config, tmp_path, monkeypatch):
+    """A gated model and the static subnets run the same calls per round (the same test images
+    one at a time at batch 1, one batch at the large size), and every row is the median of the
+    per-image times of its rounds: the same statistic for every row."""
+    import shutil
+    import statistics
+
+    from dynaslice import pipeline
+    from dynaslice.pipeline import load_run_config
+
+    out, _, _ = run
+    copy = tmp_path / "r"
+    shutil.copytree(out, copy)
+    cfg, rc = load_run_config(config, [])
+    calls: dict[str, list[int]] = {}
+
+    def counted(make):
+        def serve(*args, **kwargs):
+            model = make(*args, **kwargs)
+            key = f"{len(calls)}"
+            calls[key] = []
+
+            def call(x):
+                calls[key].append(len(x))
+                return model(x)
+
+            return call
+
+        return serve
+
+    monkeypatch.setattr(pipeline, "serve_subnet", counted(pipeline.serve_subnet))
+    monkeypatch.setattr(pipeline, "serve_gated", counted(pipeline.serve_gated))
+    pipeline.step_latency(copy, cfg, rc)
+    per_round = rc.latency_images * [1] + [rc.latency_batch]
+    n_calls = 2 + rc.latency_repeats  # two warm-up rounds
+    assert len(calls) == 12 and all(sorted(c) == sorted(per_round * n_calls) for c in calls.values()), calls
+    lat = json.loads((copy / "latency.json").read_text())
+    assert lat["images"] == rc.latency_images
+    for row in lat["rows"]:
+        assert len(row["ms_all"]) == rc.latency_repeats and row["ms"] == statistics.median(row["ms_all"])
+
+
+def _noisy_run(run, tmp_path) -> Path:
+    """A copy of the run whose deployment rows of x1 are noisy (rounds 1 ms and 10 ms) and whose
+    gate sent every test image down route 0."""
+    import shutil
+
+    out, _, _ = run
+    copy = tmp_path / "r"
+    shutil.copytree(out, copy)
+    lat = json.loads((copy / "latency.json").read_text())
+    for row in lat["rows"]:
+        if row["name"] == "x1":
+            row["ms_all"], row["ms"] = [1.0, 1.0, 10.0, 10.0], 5.5
+        else:
+            row["ms_all"] = [row["ms"]] * 4
+    (copy / "latency.json").write_text(json.dumps(lat))
+    path = copy / "eval" / "gate-t0.9.json"
+    g = json.loads(path.read_text())
+    g["histogram"] = [g["images"], 0, 0]
+    g["per_class"] = {c: [sum(v), 0, 0] for c, v in g["per_class"].items()}
+    path.write_text(json.dumps(g))
+    return copy
+
+
+def test_report_shows_the_spread_and_flags_noisy_latency(run, tmp_path):
+    from dynaslice.report import NOISY_SPREAD, write_report
+
+    copy = _noisy_run(run, tmp_path)
+    text = write_report(copy).read_text()
+    # x1 on 2 runtimes x 2 batch sizes
+    assert "**Warning: 4 of 24 latency rows are noisy**" in text and f"over {NOISY_SPREAD:g}x" in text
+    (x1,) = [line for line in text.splitlines() if line.startswith("| supernet x1 |")]
+    assert "5.50 (1.00-10.00) **noisy**" in x1
+    (x05,) = [line for line in text.splitlines() if line.startswith("| supernet x0.5 |")]
+    assert "noisy" not in x05 and "-" in x05.split("|")[4]  # its range is shown too
+    report = json.loads((copy / "report.json").read_text())
+    rows = {(r["name"], r["runtime"], r["batch"]): r for r in report["latency"]["rows"]}
+    assert all(r["noisy"] == (r["name"] == "x1") for r in rows.values())
+
+
+def test_report_says_which_routes_the_gate_never_takes(run, tmp_path):
+    from dynaslice.report import write_report
+
+    text = write_report(_noisy_run(run, tmp_path)).read_text()
+    assert "3 routes, of which 1 is used: the gate sends no test image to route1, route2" in text
+    assert "No test image goes down route1, route2: this gate uses 1 of its 3 routes." in text
+
+
+def test_latency_plot_uses_a_log_axis(run, monkeypatch):
+    """On a linear axis, a runtime 10x faster than eager, or one noisy round, squashes every other
+    point onto zero."""
+    from dynaslice import report
+
+    out, _, _ = run
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    report.plot_latency(report.collect(out), out / "unused.png")
+    (fig,) = figures
+    assert fig.axes[0].get_yscale() == "log"

@@ -67,3 +67,24 @@ def test_profile_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert message in err and err.count("\n") == 1, err
     if "Unknown" in message:
         assert "vit_tiny" in err and "resnet50" in err
+
+
+def test_one_network_is_one_row_and_batch_times_are_labelled(tmp_path, capsys, monkeypatch):
+    """resnet's smallest subnet *is* its uniform 0.35 one: timed as two rows it once showed two
+    speed-ups (1.60x, 2.00x). Times of a batch are per batch, and the table says so. With the
+    progress interval at 0, the preparation and the timing print lines in a log file too."""
+    monkeypatch.setenv("DYNASLICE_PROGRESS_SECONDS", "0")
+    out = tmp_path / "p.json"
+    argv = ["profile", "resnet_small", "--input-size", "1", "8", "8", "--repeats", "1", "--batch-sizes", "1", "3",
+            "--runtimes", "eager", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    data = json.loads(out.read_text())
+    net = ds.create_supernet("resnet_small", in_chans=1, input_size=8)
+    assert net.space.smallest() == net.space.uniform(0.35)
+    names = ["smallest = uniform 0.35", "uniform 0.5", "uniform 0.75", "largest"]
+    assert [r["name"] for r in data["subnets"]] == names
+    assert [r["name"] for r in data["latency"] if r["batch"] == 3] == names
+    assert "batch 3 (times per batch of 3 images):" in captured.out and "eager ms/batch" in captured.out
+    assert "| smallest = uniform 0.35 |" in captured.out and "per batch" in data["latency_unit"]
+    assert "preparing: 1/4 models" in captured.err and "timing batch 3: 1/16 calls" in captured.err

@@ -358,3 +358,72 @@ def test_model_trainer_stops_within_the_last_epoch_for_fractional_epochs(tmp_pat
     trainer.fit()
     assert trainer.step == 12 and trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
     assert latest_checkpoint(tmp_path / "run").name == "step-00000012"
+
+
+# --------------------------------------------------------------------------- progress (issue 33 item 5)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_in_a_log_file_prints_a_line_every_interval():
+    """Not a terminal: a plain line every `interval` seconds of the (injected) clock, with
+    done/total, rate, ETA and the loss; nothing for work that ends within the first interval."""
+    import io
+
+    from dynaslice.progress import Progress
+
+    clock, out = FakeClock(), io.StringIO()
+    with Progress(10, "stage1 epoch 1/3", clock=clock, interval=10, stream=out) as bar:
+        for i in range(9):
+            clock.now += 4.0  # 4 s per step: a line at 12 s, 24 s, 36 s
+            bar.update(loss=1.0 / (i + 1))
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "stage1 epoch 1/3: 3/10 steps (30%), 4 s/step, ETA 28s, loss 0.3333",
+        "stage1 epoch 1/3: 6/10 steps (60%), 4 s/step, ETA 16s, loss 0.1667",
+        "stage1 epoch 1/3: 9/10 steps (90%), 4 s/step, ETA 4s, loss 0.1111",
+    ]
+    quick = io.StringIO()
+    with Progress(100, "eval", clock=FakeClock(), interval=10, stream=quick) as bar:
+        bar.update(100)
+    assert quick.getvalue() == ""
+
+
+def test_progress_interval_from_the_environment(monkeypatch):
+    from dynaslice.progress import default_interval
+
+    monkeypatch.setenv("DYNASLICE_PROGRESS_SECONDS", "2.5")
+    assert default_interval() == 2.5
+    monkeypatch.setenv("DYNASLICE_PROGRESS_SECONDS", "soon")
+    with pytest.raises(ValueError, match="DYNASLICE_PROGRESS_SECONDS"):
+        default_interval()
+
+
+def test_training_redirected_to_a_file_prints_progress_lines(tmp_path, capsys, monkeypatch):
+    """stderr is not a terminal here (captured): training still says how far it is, per step
+    with the interval at 0 (the default, 10 s, would print nothing in a run this short)."""
+    monkeypatch.setenv("DYNASLICE_PROGRESS_SECONDS", "0")
+    cfg_path, _ = tiny_config(tmp_path)
+    assert main(["train", str(cfg_path), "--out", str(tmp_path / "run"), "--set", "train.target=labels"]) == 0
+    err = capsys.readouterr().err
+    steps = [line for line in err.splitlines() if line.startswith("train epoch 1/1: ")]
+    assert len(steps) == 7  # 8 steps; the last is the epoch's own summary line
+    assert steps[0].startswith("train epoch 1/1: 1/8 steps (12%), ")
+    assert "ETA" in steps[0] and "loss" in steps[0]
+    assert "\r" not in err  # no terminal bar redrawn into the file
+
+
+def test_phase2_says_where_it_starts_and_why_its_loss_differs(tmp_path, capsys):
+    sets = ["train.epochs=2", "train.phase1_epochs=1", "train.target=teacher", "train.eval_widths=[1.0]"]
+    _, cfg = tiny_config(tmp_path, *sets)
+    train(cfg, tmp_path / "run")
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("phase 2:")]
+    assert str(tmp_path / "run" / "phase1") in line and "not comparable with phase 1's" in line
+    assert "train.init_from" not in out  # the user never set it

@@ -23,6 +23,7 @@ import torch
 from ..export import extract_subnet
 from ..models.base import Supernet
 from ..profile import measure_latency, paired_ratio, resource_model
+from ..progress import Progress
 from ..space import Arch
 from .runtimes import Piece, example_input, prepare
 
@@ -36,11 +37,14 @@ def compare_runtimes(
     warmup: int = 3,
     input_size: Sequence[int] | None = None,
     largest: str | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per (runtime, batch size, subnet); see the module docstring for the ratios.
 
     ``largest``: the name in ``archs`` that speed-ups are relative to (default: the most MACs).
     Every piece is prepared once (:func:`~dynaslice.serve.runtimes.prepare`) before timing.
+    ``progress``: show the preparation and the timing as they go (:mod:`dynaslice.progress`;
+    minutes for a large model).
     """
     size = tuple(input_size or net.input_size)
     device = next(net.parameters()).device
@@ -51,14 +55,18 @@ def compare_runtimes(
     params = dict(zip(names, (int(p) for p in rm.params([archs[n] for n in names])), strict=True))
     ref = largest or max(names, key=lambda n: macs[n])
     example = example_input(size, device)
-    pieces: dict[tuple[str, str], Piece] = {
-        (rt, n): prepare(extract_subnet(net, archs[n], size), example, rt) for rt in runtimes for n in names
-    }
+    pieces: dict[tuple[str, str], Piece] = {}
+    with Progress(len(runtimes) * len(names), "preparing", unit="model", enabled=progress) as bar:
+        for rt in runtimes:
+            for n in names:
+                pieces[rt, n] = prepare(extract_subnet(net, archs[n], size), example, rt)
+                bar.update()
     rows = []
     for batch in batch_sizes:
         x = torch.randn(batch, *size, device=device)
         fns = {f"{rt}/{n}": partial(piece, x) for (rt, n), piece in pieces.items()}
-        times = measure_latency(fns, repeats=repeats, warmup=warmup)
+        desc = f"timing batch {batch}" if progress else None
+        times = measure_latency(fns, repeats=repeats, warmup=warmup, desc=desc)
         for rt, n in pieces:
             key = f"{rt}/{n}"
             speedup = paired_ratio(times, f"{rt}/{ref}", key)
@@ -82,15 +90,20 @@ def fastest(rows: Sequence[dict[str, Any]], batch: int) -> str:
 
 
 def format_speed(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table per batch size: ms, speed-up over the largest and efficiency per runtime."""
+    """A Markdown table per batch size: ms, speed-up over the largest and efficiency per runtime.
+
+    Times are per call, i.e. per *batch*: the headers of batches above 1 say so (``ms/batch``).
+    """
     out = []
     for batch in sorted({r["batch"] for r in rows}):
         sel = [r for r in rows if r["batch"] == batch]
         runtimes = list(dict.fromkeys(r["runtime"] for r in sel))
         names = list(dict.fromkeys(r["name"] for r in sel))
         cell = {(r["runtime"], r["name"]): r for r in sel}
-        head = "| subnet | MMACs | " + " | ".join(f"{rt} ms (speed-up, eff.)" for rt in runtimes) + " |"
-        lines = [f"batch {batch}:", "", head, "| --- | ---: | " + " | ".join("---:" for _ in runtimes) + " |"]
+        unit = "ms" if batch == 1 else "ms/batch"
+        head = "| subnet | MMACs | " + " | ".join(f"{rt} {unit} (speed-up, eff.)" for rt in runtimes) + " |"
+        title = f"batch {batch}:" if batch == 1 else f"batch {batch} (times per batch of {batch} images):"
+        lines = [title, "", head, "| --- | ---: | " + " | ".join("---:" for _ in runtimes) + " |"]
         for n in names:
             cells = [cell[(rt, n)] for rt in runtimes]
             lines.append(

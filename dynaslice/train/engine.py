@@ -5,7 +5,8 @@ global RNG from ``(seed, step)``, lets the subclass run forward and backward
 (:meth:`Trainer.train_step`), checks that every loss is finite, clips, steps the optimizer and
 the per-iteration scheduler, and lets the subclass update what follows the weights (an EMA
 teacher, a sampler's scores: :meth:`Trainer.after_step`). Around it the engine owns what every
-method needs alike: the device and threads, progress bars, metrics (:class:`MetricsLogger`),
+method needs alike: the device and threads, progress (:mod:`dynaslice.progress`: a bar on a
+terminal, a line every ~10 s in a log file), metrics (:class:`MetricsLogger`),
 atomic checksummed checkpoints every ``train.ckpt_every_steps`` and at each epoch end, bit-exact
 resume from the newest intact checkpoint, an exclusive lock on the run directory, periodic
 validation and the end of training (:meth:`Trainer.finish`, then every
@@ -31,11 +32,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .. import runs
 from ..atomic import atomic_write_json
 from ..modelfile import CheckpointError, prefixed, unprefixed
+from ..progress import Progress
 from ..seeding import derive_seed
 from .checkpoint import load_resumable, save_checkpoint
 from .config import RESUMABLE_CHANGES, Config, flatten, from_dict, save_config
@@ -374,27 +375,27 @@ class Trainer:
 
     def _epoch(self, epoch: int, start: int) -> None:
         t, spe = self.cfg.train, self.steps_per_epoch
-        show = self.env.is_main and sys.stderr.isatty()
-        bar = tqdm(total=spe, initial=start, desc=f"{self.name} epoch {epoch + 1}/{self.epochs}",
-                   disable=not show, leave=False)  # fmt: skip
+        # the epoch's last step (a fractional last epoch stops early)
+        end = min(spe, start + self.total_steps - self.step)
+        desc = f"{self.name} epoch {epoch + 1}/{self.epochs}"
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         self.on_epoch_start(epoch)
-        # islice: a fractional last epoch stops early; whole epochs end on their own
-        for x, y in itertools.islice(self.train_loader.epoch_batches(epoch, start), self.total_steps - self.step):
-            out = self.train_step(x, y)
-            losses = out["losses"]
-            seen, loss_sum = seen + 1, loss_sum + sum(losses)
-            bar.update()
-            bar.set_postfix(loss=f"{sum(losses):.3f}")
-            if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
-                lr = self.scheduler.get_last_lr()[0]
-                record = {"step": self.step, "epoch": self.step / spe, "lr": lr, "loss": sum(losses)}
-                if "grad_norm" in out:  # with optim.clip_grad_norm; float() syncs, so only when logged
-                    record["grad_norm"] = float(out["grad_norm"])
-                self.logger.log({**record, "losses": losses, **out.get("log", {})})
-            if t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0 and self.step % spe:
-                self.save()
-        bar.close()
+        batches = self.train_loader.epoch_batches(epoch, start)
+        with Progress(end, desc, initial=start, enabled=self.env.is_main) as bar:
+            # islice: a fractional last epoch stops early; whole epochs end on their own
+            for x, y in itertools.islice(batches, self.total_steps - self.step):
+                out = self.train_step(x, y)
+                losses = out["losses"]
+                seen, loss_sum = seen + 1, loss_sum + sum(losses)
+                bar.update(loss=sum(losses))
+                if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
+                    lr = self.scheduler.get_last_lr()[0]
+                    record = {"step": self.step, "epoch": self.step / spe, "lr": lr, "loss": sum(losses)}
+                    if "grad_norm" in out:  # with optim.clip_grad_norm; float() syncs, so only when logged
+                        record["grad_norm"] = float(out["grad_norm"])
+                    self.logger.log({**record, "losses": losses, **out.get("log", {})})
+                if t.ckpt_every_steps and self.step % t.ckpt_every_steps == 0 and self.step % spe:
+                    self.save()
         self.save()
         if self.env.is_main:
             print(

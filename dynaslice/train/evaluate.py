@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from ..dynamic import DynamicNet
 from ..gate import GatedSupernet, sgs_targets
 from ..models.base import Supernet
 from ..profile import count_macs
+from ..progress import Progress
 from ..space import Arch
 
 
@@ -25,16 +26,21 @@ def evaluate(
     archs: dict[str, Arch],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     input_size: Sequence[int] | None = None,
+    desc: str = "eval",
 ) -> list[dict[str, Any]]:
     """Accuracy (top-1, in %) and MACs per image of each named arch, in eval mode.
 
     ``batches`` is iterated once per arch, so pass a re-iterable (a list, or a loader).
     BatchNorm uses the running statistics: recalibrate first (:func:`.recalibrate_bn`).
+    Progress (:mod:`dynaslice.progress`, named ``desc``) counts batches when ``batches`` has a
+    length, else subnets.
     """
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     rows = []
+    per_arch = len(batches) if isinstance(batches, Sized) else 0
+    bar = Progress(len(archs) * (per_arch or 1), desc, unit="batch" if per_arch else "subnet")
     try:
         for name, arch in archs.items():
             correct = total = 0
@@ -42,6 +48,10 @@ def evaluate(
                 logits = net(x.to(device, non_blocking=True), arch)
                 correct += int((logits.argmax(-1).cpu() == y).sum())
                 total += len(y)
+                if per_arch:
+                    bar.update()
+            if not per_arch:
+                bar.update()
             if total == 0:
                 raise ValueError("evaluation got no images")
             rows.append(
@@ -54,6 +64,7 @@ def evaluate(
                 }
             )
     finally:
+        bar.close()
         net.train(was_training)
     return rows
 
@@ -77,13 +88,15 @@ def evaluate_gated(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     num_classes: int,
     input_size: tuple[int, ...] | None = None,
+    desc: str = "eval gated",
 ) -> dict[str, Any]:
     """Dynamic inference (argmax routing, :class:`DynamicNet`) on ``batches``, and what explains it.
 
     Returns accuracy (%), average MACs per image (:meth:`DynamicNet.avg_macs`), the route
     histogram overall and per class, each route's accuracy as a fixed (static) subnet, and the
     gate's agreement with the SGS targets (route 0 for samples the narrowest route gets right,
-    the widest route for the others). Puts ``gated`` in eval mode; deterministic.
+    the widest route for the others). Puts ``gated`` in eval mode; deterministic. Progress
+    (:mod:`dynaslice.progress`, named ``desc``) counts batches when ``batches`` has a length.
     """
     dyn = DynamicNet(gated)
     n = len(gated.routes)
@@ -92,6 +105,7 @@ def evaluate_gated(
     correct = agree = easy = hopeless = 0
     agree_easy = 0
     route_correct = [0] * n
+    bar = Progress(len(batches) if isinstance(batches, Sized) else 0, desc, unit="batch")
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         out, routes = dyn.forward_with_routes(x)
@@ -109,6 +123,8 @@ def evaluate_gated(
         agree_easy += int((hit & is_easy).sum())
         routes_all.append(routes.cpu())
         labels_all.append(y.cpu())
+        bar.update()
+    bar.close()
     if not routes_all:
         raise ValueError("evaluation got no images")
     routes_t, labels_t = torch.cat(routes_all), torch.cat(labels_all)

@@ -179,7 +179,8 @@ class SupernetTrainer(Trainer):
             loaded = init_from(net, cfg.train.init_from, {"name": cfg.model.name, "kwargs": kwargs})
             if self.env.is_main:
                 gate = f"; gate {loaded['gate']}" if "gate" in loaded else ""
-                print(f"train.init_from: {loaded['source']} ({loaded['kind']}{gate})", flush=True)
+                # "loaded", not "train.init_from": phase 2 of train.phase1_epochs sets it, not the user
+                print(f"loaded the starting weights: {loaded['source']} ({loaded['kind']}{gate})", flush=True)
         if cfg.train.order_channels:
             reorder_channels(net)
         self.model_spec = model_spec(net, kwargs, cfg.model.name)
@@ -332,6 +333,8 @@ def train(
         phase1 = Path(run_dir) / runs.PHASE1
         train(phase1_config(cfg), phase1, resume, env)
         cfg = phase2_config(cfg, phase1)
+        if env is None or env.is_main:
+            print(phase2_note(cfg), flush=True)
     return _trainer(cfg, run_dir, resume, env, allow_changes).fit()
 
 
@@ -364,6 +367,18 @@ def phase2_config(cfg: Config, phase1: Path) -> Config:
     t = dataclasses.replace(cfg.train, epochs=cfg.train.epochs - cfg.train.phase1_epochs, phase1_epochs=0,
                             phase1_lr=None, init_from=str(phase1))  # fmt: skip
     return dataclasses.replace(cfg, train=t)
+
+
+def phase2_note(cfg: Config) -> str:
+    """The one line that says where phase 2 starts and why its loss is not phase 1's: the user
+    set neither ``train.init_from`` nor a new objective, so both need saying (a loss of 4.9 after
+    phase 1's 0.7 otherwise reads as a divergence)."""
+    t = cfg.train
+    return (
+        f"phase 2: the supernet starts from phase 1's network ({t.init_from}); its loss is the sum over "
+        f"{t.num_subnets} subnets per step of the {t.target} objective, not comparable with phase 1's "
+        "loss of one network on the labels"
+    )
 
 
 def static_config(cfg: Config, width: float) -> Config:
