@@ -151,7 +151,7 @@ class Bench:
         m, size, cfg, p = self.model, self.size, self.cfg, self.cfg.prune
         schedule = {"t_start": p.t_start, "t_end": p.t_end}
         dcff = self.run("dcff", lambda d: dcff_train(m, size, cfg, d, target_macs=self.target, include="all",
-                                                     k=p.k, updates_per_epoch=p.updates_per_epoch,
+                                                     k=1.0, updates_per_epoch=1,  # official, not the preset's
                                                      resume=True, **schedule))  # fmt: skip
         scaled = SCALED_FROM / self.args.epochs
         self.run("dcff_scaled", lambda d: dcff_train(m, size, cfg, d, target_macs=self.target, include="all",
