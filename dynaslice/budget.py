@@ -98,15 +98,29 @@ class BudgetTable:
         """The most accurate entry within the budget, cheaper on a tie (:func:`dynaslice.runtime.pick_entry`)."""
         return self.entries[pick_entry([e.to_dict() for e in self.entries], max_macs, max_latency_ms)]
 
+    def bucket_label(self, entry: BudgetEntry) -> str:
+        """The metric range of ``entry``'s bucket, e.g. ``"11.25-13.75 MMACs"``.
+
+        A subnet belongs to bucket ``b`` when its metric *rounds* to ``b`` (a multiple of
+        ``bucket_step``), so ``b`` is the middle of the range, not an upper bound: an entry of bucket
+        12.5 (step 2.5) may cost 13.1 MMACs. Tables without ``bucket_step`` (version 1) show ``b`` alone.
+        """
+        unit = "ms" if self.meta.get("metric") == "latency" else "MMACs"
+        step = self.meta.get("bucket_step")
+        if not step:
+            return f"{entry.bucket:g} {unit}"
+        return f"{round(entry.bucket - step / 2, 9):g}-{round(entry.bucket + step / 2, 9):g} {unit}"
+
     def format(self) -> str:
-        """A Markdown table."""
+        """A Markdown table (the bucket column: each bucket's range, :meth:`bucket_label`)."""
         lat = any(e.latency_ms is not None for e in self.entries)
         lines = ["| bucket | MMACs | " + ("ms | " if lat else "") + "val top-1 (%) | arch |"]
         lines.append("| ---: | ---: | " + ("---: | " if lat else "") + "---: | --- |")
         for e in self.entries:
             ms = f"{e.latency_ms:.3f} | " if lat and e.latency_ms is not None else ("- | " if lat else "")
             arch = " ".join(f"{k}={v}" for k, v in e.arch.items())
-            lines.append(f"| {e.bucket:g} | {e.macs / 1e6:.2f} | {ms}{e.val_accuracy:.2f} | {arch} |")
+            label = self.bucket_label(e)
+            lines.append(f"| {label} | {e.macs / 1e6:.2f} | {ms}{e.val_accuracy:.2f} | {arch} |")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ files

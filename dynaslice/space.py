@@ -233,18 +233,26 @@ class SearchSpace:
         ratios = [d.min / d.max for d in self.dims if d.kind == "width" and len(d.choices) > 1]
         return min(ratios, default=1.0)
 
+    def lowest_ratio(self) -> float:
+        """The smallest ratio :meth:`uniform` takes: 10% below :meth:`narrowest_ratio`, so that the
+        nominal ratios of a rounded grid (x0.35 where the narrowest widths are 0.34 of the widest)
+        name its narrowest subnet."""
+        return 0.9 * self.narrowest_ratio()
+
     def uniform(self, ratio: float) -> Arch:
         """Every width dimension at ``ratio`` of its maximum, rounded to the nearest grid value.
 
         Kernel and depth dimensions stay at their maximum. Ties follow the group's first
-        dimension. A ratio more than 10% below :meth:`narrowest_ratio` is refused rather than
-        silently rounded up to the narrowest subnet (a table row "x0.1" must be that wide).
+        dimension. A ratio below :meth:`lowest_ratio` is refused rather than silently rounded up
+        to the narrowest subnet (a table row "x0.1" must be that wide).
         """
-        lowest = self.narrowest_ratio()
-        if not (0 < ratio <= 1 and ratio >= 0.9 * lowest):
+        lowest = self.lowest_ratio()
+        if not (0 < ratio <= 1 and ratio >= lowest):
+            shown = math.ceil(round(lowest * 100, 6)) / 100  # a ratio the message names is accepted
             raise ValueError(
-                f"uniform width ratio {ratio:g} is outside [{lowest:.2f}, 1], the widths this space has; "
-                "use smallest() for its narrowest subnet"
+                f"uniform width ratio {ratio:g} is outside {shown:.2f}..1, the ratios this space has "
+                f"(its narrowest widths are {self.narrowest_ratio():.2f} of each maximum, and ratios "
+                f"from {shown:.2f} round to them: smallest())"
             )
         indices = []
         for group in self.groups:

@@ -160,6 +160,29 @@ def test_budget_table_best_within_budget(tmp_path):
     assert BudgetTable.load(tmp_path / "t.json").entries == t.entries
 
 
+def test_bucket_labels_say_the_range_a_bucket_holds(tmp_path, capsys):
+    """A bucket is the metric rounded to a multiple of bucket_step: its label is a range around
+    that value, not an upper bound (issue 33: "bucket 12" held 12.3 MMACs)."""
+    t = table()
+    t.meta = {"metric": "macs", "bucket_step": 2.5}
+    t.entries[1] = BudgetEntry(12.5, Arch(a=2, b=1, c=2), 13_100_000, 85.0)
+    assert t.bucket_label(t.entries[1]) == "11.25-13.75 MMACs"
+    assert "| 11.25-13.75 MMACs | 13.10 |" in t.format()
+    t.save(tmp_path / "budget_table.json")
+    assert main(["select", str(tmp_path / "budget_table.json"), "--max-macs", "14M"]) == 0
+    assert capsys.readouterr().out.startswith("bucket 11.25-13.75 MMACs: 13.10 MMACs")
+    t.meta = {"metric": "latency", "bucket_step": 0.5}
+    assert t.bucket_label(t.entries[0]) == "9.75-10.25 ms"
+
+
+def test_a_bucket_step_giving_fewer_than_three_buckets_is_refused():
+    """The README's latency line kept bucket_step 2.5 (meant for MMACs) for milliseconds and got
+    a table of 2 budgets without a word; the toy metric spans 4..15 here."""
+    with pytest.raises(ValueError, match=r"gives 2 budget bucket\(s\) over this space's 4..15.*at least 3"):
+        sampler(bucket_step=6.0)
+    assert len(sampler(bucket_step=3.0).buckets) >= 3
+
+
 # --------------------------------------------------------------------------- end to end
 
 TINY = {

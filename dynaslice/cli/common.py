@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -35,15 +36,63 @@ def default_run_dir(config: str) -> Path:
     return Path("runs") / Path(config).stem
 
 
-def parse_amount(text: str) -> float:
-    """``"12.5M"`` -> 12.5e6; plain numbers pass through; K, M, G suffixes (any case)."""
+# Amounts on the command line. One reading everywhere: ``12M`` / ``12e6`` is an amount; ``0.5``
+# and ``50%`` are a share of the full network, accepted only where a flag says "of the full
+# network" (``--target-macs``/``--target-params``: parse_share). Where a share means nothing
+# (a PSS budget in MACs, a latency) it is refused with a line saying what the flag wants, never
+# read as 0.5 MACs.
+MIN_COUNT = 1000
+"""Fewer MACs or parameters than any network has: a value below this was meant as a share."""
+
+
+def _number(text: str, wants: str) -> float:
+    """``"12.5M"`` -> 12.5e6 (K, M, G suffixes, any case), positive and finite; else one line: ``wants``."""
     scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1.0)
     try:
         value = float(text[:-1] if scale != 1.0 else text) * scale
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number like 12e6 or 12M") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {wants}") from None
     if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite amount")
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive and finite: {wants}")
+    return value
+
+
+def parse_amount(text: str) -> float:
+    """An absolute amount (milliseconds, ...): ``"12.5M"`` -> 12.5e6; plain numbers pass through."""
+    if text.strip().endswith("%"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a percentage means nothing here: give an amount")
+    return _number(text, "an amount like 3.5, 12e6 or 12M")
+
+
+def parse_macs(text: str) -> float:
+    """MACs per image (PSS budgets): ``12M``, ``12e6``; a value under :data:`MIN_COUNT` or a
+    percentage is refused as a share by mistake (no PSS table knows its full network's MACs)."""
+    wants = "MACs per image like 12M or 12e6"
+    if text.strip().endswith("%"):
+        raise argparse.ArgumentTypeError(f"{text!r}: budgets here are {wants}, not a share of the network")
+    value = _number(text, wants)
+    if value < MIN_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is {value:g} MACs, less than any network: did you mean a fraction? "
+            f"budgets here are {wants}"
+        )
+    return value
+
+
+def parse_share(text: str) -> float:
+    """A budget relative to the full network or absolute: ``0.5`` or ``50%`` (half of it, returned
+    as 0.5), or an amount like ``12M`` / ``200k`` (returned as is). The library reads a value
+    <= 1 as a fraction; a value between 1 and :data:`MIN_COUNT` is neither, and refused."""
+    wants = "a fraction <= 1 or a percentage like 50% of the full network, or an amount like 12M"
+    body = text.strip()
+    if body.endswith("%"):
+        value = _number(body[:-1], wants) / 100
+        if value > 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is more than the full network: give {wants}")
+        return value
+    value = _number(body, wants)
+    if 1 < value < MIN_COUNT:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction (<= 1) nor a count >= 1k: {wants}")
     return value
 
 
@@ -57,10 +106,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_archs(tokens: list[str], net: Supernet, default_widths: list[float]) -> dict[str, Arch]:
+ARCHS_FORMS = "uniform, largest, smallest, routes, a width ratio like x0.5 or 0.5, or an archs .json file"
+ARCH_FORMS = "largest, smallest, a width ratio like x0.5 or 0.5, routeN, or a JSON arch (inline or a file)"
+
+
+def parse_archs(
+    tokens: list[str], net: Supernet, default_widths: list[float], flag: str = "--archs"
+) -> dict[str, Arch]:
     """``uniform`` (the config's eval widths), ``largest``, ``smallest``, ``routes`` (a gated
     net's routes), a ratio like ``x0.5`` or ``0.5``, or a JSON file holding a list of archs or a
-    ``{name: arch}`` mapping."""
+    ``{name: arch}`` mapping. ``flag`` names the option in messages."""
     archs: dict[str, Arch] = {}
     for token in tokens:
         if token == "routes":
@@ -74,7 +129,7 @@ def parse_archs(tokens: list[str], net: Supernet, default_widths: list[float]) -
         elif token.endswith(".json"):
             archs.update(_archs_from_json(token, net))
         else:
-            archs.update(uniform_archs(net, [_ratio(token, net)]))
+            archs.update(uniform_archs(net, [_ratio(token, net, flag)]))
     return archs
 
 
@@ -92,13 +147,24 @@ def _archs_from_json(token: str, net: Supernet) -> dict[str, Arch]:
         raise UserError(f"{token} must hold a list of archs or a {{name: arch}} mapping: {e}") from None
 
 
-def _ratio(token: str, net: Supernet) -> float:
+def _ratio(token: str, net: Supernet, flag: str) -> float:
+    """A uniform width ratio (``x0.5`` or ``0.5``) this net has, or one line naming the accepted forms
+    and the ratios there are (the ones :meth:`SearchSpace.uniform` takes)."""
+    forms = ARCHS_FORMS if flag == "--archs" else ARCH_FORMS
     try:
-        return float(token.removeprefix("x"))
+        ratio = float(token.removeprefix("x"))
     except ValueError:
+        raise UserError(f"{flag} {token!r}: use {forms}") from None
+    lowest, narrowest = net.space.lowest_ratio(), net.space.narrowest_ratio()
+    if not lowest <= ratio <= 1:
+        shown = math.ceil(round(lowest * 100, 6)) / 100  # a ratio the message names is accepted
         raise UserError(
-            f"--archs {token!r}: use uniform, largest, smallest, a width ratio like x0.5, or a .json file"
-        ) from None
+            f"{flag} {token!r}: width ratio {ratio:g} is outside {shown:.2f}..1, the ratios this network has "
+            f"(x{shown:.2f} to x{narrowest:.2f} round to its narrowest widths, {narrowest:.2f} of the widest)"
+            "; "
+            f"use {forms}"
+        )
+    return ratio
 
 
 def parse_arch(token: str, net: Supernet) -> Arch:
@@ -123,7 +189,9 @@ def parse_arch(token: str, net: Supernet) -> Arch:
             raise UserError(f"cannot read an arch from {text}: {e}") from None
         if isinstance(data, dict) and all(isinstance(v, int) for v in data.values()):
             return net.space.validate(data)
-    archs = parse_archs([text], net, [])
+    if text in ("uniform", "routes"):
+        raise UserError(f"--arch {token!r} names several subnets (that is --archs of eval); use {ARCH_FORMS}")
+    archs = parse_archs([text], net, [], flag="--arch")
     if len(archs) != 1:
         raise UserError(f"--arch {token!r} names {len(archs)} subnets; give exactly one")
     return next(iter(archs.values()))

@@ -49,6 +49,7 @@ from .common import (
     load_checkpoint,
     parse_amount,
     parse_arch,
+    parse_macs,
     refuse_existing,
     trusted_data,
 )
@@ -147,7 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="run directory, checkpoint directory or .safetensors model file")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--arch", default=None, metavar="A", help="largest | smallest | x0.5 | routeN | JSON | file.json")
-    which.add_argument("--budget-macs", type=parse_amount, default=None, metavar="X", help="PSS runs: e.g. 12M")
+    which.add_argument("--budget-macs", type=parse_macs, default=None, metavar="X", help="PSS runs: e.g. 12M")
     which.add_argument("--budget-ms", type=parse_amount, default=None, metavar="X", help="PSS runs with a latency table")
     which.add_argument("--gated", action="store_true", help="a gated checkpoint as an ONNX package (--out DIR)")
     which.add_argument("--budget-table", action="store_true", help="a PSS run's budget table as an ONNX package (--out DIR)")

@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import runs
 from ..prune import prune_run
 from ..train.config import PRUNE_METHODS, load_config
-from .common import UserError, add_set, parse_amount
+from .common import UserError, add_set, parse_share
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -43,12 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("method", choices=PRUNE_METHODS, metavar="METHOD", help=" | ".join(PRUNE_METHODS))
     p.add_argument("--config", default="prune", help="YAML file or preset name (default: prune)")
     p.add_argument(
-        "--target-macs", type=parse_amount, default=None, metavar="X",
-        help="MACs of the compact network: a fraction <= 1 of the full network's, or MACs like 12M",
+        "--target-macs", type=parse_share, default=None, metavar="X",
+        help="MACs of the compact network: a share of the full network's (0.5 or 50%%), or MACs like 14M",
     )  # fmt: skip
     p.add_argument(
-        "--target-params", type=parse_amount, default=None, metavar="X",
-        help="parameters of the compact network: a fraction <= 1 of the full network's, or a count like 200k",
+        "--target-params", type=parse_share, default=None, metavar="X",
+        help="parameters of the compact network: a share of the full network's (0.5, 50%%) or a count (200k)",
     )  # fmt: skip
     add_set(p, "prune.finetune_epochs=0.5")
     p.add_argument("--out", default=None, help="run directory (default: runs/prune-METHOD)")

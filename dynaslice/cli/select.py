@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..budget import BudgetNet, BudgetTable
-from .common import UserError, budget_source, parse_amount, refuse_existing
+from .common import UserError, budget_source, parse_amount, parse_macs, refuse_existing
 from .export import write_subnet
 
 
@@ -18,7 +18,7 @@ def _select(args: argparse.Namespace) -> int:
     source = budget_source(Path(args.run))
     table = BudgetTable.load(source)
     entry = table.best_entry(args.max_macs, args.max_latency_ms)
-    line = f"bucket {entry.bucket:g}: {entry.macs / 1e6:.2f} MMACs"
+    line = f"bucket {table.bucket_label(entry)}: {entry.macs / 1e6:.2f} MMACs"
     if entry.latency_ms is not None:
         line += f", {entry.latency_ms:.3f} ms"
     print(f"{line}, val top-1 {entry.val_accuracy:.2f}%")
@@ -39,7 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "split) whose MACs / predicted latency fit the budget; optionally export it.",
     )
     p.add_argument("run", metavar="RUN_OR_CKPT", help="PSS run directory, checkpoint dir, budget_table.json or budget.safetensors")
-    p.add_argument("--max-macs", type=parse_amount, default=None, metavar="X", help="MACs per image, e.g. 12e6 or 12M")
+    p.add_argument(
+        "--max-macs", type=parse_macs, default=None, metavar="X",
+        help="MACs per image, e.g. 12M or 12e6 (not a share of the network: a value under 1k is refused)",
+    )  # fmt: skip
     p.add_argument("--max-latency-ms", type=parse_amount, default=None, metavar="X", help="predicted milliseconds")
     p.add_argument("--export", default=None, metavar="PATH", help="write the subnet: PATH.onnx as ONNX, else torch.save of the static model")
     p.set_defaults(func=_select)

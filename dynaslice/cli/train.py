@@ -10,7 +10,7 @@ from typing import Any
 from .. import runs
 from ..atomic import atomic_write_json
 from ..gate import GatedSupernet
-from ..modelfile import prefixed, save_model_file
+from ..modelfile import CheckpointError, load_model_file, prefixed, save_model_file
 from ..models.base import Supernet
 from ..space import Arch
 from ..train import evaluate, evaluate_gated, format_gated, format_rows, recalibrate_bn, train, train_gate
@@ -22,8 +22,8 @@ from .common import (
     add_set,
     default_run_dir,
     load_checkpoint,
-    parse_amount,
     parse_archs,
+    parse_share,
     positive_int,
     refuse_existing,
     run_dir_arg,
@@ -58,22 +58,57 @@ def _recalibrate_net(net: Supernet, cfg: Config, archs: dict[str, Arch], images:
     recalibrate_bn(net, list(archs.values()), train_ds, n, cfg.train.recal_batch_size, seed=cfg.train.seed)
 
 
+def _recalibrated_out(args: argparse.Namespace, net: Supernet, file: Path, archs: dict[str, Arch]) -> Path:
+    """Where ``recalibrate`` writes, refusing to replace what it should not.
+
+    Default, in a run directory: ``recalibrated.safetensors``, the file ``train`` writes at its end
+    for the eval widths (what ``eval``, ``export`` and ``init_from`` read), or for a gated net's
+    routes ``routes-recalibrated.safetensors``, the name ``dynaslice run`` gives that file (what
+    Stage II starts from). A default output that holds the same subnets from the same weights is
+    this command's own result, recomputed: it is replaced, so ``recalibrate RUN`` works right after
+    ``train``. Any other existing file (other subnets, an explicit ``--out``) needs ``--force``.
+    """
+    if args.out:
+        out = Path(args.out)
+        refuse_existing(out, "recalibrated model", args.force)
+        return out
+    if Path(args.ckpt).is_dir():
+        routes = isinstance(net, GatedSupernet) and set(archs.values()) == set(net.routes)
+        out = Path(args.ckpt) / (runs.ROUTES_RECALIBRATED if routes else runs.RECALIBRATED)
+    else:
+        out = file.with_name(file.stem + "-recal.safetensors")
+    if out.is_file() and not args.force:
+        try:
+            held = load_model_file(out)[1]
+        except CheckpointError:
+            held = {}
+        same = {Arch(a) for a in (held.get("recalibrated") or {}).values()} == set(archs.values())
+        if not (same and held.get("weights", "model") == args.weights):
+            what = ", ".join(held.get("recalibrated") or {}) or "unknown subnets"
+            raise UserError(
+                f"{out} exists and holds BN statistics for other subnets or weights ({what}): "
+                f"pass --out FILE for {', '.join(archs)}, or --force to replace it"
+            )
+    refuse_existing(out, "recalibrated model", force=True)  # a writable place, not a directory
+    return out
+
+
 def _recalibrate(args: argparse.Namespace) -> int:
     net, meta, cfg, file = load_checkpoint(args.ckpt, args.weights)
     cfg = trusted_data(cfg, args.data_dir)
-    archs = parse_archs(args.archs or ["uniform"], net, cfg.train.eval_widths)
-    if args.out:
-        out = Path(args.out)
-    elif Path(args.ckpt).is_dir():
-        out = Path(args.ckpt) / runs.RECALIBRATED
-    else:
-        out = file.with_name(file.stem + "-recal.safetensors")
-    refuse_existing(out, "recalibrated model", args.force)
+    default = ["routes"] if isinstance(net, GatedSupernet) else ["uniform"]
+    archs = parse_archs(args.archs or default, net, cfg.train.eval_widths)
+    out = _recalibrated_out(args, net, file, archs)
+    replaced = out.exists()
     _recalibrate_net(net, cfg, archs, args.images)
     meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
     meta["recalibrated"] = {k: a.to_dict() for k, a in archs.items()}
+    meta["weights"] = args.weights  # the file's "model" weights are these (EMA weights with --weights ema)
     save_model_file(out, prefixed("model", net), meta)
-    print(f"BN statistics recalibrated for {len(archs)} subnet(s) ({', '.join(archs)}): {out}")
+    print(
+        f"BN statistics recalibrated for {len(archs)} subnet(s) ({', '.join(archs)}): {out}"
+        + (" (replaced)" if replaced else "")
+    )
     return 0
 
 
@@ -84,9 +119,17 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError("evaluating folder datasets is not wired into the CLI yet; use dynaslice.train.evaluate")
     if args.json:
         refuse_existing(Path(args.json), "JSON results", force=True)
-    if isinstance(net, GatedSupernet):
+    gated = isinstance(net, GatedSupernet)
+    if gated and not args.archs and meta.get("stage") == 2:
         return _eval_gated(args, net, meta, cfg, file)
-    archs = parse_archs(args.archs or ["uniform"], net, cfg.train.eval_widths)
+    if gated and not args.archs:  # Stage I: the slimming head's argmax is noise, not a decision
+        print(
+            f"note: {file} is a Stage I checkpoint: its gate has not been trained by Stage II "
+            "(dynaslice train-gate), so eval reports each route as a static subnet, not the gate",
+            file=sys.stderr,
+        )
+    # a gated checkpoint's --archs are subnets of its backbone supernet, each run as a static subnet
+    archs = parse_archs(args.archs or (["routes"] if gated else ["uniform"]), net, cfg.train.eval_widths)
     done = {Arch(a) for a in (meta.get("recalibrated") or {}).values()}
     if args.recalibrate == "yes" or (args.recalibrate == "auto" and not set(archs.values()) <= done):
         _recalibrate_net(net, cfg, archs, None)
@@ -95,7 +138,8 @@ def _eval(args: argparse.Namespace) -> int:
         note = "BN statistics from the file"
     data = load_split(cfg.data, args.split, cfg.train.seed)
     rows = evaluate(net, archs, eval_loader(data), input_size=net.input_size)
-    print(f"{file} ({args.weights} weights, {args.split} split, {len(data)} images, {note})")
+    kind = "gated supernet, static subnets; " if gated else ""
+    print(f"{file} ({kind}{args.weights} weights, {args.split} split, {len(data)} images, {note})")
     print(format_rows(rows))
     if args.json:
         atomic_write_json(args.json, {"checkpoint": str(file), "split": args.split, "rows": rows}, indent=1)
@@ -103,12 +147,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_gated(args: argparse.Namespace, net: GatedSupernet, meta: dict[str, Any], cfg: Config, file: Path) -> int:
-    """A gated checkpoint: dynamic (argmax) accuracy, average MACs, route histograms, SGS agreement."""
-    if args.archs:
-        raise UserError(
-            f"{file} is a gated checkpoint: eval reports its gate and its {len(net.routes)} routes; "
-            "--archs is for plain supernets"
-        )
+    """A Stage-II checkpoint: dynamic (argmax) accuracy, average MACs, route histograms, SGS agreement."""
     if args.recalibrate == "yes" or (args.recalibrate == "auto" and needs_recalibration(net, meta)):
         recalibrate_routes(net, cfg)
         note = "BN recalibrated now for the routes"
@@ -116,8 +155,7 @@ def _eval_gated(args: argparse.Namespace, net: GatedSupernet, meta: dict[str, An
         note = "BN statistics from the file"
     data = load_split(cfg.data, args.split, cfg.train.seed)
     result = evaluate_gated(net, eval_loader(data), data.num_classes, net.input_size)
-    stage = "Stage II" if meta.get("stage") == 2 else "Stage I (slimming head untrained)"
-    print(f"{file} (gated, {stage}; {args.weights} weights, {args.split} split, {len(data)} images, {note})")
+    print(f"{file} (gated, Stage II; {args.weights} weights, {args.split} split, {len(data)} images, {note})")
     print(format_gated(result))
     if args.json:
         atomic_write_json(args.json, {"checkpoint": str(file), "split": args.split, "gated": result}, indent=1)
@@ -161,14 +199,11 @@ def _train_gate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers
 
 
-def _checkpoint_args(p: argparse.ArgumentParser, archs: bool = True) -> None:
+def _checkpoint_args(p: argparse.ArgumentParser, archs: str = "") -> None:
+    """The checkpoint, data and weights options; ``archs``: the help of ``--archs`` (none if empty)."""
     p.add_argument("ckpt", metavar="CKPT", help="run directory, checkpoint directory or .safetensors model file")
     if archs:
-        p.add_argument(
-            "--archs", nargs="+", default=None, metavar="A",
-            help="uniform | largest | smallest | routes | x0.5 | archs.json (default: uniform = the config's "
-            "eval widths; a gated checkpoint: its gate and routes)",
-        )  # fmt: skip
+        p.add_argument("--archs", nargs="+", default=None, metavar="A", help=archs)
     p.add_argument("--weights", choices=("model", "ema"), default="model", help="student or EMA-teacher weights")
     p.add_argument(
         "--data-dir", default=None, metavar="DIR",
@@ -198,10 +233,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("train-gate", help="Stage II: train the gate of a gated supernet (the backbone stays frozen)")
-    _checkpoint_args(p, archs=False)
+    _checkpoint_args(p)
     p.add_argument(
-        "--target-macs", type=parse_amount, default=None, metavar="X",
-        help="average MACs per image to aim for: a fraction <= 1 of the widest route, or MACs like 12M "
+        "--target-macs", type=parse_share, default=None, metavar="X",
+        help="average MACs per image to aim for: a share of the widest route's (0.6, 60%%) or MACs like 12M "
         "(default: the config's stage2.target_macs)",
     )  # fmt: skip
     p.add_argument("--epochs", type=positive_int, default=None, help="Stage-II epochs (default: stage2.epochs)")
@@ -213,14 +248,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train_gate)
 
     p = sub.add_parser("recalibrate", help="recompute BN statistics of a checkpoint for the subnets you will use")
-    _checkpoint_args(p)
+    _checkpoint_args(
+        p,
+        "uniform | largest | smallest | routes | x0.5 | archs.json (default: uniform = the config's eval "
+        "widths; a gated checkpoint: its routes)",
+    )
     p.add_argument("--images", type=positive_int, default=None, help="training images to use (default: train.recal_images)")
-    p.add_argument("--out", default=None, help="output model file (default: next to the checkpoint)")
+    p.add_argument(
+        "--out", default=None,
+        help="output model file (default in a run directory: RUN/recalibrated.safetensors, for a gated net's "
+        "routes RUN/routes-recalibrated.safetensors, replaced when it holds the same subnets; else next to "
+        "the checkpoint file)",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=_recalibrate)
 
     p = sub.add_parser("eval", help="top-1 accuracy and MACs of subnets of a checkpoint")
-    _checkpoint_args(p)
+    _checkpoint_args(
+        p,
+        "uniform | largest | smallest | routes | x0.5 | archs.json, each a static subnet (default: uniform = "
+        "the config's eval widths; a gated checkpoint: its gate and routes after Stage II, "
+        "its routes before)",
+    )
     p.add_argument("--split", choices=("test", "val"), default="test")
     _recalibrate_choice(p, "auto: recalibrate unless the file was recalibrated for these subnets")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")

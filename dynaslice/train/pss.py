@@ -58,6 +58,10 @@ from .samplers import register_sampler
 if TYPE_CHECKING:  # pragma: no cover
     from .supernet import SupernetTrainer
 
+MIN_BUCKETS = 3
+"""Fewer budget buckets than this is refused: a bucket_step too coarse for the metric's range
+(e.g. one in MMACs kept after switching to milliseconds) would silently give a table of two budgets."""
+
 ResourceFn = Callable[[Sequence[Arch]], Sequence[float]]
 """Vectorised metric of many archs (e.g. MMACs), in the units of ``bucket_step``."""
 
@@ -141,6 +145,13 @@ class PSSSampler:
         self.buckets: list[int] = sorted(int(b) for b in np.unique(buckets[keep]))
         if not self.buckets:
             raise ValueError("the search space has no subnet besides the largest and smallest")
+        if len(self.buckets) < MIN_BUCKETS:  # a table of one or two budgets: not what PSS is for
+            lo, hi = float(metric.min()), float(metric.max())
+            raise ValueError(
+                f"bucket_step {self.bucket_step:g} (train.pss.bucket_step) gives {len(self.buckets)} budget "
+                f"bucket(s) over this space's {lo:.3g}..{hi:.3g} (MMACs, or ms with a latency table); "
+                f"PSS needs at least {MIN_BUCKETS}: use a smaller one, e.g. {(hi - lo) / 5:.2g}"
+            )
         self._marginals: dict[int, list[np.ndarray]] = {}
         self._examples: dict[int, np.ndarray] = {}
         for b in self.buckets:
