@@ -277,13 +277,17 @@ def step_export(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     target = best_target(run_dir, run)
     gated, _ = _read_only(run_dir / runs.gate_name(target))
     test = _test_split(cfg, 1)
+    bar = Progress(3, "export", unit="model")  # an ONNX export takes seconds
     export_gated(gated.eval(), out / "gated", mean=test.mean, std=test.std)
+    bar.update()
     routes, _ = _read_only(run_dir / runs.ROUTES_RECALIBRATED)
     files = {"gated": {"dir": "gated", "target": target, "stage2_run": runs.gate_name(target)}}
     for name, arch in (("largest", routes.routes[-1]), ("smallest", routes.routes[0])):
         save_torch_model(extract_subnet(routes, arch).eval(), out / f"{name}.pt")
         export_onnx(routes, arch, out / f"{name}.onnx")
         files[name] = {"torch": f"{name}.pt", "onnx": f"{name}.onnx", "arch": arch.to_dict()}
+        bar.update()
+    bar.close()
     files["normalisation"] = {"mean": list(test.mean), "std": list(test.std)}
     atomic_write_json(out / "exports.json", files)
 

@@ -130,9 +130,10 @@ class Progress:
         new = self.done - self.start_done
         rate = new / elapsed
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        text = f"{self.desc}: {self.done}/{self.total} {self.unit}s ({pct:.0f}%)"
+        units = self.unit + ("es" if self.unit.endswith(("ch", "sh", "s", "x")) else "s")
+        text = f"{self.desc}: {self.done}/{self.total} {units} ({pct:.0f}%)"
         if new > 0:
-            rate_text = f"{rate:.3g} {self.unit}s/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}"
+            rate_text = f"{rate:.3g} {units}/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}"
             text += f", {rate_text}, ETA {format_seconds((self.total - self.done) / rate)}"
         else:
             text += f", {format_seconds(elapsed)} so far"

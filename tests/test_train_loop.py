@@ -417,6 +417,7 @@ def test_training_redirected_to_a_file_prints_progress_lines(tmp_path, capsys, m
     assert steps[0].startswith("train epoch 1/1: 1/8 steps (12%), ")
     assert "ETA" in steps[0] and "loss" in steps[0]
     assert "\r" not in err  # no terminal bar redrawn into the file
+    assert "BN recalibration: 1/" in err and "eval: 1/2 batches" in err  # what follows the last epoch
 
 
 def test_phase2_says_where_it_starts_and_why_its_loss_differs(tmp_path, capsys):

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data import EvalTransform, InMemoryDataset
 from ..nn import SlicedBatchNorm2d
+from ..progress import Progress
 from ..seeding import derive_seed
 from ..space import Arch
 
@@ -74,9 +75,11 @@ def recalibrate_bn(
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average over all batches
             bn.train()
-        for arch in archs:
-            for x in batches:
-                net(x.to(device, non_blocking=True), arch)
+        with Progress(len(archs) * len(batches), "BN recalibration", unit="batch") as bar:
+            for arch in archs:
+                for x in batches:
+                    net(x.to(device, non_blocking=True), arch)
+                    bar.update()
     finally:
         for bn, momentum in zip(bns, momenta, strict=True):
             bn.momentum = momentum
