@@ -186,19 +186,54 @@ class ResourceModel:
         return self._eval(archs, "params")
 
 
-_MODELS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], ResourceModel]] = (
+class ExtractedCosts:
+    """Exact costs of each arch counted on its extracted subnet: for supernets whose costs are
+    *sums* of monomials, which :class:`ResourceModel` cannot derive.
+
+    A network converted by :func:`dynaslice.make_supernet` is one when a layer reads a
+    concatenation of sliced channel groups (DenseNet, SqueezeNet): its MACs are
+    ``out * (w_a + w_b) * ...``. Each arch is extracted from a meta-device copy (shapes only) and
+    counted with ``FlopCounterMode``, like any plain model -- the same numbers, about 0.1 s per
+    new arch instead of microseconds (results are memoised per arch).
+    """
+
+    def __init__(self, net: Supernet, input_size: Sequence[int]):
+        self.space: SearchSpace = net.space
+        self.input_size = tuple(input_size)
+        self._meta = meta_copy(net)
+        self._memo: dict[Arch, tuple[int, int]] = {}
+
+    def _costs(self, arch: ArchLike) -> tuple[int, int]:
+        from .export import extract_subnet  # export needs the models; profile sits below them
+
+        arch = self.space.validate(arch)
+        if arch not in self._memo:
+            sub = extract_subnet(self._meta, arch, self.input_size)  # type: ignore[arg-type]
+            self._memo[arch] = (count_module_macs(sub, self.input_size), count_module_params(sub))
+        return self._memo[arch]
+
+    def macs(self, archs: Sequence[ArchLike]) -> np.ndarray:
+        return np.array([self._costs(a)[0] for a in archs], dtype=np.int64)
+
+    def params(self, archs: Sequence[ArchLike]) -> np.ndarray:
+        return np.array([self._costs(a)[1] for a in archs], dtype=np.int64)
+
+
+_MODELS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], ResourceModel | ExtractedCosts]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def resource_model(net: Supernet, input_size: Sequence[int] | None = None) -> ResourceModel:
-    """The (cached) :class:`ResourceModel` of ``net`` at ``input_size`` (default ``net.input_size``)."""
+def resource_model(net: Supernet, input_size: Sequence[int] | None = None) -> ResourceModel | ExtractedCosts:
+    """The (cached) :class:`ResourceModel` of ``net`` at ``input_size`` (default ``net.input_size``),
+    or its :class:`ExtractedCosts` when ``net.analytic_costs`` is false (costs that are sums)."""
     size = tuple(input_size or net.input_size)
     if len(size) != 3:
         raise ValueError(f"input_size must be (C, H, W), got {size}")
     per_net = _MODELS.setdefault(net, {})
     if size not in per_net:
-        per_net[size] = ResourceModel(net, size)
+        analytic = getattr(net, "analytic_costs", True)
+        per_net[size] = ResourceModel(net, size) if analytic else ExtractedCosts(net, size)
     return per_net[size]
 
 

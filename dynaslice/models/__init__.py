@@ -2,5 +2,14 @@
 
 from . import dsmbnet, mobilenet, resnet, vit  # noqa: F401  (register the families)
 from .base import Supernet, create_supernet, list_supernets, load_pretrained, register_supernet
+from .converted import ConvertedSupernet, make_supernet
 
-__all__ = ["Supernet", "create_supernet", "list_supernets", "load_pretrained", "register_supernet"]
+__all__ = [
+    "ConvertedSupernet",
+    "Supernet",
+    "create_supernet",
+    "list_supernets",
+    "load_pretrained",
+    "make_supernet",
+    "register_supernet",
+]

@@ -1,0 +1,530 @@
+"""Channel groups: which channels of a traced network must keep the same width (and order).
+
+One walk over a ``torch.fx`` graph with shapes (:func:`dynaslice.graph.trace`) follows the
+channel axis of every tensor. A conv or linear layer *produces* a new group of channels; norms,
+activations, pooling and depthwise convs keep it; an elementwise ``+``/``*`` ties the groups of
+its operands (a residual stream, a squeeze-and-excitation scale) with a union-find. The walk
+records every tensor axis that holds a group's channels (:class:`Member`), which is what
+slicing, pruning and reordering channels all need.
+
+Two ideas carry the less common layers without special cases:
+
+- A tensor's channel axis has a *layout*: a sequence of segments, each the channels of one group
+  with a *repeat* (how many consecutive positions each channel occupies). A concatenation puts
+  segments side by side (DenseNet, SqueezeNet's fire modules); a flatten after pooling to
+  ``H x W`` repeats each channel ``H*W`` times (a VGG-style classifier); a depthwise conv with a
+  channel multiplier ``m`` repeats it ``m`` times. Keeping the first ``w`` channels of a group is
+  then always a union of contiguous ranges, one per segment.
+- A grouped conv keeps whole conv groups: its channels are sliced in steps of the channels per
+  conv group (the group's ``step``), so a subnet drops whole conv groups. GroupNorm likewise.
+
+Anything the walk cannot follow -- an op missing from :mod:`dynaslice.graph.rules`, a reshape to
+a fixed size, a channel shuffle, code that reads a channel count -- makes the groups around it
+*fixed*, with the reason, rather than guessing: a fixed group keeps its full width, so the
+network stays exactly the original there. The model's input and output are fixed too.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import defaultdict
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from ..nn import SlicedBatchNorm2d, SlicedConv2d, SlicedLayerNorm, SlicedLinear
+from . import rules
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Part of a channel axis: the channels of group ``group``, each repeated ``repeat`` times."""
+
+    group: int
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a tensor's channels lie: on ``axis``, as ``segments`` one after another."""
+
+    axis: int
+    segments: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor axis that holds a group's channels: ``module.attr`` along ``axis``.
+
+    ``role``: ``producer`` (output rows of a conv/linear: writes the channels), ``consumer``
+    (input columns: reads them), ``norm`` (per-channel parameters and statistics) or
+    ``channelwise`` (the filters of a depthwise or grouped conv). Channel ``c`` occupies positions
+    ``offset + c*repeat ... offset + (c+1)*repeat - 1`` of that axis.
+    """
+
+    module: str
+    attr: str
+    axis: int
+    role: str
+    offset: int = 0
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must keep the same width (and order) together.
+
+    ``name`` is the first layer that produces them (``layer1.0.conv1``), ``size`` their number,
+    ``step`` the multiple any width must be (grouped convs, GroupNorm), ``fixed`` why they must
+    keep their full width (``None``: they may be sliced), ``residual`` whether an add ties them.
+    """
+
+    id: int
+    name: str
+    size: int
+    step: int
+    members: tuple[Member, ...]
+    fixed: str | None
+    residual: bool
+
+    def modules(self, role: str) -> tuple[str, ...]:
+        """Names of the modules that touch the channels in ``role``, in graph order, once each."""
+        return tuple(dict.fromkeys(m.module for m in self.members if m.role == role))
+
+
+def _shape(node: object) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
+def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def describe(node: fx.Node) -> str:
+    """``<op> in <module path>``: where a node comes from, for one-line messages."""
+    stack = node.meta.get("nn_module_stack") or {}
+    where = next(reversed(stack.values()), None) if stack else None
+    path = where[0] if isinstance(where, tuple) else None
+    if node.op == "call_module":
+        what = str(node.target)
+        return what
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{target} ({node.name}) in {path}" if path else f"{target} ({node.name})"
+
+
+class _Walk:
+    """Union-find over channel groups while walking the graph once, in order."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.step: list[int] = []
+        self.name: list[str | None] = []
+        self.fixed: list[str | None] = []
+        self.residual: list[bool] = []
+        self.members: list[list[Member]] = []
+        self.layout: dict[fx.Node, Layout | None] = {}
+        self.calls: dict[str, list[fx.Node]] = defaultdict(list)
+        for node in gm.graph.nodes:
+            self.visit(node)
+        self._shared_modules()
+
+    # --- union-find ---------------------------------------------------------------------------
+    def new(self, size: int, producer: str | None = None, fixed: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.step.append(1)
+        self.name.append(producer)
+        self.fixed.append(fixed)
+        self.residual.append(False)
+        self.members.append([])
+        return len(self.parent) - 1
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return a
+        first, second = min(a, b), max(a, b)  # the earlier group keeps its name
+        self.parent[second] = first
+        self.members[first] += self.members[second]
+        self.step[first] = math.lcm(self.step[first], self.step[second])
+        self.name[first] = self.name[first] or self.name[second]
+        self.fixed[first] = self.fixed[first] or self.fixed[second]
+        self.residual[first] |= self.residual[second]
+        return first
+
+    def fix(self, layout: Layout | None, reason: str) -> None:
+        for seg in layout.segments if layout else ():
+            root = self.find(seg.group)
+            self.fixed[root] = self.fixed[root] or reason
+
+    def add(self, layout: Layout, module: str, attr: str, axis: int, role: str) -> None:
+        """Record that ``module.attr`` holds the channels of ``layout`` along ``axis``."""
+        offset = 0
+        for seg in layout.segments:
+            root = self.find(seg.group)
+            self.members[root].append(Member(module, attr, axis, role, offset, seg.repeat))
+            offset += self.size[root] * seg.repeat
+
+    def fresh(self, node: fx.Node, size: int, producer: str | None = None, fixed: str | None = None) -> None:
+        axis = 1 if producer is None else len(_shape(node)) - 1
+        self.layout[node] = Layout(axis, (Segment(self.new(size, producer, fixed)),))
+
+    # --- the walk -----------------------------------------------------------------------------
+    def opaque(self, node: fx.Node, reason: str) -> None:
+        """``node`` does something to channels the walk cannot follow: keep them all at full width."""
+        for a in node.all_input_nodes:
+            self.fix(self.layout.get(a), reason)
+        shape = _shape(node)
+        if shape is not None and len(shape) >= 2:
+            self.fresh(node, shape[1], fixed=reason)
+        else:
+            self.layout[node] = None
+
+    def visit(self, node: fx.Node) -> None:
+        shape = _shape(node)
+        if node.op == "placeholder":
+            if shape is not None and len(shape) >= 2:
+                self.fresh(node, shape[1], fixed="the model's input")
+            return
+        if node.op == "output":
+            for a in node.all_input_nodes:
+                self.fix(self.layout.get(a), "the model's output")
+            return
+        if node.op == "get_attr":
+            self.layout[node] = None
+            return
+        if not any(self.layout.get(a) for a in node.all_input_nodes):
+            self._without_channels(node)
+        elif node.op == "call_module":
+            self._module(node)
+        else:
+            self._function(node)
+
+    def _without_channels(self, node: fx.Node) -> None:
+        """A node none of whose inputs carries channels (sizes, constants, parameters)."""
+        shape = _shape(node)
+        if shape is not None and len(shape) >= 2:  # a tensor made here: its channels stay as they are
+            self.opaque(node, f"{describe(node)} makes a tensor from parameters or constants")
+        else:
+            self.layout[node] = None
+
+    def _same(self, node: fx.Node, src: fx.Node) -> None:
+        self.layout[node] = self.layout[src]
+
+    def _module(self, node: fx.Node) -> None:
+        m = self.gm.get_submodule(str(node.target))
+        name = str(node.target)
+        self.calls[name].append(node)
+        x = node.args[0] if node.args else None
+        layout = self.layout.get(x)
+        extra = [a for a in node.all_input_nodes if a is not x and self.layout.get(a)]
+        if layout is None or extra:
+            return self.opaque(node, f"{name} ({type(m).__name__}) takes several tensors")
+        ndim = len(_shape(x))
+        if isinstance(m, (*rules.CONVS, SlicedConv2d)) and getattr(m, "padding_mode", "zeros") == "zeros":
+            return self._conv(node, m, name, layout)
+        if isinstance(m, (*rules.LINEARS, SlicedLinear)) and getattr(m, "chunks", 1) == 1:
+            if layout.axis != ndim - 1:
+                return self.opaque(node, f"{name} reads channels that are not on the last axis")
+            self.add(layout, name, "weight", 1, "consumer")
+            out = m.out_features
+            self.fresh(node, out, producer=name)
+            self._produce(node, m, name)
+            return None
+        if isinstance(m, rules.BATCH_NORMS + (SlicedBatchNorm2d,)) and layout.axis == 1:
+            stats = 1 if isinstance(m, SlicedBatchNorm2d) else 0
+            attrs = [("weight", 0), ("bias", 0), ("running_mean", stats), ("running_var", stats)]
+            return self._norm(node, m, name, layout, attrs)
+        if isinstance(m, rules.LAYER_NORMS + (SlicedLayerNorm,)) and layout.axis == ndim - 1:
+            if len(getattr(m, "normalized_shape", (0,))) == 1:
+                return self._norm(node, m, name, layout, [("weight", 0), ("bias", 0)])
+        if isinstance(m, rules.GROUP_NORMS) and layout.axis == 1 and len(layout.segments) == 1:
+            seg = layout.segments[0]
+            per_group = m.num_channels // m.num_groups
+            if per_group % seg.repeat == 0:
+                root = self.find(seg.group)
+                self.step[root] = math.lcm(self.step[root], per_group // seg.repeat)
+                return self._norm(node, m, name, layout, [("weight", 0), ("bias", 0)])
+        if rules.is_pointwise_module(m):
+            return self._same(node, x)
+        if isinstance(m, rules.SPATIAL_MODULES) and layout.axis == 1:
+            return self._same(node, x)
+        if isinstance(m, nn.Flatten):
+            return self._flatten(node, x, m.start_dim, m.end_dim)
+        return self.opaque(node, f"{name} ({type(m).__name__})")
+
+    def _produce(self, node: fx.Node, m: nn.Module, name: str) -> None:
+        layout = self.layout[node]
+        for attr in ("weight", "bias"):
+            if getattr(m, attr, None) is not None:
+                self.add(layout, name, attr, 0, "producer")
+
+    def _norm(self, node: fx.Node, m: nn.Module, name: str, layout: Layout, attrs: list) -> None:
+        for attr, axis in attrs:
+            if getattr(m, attr, None) is not None:
+                self.add(layout, name, attr, axis, "norm")
+        self.layout[node] = layout
+
+    def _conv(self, node: fx.Node, m: nn.Module, name: str, layout: Layout) -> None:
+        if layout.axis != 1:
+            return self.opaque(node, f"{name} reads channels that are not on axis 1")
+        cin, cout, groups = m.in_channels, m.out_channels, m.groups
+        if groups == 1:
+            self.add(layout, name, "weight", 1, "consumer")
+            self.fresh(node, cout, producer=name)
+            self.layout[node] = Layout(1, self.layout[node].segments)
+            return self._produce(node, m, name)
+        seg = layout.segments[0]
+        per_group = cin // groups
+        if len(layout.segments) != 1 or cout % cin or per_group % seg.repeat:
+            return self.opaque(node, f"grouped conv {name} ({cin} -> {cout} channels in {groups} groups)")
+        root = self.find(seg.group)
+        self.step[root] = math.lcm(self.step[root], per_group // seg.repeat)
+        out = Layout(1, (Segment(root, seg.repeat * (cout // cin)),))
+        for attr in ("weight", "bias"):
+            if getattr(m, attr, None) is not None:
+                self.add(out, name, attr, 0, "channelwise")
+        self.layout[node] = out
+        return None
+
+    def _function(self, node: fx.Node) -> None:  # noqa: C901 - one dispatch over the rule table
+        op, target = node.op, node.target
+        x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        layout = self.layout.get(x) if x is not None else None
+        if rules.matches(op, target, (rules.JOIN_FUNCTIONS, rules.JOIN_METHODS)):
+            return self._join(node)
+        if op == "call_function" and target in rules.CONCAT_FUNCTIONS:
+            return self._concat(node)
+        if layout is None or any(a is not x and self.layout.get(a) for a in node.all_input_nodes):
+            return self.opaque(node, f"{describe(node)} mixes tensors")
+        if rules.matches(op, target, (rules.POINTWISE_FUNCTIONS, rules.POINTWISE_METHODS)):
+            return self._same(node, x)
+        if op == "call_function" and target in rules.SPATIAL_FUNCTIONS and layout.axis == 1:
+            return self._same(node, x)
+        if rules.matches(op, target, rules.FLATTEN):
+            return self._flatten(node, x, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+        if op == "call_method" and target in rules.RESHAPE_METHODS:
+            return self._reshape(node, x, layout)
+        if rules.matches(op, target, rules.PERMUTE):
+            dims = node.args[1:] if op == "call_method" else (_arg(node, 1, "dims"),)
+            dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], tuple | list) else tuple(dims)
+            ndim = len(_shape(x))
+            order = [d % ndim for d in dims]
+            self.layout[node] = Layout(order.index(layout.axis), layout.segments)
+            return None
+        if rules.matches(op, target, rules.TRANSPOSE):
+            ndim = len(_shape(x))
+            a, b = (_arg(node, 1, "dim0") % ndim, _arg(node, 2, "dim1") % ndim)
+            axis = b if layout.axis == a else a if layout.axis == b else layout.axis
+            self.layout[node] = Layout(axis, layout.segments)
+            return None
+        if rules.matches(op, target, rules.REDUCE):
+            return self._reduce(node, x, layout)
+        if rules.matches(op, target, rules.SOFTMAX):
+            dim = _arg(node, 1, "dim")
+            if dim is not None and dim % len(_shape(x)) != layout.axis:
+                return self._same(node, x)
+            return self.opaque(node, f"{describe(node)} mixes channels")
+        if (op == "call_method" and target == "size") or (op == "call_function" and target is getattr):
+            return self._size(node, x, layout)
+        if op == "call_method" and target in rules.SAME_SHAPE_METHODS:
+            return self._same(node, x) if _shape(node) == _shape(x) else None
+        if op == "call_function" and target is operator.getitem:
+            return self._index(node, x, layout)
+        return self.opaque(node, describe(node))
+
+    def _join(self, node: fx.Node) -> None:
+        """Broadcasting elementwise ops: operands whose channel axes line up are tied."""
+        out = _shape(node)
+        if out is None:
+            return self.opaque(node, f"{describe(node)} on non-tensors")
+        tensors = [a for a in node.all_input_nodes if _shape(a) is not None]
+        laid = [a for a in tensors if self.layout.get(a)]
+        axes = {len(out) - len(_shape(a)) + self.layout[a].axis for a in laid}
+        if len(axes) != 1:
+            return self.opaque(node, f"{describe(node)} combines channels on different axes")
+        axis = axes.pop()
+        full = []
+        for a in tensors:
+            k = axis - (len(out) - len(_shape(a)))
+            if k < 0 or _shape(a)[k] == 1:
+                continue  # broadcast along the channels: not tied
+            if a not in laid or self.layout[a].axis != k:
+                return self.opaque(
+                    node, f"{describe(node)} combines channels with a tensor the walk cannot place"
+                )
+            full.append(self.layout[a])
+        ref = full[0] if full else self.layout[laid[0]]
+        for other in full[1:]:
+            pairs = list(zip(ref.segments, other.segments, strict=False))
+            if len(ref.segments) != len(other.segments) or any(
+                a.repeat != b.repeat or self.size[self.find(a.group)] != self.size[self.find(b.group)]
+                for a, b in pairs
+            ):
+                return self.opaque(node, f"{describe(node)} combines differently laid-out channels")
+            for a, b in pairs:
+                root = self.union(a.group, b.group)
+                if len(full) > 1 and node.target in rules.ADDITIVE:
+                    self.residual[root] = True
+        self.layout[node] = Layout(axis, ref.segments)
+        return None
+
+    def _concat(self, node: fx.Node) -> None:
+        tensors = _arg(node, 0, "tensors")
+        dim = _arg(node, 1, "dim", 0)
+        if not isinstance(tensors, list | tuple) or not all(self.layout.get(t) for t in tensors):
+            return self.opaque(node, f"{describe(node)} concatenates tensors the walk cannot place")
+        axes = {self.layout[t].axis for t in tensors}
+        if len(axes) != 1:
+            return self.opaque(node, f"{describe(node)} concatenates channels on different axes")
+        axis = axes.pop()
+        if dim % len(_shape(node)) != axis:
+            return self._join(node)
+        segments = tuple(s for t in tensors for s in self.layout[t].segments)
+        self.layout[node] = Layout(axis, segments)
+        return None
+
+    def _flatten(self, node: fx.Node, x: fx.Node, start: int, end: int) -> None:
+        shape, layout = _shape(x), self.layout[x]
+        start, end = start % len(shape), end % len(shape)
+        if layout.axis < start:
+            return self._same(node, x)
+        if layout.axis > end:
+            self.layout[node] = Layout(layout.axis - (end - start), layout.segments)
+            return None
+        if math.prod(shape[start : layout.axis]) != 1:
+            return self.opaque(node, f"{describe(node)} flattens channels into a larger axis")
+        inner = math.prod(shape[layout.axis + 1 : end + 1])
+        segments = tuple(Segment(s.group, s.repeat * inner) for s in layout.segments)
+        self.layout[node] = Layout(start, segments)
+        return None
+
+    def _reshape(self, node: fx.Node, x: fx.Node, layout: Layout) -> None:
+        """Only reshapes that are a flatten from the channel axis on, with no size written in
+        the code (a literal size would break once the channels are sliced)."""
+        before, after = _shape(x), _shape(node)
+        sizes = node.args[1:]
+        sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], tuple | list) else tuple(sizes)
+        literal = [s for i, s in enumerate(sizes) if isinstance(s, int) and s != -1 and i > 0]
+        if before == after and not literal:
+            return self._same(node, x)
+        flat = after[: layout.axis] == before[: layout.axis] and len(after) == layout.axis + 1
+        if flat and not literal:
+            return self._flatten(node, x, layout.axis, -1)
+        return self.opaque(node, f"{describe(node)} reshapes {before} to {after}")
+
+    def _reduce(self, node: fx.Node, x: fx.Node, layout: Layout) -> None:
+        ndim = len(_shape(x))
+        dim = _arg(node, 1, "dim")
+        keep = _arg(node, 2, "keepdim", False)
+        dims = range(ndim) if dim is None else [dim] if isinstance(dim, int) else list(dim)
+        dims = {d % ndim for d in dims}
+        if layout.axis in dims:
+            return self.opaque(node, f"{describe(node)} reduces over the channels")
+        axis = layout.axis if keep else layout.axis - sum(d < layout.axis for d in dims)
+        self.layout[node] = Layout(axis, layout.segments)
+        return None
+
+    def _size(self, node: fx.Node, x: fx.Node, layout: Layout) -> None:
+        """Code that reads a channel count would not see the sliced width coming: keep them fixed."""
+        self.layout[node] = None
+        if node.op == "call_function" and node.args[1] != "shape":
+            return
+        dim = _arg(node, 1, "dim") if node.op == "call_method" else None
+        if dim is not None:
+            if dim % len(_shape(x)) == layout.axis:
+                self.fix(layout, f"{describe(node)} reads the channel count")
+            return
+        for user in node.users:
+            index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+            if not isinstance(index, int) or index % len(_shape(x)) == layout.axis:
+                self.fix(layout, f"{describe(node)} reads the channel count")
+
+    def _index(self, node: fx.Node, x: fx.Node, layout: Layout) -> None:
+        index = node.args[1]
+        items = index if isinstance(index, tuple) else (index,)
+        ndim = len(_shape(x))
+        pos_in = pos_out = 0
+        for item in items:
+            if item is Ellipsis:
+                skip = ndim - sum(i is not None and i is not Ellipsis for i in items)
+                if pos_in <= layout.axis < pos_in + skip:
+                    self.layout[node] = Layout(layout.axis - pos_in + pos_out, layout.segments)
+                    return None
+                pos_in, pos_out = pos_in + skip, pos_out + skip
+            elif item is None:
+                pos_out += 1
+            elif isinstance(item, slice) and item == slice(None):
+                if pos_in == layout.axis:
+                    self.layout[node] = Layout(pos_out, layout.segments)
+                    return None
+                pos_in, pos_out = pos_in + 1, pos_out + 1
+            elif isinstance(item, int | slice) and pos_in != layout.axis:
+                pos_in, pos_out = pos_in + 1, pos_out + (0 if isinstance(item, int) else 1)
+            else:
+                return self.opaque(node, f"{describe(node)} indexes the channels")
+        self.layout[node] = Layout(layout.axis - pos_in + pos_out, layout.segments)
+        return None
+
+    def _shared_modules(self) -> None:
+        """A layer called more than once would need one width per call: keep it whole."""
+        for name, nodes in self.calls.items():
+            if len(nodes) > 1 and any(True for _ in self.gm.get_submodule(name).parameters(recurse=False)):
+                for node in nodes:
+                    self.fix(self.layout.get(node), f"{name} is called {len(nodes)} times")
+                    for a in node.all_input_nodes:
+                        self.fix(self.layout.get(a), f"{name} is called {len(nodes)} times")
+
+
+class Analysis:
+    """The channel groups of one traced network and the channel layout of every node."""
+
+    def __init__(self, gm: fx.GraphModule):
+        walk = _Walk(gm)
+        self.gm = gm
+        self._walk = walk
+        self.groups: dict[int, ChannelGroup] = {}
+        for g in range(len(walk.parent)):
+            root = walk.find(g)
+            if root in self.groups:
+                continue
+            fixed = walk.fixed[root] or (None if walk.name[root] else "nothing in the model produces them")
+            self.groups[root] = ChannelGroup(
+                root, walk.name[root] or f"group{root}", walk.size[root], walk.step[root],
+                tuple(dict.fromkeys(walk.members[root])), fixed, walk.residual[root],
+            )  # fmt: skip
+
+    def layout(self, node: fx.Node) -> Layout | None:
+        """``node``'s channel layout, its segments naming groups by their final ids."""
+        layout = self._walk.layout.get(node)
+        if layout is None:
+            return None
+        return Layout(
+            layout.axis, tuple(Segment(self._walk.find(s.group), s.repeat) for s in layout.segments)
+        )
+
+    def sliceable(self) -> list[ChannelGroup]:
+        """Groups that may take any width, in graph order."""
+        return [g for g in self.groups.values() if g.fixed is None]
+
+    def kept(self) -> list[ChannelGroup]:
+        """Groups that a layer produces but that must keep their full width, in graph order."""
+        return [g for g in self.groups.values() if g.fixed is not None and g.modules("producer")]
+
+
+def analyze(gm: fx.GraphModule) -> Analysis:
+    """The channel groups of ``gm`` (nodes annotated with ``tensor_meta``; see :func:`trace`)."""
+    return Analysis(gm)

@@ -1,0 +1,95 @@
+"""How channels flow through each operation: the one pass-through table, as data.
+
+The channel-group walk (:mod:`dynaslice.graph.groups`) looks every ``torch.fx`` node up here.
+Keeping the table in one place is the point: before it, channel ordering and pruning each had
+their own table, and they disagreed (one knew Hardsigmoid and ``mul``, the other LeakyReLU, Tanh,
+GELU and reshapes). An operation missing from every table is *opaque*: the walk keeps the
+channels around it at full width and says which operation stopped it, so adding a row here is
+how a new network becomes sliceable.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Elementwise on each value: the channel layout is unchanged, on whichever axis it lies.
+POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardsigmoid, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)  # fmt: skip
+POINTWISE_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu,
+    F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh,
+    F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.clamp, torch.clip, torch.neg,
+    torch.abs, torch.exp, torch.sqrt, torch.square, operator.neg,
+}  # fmt: skip
+POINTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "clamp",
+    "clamp_", "clip", "neg", "abs", "exp", "sqrt", "square", "detach",
+}  # fmt: skip
+
+# Work on the spatial axes only (2, 3, ...): the channel axis must be axis 1.
+SPATIAL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d, nn.ZeroPad2d,
+)  # fmt: skip
+SPATIAL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample,
+}  # fmt: skip
+
+# Elementwise between tensors (broadcasting): the channels of the operands are tied.
+JOIN_FUNCTIONS = {
+    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub,
+    operator.truediv, operator.itruediv, torch.add, torch.mul, torch.sub, torch.div,
+}  # fmt: skip
+JOIN_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
+ADDITIVE = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
+            "add", "add_", "sub", "sub_"}  # fmt: skip
+
+# Methods that keep values and shape (or read metadata): the layout passes when the shape does.
+SAME_SHAPE_METHODS = {"dim", "ndimension", "type_as", "to", "float", "double", "half"}
+
+CONCAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+FLATTEN = ({torch.flatten}, {"flatten"})
+RESHAPE_METHODS = {"view", "reshape"}
+PERMUTE = ({torch.permute}, {"permute"})
+TRANSPOSE = ({torch.transpose}, {"transpose"})
+REDUCE = ({torch.mean, torch.sum, torch.amax, torch.amin}, {"mean", "sum", "amax", "amin"})
+SOFTMAX = ({F.softmax, torch.softmax, F.log_softmax}, {"softmax", "log_softmax"})
+
+# Layers with weights over the channels (the walk knows what each does with them).
+CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LINEARS: tuple[type[nn.Module], ...] = (nn.Linear,)
+BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+LAYER_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
+GROUP_NORMS: tuple[type[nn.Module], ...] = (nn.GroupNorm,)
+
+# Library layers outside torch.nn that act per value (kept as one call: their code branches on
+# ``self.training``), named by class so that importing dynaslice does not import torchvision.
+POINTWISE_LIBRARY_MODULES = {"torchvision.ops.stochastic_depth.StochasticDepth"}
+
+
+def class_name(m: nn.Module) -> str:
+    """``module.QualifiedName`` of ``m``'s class (how :data:`POINTWISE_LIBRARY_MODULES` names them)."""
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def is_pointwise_module(m: nn.Module) -> bool:
+    return isinstance(m, POINTWISE_MODULES) or class_name(m) in POINTWISE_LIBRARY_MODULES
+
+
+def matches(node_op: str, target: object, table: tuple[set, set]) -> bool:
+    """Whether a ``call_function`` / ``call_method`` node is in ``(functions, methods)``."""
+    functions, methods = table
+    return (node_op == "call_function" and target in functions) or (
+        node_op == "call_method" and target in methods
+    )

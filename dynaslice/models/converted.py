@@ -1,0 +1,547 @@
+"""Your own model as a supernet: ``make_supernet(model, example_input)``.
+
+Any network ``torch.fx`` can trace (every torchvision CNN tested, hand-written ones) becomes a
+:class:`Supernet` whose dimensions are its *channel groups* (:mod:`dynaslice.graph`): channels
+tied through residual adds, concatenations, depthwise and grouped convs, squeeze-and-excitation
+gates and norms move as one width. The input channels and the output classes stay fixed, and
+so does every group the analysis cannot prove safe to slice (it says which, and why).
+
+How a subnet runs. The traced graph is kept, with one change: each layer that touches a sliced
+group is replaced by a *sliced leaf* that takes its widths as arguments, and the graph gets a
+second input, the Arch. Python code generated from that graph (as ``torch.fx`` does for a
+``GraphModule``) then reads ``arch[group]`` and passes it on::
+
+    conv1 = self.layer1[0].conv1(x, arch["layer1.0.conv1"], (arch["conv1"],))
+
+so ``net(x, arch)`` is ordinary dense PyTorch on weight slices with nothing remembered between
+calls. Producers keep their first ``w`` output rows; a consumer keeps the input columns of the
+first ``w`` channels of each group it reads (one contiguous range per segment of a
+concatenation); a depthwise or grouped conv keeps its first whole conv groups and reads its
+width from its input. BatchNorm over one group becomes a :class:`~dynaslice.nn.SlicedBatchNorm2d`
+with private statistics per width (as in the zoo), seeded with the model's own statistics.
+BatchNorm over a concatenation of several groups keeps one set of statistics for all widths
+(its widths are combinations of several groups): recalibrate it for the subnets you deploy.
+
+The largest subnet *is* the original model: :func:`make_supernet` checks it on the example
+input (and that the narrowest subnet runs) before returning.
+
+Not yet (issue 28): gate cuts (a converted net is one stage; ``model.gate.cut`` comes later),
+parameters read outside a layer (ConvNeXt's layer scale, ViT's class token: refused), attention
+heads and transformer MLP widths, channel ordering by importance on converted nets.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..graph import Analysis, GraphError, Layout, analyze, modes_kept, rules, trace
+from ..nn import SlicedBatchNorm2d
+from ..nn.base import SlicedModule, as_parameter
+from ..space import Arch, Dim, SearchSpace, dsnet_ratios, width_grid
+from .base import Supernet
+
+Segments = tuple[tuple[int, int], ...]  # (channels, repeat) of each segment of an input axis
+
+
+def channel_index(segments: Segments, widths: Sequence[int], device: torch.device) -> int | torch.Tensor:
+    """Positions of the first ``widths[i]`` channels of each segment: an int ``n`` when they are
+    the leading ``n`` positions (a plain slice), else an index tensor."""
+    if len(segments) != len(widths):
+        raise ValueError(f"expected {len(segments)} segment widths, got {len(widths)}")
+    leading, offset, parts = 0, 0, []
+    contiguous = True
+    for (size, repeat), w in zip(segments, widths, strict=True):
+        parts.append(torch.arange(offset, offset + w * repeat, device=device))
+        if contiguous:
+            leading += w * repeat
+            contiguous = w == size
+        offset += size * repeat
+    if all(w == s for (s, _), w in zip(segments[:-1], widths[:-1], strict=True)):
+        return leading
+    return torch.cat(parts)
+
+
+def take(t: torch.Tensor | None, axis: int, index: int | torch.Tensor) -> torch.Tensor | None:
+    """``t`` restricted to ``index`` along ``axis`` (a view for a leading slice)."""
+    if t is None:
+        return None
+    if isinstance(index, int):
+        return t.narrow(axis, 0, index)
+    return t.index_select(axis, index)
+
+
+def _width(index: int | torch.Tensor) -> int:
+    return index if isinstance(index, int) else len(index)
+
+
+class ConvertedConv(SlicedModule):
+    """A torch conv (1-3 d) of a converted model, running a dense slice of its weights.
+
+    ``in_segments=None``: a depthwise or grouped conv; it keeps its first whole conv groups,
+    as many as its input holds (no widths passed). Otherwise ``forward(x, out, ins)`` keeps
+    output rows ``[:out]`` and the input columns of the first ``ins[i]`` channels of each input
+    segment.
+    """
+
+    def __init__(self, conv: nn.Module, in_segments: Segments | None):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.in_segments = conv.dilation, in_segments
+        self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[conv.weight.dim() - 2]
+        self._static = type(conv)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, groups={self.groups}"
+        )
+
+    def _slice(self, in_ch: int, out: int | None, ins: tuple[int, ...] | None):
+        if self.in_segments is None:
+            per_in, per_out = self.in_channels // self.groups, self.out_channels // self.groups
+            groups = in_ch // per_in
+            if groups * per_in != in_ch:
+                raise ValueError(f"{in_ch} input channels are not whole groups of {per_in}")
+            return self.weight[: groups * per_out], take(self.bias, 0, groups * per_out), groups
+        index = channel_index(self.in_segments, ins, self.weight.device)
+        if _width(index) != in_ch:
+            raise ValueError(f"the arch gives {_width(index)} input channels, the input has {in_ch}")
+        return take(self.weight[:out], 1, index), take(self.bias, 0, out), 1
+
+    def forward(
+        self, x: torch.Tensor, out: int | None = None, ins: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        in_ch = x.shape[1]
+        w, b, groups = self.inference_slices((in_ch, out, ins), lambda: self._slice(in_ch, out, ins))
+        return self._conv(x, w, b, self.stride, self.padding, self.dilation, groups)
+
+    def to_static(
+        self, in_shape: torch.Size, out: int | None = None, ins: tuple[int, ...] | None = None
+    ) -> nn.Module:
+        w, b, groups = self._slice(in_shape[1], out, ins)
+        conv = self._static(
+            in_shape[1], w.shape[0], self.kernel_size, self.stride, self.padding, self.dilation, groups,
+            bias=b is not None, device="meta",
+        )  # fmt: skip
+        conv.weight = as_parameter(w)
+        if b is not None:
+            conv.bias = as_parameter(b)
+        return conv
+
+
+class ConvertedLinear(SlicedModule):
+    """A torch linear layer of a converted model: rows ``[:out]``, the columns of the first
+    ``ins[i]`` channels of each input segment (a flatten repeats each channel ``H*W`` times)."""
+
+    def __init__(self, linear: nn.Linear, in_segments: Segments):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_segments = in_segments
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def _slice(self, in_f: int, out: int, ins: tuple[int, ...]):
+        index = channel_index(self.in_segments, ins, self.weight.device)
+        if _width(index) != in_f:
+            raise ValueError(f"the arch gives {_width(index)} input features, the input has {in_f}")
+        return take(self.weight[:out], 1, index), take(self.bias, 0, out)
+
+    def forward(self, x: torch.Tensor, out: int, ins: tuple[int, ...]) -> torch.Tensor:
+        in_f = x.shape[-1]
+        w, b = self.inference_slices((in_f, out, ins), lambda: self._slice(in_f, out, ins))
+        return F.linear(x, w, b)
+
+    def to_static(self, in_shape: torch.Size, out: int, ins: tuple[int, ...]) -> nn.Linear:
+        w, b = self._slice(in_shape[-1], out, ins)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        lin.weight = as_parameter(w)
+        if b is not None:
+            lin.bias = as_parameter(b)
+        return lin
+
+
+class ConvertedNorm(SlicedModule):
+    """BatchNorm (any dims; over a concatenation: one set of statistics), LayerNorm (last axis)
+    or GroupNorm (whole groups kept) of a converted model, over the channels the arch keeps."""
+
+    def __init__(self, norm: nn.Module, in_segments: Segments):
+        super().__init__()
+        self.norm_type, self.in_segments, self.eps = type(norm), in_segments, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+        if isinstance(norm, rules.BATCH_NORMS):
+            self.kind, self.momentum = "batch", norm.momentum
+            self.track = norm.track_running_stats
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, getattr(norm, name))
+        elif isinstance(norm, rules.GROUP_NORMS):
+            self.kind, self.per_group = "group", norm.num_channels // norm.num_groups
+        else:
+            self.kind = "layer"
+
+    def _slice(self, index: int | torch.Tensor) -> list:
+        names = ["weight", "bias"] + (["running_mean", "running_var"] if self.kind == "batch" else [])
+        return [take(getattr(self, n), 0, index) for n in names]
+
+    def forward(self, x: torch.Tensor, ins: tuple[int, ...]) -> torch.Tensor:
+        index = channel_index(self.in_segments, ins, x.device)
+        if self.kind == "layer":
+            w, b = self._slice(index)
+            return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
+        if self.kind == "group":
+            w, b = self._slice(index)
+            return F.group_norm(x, x.shape[1] // self.per_group, w, b, self.eps)
+        w, b, mean, var = self._slice(index)
+        update, factor = self.training and self.track, 0.0
+        if update:  # as nn.BatchNorm does: momentum None means a cumulative average
+            self.num_batches_tracked += 1
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        y = F.batch_norm(x, mean, var, w, b, self.training or not self.track, factor, self.eps)
+        if update and not isinstance(index, int):  # index_select copied them: write the update back
+            with torch.no_grad():
+                self.running_mean[index], self.running_var[index] = mean, var
+        return y
+
+    def to_static(self, in_shape: torch.Size, ins: tuple[int, ...]) -> nn.Module:
+        index = channel_index(self.in_segments, ins, self.weight.device if self.weight is not None else None)
+        width = _width(index)
+        if self.kind == "layer":
+            new = nn.LayerNorm(width, eps=self.eps, elementwise_affine=self.weight is not None, device="meta")
+        elif self.kind == "group":
+            new = nn.GroupNorm(width // self.per_group, width, eps=self.eps, affine=self.weight is not None,
+                               device="meta")  # fmt: skip
+        else:
+            new = self.norm_type(width, eps=self.eps, momentum=self.momentum, affine=self.weight is not None,
+                                 track_running_stats=self.track, device="meta")  # fmt: skip
+        for name, t in zip(
+            ["weight", "bias", "running_mean", "running_var"], self._slice(index), strict=False
+        ):
+            if t is None:
+                continue
+            if name.startswith("running"):
+                setattr(new, name, t.detach().clone())
+            else:
+                setattr(new, name, as_parameter(t))
+        if self.kind == "batch" and self.track:
+            new.num_batches_tracked = self.num_batches_tracked.detach().clone()
+        return new.train(self.training)
+
+
+def _sliced_batchnorm(bn: nn.BatchNorm2d, widths: Sequence[int]) -> SlicedBatchNorm2d:
+    """The zoo's BatchNorm with private statistics per width, every row seeded with ``bn``'s."""
+    new = SlicedBatchNorm2d(bn.num_features, widths, eps=bn.eps, momentum=bn.momentum)
+    with torch.no_grad():
+        new.weight.copy_(bn.weight)
+        new.bias.copy_(bn.bias)
+        new.running_mean.copy_(bn.running_mean.expand_as(new.running_mean))
+        new.running_var.copy_(bn.running_var.expand_as(new.running_var))
+        new.num_batches_tracked.fill_(int(bn.num_batches_tracked))
+    new.weight.requires_grad_(bn.weight.requires_grad)
+    new.bias.requires_grad_(bn.bias.requires_grad)
+    return new.to(bn.weight.device).train(bn.training)
+
+
+class ConvertedSupernet(Supernet):
+    """A user's network as a supernet (see the module docstring); build it with :func:`make_supernet`.
+
+    Its submodules keep the model's names (``layer1.0.conv1``), so state dicts read like the
+    model's. ``kept`` maps each channel group that keeps its full width to the reason. One
+    stage: ``forward_stem`` and ``forward_head`` are identities until gate cuts come.
+    ``analytic_costs`` is false when a layer reads a concatenation of sliced groups: its MACs
+    are then a sum (``out * (w_a + w_b)``), so :func:`~dynaslice.count_macs` counts each arch on
+    its extracted subnet instead of by formula (:class:`~dynaslice.profile.ExtractedCosts`).
+    """
+
+    n_stages = 1
+
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        graph: fx.Graph,
+        space: SearchSpace,
+        kept: Mapping[str, str],
+        input_size: tuple[int, ...],
+        num_classes: int,
+        family: str,
+        analytic_costs: bool = True,
+    ):
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+        self.graph, self.space, self.kept = graph, space, dict(kept)
+        self.input_size, self.num_classes, self.family = tuple(input_size), num_classes, family
+        self.analytic_costs = analytic_costs
+
+    def extra_repr(self) -> str:
+        return f"family={self.family}, sliced groups={len(self.space.dims)}, kept={len(self.kept)}"
+
+    def _program(self):
+        """The Python function generated from :attr:`graph`: ``fn(self, x, widths)``.
+
+        A memo (like the code of an ``fx.GraphModule``): regenerated after unpickling, shared by
+        deep copies (it reads everything from the ``self`` it is given).
+        """
+        fn = self.__dict__.get("_fn")
+        if fn is None:
+            code = self.graph.python_code(root_module="self")
+            namespace = dict(code.globals)
+            exec(compile(code.src, f"<{self.family} supernet>", "exec"), namespace)  # noqa: S102 - fx's codegen
+            fn = self.__dict__["_fn"] = namespace["forward"]
+        return fn
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_fn", None)
+        return state
+
+    def forward_stem(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+        return x
+
+    def forward_stage(self, i: int, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+        if i != 0:
+            raise IndexError(f"a converted network has one stage, not stage {i}")
+        return self._program()(self, x, dict(arch))
+
+    def forward_head(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+        return x
+
+    def stage_dims(self, i: int) -> tuple[str, ...]:
+        return self.space.names if i == 0 else ()
+
+    def default_gate_cut(self) -> int:
+        raise GraphError(
+            f"{self.family} converted by make_supernet has no gate cut yet (one stage); "
+            "gated converted networks come with a later release"
+        )
+
+
+# --------------------------------------------------------------------------- make_supernet
+
+
+def _check_options(ratios: Sequence[float] | None, round_to: int) -> tuple[float, ...]:
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to <= 0:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+    ratios = dsnet_ratios() if ratios is None else tuple(ratios)
+    if not ratios:
+        raise ValueError("ratios is empty; give width ratios in (0, 1], e.g. [0.5, 0.75, 1.0]")
+    bad = [r for r in ratios if isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r <= 1]
+    if bad:
+        raise ValueError(f"width ratios must lie in (0, 1], got {bad}")
+    return ratios
+
+
+def _check_graph(gm: fx.GraphModule, family: str) -> int:
+    """Refuse what the converted forward cannot carry; return the number of classes."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise GraphError(
+            f"{family}.forward takes {len(placeholders)} inputs; make_supernet needs exactly one"
+        )
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            raise GraphError(
+                f"{family} reads parameter {node.target!r} outside a layer (as ConvNeXt's layer scale or "
+                "ViT's class token do); such models are not supported yet"
+            )
+    (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+    result = out.args[0]
+    shape = getattr(getattr(result, "meta", {}).get("tensor_meta"), "shape", None)
+    if shape is None or len(shape) != 2:
+        raise GraphError(
+            f"{family} must return one tensor of class scores [batch, classes]; it returns "
+            f"{'shape ' + str(tuple(shape)) if shape is not None else type(result).__name__}"
+        )
+    return int(shape[1])
+
+
+def _dimensions(
+    analysis: Analysis, ratios: Sequence[float], round_to: int
+) -> tuple[list[Dim], dict[str, str]]:
+    """One width dimension per sliceable group (DS-Net's grid), and the groups kept whole."""
+    dims, kept = [], {}
+    for group in analysis.groups.values():
+        if not group.modules("producer"):
+            continue  # the model's input (or channels nothing produces): never a dimension
+        if group.fixed is not None:
+            kept[group.name] = group.fixed
+            continue
+        grid = width_grid(group.size, ratios, math.lcm(round_to, group.step))
+        if len(grid) == 1:
+            kept[group.name] = f"{group.size} channels leave no narrower width at round_to={round_to}"
+            continue
+        dims.append(Dim(group.name, grid))
+    return dims, kept
+
+
+def _segments(analysis: Analysis, layout: Layout) -> Segments:
+    return tuple((analysis.groups[s.group].size, s.repeat) for s in layout.segments)
+
+
+def _convert_layers(gm: fx.GraphModule, analysis: Analysis, space: SearchSpace) -> dict[fx.Node, str]:
+    """Replace, in ``gm``, each layer touching a sliced group by its sliced leaf; return the
+    nodes whose calls need widths, and which (``"out+ins"``, ``"ins"`` or ``""``)."""
+    sliced = {g.id: g.name for g in analysis.groups.values() if g.name in space.names}
+    calls: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(str(node.target))
+        before, after = analysis.layout(node.args[0]), analysis.layout(node)
+        touched = {s.group for layout in (before, after) if layout for s in layout.segments}
+        if not touched & set(sliced) or before is None:
+            continue
+        segments = _segments(analysis, before)
+        if isinstance(m, rules.CONVS):
+            new = ConvertedConv(m, None if m.groups > 1 else segments)
+            calls[node] = "" if m.groups > 1 else "out+ins"
+        elif isinstance(m, rules.LINEARS):
+            new, calls[node] = ConvertedLinear(m, segments), "out+ins"
+        elif (
+            isinstance(m, nn.BatchNorm2d) and m.affine and m.track_running_stats and len(segments) == 1
+            and segments[0][1] == 1
+        ):  # fmt: skip
+            new, calls[node] = _sliced_batchnorm(m, space[sliced[before.segments[0].group]].choices), ""
+        elif isinstance(m, rules.BATCH_NORMS + rules.LAYER_NORMS + rules.GROUP_NORMS):
+            new, calls[node] = ConvertedNorm(m, segments), "ins"
+        else:
+            continue  # channel-agnostic layers (activations, pooling) run as they are
+        new.train(m.training)  # each layer keeps the model's mode (modes may be mixed)
+        parent, _, child = str(node.target).rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, child, new)
+    return calls
+
+
+def _program_graph(
+    gm: fx.GraphModule, analysis: Analysis, space: SearchSpace, calls: dict[fx.Node, str]
+) -> fx.Graph:
+    """The traced graph with an ``arch`` input whose widths are passed to the sliced leaves."""
+    names = {g.id: g.name for g in analysis.groups.values()}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    widths: dict[str, fx.Node] = {}
+    arch = None
+
+    def width(group: int) -> fx.Node | int:
+        name = names[group]
+        if name not in space.names:
+            return analysis.groups[group].size
+        if name not in widths:
+            widths[name] = graph.call_function(operator.getitem, (arch, name))
+        return widths[name]
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.name)
+            arch = graph.placeholder("arch")
+            continue
+        if node in calls and calls[node]:
+            ins = tuple(width(s.group) for s in analysis.layout(node.args[0]).segments)
+            extra = (
+                (width(analysis.layout(node).segments[0].group), ins) if calls[node] == "out+ins" else (ins,)
+            )
+        else:
+            extra = ()
+        new = graph.node_copy(node, lambda n: env[n])
+        if extra:
+            new.args = (*new.args, *extra)
+        env[node] = new
+    graph.lint()
+    return graph
+
+
+def _analytic(analysis: Analysis, space: SearchSpace, calls: dict[fx.Node, str]) -> bool:
+    """Whether every cost is a monomial in the widths: no layer reads a concatenation of sliced groups."""
+    for node in calls:
+        segments = analysis.layout(node.args[0]).segments
+        if len(segments) > 1 and any(analysis.groups[s.group].name in space.names for s in segments):
+            return False
+    return True
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _verify(net: ConvertedSupernet, model: nn.Module, example: torch.Tensor) -> None:
+    """The largest subnet must be the model (1e-5 relative), and the narrowest must run."""
+    with modes_kept(net), modes_kept(model), torch.no_grad():
+        net.eval()
+        model.eval()
+        want = model(example)
+        try:
+            got = net(example, net.space.largest())
+            net(example, net.space.smallest())
+        except Exception as e:  # a case the analysis missed: never hand out a broken network
+            raise GraphError(
+                f"make_supernet could not convert {net.family}: its subnets fail ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); please report this model"
+            ) from e
+    err = _relative_error(got, want)
+    if not err <= 1e-5:
+        raise GraphError(
+            f"make_supernet could not convert {net.family}: its largest subnet differs from the model "
+            f"(relative error {err:.2g}); please report this model"
+        )
+
+
+def make_supernet(
+    model: nn.Module, example_input: torch.Tensor, *, ratios: Sequence[float] | None = None, round_to: int = 8
+) -> ConvertedSupernet:
+    """Your own ``model`` as a weight-sharing supernet; ``model`` itself is left untouched.
+
+    ``example_input`` (e.g. ``torch.randn(1, 3, 224, 224)``) fixes the input size used for
+    tracing, MAC counting and export. Each channel group the analysis can slice safely becomes
+    one width dimension of ``net.space``, with DS-Net's grid (``ratios`` of its channels,
+    default 0.35:0.05:1.0, rounded to multiples of ``round_to``). Groups it cannot slice keep
+    their full width: ``net.kept`` says why, and a warning names them in one line. The largest
+    subnet is the model itself (checked). Raises :class:`~dynaslice.graph.GraphError` (a
+    ValueError, one line) for models that cannot be traced or converted.
+    """
+    ratios = _check_options(ratios, round_to)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"make_supernet takes a torch.nn.Module, got {type(model).__name__}")
+    family = type(model).__name__
+    original = model
+    model = copy.deepcopy(model)
+    gm = trace(model, example_input)
+    num_classes = _check_graph(gm, family)
+    analysis = analyze(gm)
+    dims, kept = _dimensions(analysis, ratios, round_to)
+    if not dims:
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(kept.items())[:3])
+        raise GraphError(f"make_supernet found no channels of {family} it can slice ({reasons})")
+    space = SearchSpace(tuple(dims))
+    calls = _convert_layers(gm, analysis, space)
+    graph = _program_graph(gm, analysis, space, calls)
+    modules = dict(gm.named_children())
+    clash = sorted(
+        n for n in modules if hasattr(ConvertedSupernet, n) or n in ("graph", "space", "kept", "family")
+    )
+    if clash:
+        raise GraphError(f"{family} has submodules named {clash}, which ConvertedSupernet uses; rename them")
+    net = ConvertedSupernet(
+        modules, graph, space, kept, tuple(example_input.shape[1:]), num_classes, family,
+        _analytic(analysis, space, calls),
+    )  # fmt: skip
+    net.training = original.training
+    _verify(net, original, example_input)
+    surprising = {k: v for k, v in kept.items() if v != "the model's output"}
+    if surprising:
+        listed = "; ".join(f"{k} ({v})" for k, v in list(surprising.items())[:3])
+        more = f" and {len(surprising) - 3} more" if len(surprising) > 3 else ""
+        warnings.warn(
+            f"make_supernet keeps {len(surprising)} channel group(s) of {family} at full width: {listed}{more} "
+            "(net.kept lists them all)",
+            stacklevel=2,
+        )
+    return net

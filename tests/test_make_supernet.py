@@ -1,0 +1,305 @@
+"""make_supernet: any traceable network as a supernet, with the zoo's contract.
+
+Random weights (no downloads), small inputs. What must hold for every converted network: the
+largest subnet is the model (1e-5 relative, on the model's own weights), the extracted narrowest
+subnet computes exactly its slice, and the narrowest subnet is really smaller. Networks or parts
+the channel-group engine cannot follow are kept whole or refused, in one line.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import dynaslice as ds
+from dynaslice.graph import GraphError, analyze, trace
+from dynaslice.profile import count_module_macs
+
+SIDE = 32
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BatchNorm statistics and affine parameters away from their defaults, so that a layer whose
+    statistics or parameters were sliced wrongly would change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def convert(model: nn.Module, x: torch.Tensor, **kwargs) -> ds.ConvertedSupernet:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ds.make_supernet(model, x, **kwargs)
+
+
+TORCHVISION = [
+    "resnet18",
+    "mobilenet_v2",
+    "mobilenet_v3_small",  # SE gates with Hardsigmoid
+    "efficientnet_b0",  # SE with SiLU, StochasticDepth
+    "regnet_x_400mf",  # grouped convs
+    "densenet121",  # concatenations, BatchNorm over them
+    "squeezenet1_0",  # concatenations read by convs
+]
+
+
+@pytest.fixture(scope="module")
+def converted():
+    """Each torchvision model converted once for the whole module: (model, net, x)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            torch.manual_seed(0)
+            model = randomised(getattr(torchvision.models, name)(num_classes=10))
+            x = torch.randn(2, 3, SIDE, SIDE)
+            cache[name] = (model, convert(model, x), x)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_model_largest_is_the_model_and_the_narrowest_extracts_exactly(converted, name):
+    model, net, x = converted(name)
+    assert net.num_classes == 10 and net.input_size == (3, SIDE, SIDE)
+    assert len(net.space.dims) >= 5, f"{name}: too little sliced ({net.kept})"
+    with torch.no_grad():
+        assert rel_err(net(x, net.space.largest()), model(x)) <= 1e-5
+        smallest = net.space.smallest()
+        sliced = net(x, smallest)
+        sub = ds.extract_subnet(net, smallest)
+        assert rel_err(sub(x), sliced) <= 1e-5
+    assert all(type(m).__module__.startswith("torch.") for m in sub.modules())  # plain torch
+    full = count_module_macs(model, (3, SIDE, SIDE))
+    assert count_module_macs(sub, (3, SIDE, SIDE)) <= 0.5 * full
+
+
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_0"])  # analytic, and a sum of monomials
+def test_count_macs_and_params_of_converted_nets_match_the_extracted_subnet(converted, name):
+    model, net, x = converted(name)
+    arch = net.space.uniform(0.5)
+    sub = ds.extract_subnet(net, arch)
+    assert ds.count_macs(net, arch) == count_module_macs(sub, (3, SIDE, SIDE))
+    assert ds.count_params(net, arch) == sum(p.numel() for p in sub.parameters())
+    assert ds.count_macs(net, net.space.largest()) == count_module_macs(model, (3, SIDE, SIDE))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "regnet_x_400mf", "squeezenet1_0"])
+def test_converted_subnet_runs_the_same_in_onnxruntime(converted, tmp_path, name):
+    ort = pytest.importorskip("onnxruntime")
+    from dynaslice.onnx_export import export_onnx
+
+    _, net, x = converted(name)
+    arch = net.space.uniform(0.5)
+    path = export_onnx(net, arch, tmp_path / f"{name}.onnx")
+    got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = net(x, arch)
+    assert rel_err(torch.from_numpy(got), want) <= 1e-4
+
+
+def test_widths_follow_dsnet_grid_rounded_and_the_model_is_left_alone(converted):
+    model, net, _ = converted("resnet18")
+    # the stem feeds layer1's identity shortcuts: one tied group, named after its first producer
+    assert net.space["conv1"].choices == ds.width_grid(64, ds.space.dsnet_ratios(), 8)
+    assert all(c % 8 == 0 for d in net.space.dims for c in d.choices)
+    assert net.conv1.weight.data_ptr() != model.conv1.weight.data_ptr()
+    assert net.kept == {"fc": "the model's output"}  # the classes stay fixed
+
+
+def test_channel_shuffle_keeps_those_groups_whole_and_says_so_in_one_line():
+    torch.manual_seed(0)
+    model = randomised(torchvision.models.shufflenet_v2_x0_5(num_classes=10))
+    x = torch.randn(2, 3, SIDE, SIDE)
+    with pytest.warns(UserWarning) as record:
+        net = ds.make_supernet(model, x)
+    (message,) = [str(w.message) for w in record if "full width" in str(w.message)]
+    assert "\n" not in message and "ShuffleNetV2" in message and "reads the channel count" in message
+    assert "stage2.0.branch2.0" in net.space.names  # the branches' inner widths are still sliced
+    assert "stage2.0.branch2.5" in net.kept  # what goes through the shuffle is not
+    with torch.no_grad():
+        assert rel_err(net(x, net.space.largest()), model(x)) <= 1e-5
+        smallest = net.space.smallest()
+        assert rel_err(ds.extract_subnet(net, smallest)(x), net(x, smallest)) <= 1e-5
+
+
+class Custom(nn.Module):
+    """Every tie the engine knows: an SE gate, a grouped conv with GroupNorm, a depthwise conv
+    with channel multiplier 2, a concatenation read by a conv, residual adds, a flatten of a
+    2x2 map into a Linear, LayerNorm and BatchNorm1d on features."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.grouped, self.gn = nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.GroupNorm(4, 32)
+        self.se_reduce, self.se_expand = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+        self.mult = nn.Conv2d(32, 64, 3, padding=1, groups=32)
+        self.side = nn.Conv2d(32, 16, 1)
+        self.mix = nn.Conv2d(80, 32, 1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1, self.ln, self.bn1d = nn.Linear(32 * 4, 64), nn.LayerNorm(64), nn.BatchNorm1d(64)
+        self.drop = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = F.relu(self.gn(self.grouped(x)))
+        s = torch.sigmoid(self.se_expand(F.relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        x = x + y * s
+        z = torch.cat([self.mult(x), self.side(x)], dim=1)
+        x = self.mix(F.gelu(z)) + x
+        h = torch.flatten(self.pool(x), 1)
+        h = self.bn1d(F.leaky_relu(self.ln(self.fc1(h))))
+        return self.fc2(self.drop(h))
+
+
+def test_hand_written_model_every_tie():
+    torch.manual_seed(0)
+    model = randomised(Custom())
+    x = torch.randn(4, 3, 8, 8)
+    net = convert(model, x)
+    # one residual stream (stem, grouped conv, SE scale, mix), the side branch, the hidden features
+    assert set(net.space.names) == {"stem", "side", "fc1"}
+    assert "se_reduce" in net.kept  # 8 channels: nothing narrower at round_to=8
+    # the grouped conv and GroupNorm slice whole groups of 8 channels
+    assert all(c % 8 == 0 for c in net.space["stem"].choices)
+    smallest = net.space.smallest()
+    with torch.no_grad():
+        assert rel_err(net(x, net.space.largest()), model(x)) <= 1e-5
+        sub = ds.extract_subnet(net, smallest)
+        assert rel_err(sub(x), net(x, smallest)) <= 1e-5
+    assert sub.grouped.groups == smallest["stem"] // 8 and sub.mult.out_channels == 2 * smallest["stem"]
+    assert sub.mix.in_channels == 2 * smallest["stem"] + smallest["side"]
+    assert sub.fc1.in_features == 4 * smallest["stem"]
+    # the concatenation makes MACs a sum of monomials: counted on the extracted subnet
+    assert not net.analytic_costs
+    assert ds.count_macs(net, smallest) == count_module_macs(sub, (3, 8, 8))
+    # training mode too: same batch statistics, same dropout mask, gradients reach every weight
+    model.train(), net.train()
+    torch.manual_seed(1)
+    want = model(x)
+    torch.manual_seed(1)
+    got = net(x, net.space.largest())
+    assert rel_err(got, want) <= 1e-5
+    net(x, smallest).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_engine_keeps_what_it_cannot_follow_whole_with_the_reason():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 1), nn.Linear(16 * 36, 10)
+
+        def forward(self, x):
+            h = self.b(self.a(x))
+            return self.fc(h.reshape(h.shape[0], 16 * 36))  # a size written in the code
+
+    gm = trace(Odd().eval(), torch.randn(1, 3, 8, 8))
+    groups = {g.name: g for g in analyze(gm).groups.values()}
+    assert groups["a"].fixed is None
+    assert "reshapes (1, 16, 6, 6) to (1, 576)" in groups["b"].fixed
+    assert groups["b"].modules("producer") == ("b",) and groups["b"].modules("consumer") == ()
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    text = str(error.value)
+    assert "\n" not in text and isinstance(error.value, ValueError)
+    return text
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 16, 3), nn.Linear(16, 10)
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.fc(self.gate(self.conv(x)).mean((2, 3)))
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return x
+        return -x
+
+
+class ReadsParameter(Branchy):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, 16, 1, 1))
+
+    def forward(self, x):
+        return self.fc((self.conv(x) * self.scale).mean((2, 3)))
+
+
+class ReturnsTuple(Branchy):
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        return self.fc(h), h
+
+
+class ModeDependent(Branchy):
+    def forward(self, x):
+        return self.fc(F.dropout(self.conv(x), 0.1, self.training).mean((2, 3)))
+
+
+class Plain(Branchy):
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "kwargs", "expected"),
+    [
+        (Branchy(), torch.randn(1, 3, 8, 8), {}, "in gate (Gate), test_make_supernet.py:"),
+        (
+            Plain(),
+            torch.randn(1, 1, 8, 8),
+            {},
+            "example input of shape (1, 1, 8, 8) does not run through Plain",
+        ),
+        (Plain(), [1, 2], {}, "example_input must be a tensor"),
+        (ReadsParameter(), torch.randn(1, 3, 8, 8), {}, "reads parameter 'scale' outside a layer"),
+        (ReturnsTuple(), torch.randn(1, 3, 8, 8), {}, "must return one tensor of class scores"),
+        (ModeDependent(), torch.randn(1, 3, 8, 8), {}, "runs different code in training and in eval mode"),
+        (
+            nn.Sequential(nn.Linear(8, 10)),
+            torch.randn(1, 8),
+            {},
+            "found no channels of Sequential it can slice",
+        ),
+        (Plain(), torch.randn(1, 3, 8, 8), {"round_to": 0}, "round_to must be a positive integer"),
+        (Plain(), torch.randn(1, 3, 8, 8), {"ratios": [0.0, 1.0]}, "width ratios must lie in (0, 1]"),
+        (Plain(), torch.randn(1, 3, 8, 8), {"ratios": [1.5]}, "width ratios must lie in (0, 1]"),
+    ],
+)
+def test_refusals_are_one_line(model, x, kwargs, expected):
+    with pytest.raises(ValueError) as error:
+        ds.make_supernet(model, x, **kwargs)
+    assert expected in one_line(error)
+
+
+def test_untraceable_model_names_the_line():
+    with pytest.raises(GraphError) as error:
+        ds.make_supernet(Branchy(), torch.randn(1, 3, 8, 8))
+    assert "`if x.sum() > 0:  # data-dependent control flow`" in one_line(error)
