@@ -595,3 +595,24 @@ def test_cli_prune_errors_are_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (out / "base").exists() and not (out / "train").exists()  # nothing trained
+
+
+def test_the_preset_compresses_dcffs_schedule_into_its_budget():
+    """Issue 33: the preset kept the official schedule (one fusion update per epoch, k = 1), so its
+    one-epoch run spent all of it at T = 1 (53% val top-1 against 87% with the schedule compressed)."""
+    cfg = load_config("prune")
+    p, epochs = cfg.prune, cfg.train.epochs
+    first = 1 / p.updates_per_epoch  # epochs until the second fusion update
+    assert first / epochs <= 0.01  # the paper: 1 of 300 epochs
+    assert temperature(first, epochs, p.t_start, p.t_end, p.k) > 1000  # fused filters ~ plain filters
+
+
+def test_cli_prune_notes_a_dcff_schedule_too_slow_for_its_budget(tmp_path, capsys):
+    sets = [a for o in TINY for a in ("--set", o)]
+    argv = ["prune", "dcff", "--target-macs", "1000", "--out", str(tmp_path / "run"), *sets]  # refused: below
+    assert main([*argv, "--set", "prune.k=1", "--set", "prune.updates_per_epoch=1"]) == 2
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "100% of this 1-epoch run" in notes[0]
+    assert "--set prune.k=300 --set prune.updates_per_epoch=300" in notes[0]
+    assert main(argv) == 2  # the preset's schedule: no note
+    assert "note:" not in capsys.readouterr().err
