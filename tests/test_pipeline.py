@@ -179,7 +179,7 @@ def test_bad_inputs_exit_2_with_one_line(run, config, tmp_path, capsys, argv):
 # --------------------------------------------------------------------------- latency and report (issue 33 item 6)
 
 
-def test_every_latency_row_is_timed_the_same_way(run, config, tmp_path, monkeypatch):
+def test_every_latency_row_is_timed_the_same_way(run, config, tmp_path, monkeypatch, capsys):
     """A gated model and the static subnets run the same calls per round (the same test images
     one at a time at batch 1, one batch at the large size), and every row is the median of the
     per-image times of its rounds: the same statistic for every row."""
@@ -211,7 +211,10 @@ def test_every_latency_row_is_timed_the_same_way(run, config, tmp_path, monkeypa
 
     monkeypatch.setattr(pipeline, "serve_subnet", counted(pipeline.serve_subnet))
     monkeypatch.setattr(pipeline, "serve_gated", counted(pipeline.serve_gated))
+    monkeypatch.setenv("DYNASLICE_PROGRESS_SECONDS", "0")  # a line per update: the step is not silent
     pipeline.step_latency(copy, cfg, rc)
+    err = capsys.readouterr().err
+    assert "latency: preparing: 1/12 models" in err and "latency: 1/" in err
     per_round = rc.latency_images * [1] + [rc.latency_batch]
     n_calls = 2 + rc.latency_repeats  # two warm-up rounds
     assert len(calls) == 12 and all(sorted(c) == sorted(per_round * n_calls) for c in calls.values()), calls
