@@ -62,7 +62,7 @@ def _recalibrated_out(args: argparse.Namespace, net: Supernet, file: Path, archs
     """Where ``recalibrate`` writes, refusing to replace what it should not.
 
     Default, in a run directory: ``recalibrated.safetensors``, the file ``train`` writes at its end
-    for the eval widths (what ``eval``, ``export`` and ``init_from`` read), or for a gated net's
+    for the eval widths (what ``export`` and ``train.init_from`` take for them), or for a gated net's
     routes ``routes-recalibrated.safetensors``, the name ``dynaslice run`` gives that file (what
     Stage II starts from). A default output that holds the same subnets from the same weights is
     this command's own result, recomputed: it is replaced, so ``recalibrate RUN`` works right after
