@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import runs
+from . import runs, safejson
 from .atomic import atomic_write_json
 from .export import extract_subnet
 from .modelfile import CheckpointError, load_model_file, net_from_tensors, prefixed, save_model_file
@@ -160,7 +160,7 @@ class BudgetTable:
                 raise ValueError(f"{path} holds no budget table (use the run's {WEIGHTS_FILE})")
             return cls.from_dict(meta["budget_table"])
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(safejson.loads(path.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{path} is not a readable budget table ({type(e).__name__}: {e})") from None
 

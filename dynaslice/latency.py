@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import safejson
 from .models.base import Supernet
 from .profile import measure_latency, meta_copy
 from .progress import Progress
@@ -143,7 +144,7 @@ class LatencyTable:
                 f"latency table {path} not found: build it with dynaslice profile MODEL --latency-table {path}"
             )
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
+            d = safejson.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:

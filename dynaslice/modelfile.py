@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from . import runs
+from . import runs, safejson
 from .atomic import atomic_write_bytes
 from .gate import GatedSupernet
 from .models import create_supernet
@@ -106,7 +106,7 @@ def load_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             "weights or metadata); use an earlier checkpoint or a clean copy of the file"
         )
     try:
-        meta = json.loads(raw)
+        meta = safejson.loads(raw)
     except json.JSONDecodeError:
         raise CheckpointError(f"{path} has damaged dynaslice metadata (not JSON)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:

@@ -32,7 +32,6 @@ overrides those like any other key.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 import yaml
 
-from . import runs
+from . import runs, safejson
 from .atomic import atomic_write_bytes, atomic_write_json
 from .dynamic import DynamicNet
 from .export import extract_subnet, save_torch_model
@@ -61,6 +60,7 @@ from .train.config import (
     apply_override,
     flatten,
     from_dict,
+    load_yaml,
     read_config_file,
 )
 from .train.data import eval_loader, load_split
@@ -105,10 +105,7 @@ def load_run_config(path: str | Path, overrides: list[str]) -> tuple[Config, Run
                 raise ConfigError(
                     f"unknown override {assignment!r}: run.* keys are {', '.join(f.name for f in dataclasses.fields(RunConfig))}"
                 )
-            try:
-                value = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"cannot parse the value of override {assignment!r}: {e}") from None
+            value = load_yaml(text, f"the value of override {key.strip()}")
             run = from_dict({**dataclasses.asdict(run), name: value}, RunConfig, "run.")
         else:
             cfg = apply_override(cfg, assignment)
@@ -139,7 +136,7 @@ def stage1_config(cfg: Config) -> Config:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    return safejson.loads(path.read_text())
 
 
 DERIVED = ("eval", "export", "latency", "report")  # steps whose output depends on the run: section

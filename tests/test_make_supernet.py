@@ -303,3 +303,39 @@ def test_untraceable_model_names_the_line():
     with pytest.raises(GraphError) as error:
         ds.make_supernet(Branchy(), torch.randn(1, 3, 8, 8))
     assert "`if x.sum() > 0:  # data-dependent control flow`" in one_line(error)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16)
+        self.reduce, self.expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = x * F.hardsigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_pruning_reads_the_same_engine_an_se_gate_is_tied_to_what_it_scales():
+    """Pruning's groups come from the engine: an SE scale (once refused by pruning's own table,
+    which did not know ``mul``) is tied to the channels it scales, and the pruned model keeps the
+    function when the removed channels carry nothing."""
+    from dynaslice.prune.common import PruningError, channel_groups, prune_channels
+
+    torch.manual_seed(0)
+    model = randomised(SqueezeExcite())
+    gm, groups = channel_groups(model, (1, 8, 8))
+    assert groups["conv"].producers == ("conv", "expand") and groups["conv"].norms == ("bn",)
+    assert groups["conv"].consumers == ("reduce", "fc") and not groups["conv"].internal
+    with torch.no_grad():
+        gm.bn.weight[:4], gm.bn.bias[:4] = 0.0, -10.0  # relu(-10) = 0: four dead channels
+    pruned = prune_channels(gm, groups, {"conv": list(range(4, 16))})
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert rel_err(pruned(x), gm(x)) <= 1e-5
+    with pytest.raises(
+        PruningError, match="does not support the grouped conv grouped"
+    ):  # engine: yes; surgery: no
+        channel_groups(Custom(), (3, 8, 8))

@@ -683,11 +683,76 @@ def test_run_directory_settings_are_protected_once_trained(tmp_path):
     one_line_error(cli("run", config, "--out", out, "--set", "optim.lr=0.2"), "no pipeline.yaml")
 
 
+# --------------------------------------------------------------------------- round two: YAML, locks, signals (issue 34)
+
+
+def alias_bomb(levels: int = 8, width: int = 10) -> str:
+    """~800 bytes of flow YAML whose last item stands for ``width ** levels`` values."""
+    items = [f"&a0 [{', '.join(['1'] * width)}]"]
+    items += [f"&a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+DEEP_YAML = "[" * 100_000 + "]" * 100_000  # a RecursionError deep in PyYAML
+YAML_BOMBS = [
+    # (where the value goes: a config file's key or an override, the value, what the line says)
+    ("file", "model.kwargs.x", alias_bomb(), "alias"),  # was: no answer in 150 s
+    ("file", "model.gate.routes", alias_bomb(), "alias"),  # was: no answer in 150 s
+    ("file", "train.eval_widths", alias_bomb(), "alias"),  # was: refused after 30 s
+    ("file", "model.kwargs.x", "&a [*a]", "alias"),  # a list that holds itself
+    ("file", "model.kwargs.x", DEEP_YAML, "nests deeper than"),  # was: a RecursionError traceback
+    ("set", "train.eval_widths", alias_bomb(), "alias"),
+    ("set", "model.kwargs.x", DEEP_YAML, "nests deeper than"),
+    ("run", "run.gate_targets", alias_bomb(), "alias"),  # dynaslice run's own overrides
+]
+
+
+@pytest.mark.parametrize("how, key, value, needle", YAML_BOMBS, ids=[f"{h}-{k}-{n}" for h, k, _, n in YAML_BOMBS])
+def test_yaml_bombs_and_deep_nesting_are_refused_before_any_work(tmp_path, how, key, value, needle):
+    out = tmp_path / "run"
+    if how == "file":
+        section, *parents, name = key.split(".")
+        nested: dict = {name: "HERE"}
+        for parent in reversed(parents):
+            nested = {parent: nested}
+        path = write_config(tmp_path, **{section: nested})
+        path.write_text(path.read_text().replace("HERE", value))
+        argv = ["train", path, "--out", out]
+    else:
+        command = "run" if how == "run" else "train"
+        sections = {"model": {"gate": {"enabled": True, "routes": 3}}} if how == "run" else {}
+        argv = [command, write_config(tmp_path, **sections), "--out", out, "--set", f"{key}={value}"]
+    line = one_line_error(cli(*argv, seconds=20), needle)  # the deadline turns a hang into a failure
+    assert len(line) < 500 and not out.exists()
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # json.loads: RecursionError, not a ValueError
+
+
+def test_deeply_nested_json_files_are_one_line(tmp_path, fast_run):
+    deep = tmp_path / "deep.json"
+    deep.write_text(DEEP_JSON)
+    (tmp_path / runs.BUDGET_TABLE).write_text(DEEP_JSON)
+    inline = '{"stem": ' + "[" * 2000 + "]" * 2000 + "}"
+    sets = ["train.sampler=pss", "train.pss.metric=latency", f"train.pss.latency_table={deep}"]
+    cases = [
+        ["select", tmp_path, "--max-macs", "1M"],  # a budget table
+        ["train", write_config(tmp_path), "--out", tmp_path / "run", *(a for s in sets for a in ("--set", s))],
+        ["eval", fast_run, "--archs", deep],  # archs, from a file or inline
+        ["export", fast_run, "--arch", deep, "--out", tmp_path / "a.pt"],
+        ["export", fast_run, "--arch", inline, "--out", tmp_path / "a.pt"],
+    ]
+    for argv in cases:
+        one_line_error(cli(*argv), "nested deeper than")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "a.pt").exists()
+
+
 # --------------------------------------------------------------------------- fuzz
 
 
 HOSTILE = ["-1", "0", "-0.5", "1e-9", "1e400", ".nan", "-.inf", "1000000000000", "abc", "''", "[1, 2]",
-           "[.nan]", "{a: 1}", "true", "null", "[]", "0.999", "7"]  # fmt: skip
+           "[.nan]", "{a: 1}", "true", "null", "[]", "0.999", "7",
+           alias_bomb(), "&a [*a]", "[" * 64 + "]" * 64]  # fmt: skip
 # values of the key's own type, so that range checks are reached and not only type checks
 HOSTILE_OF = {
     int: ["-1", "0", "1", "7", "1000000000000", "-1000000000000"],

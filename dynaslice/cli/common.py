@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import runs
+from .. import runs, safejson
 from ..gate import GatedSupernet
 from ..modelfile import load_supernet, resolve_model_file
 from ..models.base import Supernet
@@ -135,7 +135,7 @@ def parse_archs(
 
 def _archs_from_json(token: str, net: Supernet) -> dict[str, Arch]:
     try:
-        data = json.loads(Path(token).read_text(encoding="utf-8"))
+        data = safejson.loads(Path(token).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read archs from {token}: {e}") from None
     if not isinstance(data, dict | list):
@@ -172,7 +172,7 @@ def parse_arch(token: str, net: Supernet) -> Arch:
     text = token.strip()
     if text.startswith("{"):
         try:
-            return net.space.validate(json.loads(text))
+            return net.space.validate(safejson.loads(text))
         except json.JSONDecodeError as e:
             raise UserError(f"--arch {token!r} is not valid JSON: {e}") from None
     if text.startswith("route") and text[5:].isdigit():
@@ -184,7 +184,7 @@ def parse_arch(token: str, net: Supernet) -> Arch:
         return net.routes[r]
     if text.endswith(".json"):
         try:
-            data = json.loads(Path(text).read_text(encoding="utf-8"))
+            data = safejson.loads(Path(text).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read an arch from {text}: {e}") from None
         if isinstance(data, dict) and all(isinstance(v, int) for v in data.values()):

@@ -131,6 +131,7 @@ class _Walk:
         self.members: list[list[Member]] = []
         self.layout: dict[fx.Node, Layout | None] = {}
         self.calls: dict[str, list[fx.Node]] = defaultdict(list)
+        self.stops: list[str] = []  # where the walk could not follow channels, in graph order
         for node in gm.graph.nodes:
             self.visit(node)
         self._shared_modules()
@@ -183,8 +184,14 @@ class _Walk:
         self.layout[node] = Layout(axis, (Segment(self.new(size, producer, fixed)),))
 
     # --- the walk -----------------------------------------------------------------------------
+    def stop(self, layout: Layout | None, reason: str) -> None:
+        """The walk cannot follow these channels: they keep their full width, and ``reason`` is noted."""
+        self.stops.append(reason)
+        self.fix(layout, reason)
+
     def opaque(self, node: fx.Node, reason: str) -> None:
         """``node`` does something to channels the walk cannot follow: keep them all at full width."""
+        self.stops.append(reason)
         for a in node.all_input_nodes:
             self.fix(self.layout.get(a), reason)
         shape = _shape(node)
@@ -446,12 +453,12 @@ class _Walk:
         dim = _arg(node, 1, "dim") if node.op == "call_method" else None
         if dim is not None:
             if dim % len(_shape(x)) == layout.axis:
-                self.fix(layout, f"{describe(node)} reads the channel count")
+                self.stop(layout, f"{describe(node)} reads the channel count")
             return
         for user in node.users:
             index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
             if not isinstance(index, int) or index % len(_shape(x)) == layout.axis:
-                self.fix(layout, f"{describe(node)} reads the channel count")
+                self.stop(layout, f"{describe(node)} reads the channel count")
 
     def _index(self, node: fx.Node, x: fx.Node, layout: Layout) -> None:
         index = node.args[1]
@@ -484,18 +491,23 @@ class _Walk:
         for name, nodes in self.calls.items():
             if len(nodes) > 1 and any(True for _ in self.gm.get_submodule(name).parameters(recurse=False)):
                 for node in nodes:
-                    self.fix(self.layout.get(node), f"{name} is called {len(nodes)} times")
+                    self.stop(self.layout.get(node), f"{name} is called {len(nodes)} times")
                     for a in node.all_input_nodes:
                         self.fix(self.layout.get(a), f"{name} is called {len(nodes)} times")
 
 
 class Analysis:
-    """The channel groups of one traced network and the channel layout of every node."""
+    """The channel groups of one traced network and the channel layout of every node.
+
+    ``stops`` lists, in graph order, every place where the walk could not follow the channels
+    (the groups around it are fixed): what a caller that must refuse instead names.
+    """
 
     def __init__(self, gm: fx.GraphModule):
         walk = _Walk(gm)
         self.gm = gm
         self._walk = walk
+        self.stops: tuple[str, ...] = tuple(dict.fromkeys(walk.stops))
         self.groups: dict[int, ChannelGroup] = {}
         for g in range(len(walk.parent)):
             root = walk.find(g)

@@ -2,12 +2,14 @@
 
 **Channel groups.** Pruning a conv's output channel means removing its filter, the matching
 entries of the BatchNorm after it and the matching input slice of every layer that reads it.
-:func:`channel_groups` finds those sets from the ``torch.fx`` graph, so no model-specific table is
-needed: a conv output starts a group; norms, activations and pooling pass it through; a residual
-``+`` merges the groups it adds (the *tied* residual stream of a ResNet stage: its convs must keep
-the same channels); convs and linear layers that read it are its consumers. A group that reaches
-the model's input or output is fixed. An op the analysis does not know raises an error naming it,
-never a silent guess. Groups are named after their first producer (``layer1.0.conv1``).
+:func:`channel_groups` finds those sets with the one channel-group engine (:mod:`dynaslice.graph`),
+so no model-specific table is needed: a conv output starts a group; norms, activations and
+pooling pass it through; a residual ``+`` merges the groups it adds (the *tied* residual stream
+of a ResNet stage: its convs must keep the same channels), a squeeze-and-excitation ``*`` ties the
+gate to what it scales; convs and linear layers that read it are its consumers. A group that
+reaches the model's input or output is fixed. An op the engine cannot follow, or one the surgery
+cannot cut, raises an error naming it, never a silent guess. Groups are named after their first
+producer (``layer1.0.conv1``).
 
 **Surgery.** :func:`prune_channels` returns a copy in which each producer, norm and consumer of a
 pruned group is replaced by a smaller ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` holding
@@ -31,7 +33,6 @@ import contextlib
 import copy
 import json
 import math
-import operator
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..graph import ChannelGroup as EngineGroup
+from ..graph import Tracer, analyze
 from ..profile import count_module_macs, count_module_params, meta_copy, module_macs
 
 __all__ = [
@@ -95,77 +97,14 @@ class ChannelGroup:
         return not self.fixed and not self.residual and len(self.producers) == 1
 
 
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Sigmoid, nn.Tanh)
-_PASS_MODULES = _ACTIVATIONS + (
-    nn.Identity,
-    nn.Dropout,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-)
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
-_PASS_FUNCTIONS = {
-    F.relu,
-    torch.relu,
-    F.relu6,
-    F.silu,
-    F.gelu,
-    F.hardswish,
-    torch.sigmoid,
-    torch.tanh,
-    F.dropout,
-    F.max_pool2d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
-}
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
-_RESHAPES = ({torch.flatten}, {"flatten", "view", "reshape"})
-_ADDS = ({operator.add, operator.iadd, torch.add}, {"add", "add_"})
-
-
-class _Groups:
-    """Union-find over channel groups while walking the graph."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.info: list[dict[str, Any]] = []
-
-    def new(self, size: int, producer: str | None = None, fixed: bool = False) -> int:
-        self.parent.append(len(self.parent))
-        self.info.append(
-            {"size": size, "producers": [producer] if producer else [], "norms": [], "channelwise": [],
-             "consumers": [], "residual": False, "fixed": fixed}
-        )  # fmt: skip
-        return len(self.parent) - 1
-
-    def find(self, g: int) -> int:
-        while self.parent[g] != g:
-            self.parent[g] = self.parent[self.parent[g]]
-            g = self.parent[g]
-        return g
-
-    def add(self, g: int, key: str, value: str) -> None:
-        self.info[self.find(g)][key].append(value)
-
-    def union(self, a: int, b: int) -> int:
-        a, b = self.find(a), self.find(b)
-        if a == b:
-            return a
-        if self.info[a]["size"] != self.info[b]["size"]:
-            raise PruningError(f"an add joins {self.info[a]['size']} and {self.info[b]['size']} channels")
-        first, second = min(a, b), max(a, b)  # the earlier group keeps its name
-        for key in ("producers", "norms", "channelwise", "consumers"):
-            self.info[first][key] += self.info[second][key]
-        self.info[first]["fixed"] |= self.info[second]["fixed"]
-        self.parent[second] = first
-        return first
 
 
 def _as_graph(model: nn.Module) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(model, Tracer().trace(model))
     except Exception as e:  # fx raises many types; the user needs one message
         raise PruningError(
             f"{type(model).__name__} cannot be traced by torch.fx ({e}); prune a traceable model, e.g. "
@@ -185,18 +124,16 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
 def channel_groups(
     model: nn.Module, input_size: Sequence[int]
 ) -> tuple[fx.GraphModule, dict[str, ChannelGroup]]:
     """``model`` as an ``fx.GraphModule`` and its channel groups, keyed by name, in graph order.
 
     ``input_size`` is ``(C, H, W)``; one forward pass in eval mode (no statistics change, no
-    gradients) records the tensor shapes the analysis checks.
+    gradients) records the tensor shapes the analysis checks. The groups come from the one
+    channel-group engine (:mod:`dynaslice.graph`); what it cannot follow, or what the surgery
+    below cannot cut (concatenations, grouped convs, a flatten of a spatial map), is an error
+    naming it rather than a group left out.
     """
     gm = _as_graph(model)
     param = next(gm.parameters(), None)
@@ -204,92 +141,40 @@ def channel_groups(
                           device=param.device if param is not None else None)  # fmt: skip
     with eval_mode(gm), torch.no_grad():
         ShapeProp(gm).propagate(example)
-    groups = _Groups()
-    chan: dict[fx.Node, int] = {}
-    for node in gm.graph.nodes:
-        _visit(gm, node, chan, groups)
+    analysis = analyze(gm)
+    if analysis.stops:
+        raise PruningError(f"pruning does not know how channels flow through {analysis.stops[0]}")
     out: dict[str, ChannelGroup] = {}
-    for g in sorted({groups.find(g) for g in chan.values()}):
-        info = groups.info[g]
-        if not info["producers"]:
+    for group in analysis.groups.values():
+        if not group.modules("producer"):
             continue  # the model's input: nothing to prune
-        name = info["producers"][0]
-        out[name] = ChannelGroup(
-            name, info["size"], tuple(info["producers"]), tuple(info["norms"]), tuple(info["channelwise"]),
-            tuple(info["consumers"]), info["residual"], info["fixed"],
+        _check_cuttable(gm, group)
+        out[group.name] = ChannelGroup(
+            group.name, group.size, group.modules("producer"), group.modules("norm"),
+            group.modules("channelwise"), group.modules("consumer"), group.residual, group.fixed is not None,
         )  # fmt: skip
     return gm, out
 
 
-def _visit(gm: fx.GraphModule, node: fx.Node, chan: dict[fx.Node, int], groups: _Groups) -> None:
-    """Record how ``node`` moves channels: the heart of :func:`channel_groups`."""
-    tracked = [a for a in node.all_input_nodes if a in chan]
-    if node.op == "placeholder":
-        shape = _shape(node)
-        if shape is not None and len(shape) >= 2:
-            chan[node] = groups.new(shape[1], fixed=True)
-        return
-    if node.op == "output":
-        for a in tracked:
-            groups.info[groups.find(chan[a])]["fixed"] = True
-        return
-    if not tracked:
-        return
-    what = f"{node.op} {node.target!r} ({node.name})"
-    if len(tracked) > 1 and not _is(node, _ADDS):
-        raise PruningError(
-            f"pruning does not know how channels flow through {what}: it mixes several tensors"
-        )
-    src = chan[tracked[0]]
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, nn.Conv2d) and mod.groups == 1:
-            groups.add(src, "consumers", node.target)
-            chan[node] = groups.new(mod.out_channels, node.target)
-        elif isinstance(mod, nn.Conv2d) and mod.groups == mod.in_channels == mod.out_channels:
-            groups.add(src, "channelwise", node.target)
-            chan[node] = src
-        elif isinstance(mod, nn.Linear):
-            shape = _shape(tracked[0])
-            if shape is None or len(shape) != 2 or groups.info[groups.find(src)]["size"] != mod.in_features:
-                raise PruningError(f"{what} reads a tensor of shape {shape}, not one feature per channel")
-            groups.add(src, "consumers", node.target)
-            chan[node] = groups.new(mod.out_features, node.target)
-        elif isinstance(mod, _NORMS):
-            groups.add(src, "norms", node.target)
-            chan[node] = src
-        elif isinstance(mod, _PASS_MODULES):
-            chan[node] = src
-        else:
+def _check_cuttable(gm: fx.GraphModule, group: EngineGroup) -> None:
+    """Refuse what :func:`prune_channels` cannot cut: it selects whole rows and columns of
+    Conv2d / Linear layers, depthwise convs and BatchNorm, one channel per position."""
+    for m in group.members:
+        module = gm.get_submodule(m.module)
+        what = f"{m.module} ({type(module).__name__})"
+        if m.offset or m.repeat != 1:
             raise PruningError(
-                f"pruning does not know how channels flow through {what} ({type(mod).__name__})"
+                f"pruning does not support {what}: it reads the channels of {group.name} concatenated with "
+                "others, repeated (a flatten of a spatial map) or multiplied (a channel multiplier)"
             )
-    elif _is(node, _ADDS):
-        g = chan[tracked[0]]
-        for other in tracked[1:]:
-            g = groups.union(g, chan[other])
-        groups.info[groups.find(g)]["residual"] = True
-        chan[node] = g
-    elif (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _PASS_METHODS
-    ):
-        chan[node] = src
-    elif _is(node, _RESHAPES):
-        before, after = _shape(tracked[0]), _shape(node)
-        if before is None or after is None or math.prod(before[2:]) != 1 or after[:2] != before[:2]:
-            raise PruningError(
-                f"{what} reshapes {before} to {after}; only a flatten after global pooling is supported"
-            )
-        chan[node] = src
-    else:
-        raise PruningError(f"pruning does not know how channels flow through {what}")
-
-
-def _is(node: fx.Node, kinds: tuple[set, set]) -> bool:
-    functions, methods = kinds
-    return (node.op == "call_function" and node.target in functions) or (
-        node.op == "call_method" and node.target in methods
-    )
+        if m.role in ("producer", "consumer") and not (
+            (isinstance(module, nn.Conv2d) and module.groups == 1) or isinstance(module, nn.Linear)
+        ):
+            raise PruningError(f"pruning does not know how channels flow through {what}")
+        if m.role == "channelwise" and not module.groups == module.in_channels == module.out_channels:
+            raise PruningError(f"pruning does not support the grouped conv {what}")
+        if m.role == "norm" and not isinstance(module, _NORMS):
+            raise PruningError(f"pruning does not know how channels flow through {what}")
 
 
 def prunable_groups(groups: Mapping[str, ChannelGroup], include: str = "internal") -> list[str]:

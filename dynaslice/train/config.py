@@ -3,7 +3,8 @@
 A run is described by one :class:`Config` (model, data, optim, train sections). Presets live in
 ``configs/*.yaml`` and only list what differs from the defaults here. Overrides use dotted keys
 (``--set optim.lr=0.1 --set train.static_widths=[0.35,0.5]``); values are parsed as YAML, so
-lists, ``null`` and booleans work. An unknown key is an error naming the closest valid one:
+lists, ``null`` and booleans work (by :func:`load_yaml`, the one reader of a user's YAML: no
+aliases, bounded depth and size). An unknown key is an error naming the closest valid one:
 a typo must never be silently ignored, or the run trains something else than you think.
 """
 
@@ -27,6 +28,74 @@ from .samplers import sampler_names
 
 class ConfigError(ValueError):
     """A config file or override the user has to fix (printed as one line by the CLI)."""
+
+
+# --------------------------------------------------------------------------- reading YAML
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is kilobytes; a larger file is refused unread (it is something else)."""
+MAX_YAML_DEPTH = 32
+"""Deeper than any config (``model.gate.routes`` is 4 levels); PyYAML overflows its recursion near 300."""
+MAX_YAML_VALUES = 10_000
+"""More values than any config holds (a few hundred); PyYAML composes some 30k a second."""
+
+
+class _Refused(Exception):
+    """A YAML document refused while it is composed (the message follows the document's name)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses aliases, and documents nested deeper than
+    :data:`MAX_YAML_DEPTH` or holding more than :data:`MAX_YAML_VALUES` values, node by node
+    while it composes them: before anything is built from the document or validated."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.depth, self.values = 0, 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        where = f"line {event.start_mark.line + 1}"
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(
+                f"uses the YAML alias *{event.anchor} ({where}): anchors and aliases are not accepted "
+                "in configs; write the value out"
+            )
+        self.values += 1
+        if self.values > MAX_YAML_VALUES:
+            raise _Refused(f"holds more than {MAX_YAML_VALUES} values ({where}); a config holds a few hundred")
+        if self.depth >= MAX_YAML_DEPTH:
+            raise _Refused(f"nests deeper than {MAX_YAML_DEPTH} levels ({where})")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """The value of YAML a user wrote (a config file, a ``--set`` value), or one ConfigError
+    line that starts with ``source`` (what the text is, e.g. the file's name).
+
+    The one reader of such YAML in dynaslice. It refuses aliases, because 800 bytes of nested
+    aliases (``&a [*a, *a, ...]``, 8 levels of 10) stand for 1e9 values that the config checks
+    then walk one by one (a hang), and a self-referencing one (``&a [*a]``) is a list that
+    contains itself; depth and size are capped, because a 100k-deep document overflows PyYAML's
+    recursion (a ``RecursionError``, not a ``YAMLError``) and one too large takes minutes.
+    """
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except _Refused as e:
+        raise ConfigError(f"{source} {e}") from None
+    except yaml.MarkedYAMLError as e:
+        line = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        what = e.problem or e.context or str(e).splitlines()[0]
+        raise ConfigError(f"{source} is not valid YAML: {what}{line}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
+    finally:
+        loader.dispose()
 
 
 RESUMABLE_CHANGES = frozenset({"optim.lr", "optim.clip_grad_norm"})
@@ -619,10 +688,7 @@ def apply_override(config: Config, assignment: str) -> Config:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {assignment!r} must look like section.key=value")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse the value of override {assignment!r}: {e}") from None
+    value = load_yaml(text, f"the value of override {key}") if text.strip() else ""
     data = config.to_dict()
     parts = key.split(".")
     node: Any = data
@@ -661,12 +727,15 @@ def resolve_config(name_or_path: str | Path) -> Path:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file (a path or a preset name), or a one-line ConfigError."""
     path = resolve_config(path)
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a text (UTF-8) YAML file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
     return data
