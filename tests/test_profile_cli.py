@@ -54,6 +54,7 @@ def test_profile_without_latency_and_with_num_classes(tmp_path, capsys):
     [
         (["profile", "vit_smal"], "Unknown supernet 'vit_smal'. Did you mean 'vit_small'? Available: "),
         (["profile", "resnet_small", "--repeats", "0"], "--repeats: '0' must be at least 1"),
+        (["profile", "resnet_small", "--num-classes", "0"], "--num-classes: '0' must be at least 1"),  # no torch warning
         (["profile", "resnet_small", "--runtimes", "fast"], "unknown runtime 'fast'"),
         (
             ["profile", "vit_small_input", "--input-size", "3", "30", "30", "--no-latency"],

@@ -146,7 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input shape (default: the model's)"
     )
-    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's)")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="classifier outputs (default: the model's)")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 64], metavar="B",
                    help="images per timed forward (default: 1 64)")  # fmt: skip
     p.add_argument(
