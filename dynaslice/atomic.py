@@ -8,6 +8,11 @@ leaves the previous file intact, which is what makes resume-after-kill safe.
 The temporary file gets the permissions a plain ``open(path, "w")`` would (``0o666`` minus the
 umask): ``tempfile.mkstemp`` creates it private (``0o600``), and a checkpoint that teammates on
 a shared machine cannot read is a surprise nobody asked for.
+
+The names this module makes next to ``NAME`` are ``.NAME.XXXXXXXX.tmp`` (a temporary file or
+directory) and ``.NAME.old-XXXXXXXX`` (the previous directory, while :func:`atomic_dir` swaps
+it). A SIGKILL can leave them behind (an exception or Ctrl-C removes them);
+:func:`sweep_stale` clears them where no writer can be active (the holder of a run's lock does).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -87,17 +93,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; when the block succeeds it replaces ``path``.
 
     For writers of several files that belong together (a checkpoint, an ONNX package): the
-    directory is complete or absent. An earlier ``path`` is moved aside, the new one renamed into
-    place, then the old one deleted (it is put back if the rename fails). The directory gets the
-    permissions ``mkdir`` would give it (``mkdtemp`` makes it private).
+    directory is complete or absent. An earlier ``path`` is moved aside (``.NAME.old-XXXXXXXX``),
+    the new one renamed into place, then the old one deleted (it is put back if the rename fails).
+    The directory gets the permissions ``mkdir`` would give it (``mkdtemp`` makes it private).
+
+    A kill between the two renames leaves ``path`` missing, its old version aside: the next
+    ``atomic_dir`` on ``path`` (and :func:`sweep_stale`, which a run's lock runs for its
+    checkpoints) renames the old version back first, so it is never lost. (Linux's
+    ``renameat2(RENAME_EXCHANGE)`` would close the gap, but not on every filesystem, and the
+    fallback would need this recovery anyway: one way for all.) Whatever stood at ``path``, a
+    directory, a file or a symbolic link, is replaced and removed (a link, not what it points to).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _restore(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        if path.exists():
+        if os.path.lexists(path):
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)
             try:
@@ -105,13 +119,54 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             except BaseException:
                 os.replace(old, path)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
+
+
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # tempfile's names: 8 of [a-z0-9_]
+_OLD = re.compile(r"\.(.+)\.old-[0-9a-f]{8}")
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, or a file or symbolic link (``rmtree`` refuses a link)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _restore(path: Path) -> None:
+    """Put ``path``'s old version back if a kill left it aside with ``path`` missing."""
+    if os.path.lexists(path) or not path.parent.is_dir():
+        return
+    olds = [p for p in path.parent.iterdir() if (m := _OLD.fullmatch(p.name)) and m.group(1) == path.name]
+    if olds:
+        os.replace(max(olds, key=lambda p: p.lstat().st_mtime_ns), path)
+        fsync_dir(path.parent)
+
+
+def sweep_stale(folder: str | os.PathLike) -> None:
+    """Remove the temporaries this module's writers left in ``folder`` when they were killed,
+    and put back what :func:`atomic_dir` had moved aside when it was killed between its renames.
+
+    Only this module's names (see the module docstring) are touched, and only call this where no
+    writer can be working in ``folder``: :func:`dynaslice.runs.exclusive` calls it for a run's
+    folders when it takes the run's lock.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in sorted(folder.iterdir()):
+        m = _OLD.fullmatch(entry.name)
+        if m is not None:
+            _restore(folder / m.group(1))
+        if (m is not None and os.path.lexists(entry)) or _TEMPORARY.fullmatch(entry.name):
+            _remove(entry)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

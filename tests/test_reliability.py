@@ -10,6 +10,7 @@ the config dataclasses and hostile values from a seeded generator.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import pickle
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -745,6 +747,68 @@ def test_deeply_nested_json_files_are_one_line(tmp_path, fast_run):
     for argv in cases:
         one_line_error(cli(*argv), "nested deeper than")
     assert not (tmp_path / "run").exists() and not (tmp_path / "a.pt").exists()
+
+
+def test_a_lock_file_replaced_before_it_was_locked_is_locked_again(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    lock, flock, replaced = run / runs.LOCK, fcntl.flock, []
+
+    def replaced_then_locked(fd: int, operation: int) -> None:
+        if not replaced and stat.S_ISREG(os.fstat(fd).st_mode):  # another process's failed start
+            replaced.append(fd)  # deleted the file this one opened, and a third made a new one
+            (run / "new").write_text("")
+            os.replace(run / "new", lock)
+        flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", replaced_then_locked)
+    with runs.exclusive(run):
+        assert replaced and lock.read_text() == f"pid {os.getpid()}"  # the lock held is the one at the path
+
+
+def test_deleting_the_lock_of_a_running_train_lets_no_second_writer_in(tmp_path):
+    config = write_config(tmp_path, train={"epochs": 3})  # 12 steps, a checkpoint every step
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynaslice.cli", "train", str(config), "--out", str(run)],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        give_up = time.monotonic() + 240
+        while not (run / runs.CHECKPOINTS / runs.LATEST).exists():
+            assert proc.poll() is None and time.monotonic() < give_up, proc.stderr.read()[-2000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGSTOP)
+        (run / runs.LOCK).unlink()  # "a stale lock", thinks the user
+        one_line_error(cli("train", config, "--out", run, "--resume"), "is in use")
+        assert proc.poll() is None and not runs.is_finished(run)
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+        proc.wait()
+    # the first writer notices at its next checkpoint and stops, in one line, before writing it
+    assert proc.returncode == 2 and "deleted or replaced" in err.strip().splitlines()[-1], err[-2000:]
+    rc, out, err = cli("train", config, "--out", run, "--resume")
+    assert rc == 0 and "resuming" in out, err
+
+
+def test_taking_the_lock_sweeps_what_killed_writers_left(tmp_path, fast_run):
+    run = copy_run(fast_run, tmp_path / "run")
+    ckpts = run / runs.CHECKPOINTS
+    newest = runs.checkpoint_steps(run)[-1]
+    want = (newest / runs.MODEL_FILE).read_bytes()
+    os.replace(newest, ckpts / f".{newest.name}.old-0123abcd")  # SIGKILL between atomic_dir's renames
+    (ckpts / f".{newest.name}.k3j4h5g6.tmp").mkdir()  # ... its new version, complete or not
+    (ckpts / ".latest.abcdefgh.tmp").write_text("step-")  # SIGKILL while `latest` was written
+    (run / ".config.yaml.zz_99zzz.tmp").write_text("")
+    (ckpts / ".step-00000003.old-deadbeef").symlink_to(ckpts / "step-00000003")  # a link moved aside
+    (run / "notes.tmp").write_text("the user's")  # not a name dynaslice makes: kept
+    with runs.exclusive(run):
+        pass
+    assert (newest / runs.MODEL_FILE).read_bytes() == want  # put back, not lost
+    assert sorted(p for p in listing(run) if ".tmp" in p or ".old-" in p) == ["notes.tmp"]
+    assert (ckpts / "step-00000003").is_dir()
 
 
 # --------------------------------------------------------------------------- fuzz

@@ -10,7 +10,9 @@ A checkpoint is a directory ``RUN/checkpoints/step-N`` (names in :mod:`dynaslice
 
 A checkpoint is written into a temporary directory that is renamed into place, then
 ``checkpoints/latest`` is replaced atomically: a run killed at any moment leaves the previous
-checkpoint intact, and nothing half-written is ever picked up. On resume,
+checkpoint intact, and nothing half-written is ever picked up. What a killed writer left (its
+temporaries; a step being saved again, moved aside) is swept or put back when the run's lock is
+taken next (:func:`dynaslice.runs.exclusive`), before anything is read. On resume,
 :func:`load_resumable` takes the checkpoint ``latest`` names (or, without ``latest``, the highest
 step); a damaged one is reported by name, renamed ``damaged-step-N`` and the previous intact one
 is used instead. A run with checkpoint directories never silently restarts from step 0.
@@ -99,8 +101,6 @@ def save_checkpoint(
     older = [p for p in runs.checkpoint_steps(run_dir) if p.name < name]
     for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*.tmp"):  # left by a run killed while writing
-        shutil.rmtree(stale, ignore_errors=True)
     return root / name
 
 

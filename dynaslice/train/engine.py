@@ -232,6 +232,8 @@ class Trainer:
         """Checkpoint the current step (rank 0 writes; every rank waits for it)."""
         path = None
         if self.env.is_main:
+            if self._lock is not None:  # our lock deleted or replaced: another process may write here now
+                runs.check_lock(self.run_dir)
             tensors: dict[str, torch.Tensor] = {}
             for prefix, module in self.checkpoint_modules().items():
                 tensors.update(prefixed(prefix, module))
