@@ -811,6 +811,67 @@ def test_taking_the_lock_sweeps_what_killed_writers_left(tmp_path, fast_run):
     assert (ckpts / "step-00000003").is_dir()
 
 
+def test_sigterm_stops_a_train_like_ctrl_c_and_it_resumes(tmp_path):
+    config = write_config(tmp_path, train={"epochs": 6})  # 24 steps: SIGTERM comes long before the end
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynaslice.cli", "train", str(config), "--out", str(run)],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        give_up = time.monotonic() + 240
+        while not (run / runs.CHECKPOINTS / runs.LATEST).exists():
+            assert proc.poll() is None and time.monotonic() < give_up, proc.stderr.read()[-2000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "dynaslice train: terminated", err[-2000:]
+    assert not runs.is_finished(run)
+    assert not [p for p in listing(run) if p.endswith(".tmp") or ".old-" in p]
+    rc, out, err = cli("train", config, "--out", run, "--resume")
+    assert rc == 0 and "resuming" in out, err
+
+
+def test_sigterm_while_a_checkpoint_is_written_leaves_no_temporaries(tmp_path, monkeypatch):
+    from dynaslice.train import checkpoint
+
+    sha256 = checkpoint.file_sha256
+
+    def sigterm_then_sha256(path: Path) -> str:  # inside atomic_dir's block, the state half-saved
+        os.kill(os.getpid(), signal.SIGTERM)
+        return sha256(path)
+
+    def unhandled(*_: object) -> None:
+        raise AssertionError("SIGTERM reached the test: dynaslice's main installed no handler")
+
+    monkeypatch.setattr(checkpoint, "file_sha256", sigterm_then_sha256)
+    run = tmp_path / "run"
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        rc, _, err = cli("train", write_config(tmp_path), "--out", run)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # main put the previous handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert rc == 143 and err.strip().splitlines()[-1] == "dynaslice train: terminated", err
+    assert not [p for p in listing(run) if ".tmp" in p or ".old-" in p], listing(run)
+
+
+def test_a_writable_run_folder_in_a_read_only_parent_is_accepted(tmp_path, monkeypatch):
+    # root passes every permission check: the read-only parent is os.access's answer here
+    from dynaslice.cli.common import UserError, run_dir_arg
+
+    run = tmp_path / "run"
+    run.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path and access(path, mode))
+    assert run_dir_arg(run) == run  # a run writes inside its folder, never next to it
+    with pytest.raises(UserError, match="not writable"):
+        run_dir_arg(tmp_path / "new")  # a new run would be made in the read-only parent
+
+
 # --------------------------------------------------------------------------- fuzz
 
 

@@ -241,11 +241,18 @@ def check_writable(path: Path, what: str) -> None:
 
 
 def run_dir_arg(out: Path) -> Path:
-    """A run directory given with ``--out``: a writable directory or a new name in a writable place."""
+    """A run directory given with ``--out``: a writable directory or a new name in a writable place.
+
+    An existing directory needs only itself writable (a run writes inside it, never next to it:
+    a writable run in a read-only parent, e.g. a shared results folder, is fine); a new one needs
+    its nearest existing ancestor writable (:func:`check_writable`).
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory for the run (new or existing)")
-    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out} is not writable; choose another directory for the run")
+    if out.is_dir():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UserError(f"--out {out} is not writable; choose another directory for the run")
+        return out
     check_writable(out, "run")
     return out
 
