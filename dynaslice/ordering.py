@@ -9,10 +9,11 @@ producer's rows, the BatchNorm parameters and statistics and every consumer's in
 permuted together, which leaves the largest subnet's function unchanged.
 
 One mechanism serves every conv family. :func:`channel_groups` traces the largest subnet with
-``torch.fx`` (sliced layers as leaves, as :func:`dynaslice.extract_subnet` does) and follows the
-channel axis through the graph: a conv or linear layer starts a new group of channels, BatchNorm,
-depthwise convs, activations and pooling keep it, and ``add``/``mul`` join the groups of their
-operands (union-find), so a residual stream or a squeeze-and-excitation scale becomes one tied
+``torch.fx`` (sliced layers as leaves, as :func:`dynaslice.extract_subnet` does) and hands it to the
+one channel-group engine (:mod:`dynaslice.graph`, shared with pruning and
+:func:`dynaslice.make_supernet`): a conv or linear layer starts a new group of channels,
+BatchNorm, depthwise convs, activations and pooling keep it, and ``add``/``mul`` join the groups
+of their operands, so a residual stream or a squeeze-and-excitation scale becomes one tied
 group. A group is sliced when its width changes with the Arch; which dimension slices it is
 found by re-tracing with that dimension at its minimum. For a tied group the importance is the
 sum over its consumers of each one's L1 importance normalised to sum 1 (as NNCF BootstrapNAS and
@@ -30,18 +31,17 @@ Reorder *before* building an optimizer or an EMA copy: their buffers are not per
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .export import _Bound, _Tracer
+from .graph import ChannelGroup as EngineGroup
+from .graph import Layout, Member, analyze
 from .models.base import Supernet
-from .nn import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear
 from .space import Arch
 
 
@@ -49,24 +49,15 @@ class OrderingError(ValueError):
     """The network has a structure channel ordering cannot follow (the message says which)."""
 
 
-@dataclass(frozen=True)
-class Member:
-    """One tensor axis that holds a group's channels: ``module.attr`` along ``axis``.
-
-    ``role``: ``producer`` (writes the channels: output rows of a conv/linear), ``consumer``
-    (reads them: input columns; its L1 norms are the importance) or ``member`` (per-channel
-    values: BatchNorm parameters and statistics, depthwise kernels).
-    """
-
-    module: str
-    attr: str
-    axis: int
-    role: str
-
-
 @dataclass
 class ChannelGroup:
-    """Channels that must move together, the Arch dimension that slices them, and their size."""
+    """Channels that must move together, the Arch dimension that slices them, and their size.
+
+    ``members`` are the engine's :class:`~dynaslice.graph.Member` records, with module names
+    relative to the supernet: ``producer`` rows, ``consumer`` columns (their L1 norms are the
+    importance), ``norm`` entries (BatchNorm parameters and per-width statistics) and
+    ``channelwise`` filters (depthwise convs).
+    """
 
     dim: str
     size: int
@@ -76,60 +67,10 @@ class ChannelGroup:
         return [m for m in self.members if m.role == "consumer"]
 
 
-_KEEP_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.SiLU,
-    nn.GELU,
-    nn.Sigmoid,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-    nn.Identity,
-    nn.Dropout,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-)
-_KEEP_FUNCTIONS = {
-    torch.relu,
-    torch.sigmoid,
-    torch.flatten,
-    F.relu,
-    F.relu6,
-    F.silu,
-    F.hardswish,
-    F.adaptive_avg_pool2d,
-    F.avg_pool2d,
-    F.max_pool2d,
-    F.dropout,
-}
-_KEEP_METHODS = {"mean", "flatten", "relu", "sigmoid", "contiguous"}
-_JOIN_FUNCTIONS = {operator.add, operator.mul, operator.iadd, operator.imul, torch.add, torch.mul}
 _UNSUPPORTED = (
     "channel ordering supports conv families (ResNet, MobileNetV1/V2, DS-MBNet); "
     "transformers such as ViT are out of scope"
 )
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def add(self, a: str) -> str:
-        self.parent.setdefault(a, a)
-        return a
-
-    def find(self, a: str) -> str:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: str, b: str) -> str:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-        return ra
 
 
 def _trace(net: Supernet, arch: Arch, input_size: tuple[int, ...]) -> fx.GraphModule:
@@ -149,105 +90,10 @@ def _trace(net: Supernet, arch: Arch, input_size: tuple[int, ...]) -> fx.GraphMo
     return traced
 
 
-def _channels(node: fx.Node) -> int | None:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return int(shape[1]) if shape is not None and len(shape) >= 2 else None
-
-
-def _is_tensor(arg: object) -> bool:
-    return isinstance(arg, fx.Node) and _channels(arg) is not None
-
-
-class _GraphWalk:
-    """Union-find of channel groups over one traced graph, plus the tensor axes in each group."""
-
-    def __init__(self, traced: fx.GraphModule, family: str):
-        self.traced, self.family = traced, family
-        self.uf = _UnionFind()
-        self.members: dict[str, list[Member]] = {}  # node name of a group's first tensor -> members
-        for node in traced.graph.nodes:
-            self._visit(node)
-
-    def _refuse(self, what: str) -> OrderingError:
-        return OrderingError(f"cannot order the channels of {self.family}: {what}; {_UNSUPPORTED}")
-
-    def _new(self, node: fx.Node, *members: Member) -> None:
-        self.uf.add(node.name)
-        self.members[node.name] = list(members)
-
-    def _add(self, node: fx.Node, *members: Member) -> None:
-        """Record tensor axes that hold the channels of ``node``'s group."""
-        self.members.setdefault(self.uf.find(node.name), []).extend(members)
-
-    def _same(self, node: fx.Node, src: fx.Node, *members: Member) -> None:
-        """``node`` carries the channels of ``src`` (same group), plus ``members``."""
-        if _channels(node) != _channels(src):
-            raise self._refuse(f"{node.op} {node.target!r} changes the channel count")
-        self.uf.add(node.name)
-        self.uf.union(src.name, node.name)
-        self._add(node, *members)
-
-    def _visit(self, node: fx.Node) -> None:
-        if node.op == "get_attr":
-            raise self._refuse(f"it reads {node.target!r} outside a leaf module")
-        if node.op == "output" or _channels(node) is None:
-            return
-        if node.op == "placeholder":
-            self._new(node)
-        elif node.op == "call_module":
-            self._module(node)
-        elif node.op == "call_function" and node.target in _JOIN_FUNCTIONS:
-            tensors = [a for a in node.args if _is_tensor(a)]
-            self._same(node, tensors[0])
-            for other in tensors[1:]:
-                self._same(node, other)
-        elif node.op == "call_function" and node.target in _KEEP_FUNCTIONS:
-            self._same(node, node.args[0])
-        elif node.op == "call_method" and node.target in _KEEP_METHODS:
-            self._same(node, node.args[0])
-        else:
-            raise self._refuse(f"it does not know how channels flow through {node.op} {node.target!r}")
-
-    def _module(self, node: fx.Node) -> None:
-        name = str(node.target).removeprefix("net.")
-        m = self.traced.get_submodule(str(node.target))
-        x = node.args[0]
-        bias = [] if getattr(m, "bias", None) is None else ["bias"]
-        depthwise = isinstance(m, SlicedConv2d | nn.Conv2d) and m.groups == m.in_channels == m.out_channels
-        if depthwise and m.groups > 1:
-            self._same(node, x, *(Member(name, a, 0, "member") for a in ["weight", *bias]))
-        elif isinstance(m, SlicedConv2d | nn.Conv2d | SlicedLinear | nn.Linear):
-            if getattr(m, "groups", 1) != 1:
-                raise self._refuse(f"{name} is a grouped conv")
-            if getattr(m, "chunks", 1) != 1:
-                raise self._refuse(f"{name} stacks several projections (fused q/k/v)")
-            self._add(x, Member(name, "weight", 1, "consumer"))
-            self._new(node, *(Member(name, a, 0, "producer") for a in ["weight", *bias]))
-        elif isinstance(m, SlicedBatchNorm2d | nn.BatchNorm2d):
-            stat_axis = 1 if isinstance(m, SlicedBatchNorm2d) else 0
-            self._same(
-                node,
-                x,
-                Member(name, "weight", 0, "member"),
-                Member(name, "bias", 0, "member"),
-                Member(name, "running_mean", stat_axis, "member"),
-                Member(name, "running_var", stat_axis, "member"),
-            )
-        elif isinstance(m, _KEEP_MODULES):
-            self._same(node, x)
-        else:
-            raise self._refuse(f"it does not know how channels flow through {type(m).__name__} ({name})")
-
-    def groups(self) -> dict[str, tuple[list[str], list[Member]]]:
-        """Root -> (node names, members) of every group."""
-        out: dict[str, tuple[list[str], list[Member]]] = {}
-        for node_name in self.uf.parent:
-            root = self.uf.find(node_name)
-            out.setdefault(root, ([], []))[0].append(node_name)
-        for key, members in self.members.items():
-            out[self.uf.find(key)][1].extend(members)
-        return out
+def _width(node: fx.Node, layout: Layout | None) -> int | None:
+    """How many channels ``node`` holds on the channel axis of ``layout`` (None: no channels)."""
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return None if layout is None or shape is None else int(shape[layout.axis])
 
 
 def _dim_changes(net: Supernet) -> list[tuple[tuple[str, ...], Arch]]:
@@ -270,59 +116,73 @@ def _dim_changes(net: Supernet) -> list[tuple[tuple[str, ...], Arch]]:
 def channel_groups(net: Supernet, input_size: tuple[int, ...] | None = None) -> list[ChannelGroup]:
     """The sliced channel groups of ``net``: which tensor axes move together, and their dimension.
 
-    ``input_size`` (``(C, H, W)``, default ``net.input_size``) only drives shape propagation.
-    Raises :class:`OrderingError` for structures it cannot follow (see the module docstring).
+    The groups come from the one channel-group engine (:mod:`dynaslice.graph`) run on the
+    largest subnet; a group is sliced when its width changes with the Arch. ``input_size``
+    (``(C, H, W)``, default ``net.input_size``) only drives shape propagation. Raises
+    :class:`OrderingError` for structures it cannot follow (see the module docstring).
     """
     if not isinstance(net, Supernet):
         raise TypeError(f"channel_groups needs a Supernet, got {type(net).__name__}")
     input_size = tuple(input_size or net.input_size)
     family = type(net).__name__
-    largest = net.space.largest()
-    base = _trace(net, largest, input_size)
-    walk = _GraphWalk(base, family)
-    width = {n.name: _channels(n) for n in base.graph.nodes}
-    sliced: dict[str, str] = {}  # group root -> dim name
+
+    def refuse(what: str) -> OrderingError:
+        return OrderingError(f"cannot order the channels of {family}: {what}; {_UNSUPPORTED}")
+
+    base = _trace(net, net.space.largest(), input_size)
+    for node in base.graph.nodes:
+        if node.op == "get_attr":
+            raise refuse(f"it reads {node.target!r} outside a leaf module")
+    analysis = analyze(base)
+    if analysis.stops:
+        raise refuse(f"it does not know how channels flow through {analysis.stops[0]}")
+    layouts = {n.name: analysis.layout(n) for n in base.graph.nodes}
+    width = {n.name: _width(n, layouts[n.name]) for n in base.graph.nodes}
+    sliced: dict[int, str] = {}  # engine group id -> dim name
     for dims, arch in _dim_changes(net):
         changed = _trace(net, arch, input_size)
-        names = [n.name for n in changed.graph.nodes]
-        if names != list(width):
+        if [n.name for n in changed.graph.nodes] != list(width):
             raise OrderingError(f"cannot order the channels of {family}: its graph changes with {dims}")
         for node in changed.graph.nodes:
-            w = _channels(node)
+            layout = layouts[node.name]
+            w = _width(node, layout)
             if w is None or w == width[node.name]:
                 continue
-            root = walk.uf.find(node.name)
+            if len(layout.segments) != 1 or layout.segments[0].repeat != 1:
+                raise refuse(f"{node.name} concatenates or repeats sliced channels")
+            group = layout.segments[0].group
             # a tied group of dims: name the one whose grid this width belongs to
             label = next((d for d in dims if net.space[d].max == width[node.name]), "+".join(dims))
-            if sliced.setdefault(root, label) != label:
+            if sliced.setdefault(group, label) != label:
                 raise OrderingError(
                     f"cannot order the channels of {family}: one channel group is sliced by both "
-                    f"{sliced[root]} and {label}"
+                    f"{sliced[group]} and {label}"
                 )
-    groups = []
-    owner: dict[tuple[str, str, int], str] = {}
-    for root, (nodes, members) in walk.groups().items():
-        if root not in sliced:
-            continue
-        widths = {width[n] for n in nodes}
-        if len(widths) != 1:
-            raise OrderingError(f"cannot order the channels of {family}: a tied group has widths {widths}")
-        size = widths.pop()
-        unique = list(dict.fromkeys(members))
-        for mem in unique:
-            key = (mem.module, mem.attr, mem.axis)
-            if owner.setdefault(key, root) != root:
-                raise OrderingError(
-                    f"cannot order the channels of {family}: {mem.module}.{mem.attr} belongs to two groups"
-                )
-            t = getattr(net.get_submodule(mem.module), mem.attr)
-            if t.shape[mem.axis] != size:
-                raise OrderingError(
-                    f"cannot order the channels of {family}: {mem.module}.{mem.attr} stores "
-                    f"{t.shape[mem.axis]} channels but the largest subnet uses {size}"
-                )
-        groups.append(ChannelGroup(sliced[root], size, unique))
+    groups = [_checked(net, g, sliced[g.id], refuse) for g in analysis.groups.values() if g.id in sliced]
+    owner: dict[tuple[str, str, int], int] = {}
+    for i, group in enumerate(groups):
+        for mem in group.members:
+            if owner.setdefault((mem.module, mem.attr, mem.axis), i) != i:
+                raise refuse(f"{mem.module}.{mem.attr} belongs to two groups")
     return groups
+
+
+def _checked(net: Supernet, group: EngineGroup, dim: str, refuse) -> ChannelGroup:  # noqa: ANN001
+    """``group`` with module names relative to ``net``, once every member is a plain axis of a
+    tensor that holds exactly the group's channels (what a permutation can move)."""
+    if group.step != 1:
+        raise refuse(f"{group.name} is a grouped conv's channels (sliced in whole conv groups)")
+    members = [replace(m, module=m.module.removeprefix("net.")) for m in group.members]
+    for mem in members:
+        if mem.offset or mem.repeat != 1:
+            raise refuse(f"{mem.module} reads the channels of {group.name} concatenated or repeated")
+        t = getattr(net.get_submodule(mem.module), mem.attr)
+        if t.shape[mem.axis] != group.size:
+            raise OrderingError(
+                f"cannot order the channels of {type(net).__name__}: {mem.module}.{mem.attr} stores "
+                f"{t.shape[mem.axis]} channels but the largest subnet uses {group.size}"
+            )
+    return ChannelGroup(dim, group.size, members)
 
 
 def _l1(t: torch.Tensor, axis: int) -> torch.Tensor:

@@ -179,8 +179,10 @@ class _Walk:
             self.members[root].append(Member(module, attr, axis, role, offset, seg.repeat))
             offset += self.size[root] * seg.repeat
 
-    def fresh(self, node: fx.Node, size: int, producer: str | None = None, fixed: str | None = None) -> None:
-        axis = 1 if producer is None else len(_shape(node)) - 1
+    def fresh(
+        self, node: fx.Node, size: int, axis: int = 1, producer: str | None = None, fixed: str | None = None
+    ) -> None:
+        """``node`` holds a new group of ``size`` channels on ``axis``."""
         self.layout[node] = Layout(axis, (Segment(self.new(size, producer, fixed)),))
 
     # --- the walk -----------------------------------------------------------------------------
@@ -247,8 +249,7 @@ class _Walk:
             if layout.axis != ndim - 1:
                 return self.opaque(node, f"{name} reads channels that are not on the last axis")
             self.add(layout, name, "weight", 1, "consumer")
-            out = m.out_features
-            self.fresh(node, out, producer=name)
+            self.fresh(node, _shape(node)[-1], len(_shape(node)) - 1, producer=name)
             self._produce(node, m, name)
             return None
         if isinstance(m, rules.BATCH_NORMS + (SlicedBatchNorm2d,)) and layout.axis == 1:
@@ -288,11 +289,12 @@ class _Walk:
     def _conv(self, node: fx.Node, m: nn.Module, name: str, layout: Layout) -> None:
         if layout.axis != 1:
             return self.opaque(node, f"{name} reads channels that are not on axis 1")
-        cin, cout, groups = m.in_channels, m.out_channels, m.groups
+        # widths from the shapes: a sliced leaf's module holds its largest width, not this call's
+        cin, cout = _shape(node.args[0])[1], _shape(node)[1]
+        groups = cin if getattr(m, "depthwise", False) else m.groups
         if groups == 1:
             self.add(layout, name, "weight", 1, "consumer")
             self.fresh(node, cout, producer=name)
-            self.layout[node] = Layout(1, self.layout[node].segments)
             return self._produce(node, m, name)
         seg = layout.segments[0]
         per_group = cin // groups
