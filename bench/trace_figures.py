@@ -1,8 +1,8 @@
 """Every figure in README.md and docs/*.md traced to a JSON under bench/out/ (issue 29 item 7).
 
 A reader of a figure should find the file it came from and, beside that file's name in the docs,
-the command that wrote it. The docs say where with HTML comments (invisible when rendered), each
-on a line of its own; one applies to the blocks below it, up to the next marker or heading:
+the command that wrote it. The docs say where with HTML comments (invisible when rendered). On a
+line of its own, a marker applies to the lines below it, up to the next marker or heading:
 
 - ``<!-- source: bench/out/a.json bench/out/b.json -->``: every figure below appears in one of
   these files (rounded as shown);
@@ -11,20 +11,26 @@ on a line of its own; one applies to the blocks below it, up to the next marker 
 - ``<!-- not-measured: REASON -->``: the numbers are settings, arithmetic on a traced figure shown
   nearby, or facts that no run measures (REASON says which).
 
+Inside a line (at its end; in a table, in its last cell), an ``untraced`` or ``not-measured``
+marker covers only the figures of that line that the sources above do not hold: a goal, a
+figure of code that no longer exists, a measurement no JSON kept, beside traced ones.
+
 A *figure* is a number shown with a decimal point (``90.72``, ``-0.99``, ``0.9``), a percentage
 (``96%``, ``90.7 %``) or a time (``417 s``, ``11 min``, ``6.56 ms``), in running text, lists and
 tables; fenced code (commands, checked by tests/test_docs_commands.py) and inline code (flags,
 file and arch names such as ``x0.5``) are not figures. A figure *appears* in a JSON if some
-number in it, scaled by one of ``SCALES`` (a fraction shown as a percentage, seconds as ms or
-minutes, MACs as MMACs), rounds to it at the digits shown; the sign is ignored, as the text says
+number in it, scaled as the unit shown allows (``SCALES``: a fraction shown as a percentage,
+seconds as ms or minutes, MACs as MMACs or GMACs), rounds to it at the digits shown; the sign is ignored, as the text says
 "by 0.03 points" of a gap recorded as -0.03. A figure with no decimals (``96%``, ``417 s``) is
 matched to the nearest unit.
 
-Failures (exit code 1): a block with figures under no marker, a source that does not exist or is
-not JSON, a figure found in none of its block's sources, a marker without a reason or a file.
+Failures (exit code 1): a figure under no marker, a source that does not exist or is not JSON, a
+figure found in none of its sources, a marker without a reason or a file. Untraced figures are
+listed, with their reasons, every time: they are the docs' debt, not an exemption from it.
 
-    python bench/trace_figures.py              # failures, then the untraced blocks
-    python bench/trace_figures.py --list       # also every traced figure and the key it matched
+    python bench/trace_figures.py              # failures, then the untraced figures
+    python bench/trace_figures.py --list       # also every traced figure and the key it matched,
+                                               # and the figures marked not-measured
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,10 +48,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# fraction -> %, s -> ms, ms -> s, MACs -> MMACs, s -> min
-SCALES = (1.0, 100.0, 1e3, 1e-3, 1e-6, 1 / 60)
+# how a JSON's number may be shown, by the unit shown: a fraction as a percentage, seconds as ms,
+# ms as s, MACs as MMACs or GMACs, seconds as minutes
+SCALES = {
+    "": (1.0, 100.0, 1e3, 1e-3, 1e-6, 1e-9),
+    "%": (1.0, 100.0),
+    "ms": (1.0, 1e3),
+    "s": (1.0, 1e-3),
+    "min": (1.0, 1 / 60),
+}
 
 MARKER = re.compile(r"^<!--\s*(source|untraced|not-measured):?(.*?)-->\s*$")
+LINE_MARKER = re.compile(r"<!--\s*(untraced|not-measured):?(.*?)-->")
 FENCE = re.compile(r"^\s*```")
 HEADING = re.compile(r"^#{1,6}\s")
 INLINE_CODE = re.compile(r"`[^`]*`")
@@ -52,7 +67,7 @@ LINK_TARGET = re.compile(r"\]\([^)]*\)")
 # a decimal, a percentage or a time; not inside a word or a version (x0.5, 2.14.1, 224x224)
 FIGURE = re.compile(
     r"(?<![\w.])[+-]?(\d+\.\d+|\d+)(?![\w.]*\d)"
-    r"(?=(\s?%|\s?(?:ms|s|min)\b)?)"
+    r"(?=(\s?%|\s?(?:ms|min)\b|\ss\b)?)"
 )
 
 
@@ -62,6 +77,8 @@ class Figure:
     text: str  # as shown, e.g. "90.72" or "96%"
     value: float
     decimals: int
+    unit: str = ""  # "", "%", "ms", "s" or "min"
+    exempt: tuple[str, str] | None = None  # a line marker's (kind, reason)
 
 
 @dataclass
@@ -92,7 +109,7 @@ def figures_in(line: str, number: int) -> Iterator[Figure]:
         if "." not in digits and not unit:
             continue  # a count, a size or a setting: 3 seeds, batch 64, 224 px
         decimals = len(digits.split(".")[1]) if "." in digits else 0
-        yield Figure(number, m.group(0) + (unit or ""), float(digits), decimals)
+        yield Figure(number, m.group(0) + (unit or ""), float(digits), decimals, (unit or "").strip())
 
 
 def blocks(doc: Path) -> list[Block]:
@@ -114,7 +131,10 @@ def blocks(doc: Path) -> list[Block]:
             current = Block(doc, number, marker.group(1), marker.group(2).strip())
             out.append(current)
             continue
-        for fig in figures_in(line, number):
+        inline = LINE_MARKER.search(line)
+        for fig in figures_in(LINE_MARKER.sub("", line), number):
+            if inline:
+                fig.exempt = (inline.group(1), inline.group(2).strip())
             if current is None:
                 current = Block(doc, number)
                 out.append(current)
@@ -123,7 +143,8 @@ def blocks(doc: Path) -> list[Block]:
 
 
 def numbers(data: object, key: str = "") -> Iterator[tuple[str, float]]:
-    """Every number in a JSON document with the key path that leads to it."""
+    """Every number in a JSON document with the key path that leads to it; a list of numbers (per
+    seed, as a rule) also gives its mean and standard error, as the docs quote them."""
     if isinstance(data, bool):
         return
     if isinstance(data, int | float):
@@ -135,12 +156,16 @@ def numbers(data: object, key: str = "") -> Iterator[tuple[str, float]]:
     elif isinstance(data, list):
         for i, v in enumerate(data):
             yield from numbers(v, f"{key}[{i}]")
+        values = [v for v in data if isinstance(v, int | float) and not isinstance(v, bool)]
+        if len(values) > 1 and len(values) == len(data):  # per-seed values: the docs quote mean +- s.e.
+            yield f"{key}:mean", statistics.fmean(values)
+            yield f"{key}:se", statistics.stdev(values) / math.sqrt(len(values))
 
 
 def matches(fig: Figure, value: float) -> bool:
     """Whether ``value`` (scaled) rounds to the figure as shown."""
     half = 0.5 * 10.0**-fig.decimals + 1e-9
-    return any(abs(abs(value * s) - fig.value) <= half for s in SCALES)
+    return any(abs(abs(value * s) - fig.value) <= half for s in SCALES[fig.unit])
 
 
 @dataclass
@@ -148,6 +173,14 @@ class Trace:
     failures: list[str] = field(default_factory=list)
     untraced: list[str] = field(default_factory=list)
     traced: list[str] = field(default_factory=list)
+    not_measured: list[str] = field(default_factory=list)
+
+    def exempt(self, where: str, fig: Figure, kind: str, reason: str) -> None:
+        """A figure a marker says no JSON holds: listed with its reason, or a failure without one."""
+        if not reason:
+            self.failures.append(f"{where}: {kind} marker without a reason")
+        rows = self.untraced if kind == "untraced" else self.not_measured
+        rows.append(f"{where}: {fig.text} -- {reason}")
 
 
 def load_sources(block: Block, root: Path, trace: Trace) -> list[tuple[str, list[tuple[str, float]]]]:
@@ -167,34 +200,26 @@ def load_sources(block: Block, root: Path, trace: Trace) -> list[tuple[str, list
 
 
 def check(docs: list[Path] = DOCS, root: Path = ROOT) -> Trace:
-    """Every figure of ``docs`` against its marker: the failures, the untraced blocks, the matches."""
+    """Every figure of ``docs`` against its markers: failures, untraced figures, matches."""
     trace = Trace()
     for doc in docs:
         for block in blocks(doc):
-            listed = ", ".join(f.text for f in block.figures)
-            if block.kind is None:
-                lines = sorted({f.line for f in block.figures})
-                trace.failures.append(
-                    f"{block.where}: figures under no source marker (lines {lines}): {listed}"
-                )
-            elif block.kind != "source":
-                if not block.arg:
-                    trace.failures.append(f"{block.where}: {block.kind} marker without a reason")
-                elif block.kind == "untraced" and block.figures:
-                    trace.untraced.append(f"{block.where}: {block.arg} [{listed}]")
-            else:
-                sources = load_sources(block, root, trace)
-                for fig in block.figures:
-                    hit = next(
-                        ((name, key) for name, values in sources for key, v in values if matches(fig, v)),
-                        None,
+            sources = load_sources(block, root, trace) if block.kind == "source" else []
+            for fig in block.figures:
+                where = f"{shown(doc)}:{fig.line}"
+                hit = next(((n, k) for n, values in sources for k, v in values if matches(fig, v)), None)
+                if hit:
+                    trace.traced.append(f"{where}: {fig.text} <- {hit[0]} {hit[1]}")
+                elif fig.exempt:
+                    trace.exempt(where, fig, *fig.exempt)
+                elif block.kind in ("untraced", "not-measured"):
+                    trace.exempt(where, fig, block.kind, block.arg)
+                elif block.kind is None:
+                    trace.failures.append(f"{where}: {fig.text} is under no source marker")
+                else:
+                    trace.failures.append(
+                        f"{where}: {fig.text} is in none of the sources at line {block.line}"
                     )
-                    if hit is None and sources:
-                        trace.failures.append(
-                            f"{shown(doc)}:{fig.line}: {fig.text} is in none of the sources at line {block.line}"
-                        )
-                    elif hit:
-                        trace.traced.append(f"{shown(doc)}:{fig.line}: {fig.text} <- {hit[0]} {hit[1]}")
     return trace
 
 
@@ -206,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     trace = check([p.resolve() for p in args.docs] or DOCS)
     if args.list:
         print("\n".join(trace.traced))
+        print(f"\nnot measured: {len(trace.not_measured)}\n" + "\n".join(trace.not_measured))
     for title, rows in (("untraced (measured, no JSON yet)", trace.untraced), ("FAILURES", trace.failures)):
         if rows:
             print(f"\n{title}: {len(rows)}\n" + "\n".join(rows))
     print(
-        f"\n{len(trace.traced)} figures traced, {len(trace.untraced)} blocks untraced, {len(trace.failures)} failures"
+        f"\n{len(trace.traced)} figures traced, {len(trace.untraced)} untraced, "
+        f"{len(trace.not_measured)} not measured, {len(trace.failures)} failures"
     )
     return 1 if trace.failures else 0
 
