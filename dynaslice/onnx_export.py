@@ -36,17 +36,34 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
+from . import runs
 from .atomic import atomic_dir, atomic_path
 from .budget import BudgetNet
 from .export import extract_subnet
 from .gate import GatedSupernet
 from .models.base import Supernet
-from .runtime import BUDGET_FORMAT, FORMAT, FORMAT_VERSION, MANIFEST
+from .runtime import (
+    BUDGET_FORMAT,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    package_file,
+    package_members,
+    read_manifest,
+)
 from .version import __version__
 
 Exporter = Literal["torchscript", "dynamo"]
 
-__all__ = ["export_budget", "export_gated", "export_module", "export_onnx", "extract_route", "extract_trunk"]
+__all__ = [
+    "check_package_target",
+    "export_budget",
+    "export_gated",
+    "export_module",
+    "export_onnx",
+    "extract_route",
+    "extract_trunk",
+]
 
 
 def _onnx():
@@ -207,13 +224,45 @@ def extract_route(gated: GatedSupernet, route: int, features_size: Sequence[int]
 # --------------------------------------------------------------------------- the gated package
 
 
-def _check_target(directory: Path) -> None:
-    """Refuse to replace anything but an earlier package (or an empty directory)."""
+def check_package_target(directory: str | os.PathLike) -> None:
+    """Refuse a package's output folder that a replacement would lose anything in.
+
+    ``directory`` may be absent, empty, or hold a dynaslice package and nothing else: its
+    manifest and the files the manifest names (and the lock of a writer of the package,
+    :func:`dynaslice.runs.exclusive`).
+    A user's results or a subfolder beside a package, a folder of other things, a file or a
+    link are refused with ``FileExistsError`` naming what is in the way; a name ending in
+    ``.onnx`` is refused too (``ValueError``): a package is a folder, and ``dynaslice.serve.load``
+    reads a ``.onnx`` path as one model file. Used by every writer of packages (the exports and
+    ``dynaslice quantize``).
+    """
+    directory = Path(directory)
+    if directory.suffix == ".onnx":
+        raise ValueError(
+            f"{directory}: a package is a folder; give it a name that does not end in .onnx "
+            "(that is a single model file: export one subnet with --arch for that)"
+        )
+    if directory.is_symlink():
+        raise FileExistsError(f"{directory} is a symbolic link; give the package folder itself, or a new one")
     if not directory.exists():
         return
-    if not directory.is_dir() or (any(directory.iterdir()) and not (directory / MANIFEST).is_file()):
+    if not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file, not a dynaslice ONNX package; choose a new name")
+    present = set(os.listdir(directory)) - {runs.LOCK}
+    if not present:
+        return
+    try:
+        manifest = read_manifest(directory)
+    except (OSError, ValueError):
         raise FileExistsError(
             f"{directory} exists and is not a dynaslice ONNX package; choose a new directory or remove it"
+        ) from None
+    others = sorted(present - {MANIFEST, *package_members(manifest)})
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(
+            f"{directory} holds a package and other things ({shown}) that replacing it would delete; "
+            "move them out or choose a new directory"
         )
 
 
@@ -234,7 +283,8 @@ def export_gated(
     input shape/dtype, the normalisation ``mean``/``std`` when given, cut, routes with their arch
     and MACs per image (trunk + gate + route), files, number of classes). Everything is exported
     in eval mode. The directory is built beside its final name and renamed into place; an
-    earlier package there is replaced. Run it with :class:`dynaslice.runtime.GatedOnnxRunner`.
+    earlier package there is replaced, a folder holding anything else refused
+    (:func:`check_package_target`). Run it with :class:`dynaslice.runtime.GatedOnnxRunner`.
     """
     gated = getattr(gated, "gated", gated)  # a DynamicNet wraps its GatedSupernet
     if not isinstance(gated, GatedSupernet):
@@ -242,7 +292,7 @@ def export_gated(
     if (mean is None) != (std is None):
         raise ValueError("pass both mean and std (the input normalisation) or neither")
     directory = Path(directory)
-    _check_target(directory)
+    check_package_target(directory)
     input_size = tuple(input_size or gated.input_size)
     if mean is not None and not len(mean) == len(std) == input_size[0]:
         raise ValueError(
@@ -256,9 +306,10 @@ def export_gated(
             features, _ = trunk(torch.zeros(1, *input_size, dtype=param.dtype, device=param.device))
         features_size = tuple(features.shape[1:])
         common = {"dynaslice.version": __version__, "dynaslice.cut": str(gated.cut)}
+        # every file of the package by the package rule, as every reader takes it (dynaslice.runtime)
         _export_module(
-            trunk, tmp / "trunk.onnx", input_size, ["input"], ["features", "logits"], True, opset,
-            exporter, common,
+            trunk, package_file(tmp, "trunk.onnx", exists=False), input_size, ["input"], ["features", "logits"],
+            True, opset, exporter, common,
         )  # fmt: skip
         route_macs = gated.route_macs(input_size)
         routes = []
@@ -266,14 +317,15 @@ def export_gated(
             name = f"route_{r}.onnx"
             module = extract_route(gated, r, features_size)
             metadata = {**common, "dynaslice.arch": arch.to_json(), "dynaslice.route": str(r)}
+            file = package_file(tmp, name, exists=False)
             _export_module(
-                module, tmp / name, features_size, ["features"], ["logits"], True, opset, exporter, metadata
+                module, file, features_size, ["features"], ["logits"], True, opset, exporter, metadata
             )
             routes.append({"index": r, "file": name, "arch": arch.to_dict(), "macs": int(route_macs[r])})
         manifest = _gated_manifest(gated, input_size, str(param.dtype), mean, std, features_size, routes)
         manifest.update(exporter=exporter, opset=_opset(tmp / "trunk.onnx"))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _check_target(directory)  # it may have appeared while we exported
+        check_package_target(directory)  # it may have appeared while we exported
     return directory
 
 
@@ -341,7 +393,7 @@ def export_budget(
     if (mean is None) != (std is None):
         raise ValueError("pass both mean and std (the input normalisation) or neither")
     directory = Path(directory)
-    _check_target(directory)
+    check_package_target(directory)
     net = budget.net.eval()
     input_size = tuple(input_size or net.input_size)
     spec = _input_spec(input_size, str(next(net.parameters()).dtype), mean, std)
@@ -349,7 +401,8 @@ def export_budget(
     with atomic_dir(directory) as tmp:
         for i, entry in enumerate(budget.table.entries):
             arch = budget.use(entry)
-            export_onnx(net, arch, tmp / f"entry_{i}.onnx", input_size, opset=opset, exporter=exporter)
+            file = package_file(tmp, f"entry_{i}.onnx", exists=False)
+            export_onnx(net, arch, file, input_size, opset=opset, exporter=exporter)
             entries.append({**entry.to_dict(), "file": f"entry_{i}.onnx"})
         manifest = {
             "format": BUDGET_FORMAT,
@@ -364,5 +417,5 @@ def export_budget(
             "opset": _opset(tmp / "entry_0.onnx"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _check_target(directory)  # it may have appeared while we exported
+        check_package_target(directory)  # it may have appeared while we exported
     return directory

@@ -21,12 +21,26 @@ Package layouts (``manifest.json``, ``format_version`` 1)::
              route_{i}.onnx  features -> logits: route i's stages after the cut and the head
     budget:  manifest.json   format, input, entries (bucket, arch, MACs, val accuracy, latency, file)
              entry_{i}.onnx  input -> logits: entry i's subnet with the BN statistics it was selected with
+
+**The package rule.** Every file dynaslice reads from a package or writes into one goes through
+:func:`package_file`: a plain file name (no folder part), inside the package folder, a regular
+file that is not a symbolic link, and no larger than a cap checked before anything is read or
+allocated. Graphs are read through it once (:func:`read_package_file`, ``O_NOFOLLOW``) and handed
+to onnxruntime as bytes, so no later swap of the path is followed either. The files of a package
+are the ones its manifest names (:func:`package_members`: the trunk, ``routes[]``, ``entries[]``),
+at most :data:`MAX_ITEMS` of them, and one session is opened per distinct file. A manifest is no
+place for an arbitrary path: a package can be copied, mailed and served by someone else, who
+must not find it reading or overwriting files outside it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+import numbers
+import os
+import stat
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +51,105 @@ BUDGET_FORMAT = "dynaslice-budget-onnx"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
+MAX_ITEMS = 1024  # routes or entries of one manifest; a package dynaslice writes has a handful
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_GRAPH_BYTES = 2 << 30  # protobuf's limit: ONNX files dynaslice writes are single files below it
+MAX_IMAGE_ELEMENTS = 1 << 24  # C * H * W of one input image (3 x 2365 x 2365)
+
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 
 
-def _session(path: Path, providers: Sequence[str] | None) -> Any:
-    """An onnxruntime session for ``path``, with errors that say which file is wrong and what to do."""
+def package_file(
+    directory: str | Path, name: Any, max_bytes: int = MAX_GRAPH_BYTES, exists: bool = True
+) -> Path:
+    """``directory / name`` checked by the package rule, for reading (``exists``) or writing.
+
+    Refuses (``ValueError``) a ``name`` that is not a plain file name (a folder part, ``..``, an
+    absolute path), a path that is a symbolic link or not a regular file (a folder, a FIFO, a
+    device), and a file over ``max_bytes``; a missing file is a ``FileNotFoundError`` when it
+    should exist. For writing (``exists=False``) a missing file is fine, an existing one must pass.
+    """
+    directory = Path(directory)
+    if not _plain_name(name):
+        raise ValueError(
+            f"{directory}: {name!r} is not a plain file name; a package's files sit in its own folder"
+        )
+    path = directory / name
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if exists:
+            raise FileNotFoundError(
+                f"ONNX package file {path} is missing; re-export the package with dynaslice.onnx_export"
+            ) from None
+        return path
+    if stat.S_ISLNK(st.st_mode):
+        raise ValueError(f"{path} is a symbolic link; a package holds its own files, never links to others")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file; re-export the package")
+    if st.st_size > max_bytes:
+        raise ValueError(f"{path} has {st.st_size} bytes, more than the {max_bytes} a package file may have")
+    return path
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name with no folder part: nothing that could lead out of the package folder."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and Path(name).name == name
+    )
+
+
+def read_package_file(directory: str | Path, name: Any, max_bytes: int = MAX_GRAPH_BYTES) -> bytes:
+    """The bytes of a package file (:func:`package_file`), read through a descriptor opened with
+    ``O_NOFOLLOW`` and checked again, so a link swapped in after the check is not followed."""
+    path = package_file(directory, name, max_bytes)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ValueError(f"{path} cannot be opened as a regular file of the package ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            raise ValueError(
+                f"{path} changed while it was read; it is not a regular file within the size cap"
+            )
+        return f.read(max_bytes + 1)[:max_bytes]
+
+
+def package_members(manifest: Mapping[str, Any]) -> list[str]:
+    """The files of a checked manifest (:func:`read_manifest`): trunk, routes, entries, each once,
+    in manifest order. Nothing else in a manifest names a file of the package."""
+    names = [manifest["trunk"]["file"]] if "trunk" in manifest else []
+    names += [item["file"] for item in manifest.get("routes", manifest.get("entries", []))]
+    return list(dict.fromkeys(names))
+
+
+def open_session(
+    path: Path, providers: Sequence[str] | None = None, options: Any = None, data: bytes | None = None
+) -> Any:
+    """An onnxruntime session for ``path`` (or its ``data``, read by :func:`read_package_file`),
+    with errors that say which file is wrong and what to do (a ``ValueError``: onnxruntime's own
+    error types derive from ``Exception`` only). ``options``: onnxruntime ``SessionOptions``
+    (default: errors only); ``providers``: default the CPU."""
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise ImportError(
             "running ONNX models needs onnxruntime: pip install onnxruntime (or 'dynaslice[onnx]')"
         ) from e
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} is missing; re-export it with dynaslice.onnx_export")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: optimizer notes are not the user's business
+    if options is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: optimizer notes are not the user's business
     try:
-        return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
-    except (
-        Exception
-    ) as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...) derive from Exception
+        source = str(path) if data is None else data
+        return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as e:  # onnxruntime's own types (InvalidProtobuf, Fail, ...) derive from Exception
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
             f"could not load ONNX model {path} ({reason}); if the file is truncated or damaged, "
@@ -84,12 +177,104 @@ def _static_shape(dims: Sequence[Any]) -> list[int | None]:
     return [d if isinstance(d, int) else None for d in dims]
 
 
+def package_sessions(
+    directory: str | Path, manifest: Mapping[str, Any], opener: Any = None
+) -> dict[str, Any]:
+    """One onnxruntime session per distinct file of a checked manifest, each read by the package
+    rule, checked against the manifest (:func:`check_package_graphs`). ``opener(path, data)``
+    makes a session (default: :func:`open_session` on the CPU); serving passes its own options."""
+    directory = Path(directory)
+    if opener is None:
+        opener = lambda path, data: open_session(path, None, None, data)  # noqa: E731
+    sessions = {
+        name: opener(directory / name, read_package_file(directory, name))
+        for name in package_members(manifest)
+    }
+    check_package_graphs(directory, manifest, sessions)
+    return sessions
+
+
+def _io(session: Any) -> tuple[list[list[int | None]], list[list[int | None]]]:
+    return (
+        [_static_shape(i.shape) for i in session.get_inputs()],
+        [_static_shape(o.shape) for o in session.get_outputs()],
+    )
+
+
+def check_package_graphs(directory: Path, manifest: Mapping[str, Any], sessions: Mapping[str, Any]) -> None:
+    """Refuse graphs that do not fit their manifest: the trunk takes the manifest's image and
+    outputs (features, one logit per route), each route takes the trunk's features, each budget
+    entry takes the image; every classifier outputs ``num_classes`` logits; a graph that records
+    its subnet (``dynaslice.arch``, and a route its ``dynaslice.route``) records the one the
+    manifest says. A swapped or foreign file is caught here in one line, instead of failing inside
+    onnxruntime on the first batch or, worse, running another subnet than the manifest names."""
+    image = [None, *manifest["input"]["shape"][1:]]
+    classes = manifest["num_classes"]
+
+    def fits(got: list[int | None], want: list[int | None]) -> bool:
+        return len(got) == len(want) and all(
+            g is None or w is None or g == w for g, w in zip(got, want, strict=True)
+        )
+
+    def refuse(name: str, what: str) -> None:
+        raise ValueError(f"{directory / name} does not fit its manifest: {what}; re-export the package")
+
+    def classifier(
+        name: str, takes: list[int | None], what: str, item: Mapping[str, Any], route: int | None
+    ) -> None:
+        meta = sessions[name].get_modelmeta().custom_metadata_map
+        if "dynaslice.arch" in meta and _json_or_none(meta["dynaslice.arch"]) != item["arch"]:
+            refuse(
+                name,
+                f"it runs the subnet {meta['dynaslice.arch']}, the manifest names {json.dumps(item['arch'])}",
+            )
+        if route is not None and meta.get("dynaslice.route", str(route)) != str(route):
+            refuse(name, f"it is route {meta['dynaslice.route']}'s graph, the manifest's route {route}")
+        ins, outs = _io(sessions[name])
+        if len(ins) != 1 or not fits(ins[0], takes):
+            refuse(name, f"it takes {ins}, not one input of shape {takes} ({what})")
+        if len(outs) != 1 or len(outs[0]) != 2 or outs[0][1] not in (None, classes):
+            refuse(name, f"it outputs {outs}, not logits over {classes} classes")
+
+    if manifest["format"] == FORMAT:
+        trunk = manifest["trunk"]["file"]
+        if trunk in {r["file"] for r in manifest["routes"]}:
+            refuse(trunk, "the trunk's file is also a route's")
+        ins, outs = _io(sessions[trunk])
+        if len(ins) != 1 or not fits(ins[0], image):
+            refuse(trunk, f"it takes {ins}, not one image input of shape {image}")
+        if len(outs) != 2 or len(outs[1]) != 2 or outs[1][1] not in (None, len(manifest["routes"])):
+            refuse(trunk, f"it outputs {outs}, not (features, logits over {len(manifest['routes'])} routes)")
+        for i, r in enumerate(manifest["routes"]):
+            classifier(r["file"], outs[0], "the trunk's features", r, i)
+    else:
+        for e in manifest["entries"]:
+            classifier(e["file"], image, "the image", e, None)
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def check_image_shape(shape: Sequence[Any], what: str) -> None:
+    """Refuse an image shape ``[C, H, W]`` larger than :data:`MAX_IMAGE_ELEMENTS` before anything
+    of that size is allocated (calibration images, example inputs)."""
+    if math.prod(int(d) for d in shape) > MAX_IMAGE_ELEMENTS:
+        raise ValueError(
+            f"{what} declares images of shape {list(shape)}, more than {MAX_IMAGE_ELEMENTS} values each; "
+            "dynaslice does not allocate inputs that large"
+        )
+
+
 class OnnxModel:
     """One static subnet exported by ``export_onnx``: ``model(x) -> logits`` with numpy arrays."""
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None):
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, session: Any = None):
         self.path = Path(path)
-        self.session = _session(self.path, providers)
+        self.session = open_session(self.path, providers) if session is None else session
         inp = self.session.get_inputs()
         if len(inp) != 1:
             raise ValueError(f"{self.path} has {len(inp)} inputs; OnnxModel runs single-input models")
@@ -107,37 +292,49 @@ class OnnxModel:
 
 
 def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str, path: Path) -> Any:
-    if not isinstance(d, dict) or key not in d or not isinstance(d[key], kind):
+    value = d.get(key) if isinstance(d, dict) else None
+    # JSON's true/false are ints to Python, and NaN/Infinity parse as floats: none is a count or an amount
+    bad_number = isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value))
+    if not isinstance(value, kind) or bad_number:
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ValueError(
-            f"{path} is damaged: {where}{key!r} is missing or not a {names}; re-export the package with "
-            "dynaslice.onnx_export.export_gated"
+            f"{path} is damaged: {where}{key!r} is missing or not a {'finite ' if names != 'str' else ''}{names}; "
+            "re-export the package with dynaslice.onnx_export"
         )
-    return d[key]
+    return value
 
 
 def _file(d: dict, where: str, path: Path) -> str:
     name = _get(d, "file", str, where, path)
-    if Path(name).name != name or name in ("", ".", ".."):
+    if not _plain_name(name):  # the name alone: the file itself is checked when it is read
         raise ValueError(
-            f"{path} is damaged: {where}'file' {name!r} is not a plain file name; re-export the package"
+            f"{path} is damaged: {where}'file' {name!r} is not a plain file name of the package; "
+            "re-export the package"
         )
     return name
 
 
 def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
     """The checked ``manifest.json`` of a package (gated or budget table; ``kind``: the format
-    required, default either); raises a clear error if it is missing or damaged."""
+    required, default either); raises a clear error if it is missing or damaged.
+
+    Every field a runner, :func:`dynaslice.serve.load` or ``dynaslice quantize`` reads is checked
+    here (types, finite numbers, plain file names, at most :data:`MAX_ITEMS` routes or entries),
+    so a damaged or hostile manifest is one ``ValueError`` and never a crash further on."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
+    try:
+        text = read_package_file(directory, MANIFEST, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"{path} not found: {directory} is not a dynaslice ONNX package; write one with "
             "dynaslice.onnx_export (export_gated, export_budget)"
-        )
+        ) from None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); re-export the package") from e
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a manifest; re-export the package") from None
     kinds = (kind,) if kind else (FORMAT, BUDGET_FORMAT)
     if not isinstance(manifest, dict) or manifest.get("format") not in kinds:
         raise ValueError(f"{path} is not a {' or '.join(map(repr, kinds))} manifest; re-export the package")
@@ -149,37 +346,61 @@ def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, A
             + ("upgrade dynaslice (or copy a newer runtime.py)" if newer else "re-export the package")
         )
     _check_manifest_input(manifest, path)
-    _get(manifest, "num_classes", int, "", path)
+    if _get(manifest, "num_classes", int, "", path) < 1:
+        raise ValueError(
+            f"{path} is damaged: num_classes {manifest['num_classes']} is not positive; re-export the package"
+        )
     if manifest["format"] == FORMAT:
         _file(_get(manifest, "trunk", dict, "", path), "trunk.", path)
         _check_list(manifest, "routes", 2, path)
     else:
         for i, e in enumerate(_check_list(manifest, "entries", 1, path)):
-            _get(e, "val_accuracy", (int, float), f"entries[{i}].", path)
+            where = f"entries[{i}]."
+            _get(e, "val_accuracy", (int, float), where, path)
+            _get(e, "bucket", (int, float), where, path)
+            if e.get("latency_ms") is not None and _get(e, "latency_ms", (int, float), where, path) < 0:
+                raise ValueError(f"{path} is damaged: {where}'latency_ms' is negative; re-export the package")
     return manifest
 
 
 def _check_manifest_input(manifest: dict, path: Path) -> None:
     inp = _get(manifest, "input", dict, "", path)
     shape = _get(inp, "shape", list, "input.", path)
-    if not shape or shape[0] is not None or not all(isinstance(s, int) and s > 0 for s in shape[1:]):
-        raise ValueError(f"{path} is damaged: input.shape {shape} is not [null, C, H, W]; re-export the package")
+    if (
+        len(shape) != 4
+        or shape[0] is not None
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape[1:])
+    ):
+        raise ValueError(
+            f"{path} is damaged: input.shape {shape} is not [null, C, H, W]; re-export the package"
+        )
+    check_image_shape(shape[1:], str(path))
     dtype = _get(inp, "dtype", str, "input.", path)
     try:
         np.dtype(dtype)
     except TypeError as e:
-        raise ValueError(f"{path} is damaged: input.dtype {dtype!r} is not a numpy dtype; re-export the package") from e
+        raise ValueError(
+            f"{path} is damaged: input.dtype {dtype!r} is not a numpy dtype; re-export the package"
+        ) from e
 
 
 def _check_list(manifest: dict, key: str, minimum: int, path: Path) -> list:
-    """A list of ``{file, arch, macs}`` entries (routes or budget entries), at least ``minimum`` long."""
+    """A list of ``{file, arch, macs}`` entries (routes or budget entries), ``minimum`` to
+    :data:`MAX_ITEMS` long (a longer one would only make a loader open sessions until memory runs out)."""
     items = _get(manifest, key, list, "", path)
-    if len(items) < minimum:
-        raise ValueError(f"{path} is damaged: it lists {len(items)} {key}, fewer than {minimum}; re-export the package")
+    if not minimum <= len(items) <= MAX_ITEMS:
+        raise ValueError(
+            f"{path} is damaged: it lists {len(items)} {key}, not {minimum} to {MAX_ITEMS}; re-export the package"
+        )
     for i, item in enumerate(items):
         _file(item, f"{key}[{i}].", path)
-        _get(item, "arch", dict, f"{key}[{i}].", path)
-        _get(item, "macs", (int, float), f"{key}[{i}].", path)
+        arch = _get(item, "arch", dict, f"{key}[{i}].", path)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in arch.values()):
+            raise ValueError(
+                f"{path} is damaged: {key}[{i}].arch is not a mapping of dimensions to whole numbers; re-export the package"
+            )
+        if _get(item, "macs", (int, float), f"{key}[{i}].", path) < 0:
+            raise ValueError(f"{path} is damaged: {key}[{i}].macs is negative; re-export the package")
     return items
 
 
@@ -191,8 +412,15 @@ def pick_entry(
     switching, used by ``dynaslice.budget.BudgetTable`` and :class:`BudgetOnnxRunner` alike."""
     if not entries:
         raise ValueError("the budget table is empty")
+    for name, limit in (("max_macs", max_macs), ("max_latency_ms", max_latency_ms)):
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, numbers.Real) or math.isnan(limit)
+        ):
+            raise ValueError(f"{name} must be a number (e.g. 12e6 for 12 MMACs) or None, got {limit!r}")
     if max_latency_ms is not None and any(e.get("latency_ms") is None for e in entries):
-        raise ValueError("this budget table has no latencies: train with train.pss.latency_table set, or use max_macs")
+        raise ValueError(
+            "this budget table has no latencies: train with train.pss.latency_table set, or use max_macs"
+        )
     fits = [
         i
         for i, e in enumerate(entries)
@@ -205,7 +433,9 @@ def pick_entry(
         if cheapest.get("latency_ms") is not None:
             need += f", {cheapest['latency_ms']:.3g} ms"
         asked = ", ".join(
-            f"{k}={v:g}" for k, v in (("max_macs", max_macs), ("max_latency_ms", max_latency_ms)) if v is not None
+            f"{k}={v:g}"
+            for k, v in (("max_macs", max_macs), ("max_latency_ms", max_latency_ms))
+            if v is not None
         )
         raise ValueError(f"no subnet of the budget table fits {asked}; the cheapest needs {need}")
     return max(fits, key=lambda i: (entries[i]["val_accuracy"], -entries[i]["macs"]))
@@ -228,14 +458,11 @@ class GatedOnnxRunner:
         self.num_classes: int = m["num_classes"]
         self.routes: list[dict[str, int]] = [r["arch"] for r in m["routes"]]
         self.route_macs = np.array([r["macs"] for r in m["routes"]], dtype=np.float64)
-        self.trunk = _session(self.directory / m["trunk"]["file"], providers)
-        self.sessions = [_session(self.directory / r["file"], providers) for r in m["routes"]]
-        gate_width = self.trunk.get_outputs()[-1].shape[-1]
-        if len(self.trunk.get_outputs()) != 2 or gate_width != len(self.routes):
-            raise ValueError(
-                f"{self.directory / m['trunk']['file']} does not output (features, logits over "
-                f"{len(self.routes)} routes); the package is inconsistent: re-export it"
-            )
+        sessions = package_sessions(
+            self.directory, m, lambda path, data: open_session(path, providers, None, data)
+        )
+        self.trunk = sessions[m["trunk"]["file"]]
+        self.sessions = [sessions[r["file"]] for r in m["routes"]]  # routes naming one file share its session
 
     def _trunk(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = _check_input(x, self.input_shape, self.dtype, "GatedOnnxRunner")
@@ -289,6 +516,10 @@ class GatedOnnxRunner:
         routes = np.asarray(routes).ravel()
         if routes.size == 0:
             raise ValueError("avg_macs needs at least one route choice")
+        if routes.dtype.kind not in "iu" or routes.min() < 0 or routes.max() >= len(self.routes):
+            raise ValueError(
+                f"avg_macs takes route indices 0..{len(self.routes) - 1}, got {routes.dtype} {routes.tolist()[:8]}"
+            )
         return float(self.route_macs[routes].mean())
 
 
@@ -296,7 +527,7 @@ class BudgetOnnxRunner:
     """A PSS budget-table package run with onnxruntime: ``runner(x, max_macs=...)`` runs the most
     accurate entry within the budget (:func:`pick_entry`), like ``dynaslice.budget.BudgetNet``.
 
-    Every entry's session is created once, at load: switching budget costs a dictionary lookup.
+    Every file's session is created once, at load: switching budget costs a dictionary lookup.
     Inputs are numpy arrays ``[B, C, H, W]``, normalised as ``runner.manifest["input"]`` says.
     """
 
@@ -304,11 +535,17 @@ class BudgetOnnxRunner:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory, BUDGET_FORMAT)
         self.entries: list[dict[str, Any]] = self.manifest["entries"]
-        self.models = [OnnxModel(self.directory / e["file"], providers) for e in self.entries]
+        sessions = package_sessions(
+            self.directory, self.manifest, lambda path, data: open_session(path, providers, None, data)
+        )
+        models = {name: OnnxModel(self.directory / name, session=s) for name, s in sessions.items()}
+        self.models = [models[e["file"]] for e in self.entries]  # entries naming one file share its session
 
     def entry(self, max_macs: float | None = None, max_latency_ms: float | None = None) -> dict[str, Any]:
         """The manifest entry that a call with this budget runs."""
         return self.entries[pick_entry(self.entries, max_macs, max_latency_ms)]
 
-    def __call__(self, x: np.ndarray, max_macs: float | None = None, max_latency_ms: float | None = None) -> np.ndarray:
+    def __call__(
+        self, x: np.ndarray, max_macs: float | None = None, max_latency_ms: float | None = None
+    ) -> np.ndarray:
         return self.models[pick_entry(self.entries, max_macs, max_latency_ms)](x)

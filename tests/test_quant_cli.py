@@ -66,7 +66,7 @@ def test_noise_needs_no_run_and_fdda_trains_a_resumable_generator(run, tmp_path,
     assert json.loads((tmp_path / "gen" / "final_eval.json").read_text())["method"] == "fdda"
     meta = OnnxModel(tmp_path / "f.onnx").session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["dynaslice.quantization"])["calibration"]["kind"] == "fdda"
-    code, out, _ = quantize(capsys, *args)  # the generator run is finished: reused, not retrained
+    code, out, _ = quantize(capsys, *args, "--force")  # the generator run is finished: reused
     assert code == 0 and "generator epoch" not in out  # the engine prints "generator epoch 1/1: ..." while training
 
 

@@ -15,6 +15,7 @@ from .. import runs, safejson
 from ..gate import GatedSupernet
 from ..modelfile import load_supernet, resolve_model_file
 from ..models.base import Supernet
+from ..onnx_export import check_package_target
 from ..space import Arch
 from ..train.config import Config, from_dict
 from ..train.evaluate import uniform_archs
@@ -225,6 +226,17 @@ def refuse_existing(path: Path, what: str, force: bool = False) -> None:
         raise UserError(f"{path} is a directory; give a file name for the {what}")
     if path.exists() and not force:
         raise UserError(f"{path} exists: pass --force to overwrite it, or choose another name for the {what}")
+    check_writable(path, what)
+
+
+def refuse_existing_package(path: Path, what: str, force: bool = False) -> None:
+    """Refuse to replace the package folder ``path`` unless ``force``; with it, only a folder that
+    holds a dynaslice package and nothing else is replaced
+    (:func:`dynaslice.onnx_export.check_package_target`: a user's files beside a package would be
+    lost). A name ending in ``.onnx`` is refused: a package is a folder. Checked before any work."""
+    check_package_target(path)  # a .onnx name, a file, a link, a folder of other things
+    if path.is_dir() and set(os.listdir(path)) - {runs.LOCK} and not force:
+        raise UserError(f"{path} holds a package: pass --force to replace it, or choose another {what} name")
     check_writable(path, what)
 
 

@@ -12,6 +12,10 @@ entry, or a gated checkpoint as an ONNX package.
 
 Every package and ``.onnx`` file also loads with :func:`dynaslice.serve.load`.
 
+An existing ``--out`` is refused unless ``--force``; with it, a file is replaced, and a folder
+only when it holds a dynaslice package and nothing else (a user's results beside a package are
+never deleted). A package's ``--out`` is a folder: a name ending in ``.onnx`` is refused.
+
 ``--format torch`` (the default unless ``--out`` ends in ``.onnx``) writes ``torch.save`` of the
 extracted subnet, a ``torch.fx.GraphModule`` of plain ``torch.nn`` modules. Loading it needs torch
 only, not dynaslice: ``model = torch.load(path, weights_only=False).eval()`` (a pickle: load only
@@ -51,6 +55,7 @@ from .common import (
     parse_arch,
     parse_macs,
     refuse_existing,
+    refuse_existing_package,
     trusted_data,
 )
 
@@ -71,12 +76,11 @@ def _export(args: argparse.Namespace) -> int:
     ckpt, out = Path(args.ckpt), Path(args.out)
     if not ckpt.exists():
         raise UserError(f"checkpoint {ckpt} not found: pass a run directory, a checkpoint directory or a model file")
-    if args.gated:
-        return _export_gated(ckpt, out, args.data_dir)
-    if args.budget_table:
-        return _export_budget(ckpt, out, args.data_dir)
+    if args.gated or args.budget_table:
+        refuse_existing_package(out, "package", args.force)
+        return (_export_gated if args.gated else _export_budget)(ckpt, out, args.data_dir)
     fmt = args.format or ("onnx" if out.suffix == ".onnx" else "torch")
-    refuse_existing(out, "export", force=True)
+    refuse_existing(out, "export", force=args.force)
     if args.arch is not None:
         net, meta, _, _ = load_checkpoint(str(ckpt))
         arch = parse_arch(args.arch, net)
@@ -155,4 +159,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("torch", "onnx"), default=None, help="default: onnx if --out ends in .onnx")
     p.add_argument("--out", required=True, metavar="PATH", help="output file (a directory with --gated)")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="packages: the dataset, for the manifest's normalisation")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out (a file, or a folder holding a dynaslice package and nothing else)")  # fmt: skip
     p.set_defaults(func=_export)

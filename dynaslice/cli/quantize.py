@@ -17,7 +17,14 @@ Calibration images (``--images N``, default 256):
 ``--run`` (a run directory, checkpoint or model file, whose config names the dataset) is needed
 for ``real``, ``fdda`` and ``gdfq``; with it the command also prints float vs int8 top-1 on the
 test split. The data is read from ``--data-dir`` or the dataset's standard place, never from a
-path stored in the model file.
+path stored in the model file. With ``fdda``/``gdfq`` the artifact's graphs must hold the weights
+of the subnet it records, extracted from ``--run`` (:func:`dynaslice.quant.check_subnet`).
+
+An existing ``--out`` is refused unless ``--force``; with it, a file is replaced, and a folder
+only when it holds a dynaslice package and nothing else. A package is written under its
+``--out``'s lock: a second ``quantize`` into the same package at the same time is refused. Of a
+package only the manifest and the graphs it names are read (no links, size-capped; see
+:func:`dynaslice.runtime.package_file`) and written.
 """
 
 from __future__ import annotations
@@ -41,11 +48,20 @@ from ..quant import (
     artifact_kind,
     calibration_images,
     calibration_source,
+    check_calibration_size,
+    check_subnet,
     compare_artifacts,
     quantize_artifact,
 )
 from ..train.data import load_split
-from .common import UserError, load_checkpoint, positive_int, trusted_data
+from .common import (
+    UserError,
+    load_checkpoint,
+    positive_int,
+    refuse_existing,
+    refuse_existing_package,
+    trusted_data,
+)
 
 
 def _datasets(run: str, data_dir: str | None) -> tuple[Any, InMemoryDataset, InMemoryDataset]:
@@ -67,8 +83,10 @@ def _source(args: argparse.Namespace, artifact: Path, shape: list[int], run: tup
     net, train, _ = run
     if args.calibration == "real":
         return RealImages.from_dataset(train, args.images, args.seed)
-    arch = max(artifact_archs(artifact), key=lambda a: _macs(net, a))
-    teacher = extract_subnet(net.eval(), arch).eval()
+    archs = artifact_archs(artifact)
+    widest = max(range(len(archs)), key=lambda i: _macs(net, archs[i]))
+    teacher = extract_subnet(net.eval(), archs[widest]).eval()
+    check_subnet(artifact, widest, teacher)  # the generator learns from this network: the artifact's own
     fdda = FDDAConfig(epochs=1, steps_per_epoch=args.generator_steps)
     return calibration_source(args.calibration, train, teacher, seed=args.seed, fdda=fdda, run_dir=args.work)
 
@@ -97,7 +115,12 @@ def _report(result: dict[str, Any]) -> list[str]:
 def _quantize(args: argparse.Namespace) -> int:
     artifact, out = Path(args.artifact), Path(args.out)
     kind = artifact_kind(artifact)
+    if kind == "package":
+        refuse_existing_package(out, "int8 package", args.force)
+    else:
+        refuse_existing(out, "int8 model", args.force)
     shape = artifact_input_shape(artifact)
+    check_calibration_size(args.images, shape)  # before any image of that size is made
     run = _datasets(args.run, args.data_dir) if args.run else None
     if run is not None and list(run[1].images.shape[1:]) != shape:
         raise UserError(
@@ -140,4 +163,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generator-steps", type=positive_int, default=steps, metavar="N",
                    help=f"fdda/gdfq: generator training steps (default {steps})")  # fmt: skip
     p.add_argument("--work", default=None, metavar="DIR", help="fdda/gdfq: the generator's run directory (resumable)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out (a file, or a folder holding a dynaslice package and nothing else)")  # fmt: skip
     p.set_defaults(func=_quantize)

@@ -23,6 +23,7 @@ from .calibration import (
     SourceBatches,
     calibration_images,
     calibration_source,
+    check_calibration_size,
 )
 from .fakequant import DistillConfig, DistillTrainer, distill_config, kd_loss, observe_ranges, quantize_model
 from .fdda import BNCentres, ConditionalGenerator, FDDAConfig, GeneratorTrainer, bn_centres, train_generator
@@ -30,6 +31,7 @@ from .ptq import (
     artifact_archs,
     artifact_input_shape,
     artifact_kind,
+    check_subnet,
     compare_artifacts,
     evaluate_artifact,
     graph_accounting,
@@ -55,6 +57,8 @@ __all__ = [
     "bn_centres",
     "calibration_images",
     "calibration_source",
+    "check_calibration_size",
+    "check_subnet",
     "compare_artifacts",
     "distill_config",
     "evaluate_artifact",

@@ -43,6 +43,7 @@ __all__ = [
     "SourceBatches",
     "calibration_images",
     "calibration_source",
+    "check_calibration_size",
     "random_resized_crop_flip",
 ]
 
@@ -182,6 +183,22 @@ def calibration_source(
     else:
         gen = train_generator(model, *shape, run_dir, cfg, centres, seed)
     return GeneratorImages(gen, kind, cfg.batch_size)
+
+
+MAX_CALIBRATION_BYTES = 4 << 30
+"""The most calibration images (float32) :func:`check_calibration_size` lets anyone allocate."""
+
+
+def check_calibration_size(n: int, shape: Sequence[int]) -> None:
+    """Refuse ``n`` float32 images of ``shape`` ``(C, H, W)`` larger than :data:`MAX_CALIBRATION_BYTES`
+    in all, before they are made: a graph declaring a 60000x60000 input must not make calibration
+    try to allocate terabytes."""
+    size = 4 * n * math.prod(int(d) for d in shape)
+    if size > MAX_CALIBRATION_BYTES:
+        raise ValueError(
+            f"{n} calibration images of shape {list(shape)} take {size / 2**30:.3g} GiB, more than "
+            f"{MAX_CALIBRATION_BYTES / 2**30:g} GiB; ask for fewer images"
+        )
 
 
 def calibration_images(source: CalibrationSource, n: int, seed: int = 0) -> np.ndarray:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,15 +35,24 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .. import runs
 from ..atomic import atomic_dir, atomic_path
+from ..onnx_export import check_package_target
 from ..runtime import (
     BUDGET_FORMAT,
     FORMAT,
     MANIFEST,
+    MAX_MANIFEST_BYTES,
     BudgetOnnxRunner,
     GatedOnnxRunner,
     OnnxModel,
+    check_image_shape,
+    check_package_graphs,
+    open_session,
+    package_file,
+    package_members,
     read_manifest,
+    read_package_file,
 )
 
 __all__ = [
@@ -91,10 +99,13 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_package_file(directory, MANIFEST, MAX_MANIFEST_BYTES)  # a link is refused as such
+    except FileNotFoundError:
+        raise ValueError(_NOT_OURS.format(path=directory)) from None
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError(_NOT_OURS.format(path=directory)) from None
     if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("dynaslice-"):
         raise ValueError(_NOT_OURS.format(path=directory))
@@ -122,10 +133,11 @@ def artifact_input_shape(path: str | os.PathLike) -> list[int]:
     """The ``[C, H, W]`` of the images an artifact takes (from its graph, or its package manifest)."""
     path = Path(path)
     if artifact_kind(path) == "package":
-        return list(_read_manifest(path)["input"]["shape"][1:])
+        return list(_read_manifest(path)["input"]["shape"][1:])  # checked, size-capped
     shape = OnnxModel(path).input_shape[1:]
     if any(d is None for d in shape):
         raise ValueError(f"{path} has a dynamic image size {shape}; export it with a fixed input size")
+    check_image_shape(shape, str(path))
     return [int(d) for d in shape]
 
 
@@ -141,23 +153,58 @@ def artifact_archs(path: str | os.PathLike) -> list[dict[str, int]]:
     return [item["arch"] for item in manifest.get("routes", manifest.get("entries", []))]
 
 
-def _package_graphs(manifest: Mapping[str, Any]) -> list[str]:
-    """The ``file`` of every graph a manifest names (trunk, routes, entries...), in manifest order."""
-    found: list[str] = []
+def _subnet_graphs(path: Path, index: int) -> list[Any]:
+    """The ONNX graphs (``ModelProto``) that run subnet ``index`` of :func:`artifact_archs`: the
+    model file, a budget entry's file, or a gated package's trunk and route ``index``."""
+    onnx = _onnx()
+    if artifact_kind(path) == "model":
+        return [onnx.load(str(path), load_external_data=False)]
+    manifest = _read_manifest(path)
+    if manifest["format"] == FORMAT:
+        files = [manifest["trunk"]["file"], manifest["routes"][index]["file"]]
+    else:
+        files = [manifest["entries"][index]["file"]]
+    try:
+        return [onnx.load_model_from_string(read_package_file(path, name)) for name in files]
+    except Exception as e:  # protobuf's DecodeError
+        raise ValueError(f"{path}: a graph of subnet {index} is not valid ONNX ({e}); re-export it") from e
 
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            name = value.get("file")
-            if isinstance(name, str) and name.endswith(".onnx") and name not in found:
-                found.append(name)
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
 
-    walk(manifest)
-    return found
+def check_subnet(path: str | os.PathLike, index: int, subnet: Any) -> None:
+    """Refuse an artifact whose graphs do not hold the weights of ``subnet`` (a torch module: the
+    subnet :func:`artifact_archs` ``[index]`` names, extracted from the network it came from).
+
+    The arch an artifact records (``dynaslice.arch``, a manifest's ``arch``) is a claim, and
+    FDDA/GDFQ calibration trains its generator against the subnet that claim names: a false one
+    trained it against the wrong network and was then copied into the int8 file. Every weight of
+    two or more dimensions of ``subnet`` (convolutions, linear layers) must have a weight of the
+    same shape in the graphs (a 2-D one possibly transposed, as a MatMul stores it). Shapes, not
+    values: the graphs' BatchNorm may be folded into the convolutions, and their BN statistics
+    may be another width's.
+    """
+    path = Path(path)
+    available: dict[tuple[int, ...], int] = {}
+    for model in _subnet_graphs(path, index):
+        for t in model.graph.initializer:
+            if len(t.dims) >= 2:
+                available[tuple(t.dims)] = available.get(tuple(t.dims), 0) + 1
+    missing = []
+    for p in subnet.parameters():
+        shape = tuple(p.shape)
+        if len(shape) < 2:
+            continue
+        for s in (shape, shape[::-1]):
+            if available.get(s, 0) > 0:
+                available[s] -= 1
+                break
+        else:
+            missing.append(list(shape))
+    if missing:
+        raise ValueError(
+            f"{path} does not run the subnet it records ({len(missing)} of its weights, e.g. of shape "
+            f"{missing[0]}, are not in its graphs): its arch metadata is wrong, or --run is not the run "
+            "it was exported from; re-export it with dynaslice"
+        )
 
 
 # --------------------------------------------------------------------------- accounting
@@ -328,8 +375,11 @@ def quantize_artifact(
     as is; ``source.describe()`` fits). ``reduce_range`` quantizes weights to 7 bits, which
     onnxruntime advises on x86 CPUs without VNNI, where u8 x s8 products can saturate.
     ``calibrate_method``: onnxruntime's ``minmax`` (default), ``entropy`` or ``percentile``.
-    A package is written beside ``target`` and renamed into place; an existing package or file
-    there is replaced.
+    A package is written beside ``target`` and renamed into place, under ``target``'s lock (a
+    second quantization into it at the same time is refused); an existing file, or a folder that
+    holds a package and nothing else, is replaced, any other folder refused. Of a package only
+    the manifest and the graphs it names are read (by the package rule of
+    :func:`dynaslice.runtime.package_file`) and written: nothing else in its folder is copied.
     """
     source, target = Path(source), Path(target)
     kind = artifact_kind(source)
@@ -349,6 +399,8 @@ def quantize_artifact(
     if kind == "model":
         if QUANT_KEY in _metadata(source):
             raise ValueError(f"{source} is already quantized; quantize its float original instead")
+        if target.is_dir():
+            raise FileExistsError(f"{target} is a directory; give a file name for the int8 model")
         target.parent.mkdir(parents=True, exist_ok=True)
         feeds = {_input_names(source)[0]: images}
         _quantize_graph(source, target, feeds, settings, settings)
@@ -363,34 +415,49 @@ def _input_names(path: Path) -> list[str]:
 
 
 def _quantize_package(source: Path, target: Path, images: np.ndarray, settings: dict[str, Any]) -> Path:
+    """The int8 package: the manifest and the graphs it names, nothing else of ``source``.
+
+    Every graph is read once by the package rule (:func:`dynaslice.runtime.read_package_file`:
+    a plain name, no link, size-capped) into a private folder, and everything after -- sessions,
+    onnxruntime's pre-processing and quantization -- works on those copies. ``target`` is held
+    under the run-directory lock (:func:`dynaslice.runs.exclusive`), so a second quantization
+    into it is refused instead of both reporting success; it is replaced only if it holds a
+    package and nothing else (:func:`dynaslice.onnx_export.check_package_target`).
+    """
     manifest = _read_manifest(source)
     if "quantization" in manifest:
         raise ValueError(f"{source} is already quantized; quantize its float original instead")
-    if (
-        target.exists()
-        and not (target / MANIFEST).is_file()
-        and (not target.is_dir() or any(target.iterdir()))
-    ):
-        raise FileExistsError(f"{target} exists and is not a package; choose a new directory or remove it")
-    graphs = _package_graphs(manifest)
-    feeds = _package_feeds(source, manifest, graphs, images)
-    with atomic_dir(target) as tmp:  # complete or absent; an earlier package there is replaced
-        for item in source.iterdir():  # anything besides the graphs travels unchanged
-            if item.is_file() and item.name not in graphs and item.name != MANIFEST:
-                shutil.copy2(item, tmp / item.name)
+    if target.resolve().is_relative_to(source.resolve()):
+        raise ValueError(f"{target} is inside the float package {source}; write the int8 package elsewhere")
+    check_package_target(target)
+    graphs = package_members(manifest)
+    with runs.exclusive(target), atomic_dir(target) as tmp:  # complete or absent; a package there is replaced
+        check_package_target(target)  # it may have changed before we held the lock
+        floats = tmp / ".float"
+        floats.mkdir()
+        sessions = {}
+        for name in graphs:
+            data = read_package_file(source, name)
+            package_file(floats, name, exists=False).write_bytes(data)
+            sessions[name] = open_session(source / name, data=data)
+        feeds = _package_feeds(source, manifest, sessions, images)
         accounting = {
             name: _quantize_graph(
-                source / name, tmp / name, feeds[name], settings, {**settings, "package_file": name}
+                floats / name, package_file(tmp, name, exists=False), feeds[name], settings,
+                {**settings, "package_file": name},
             )
             for name in graphs
-        }
+        }  # fmt: skip
+        for name in graphs:
+            (floats / name).unlink()
+        floats.rmdir()
         quant = {
             **settings,
             "graphs": {n: {k: a[k] for k in ("macs", "macs_by_bits")} for n, a in accounting.items()},
         }
-        if manifest.get("format") == FORMAT:
+        if manifest["format"] == FORMAT:
             quant["routes"] = _route_accounting(manifest, accounting)
-        elif manifest.get("format") == BUDGET_FORMAT:
+        else:
             quant["entries"] = [
                 {"index": i, "macs": accounting[e["file"]]["macs"], "macs_by_bits": accounting[e["file"]]["macs_by_bits"]}
                 for i, e in enumerate(manifest["entries"])
@@ -401,50 +468,52 @@ def _quantize_package(source: Path, target: Path, images: np.ndarray, settings: 
 
 
 def _package_feeds(
-    source: Path, manifest: Mapping[str, Any], graphs: list[str], images: np.ndarray
+    source: Path, manifest: Mapping[str, Any], sessions: Mapping[str, Any], images: np.ndarray
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Calibration inputs of every graph: the images, or what a float producer graph outputs for them."""
-    import onnxruntime as ort
-
-    image_input = manifest.get("input", {}).get("name", "input")
-    sessions = {n: ort.InferenceSession(str(source / n), providers=["CPUExecutionProvider"]) for n in graphs}
-    produced: dict[str, str] = {o.name: n for n, s in sessions.items() for o in s.get_outputs()}
-    values: dict[str, np.ndarray] = {image_input: images}
-
-    def value(name: str, chain: tuple[str, ...] = ()) -> np.ndarray:
-        if name not in values:
-            graph = produced.get(name)
-            if graph is None or graph in chain:
-                raise ValueError(
-                    f"{source}: no graph of the package produces {name!r}; the package is inconsistent"
-                )
-            session = sessions[graph]
-            inputs = {i.name: value(i.name, (*chain, graph)) for i in session.get_inputs()}
-            values.update(_run_batched(session, inputs, len(images)))
-        return values[name]
-
-    return {n: {i.name: value(i.name, (n,)) for i in sessions[n].get_inputs()} for n in graphs}
+    """Calibration inputs of every graph (``sessions``: one per file of ``source``), from the
+    checked manifest's fields only: a budget entry and a gated trunk take the images, a route
+    takes what the float trunk outputs for them (its features)."""
+    check_package_graphs(source, manifest, sessions)  # shapes fit: no onnxruntime error below
+    feeds: dict[str, dict[str, np.ndarray]] = {}
+    if manifest["format"] == FORMAT:
+        trunk = manifest["trunk"]["file"]
+        feeds[trunk] = {sessions[trunk].get_inputs()[0].name: images}
+        features = _run_batched(sessions[trunk], feeds[trunk], len(images), source / trunk)[0]
+        for r in manifest["routes"]:
+            feeds[r["file"]] = {sessions[r["file"]].get_inputs()[0].name: features}
+    else:
+        for e in manifest["entries"]:
+            feeds[e["file"]] = {sessions[e["file"]].get_inputs()[0].name: images}
+    return feeds
 
 
 def _run_batched(
-    session: Any, inputs: Mapping[str, np.ndarray], n: int, batch: int = 256
-) -> dict[str, np.ndarray]:
+    session: Any, inputs: Mapping[str, np.ndarray], n: int, path: Path, batch: int = 256
+) -> list[np.ndarray]:
     """Every output of an onnxruntime session over ``n`` samples, run ``batch`` at a time."""
-    parts = [session.run(None, {k: v[i : i + batch] for k, v in inputs.items()}) for i in range(0, n, batch)]
-    return {o.name: np.concatenate([p[j] for p in parts]) for j, o in enumerate(session.get_outputs())}
+    try:
+        parts = [
+            session.run(None, {k: v[i : i + batch] for k, v in inputs.items()}) for i in range(0, n, batch)
+        ]
+    except Exception as e:  # onnxruntime's own error types derive from Exception only
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path.name} failed on the calibration images ({reason}); re-export the package"
+        ) from e
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(session.get_outputs()))]
 
 
 def _route_accounting(manifest: Mapping[str, Any], accounting: Mapping[str, dict]) -> list[dict[str, Any]]:
     """Per route of a gated package: MACs per image of trunk + route graphs, split by bit widths."""
     trunk = accounting[manifest["trunk"]["file"]]
     routes = []
-    for r in manifest["routes"]:
+    for i, r in enumerate(manifest["routes"]):
         parts = (trunk, accounting[r["file"]])
         by_bits: dict[str, int] = {}
         for part in parts:
             for k, v in part["macs_by_bits"].items():
                 by_bits[k] = by_bits.get(k, 0) + v
-        routes.append({"index": r["index"], "macs": sum(p["macs"] for p in parts), "macs_by_bits": by_bits})
+        routes.append({"index": i, "macs": sum(p["macs"] for p in parts), "macs_by_bits": by_bits})
     return routes
 
 

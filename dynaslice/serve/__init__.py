@@ -4,7 +4,7 @@
 
     model = serve.load("runs/demo/export/gated")                 # a gated ONNX package: onnxruntime
     model = serve.load("runs/demo/gate-t0.5", runtime="frozen")   # the same model from its checkpoint
-    y = model(x)                                                  # x: a float tensor [B, C, H, W]
+    y = model(x)                                                  # x: float [B, C, H, W], tensor or numpy
     budget = serve.load("runs/pss")                               # a PSS budget table (run or package)
     y = budget(x, max_macs=12e6)                                  # switching budget: a lookup
     sub = serve.load("runs/quick/recalibrated.safetensors", arch="x0.5")
@@ -13,6 +13,9 @@ Runtimes (:mod:`.runtimes`): ``eager`` (the reference), ``frozen`` (TorchScript,
 ``compile`` (``torch.compile``), ``onnxruntime`` and, on CUDA, ``cudagraph``; ``auto`` picks the
 fastest correct one measured on this kind of device (docs/RESULTS.md). Outputs equal eager's
 (tested). Nothing is built per call: sessions, scripted graphs and CUDA graphs are made at load.
+Inputs with NaN or infinities are refused on every runtime (:mod:`.served`). A package is read
+by the package rule of :func:`dynaslice.runtime.package_file` (its own files only, no links,
+size-capped, at most :data:`dynaslice.runtime.MAX_ITEMS` routes or entries, one session per file).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .. import runs
 from ..budget import BudgetEntry, BudgetNet
 from ..gate import GatedSupernet
 from ..modelfile import load_supernet
-from ..runtime import BUDGET_FORMAT, FORMAT, MANIFEST, read_manifest
+from ..runtime import FORMAT, MANIFEST, package_sessions, read_manifest
 from .runtimes import (
     PREFERRED,
     RUNTIMES,
@@ -84,18 +87,16 @@ def _load_onnx(path: Path, runtime: str, device: torch.device) -> Served:
         )
     resolve_runtime("onnxruntime", device)  # installed, and a provider for the device
     if path.suffix == ".onnx":
-        return ServedSubnet(OrtPiece(ort_session(path, device), device), "onnxruntime", None, None)
-    manifest = read_manifest(path)
-
-    def piece(file: str) -> OrtPiece:
-        return OrtPiece(ort_session(path / file, device), device)
-
+        return ServedSubnet(OrtPiece(ort_session(path, device), device), "onnxruntime", None, None, device)
+    manifest = read_manifest(path)  # checked; its files read by the package rule, one session per file
+    sessions = package_sessions(path, manifest, lambda file, data: ort_session(file, device, data=data))
+    pieces = {name: OrtPiece(session, device) for name, session in sessions.items()}
     if manifest["format"] == FORMAT:
-        routes = [piece(r["file"]) for r in manifest["routes"]]
-        return ServedGated(piece(manifest["trunk"]["file"]), routes, [r["macs"] for r in manifest["routes"]], "onnxruntime")
-    assert manifest["format"] == BUDGET_FORMAT
+        routes = [pieces[r["file"]] for r in manifest["routes"]]
+        macs = [r["macs"] for r in manifest["routes"]]
+        return ServedGated(pieces[manifest["trunk"]["file"]], routes, macs, "onnxruntime", device)
     entries = [BudgetEntry.from_dict(e) for e in manifest["entries"]]
-    return ServedBudget([piece(e["file"]) for e in manifest["entries"]], entries, "onnxruntime")
+    return ServedBudget([pieces[e["file"]] for e in manifest["entries"]], entries, "onnxruntime", device)
 
 
 __all__ = [

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..onnx_export import export_module
+from ..runtime import open_session
 
 Output = torch.Tensor | tuple[torch.Tensor, ...]
 Piece = Callable[[torch.Tensor], Output]
@@ -120,8 +121,12 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def ort_session(path: str | Path, device: torch.device, threads: int | None = None) -> Any:
-    """An onnxruntime session with every graph optimisation, on ``device``'s provider."""
+def ort_session(
+    path: str | Path, device: torch.device, threads: int | None = None, data: bytes | None = None
+) -> Any:
+    """An onnxruntime session with every graph optimisation, on ``device``'s provider; ``data``:
+    the file's bytes when a package's reader already read them by the package rule
+    (:func:`dynaslice.runtime.read_package_file`). A damaged file is one ``ValueError``."""
     ort = _ort()
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -132,7 +137,7 @@ def ort_session(path: str | Path, device: torch.device, threads: int | None = No
     # next in the process (the next piece, torch, the caller's own work)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return open_session(Path(path), providers, options, data)
 
 
 def to_numpy(x: torch.Tensor) -> np.ndarray:
