@@ -165,7 +165,10 @@ def numbers(data: object, key: str = "") -> Iterator[tuple[str, float]]:
 def matches(fig: Figure, value: float) -> bool:
     """Whether ``value`` (scaled) rounds to the figure as shown."""
     half = 0.5 * 10.0**-fig.decimals + 1e-9
-    return any(abs(abs(value * s) - fig.value) <= half for s in SCALES[fig.unit])
+    scales = SCALES[fig.unit]
+    if not fig.unit and len(fig.text.strip("+-").replace(".", "").lstrip("0")) < 2:
+        scales = (1.0,)  # "0.1" scaled would match nearly any number: shown as stored, or not at all
+    return any(abs(abs(value * s) - fig.value) <= half for s in scales)
 
 
 @dataclass
