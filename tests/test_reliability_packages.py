@@ -438,7 +438,9 @@ def _nodes(value, path=()):
 
 def _mutate(rng: random.Random, case: Path, outside: Path) -> str:
     """One hostile change to the package ``case``: its manifest, its files, links, sizes."""
-    members = sorted(p.name for p in case.iterdir() if p.suffix == ".onnx")
+    members = sorted(
+        p.name for p in case.iterdir() if p.suffix == ".onnx" and p.is_file() and not p.is_symlink()
+    )
     how = rng.choice(["set", "set", "set", "delete", "nest", "nest", "nest", "many", "link", "link_manifest",
                       "truncate", "garbage", "dir", "fifo", "huge", "extra_link", "extra_link", "swap", "deep"])  # fmt: skip
     path = case / "manifest.json"
