@@ -1,0 +1,102 @@
+"""Every figure in README.md and docs/ is traced to a JSON under bench/out/ (issue 29 item 7).
+
+The check is ``bench/trace_figures.py`` (its docstring says what a figure and a marker are); here
+it runs over the real docs -- nothing trains or times, it reads Markdown and JSON -- and over
+small made-up docs, to pin down what it refuses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("trace_figures", ROOT / "bench" / "trace_figures.py")
+tf = sys.modules["trace_figures"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(tf)
+
+
+def test_every_figure_of_the_docs_is_traced_or_marked():
+    trace = tf.check()
+    assert not trace.failures, "untraceable figures (see bench/trace_figures.py):\n" + "\n".join(
+        trace.failures
+    )
+    assert len(trace.traced) > 1000  # the docs' tables are checked, not skipped
+
+
+@pytest.fixture
+def repo(tmp_path: Path):
+    """A repository with bench/out/r.json; returns a function that checks a doc's text."""
+    out = tmp_path / "bench" / "out"
+    out.mkdir(parents=True)
+    (out / "r.json").write_text(
+        json.dumps(
+            {"acc": 90.7249, "share": 0.8712, "macs": 28573328, "secs": 417.4, "seeds": [90.1, 90.5, 90.3]}
+        )
+    )
+
+    def check(text: str) -> tf.Trace:
+        doc = tmp_path / "doc.md"
+        doc.write_text(text)
+        return tf.check([doc], root=tmp_path)
+
+    return check
+
+
+SOURCE = "<!-- source: bench/out/r.json -->\n"
+
+
+def test_figures_match_their_source_as_rounded_and_scaled(repo):
+    trace = repo(SOURCE + "Top-1 90.72 (90.7 %), 87% of images, 28.57 MMACs, 417 s; mean 90.30 +- 0.12.\n")
+    assert not trace.failures
+    assert len(trace.traced) == 7
+
+
+def test_a_figure_its_source_does_not_hold_fails(repo):
+    trace = repo(SOURCE + "Top-1 90.73.\n")
+    assert len(trace.failures) == 1 and "90.73 is in none of the sources" in trace.failures[0]
+
+
+def test_a_figure_under_no_marker_fails_and_a_heading_ends_a_marker(repo):
+    trace = repo(SOURCE + "Top-1 90.72.\n\n## Next\n\nTop-1 90.72.\n")
+    assert len(trace.traced) == 1
+    assert len(trace.failures) == 1 and trace.failures[0].endswith(
+        "doc.md:6: 90.72 is under no source marker"
+    )
+
+
+def test_code_counts_and_names_are_not_figures(repo):
+    trace = repo(
+        "```bash\ndynaslice train --set optim.lr=0.05\n```\n\n`x0.5`, 3 seeds, batch 64, torch 2.14.1, 224x224.\n"
+    )
+    assert not trace.failures and not trace.traced
+
+
+def test_a_missing_source_fails(repo):
+    trace = repo("<!-- source: bench/out/nope.json -->\nTop-1 90.72.\n")
+    assert any("cannot be read" in f for f in trace.failures)
+
+
+def test_untraced_and_not_measured_need_a_reason_and_are_listed(repo):
+    trace = repo("<!-- untraced: from a run log -->\nTop-1 91.11.\n\n<!-- not-measured -->\nlr 0.05.\n")
+    assert len(trace.untraced) == 1 and trace.untraced[0].endswith("doc.md:2: 91.11 -- from a run log")
+    assert len(trace.failures) == 1 and trace.failures[0].endswith(
+        "doc.md:5: not-measured marker without a reason"
+    )
+
+
+def test_a_line_marker_covers_only_its_line(repo):
+    trace = repo(SOURCE + "Goal 93.5 %, got 90.72. <!-- not-measured: the goal -->\nTop-1 91.11.\n")
+    assert len(trace.traced) == 1 and trace.not_measured[0].endswith("doc.md:2: 93.5 % -- the goal")
+    assert len(trace.failures) == 1 and "91.11" in trace.failures[0]
+
+
+def test_the_script_exits_1_on_a_failure(tmp_path: Path, capsys):
+    doc = tmp_path / "doc.md"
+    doc.write_text("Top-1 90.72.\n")
+    assert tf.main([str(doc)]) == 1
+    assert "under no source marker" in capsys.readouterr().out
