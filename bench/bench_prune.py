@@ -87,8 +87,8 @@ SCALED_FROM = 300  # the official CIFAR schedule's epochs, compressed into the r
 GOALS = {
     "a": [("dcff", "l1_all"), ("dcff", "scratch_all"), ("dcff_scaled", "l1_all"), ("dcff_scaled", "scratch_all")],
     "b": [("whitebox", "l1_internal"), ("whitebox", "random_wb"), ("whitebox", "scratch_wb")],
-    "c": [("1x4_rearranged", "1x4"), ("1x8_rearranged", "1x8"), ("1x4_rearranged", "l1_params"),
-          ("1x8_rearranged", "l1_params"), ("1x4_rearranged", "magnitude")],
+    "c": [("1x4_rearranged", "1x4"), ("1x8_rearranged", "1x8"), ("1x4", "l1_params"), ("1x4", "magnitude"),
+          ("1x4_rearranged", "l1_params"), ("1x8_rearranged", "l1_params"), ("1x4_rearranged", "magnitude")],
     "d": [("supernet", "alone"), ("dcff", "supernet"), ("whitebox", "supernet")],
 }  # fmt: skip
 
