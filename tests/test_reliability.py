@@ -400,6 +400,8 @@ BENCH_MISTAKES = [
     ("bench_quant.py", "--mode packages --run {tmp}/nope --out {tmp}/q.json", "needs --gated-package"),
     ("bench_serving.py", "--runtimes eager,nope --out {tmp}/s.json", "unknown runtime"),
     ("bench_serving.py", "--device tpu --out {tmp}/s.json", "invalid choice"),
+    ("bench_coverage.py", "--tools dynaslice,nope --cache {tmp}/c --out {tmp}/c.json", "unknown tool 'nope'"),
+    ("bench_coverage.py", "--models timm/nope --tools dynaslice --cache {tmp}/c --out {tmp}/c.json", "unknown model"),
 ]  # fmt: skip
 if not torch.cuda.is_available():  # what a CPU-only machine (CI) answers to the GPU check's flags
     BENCH_MISTAKES += [
