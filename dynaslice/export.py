@@ -3,9 +3,10 @@
 ``extract_subnet(net, arch)`` traces ``net(x, arch)`` with ``torch.fx``, treating every sliced
 layer as a leaf, and replaces each leaf by the ``torch.nn`` module its ``to_static`` returns
 (``nn.Conv2d`` with the sliced weight copied, ``nn.BatchNorm2d`` with that width's running
-statistics, ...). The result is a ``torch.fx.GraphModule`` made only of torch modules: it runs
-without dynaslice, can be fine-tuned, scripted, ``torch.export``-ed or sent to ONNX, and its
-submodules keep the supernet's names (``layer1.0.conv1``), so state dicts read naturally.
+statistics, ...). The result is a ``torch.fx.GraphModule`` made only of torch (and torchvision)
+modules: it runs without dynaslice, can be fine-tuned, scripted, ``torch.export``-ed or sent to
+ONNX, and its submodules keep the supernet's names (``layer1.0.conv1``), so state dicts read
+naturally.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .atomic import atomic_path
+from .graph import Tracer
 from .models.base import Supernet
 from .nn import SlicedModule
 
 
-class _Tracer(fx.Tracer):
-    """Keeps sliced layers (and torch's own layers) as single call_module nodes."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SlicedModule) or super().is_leaf_module(m, qualname)
+class _Tracer(Tracer):
+    """The channel-group engine's tracer: sliced layers, torch's own layers and per-value library
+    layers (torchvision's StochasticDepth) stay single call_module nodes, so an extracted subnet
+    keeps their train/eval behaviour instead of the mode they were traced in."""
 
 
 class _Bound(nn.Module):

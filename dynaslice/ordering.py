@@ -42,6 +42,7 @@ from .export import _Bound, _Tracer
 from .graph import ChannelGroup as EngineGroup
 from .graph import Layout, Member, analyze
 from .models.base import Supernet
+from .profile import meta_copy
 from .space import Arch
 
 
@@ -129,7 +130,8 @@ def channel_groups(net: Supernet, input_size: tuple[int, ...] | None = None) -> 
     def refuse(what: str) -> OrderingError:
         return OrderingError(f"cannot order the channels of {family}: {what}; {_UNSUPPORTED}")
 
-    base = _trace(net, net.space.largest(), input_size)
+    probe = meta_copy(net)  # the traces need shapes only: no arithmetic, and the net is untouched
+    base = _trace(probe, net.space.largest(), input_size)
     for node in base.graph.nodes:
         if node.op == "get_attr":
             raise refuse(f"it reads {node.target!r} outside a leaf module")
@@ -140,7 +142,7 @@ def channel_groups(net: Supernet, input_size: tuple[int, ...] | None = None) -> 
     width = {n.name: _width(n, layouts[n.name]) for n in base.graph.nodes}
     sliced: dict[int, str] = {}  # engine group id -> dim name
     for dims, arch in _dim_changes(net):
-        changed = _trace(net, arch, input_size)
+        changed = _trace(probe, arch, input_size)
         if [n.name for n in changed.graph.nodes] != list(width):
             raise OrderingError(f"cannot order the channels of {family}: its graph changes with {dims}")
         for node in changed.graph.nodes:

@@ -87,7 +87,7 @@ def test_torchvision_model_largest_is_the_model_and_the_narrowest_extracts_exact
         sliced = net(x, smallest)
         sub = ds.extract_subnet(net, smallest)
         assert rel_err(sub(x), sliced) <= 1e-5
-    assert all(type(m).__module__.startswith("torch.") for m in sub.modules())  # plain torch
+    assert all(type(m).__module__.startswith(("torch.", "torchvision.")) for m in sub.modules())
     full = count_module_macs(model, (3, SIDE, SIDE))
     assert count_module_macs(sub, (3, SIDE, SIDE)) <= 0.5 * full
 
@@ -339,3 +339,27 @@ def test_pruning_reads_the_same_engine_an_se_gate_is_tied_to_what_it_scales():
         PruningError, match="does not support the grouped conv grouped"
     ):  # engine: yes; surgery: no
         channel_groups(Custom(), (3, 8, 8))
+
+
+def test_channels_of_a_converted_net_are_ordered_by_importance(converted):
+    """The zoo's reordering runs on converted nets (the engine knows their layers): every sliced
+    group is sorted, the largest subnet keeps its function, and what a permutation cannot follow
+    is refused in one line."""
+    from dynaslice.ordering import OrderingError, reorder_channels
+
+    torch.manual_seed(0)
+    model = randomised(torchvision.models.resnet18(num_classes=10)).double()
+    x = torch.randn(2, 3, SIDE, SIDE, dtype=torch.float64)
+    net = convert(model, x)
+    with torch.no_grad():
+        before = net(x, net.space.largest())
+    perms = reorder_channels(net)
+    assert sorted(g.dim for g, _ in perms) == sorted(net.space.names)
+    assert all((p != torch.arange(len(p))).any() for _, p in perms)  # random weights are not sorted
+    with torch.no_grad():
+        assert rel_err(net(x, net.space.largest()), before) <= 1e-10
+        assert rel_err(model(x), before) <= 1e-10  # the model itself was not touched
+    for name, why in [("regnet_x_400mf", "grouped conv"), ("squeezenet1_0", "concatenates")]:
+        with pytest.raises(OrderingError, match=why) as error:
+            reorder_channels(converted(name)[1])
+        one_line(error)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from ..nn import SlicedBatchNorm2d, SlicedConv2d, SlicedLayerNorm, SlicedLinear
 from . import rules
 
 
@@ -243,29 +242,27 @@ class _Walk:
         if layout is None or extra:
             return self.opaque(node, f"{name} ({type(m).__name__}) takes several tensors")
         ndim = len(_shape(x))
-        if isinstance(m, (*rules.CONVS, SlicedConv2d)) and getattr(m, "padding_mode", "zeros") == "zeros":
+        if isinstance(m, rules.CONVS) and getattr(m, "padding_mode", "zeros") == "zeros":
             return self._conv(node, m, name, layout)
-        if isinstance(m, (*rules.LINEARS, SlicedLinear)) and getattr(m, "chunks", 1) == 1:
+        if isinstance(m, rules.LINEARS) and getattr(m, "chunks", 1) == 1:
             if layout.axis != ndim - 1:
                 return self.opaque(node, f"{name} reads channels that are not on the last axis")
             self.add(layout, name, "weight", 1, "consumer")
             self.fresh(node, _shape(node)[-1], len(_shape(node)) - 1, producer=name)
             self._produce(node, m, name)
             return None
-        if isinstance(m, rules.BATCH_NORMS + (SlicedBatchNorm2d,)) and layout.axis == 1:
-            stats = 1 if isinstance(m, SlicedBatchNorm2d) else 0
-            attrs = [("weight", 0), ("bias", 0), ("running_mean", stats), ("running_var", stats)]
-            return self._norm(node, m, name, layout, attrs)
-        if isinstance(m, rules.LAYER_NORMS + (SlicedLayerNorm,)) and layout.axis == ndim - 1:
-            if len(getattr(m, "normalized_shape", (0,))) == 1:
-                return self._norm(node, m, name, layout, [("weight", 0), ("bias", 0)])
-        if isinstance(m, rules.GROUP_NORMS) and layout.axis == 1 and len(layout.segments) == 1:
+        kind = rules.norm_kind(m)
+        if kind == "batch" and layout.axis == 1:
+            return self._norm(node, m, name, layout, rules.norm_attrs(m))
+        if kind == "layer" and layout.axis == ndim - 1 and len(getattr(m, "normalized_shape", (0,))) == 1:
+            return self._norm(node, m, name, layout, rules.norm_attrs(m))
+        if kind == "group" and layout.axis == 1 and len(layout.segments) == 1:
             seg = layout.segments[0]
-            per_group = m.num_channels // m.num_groups
+            per_group = rules.channels_per_group(m)
             if per_group % seg.repeat == 0:
                 root = self.find(seg.group)
                 self.step[root] = math.lcm(self.step[root], per_group // seg.repeat)
-                return self._norm(node, m, name, layout, [("weight", 0), ("bias", 0)])
+                return self._norm(node, m, name, layout, rules.norm_attrs(m))
         if rules.is_pointwise_module(m):
             return self._same(node, x)
         if isinstance(m, rules.SPATIAL_MODULES) and layout.axis == 1:

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import SlicedBatchNorm2d, SlicedConv2d, SlicedLayerNorm, SlicedLinear
+from ..nn.converted import ConvertedConv, ConvertedLinear, ConvertedNorm
+
 # Elementwise on each value: the channel layout is unchanged, on whichever axis it lies.
 POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
@@ -66,12 +69,40 @@ TRANSPOSE = ({torch.transpose}, {"transpose"})
 REDUCE = ({torch.mean, torch.sum, torch.amax, torch.amin}, {"mean", "sum", "amax", "amin"})
 SOFTMAX = ({F.softmax, torch.softmax, F.log_softmax}, {"softmax", "log_softmax"})
 
-# Layers with weights over the channels (the walk knows what each does with them).
-CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-LINEARS: tuple[type[nn.Module], ...] = (nn.Linear,)
+# Layers with weights over the channels (the walk knows what each does with them): torch's,
+# the zoo's sliced leaves and the converted models' leaves alike, so one walk serves plain
+# models (pruning), supernets (ordering) and converted supernets.
+CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, SlicedConv2d, ConvertedConv)
+LINEARS: tuple[type[nn.Module], ...] = (nn.Linear, SlicedLinear, ConvertedLinear)
 BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-LAYER_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
+LAYER_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, SlicedLayerNorm)
 GROUP_NORMS: tuple[type[nn.Module], ...] = (nn.GroupNorm,)
+
+
+def norm_kind(m: nn.Module) -> str | None:
+    """``batch``, ``layer``, ``group`` or None: which normalisation ``m`` is."""
+    if isinstance(m, BATCH_NORMS + (SlicedBatchNorm2d,)):
+        return "batch"
+    if isinstance(m, LAYER_NORMS):
+        return "layer"
+    if isinstance(m, GROUP_NORMS):
+        return "group"
+    return m.kind if isinstance(m, ConvertedNorm) else None
+
+
+def norm_attrs(m: nn.Module) -> list[tuple[str, int]]:
+    """The per-channel tensors of a norm layer and the axis of their channels (the zoo's
+    BatchNorm keeps one row of statistics per width: its channels are on axis 1)."""
+    stats = 1 if isinstance(m, SlicedBatchNorm2d) else 0
+    if norm_kind(m) == "batch":
+        return [("weight", 0), ("bias", 0), ("running_mean", stats), ("running_var", stats)]
+    return [("weight", 0), ("bias", 0)]
+
+
+def channels_per_group(m: nn.Module) -> int:
+    """Channels per group of a GroupNorm (or a converted one)."""
+    return m.per_group if isinstance(m, ConvertedNorm) else m.num_channels // m.num_groups
+
 
 # Library layers outside torch.nn that act per value (kept as one call: their code branches on
 # ``self.training``), named by class so that importing dynaslice does not import torchvision.

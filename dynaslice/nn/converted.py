@@ -1,0 +1,209 @@
+"""Sliced copies of torch layers, for networks converted by :func:`dynaslice.make_supernet`.
+
+Each wraps the parameters of one ``torch.nn`` layer of the user's model (the same tensors, not
+copies) and runs a dense slice of them, taking its widths as arguments like every sliced leaf
+(:mod:`dynaslice.nn.base`). Unlike the zoo's layers they read *segmented* inputs: a layer after
+a concatenation keeps the first ``w_i`` channels of each concatenated group, one contiguous range
+per segment (``in_segments``: the channels and repeat of each segment, see
+:mod:`dynaslice.graph.groups`). ``to_static`` gives the plain ``torch.nn`` layer of a subnet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import SlicedModule, as_parameter
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+Segments = tuple[tuple[int, int], ...]  # (channels, repeat) of each segment of an input axis
+
+
+def channel_index(segments: Segments, widths: Sequence[int], device: torch.device) -> int | torch.Tensor:
+    """Positions of the first ``widths[i]`` channels of each segment: an int ``n`` when they are
+    the leading ``n`` positions (a plain slice), else an index tensor."""
+    if len(segments) != len(widths):
+        raise ValueError(f"expected {len(segments)} segment widths, got {len(widths)}")
+    leading, offset, parts = 0, 0, []
+    contiguous = True
+    for (size, repeat), w in zip(segments, widths, strict=True):
+        parts.append(torch.arange(offset, offset + w * repeat, device=device))
+        if contiguous:
+            leading += w * repeat
+            contiguous = w == size
+        offset += size * repeat
+    if all(w == s for (s, _), w in zip(segments[:-1], widths[:-1], strict=True)):
+        return leading
+    return torch.cat(parts)
+
+
+def take(t: torch.Tensor | None, axis: int, index: int | torch.Tensor) -> torch.Tensor | None:
+    """``t`` restricted to ``index`` along ``axis`` (a view for a leading slice)."""
+    if t is None:
+        return None
+    if isinstance(index, int):
+        return t.narrow(axis, 0, index)
+    return t.index_select(axis, index)
+
+
+def _width(index: int | torch.Tensor) -> int:
+    return index if isinstance(index, int) else len(index)
+
+
+class ConvertedConv(SlicedModule):
+    """A torch conv (1-3 d) of a converted model, running a dense slice of its weights.
+
+    ``in_segments=None``: a depthwise or grouped conv; it keeps its first whole conv groups,
+    as many as its input holds (no widths passed). Otherwise ``forward(x, out, ins)`` keeps
+    output rows ``[:out]`` and the input columns of the first ``ins[i]`` channels of each input
+    segment.
+    """
+
+    def __init__(self, conv: nn.Module, in_segments: Segments | None):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.in_segments = conv.dilation, in_segments
+        self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[conv.weight.dim() - 2]
+        self._static = type(conv)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, groups={self.groups}"
+        )
+
+    def _slice(self, in_ch: int, out: int | None, ins: tuple[int, ...] | None):
+        if self.in_segments is None:
+            per_in, per_out = self.in_channels // self.groups, self.out_channels // self.groups
+            groups = in_ch // per_in
+            if groups * per_in != in_ch:
+                raise ValueError(f"{in_ch} input channels are not whole groups of {per_in}")
+            return self.weight[: groups * per_out], take(self.bias, 0, groups * per_out), groups
+        index = channel_index(self.in_segments, ins, self.weight.device)
+        if _width(index) != in_ch:
+            raise ValueError(f"the arch gives {_width(index)} input channels, the input has {in_ch}")
+        return take(self.weight[:out], 1, index), take(self.bias, 0, out), 1
+
+    def forward(
+        self, x: torch.Tensor, out: int | None = None, ins: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        in_ch = x.shape[1]
+        w, b, groups = self.inference_slices((in_ch, out, ins), lambda: self._slice(in_ch, out, ins))
+        return self._conv(x, w, b, self.stride, self.padding, self.dilation, groups)
+
+    def to_static(
+        self, in_shape: torch.Size, out: int | None = None, ins: tuple[int, ...] | None = None
+    ) -> nn.Module:
+        w, b, groups = self._slice(in_shape[1], out, ins)
+        conv = self._static(
+            in_shape[1], w.shape[0], self.kernel_size, self.stride, self.padding, self.dilation, groups,
+            bias=b is not None, device="meta",
+        )  # fmt: skip
+        conv.weight = as_parameter(w)
+        if b is not None:
+            conv.bias = as_parameter(b)
+        return conv
+
+
+class ConvertedLinear(SlicedModule):
+    """A torch linear layer of a converted model: rows ``[:out]``, the columns of the first
+    ``ins[i]`` channels of each input segment (a flatten repeats each channel ``H*W`` times)."""
+
+    def __init__(self, linear: nn.Linear, in_segments: Segments):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_segments = in_segments
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def _slice(self, in_f: int, out: int, ins: tuple[int, ...]):
+        index = channel_index(self.in_segments, ins, self.weight.device)
+        if _width(index) != in_f:
+            raise ValueError(f"the arch gives {_width(index)} input features, the input has {in_f}")
+        return take(self.weight[:out], 1, index), take(self.bias, 0, out)
+
+    def forward(self, x: torch.Tensor, out: int, ins: tuple[int, ...]) -> torch.Tensor:
+        in_f = x.shape[-1]
+        w, b = self.inference_slices((in_f, out, ins), lambda: self._slice(in_f, out, ins))
+        return F.linear(x, w, b)
+
+    def to_static(self, in_shape: torch.Size, out: int, ins: tuple[int, ...]) -> nn.Linear:
+        w, b = self._slice(in_shape[-1], out, ins)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        lin.weight = as_parameter(w)
+        if b is not None:
+            lin.bias = as_parameter(b)
+        return lin
+
+
+class ConvertedNorm(SlicedModule):
+    """BatchNorm (any dims; over a concatenation: one set of statistics), LayerNorm (last axis)
+    or GroupNorm (whole groups kept) of a converted model, over the channels the arch keeps."""
+
+    def __init__(self, norm: nn.Module, in_segments: Segments):
+        super().__init__()
+        self.norm_type, self.in_segments, self.eps = type(norm), in_segments, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+        if isinstance(norm, _BATCH_NORMS):
+            self.kind, self.momentum = "batch", norm.momentum
+            self.track = norm.track_running_stats
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, getattr(norm, name))
+        elif isinstance(norm, nn.GroupNorm):
+            self.kind, self.per_group = "group", norm.num_channels // norm.num_groups
+        else:
+            self.kind = "layer"
+
+    def _slice(self, index: int | torch.Tensor) -> list:
+        names = ["weight", "bias"] + (["running_mean", "running_var"] if self.kind == "batch" else [])
+        return [take(getattr(self, n), 0, index) for n in names]
+
+    def forward(self, x: torch.Tensor, ins: tuple[int, ...]) -> torch.Tensor:
+        index = channel_index(self.in_segments, ins, x.device)
+        if self.kind == "layer":
+            w, b = self._slice(index)
+            return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
+        if self.kind == "group":
+            w, b = self._slice(index)
+            return F.group_norm(x, x.shape[1] // self.per_group, w, b, self.eps)
+        w, b, mean, var = self._slice(index)
+        update, factor = self.training and self.track, 0.0
+        if update:  # as nn.BatchNorm does: momentum None means a cumulative average
+            self.num_batches_tracked += 1
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        y = F.batch_norm(x, mean, var, w, b, self.training or not self.track, factor, self.eps)
+        if update and not isinstance(index, int):  # index_select copied them: write the update back
+            with torch.no_grad():
+                self.running_mean[index], self.running_var[index] = mean, var
+        return y
+
+    def to_static(self, in_shape: torch.Size, ins: tuple[int, ...]) -> nn.Module:
+        index = channel_index(self.in_segments, ins, self.weight.device if self.weight is not None else None)
+        width = _width(index)
+        if self.kind == "layer":
+            new = nn.LayerNorm(width, eps=self.eps, elementwise_affine=self.weight is not None, device="meta")
+        elif self.kind == "group":
+            new = nn.GroupNorm(width // self.per_group, width, eps=self.eps, affine=self.weight is not None,
+                               device="meta")  # fmt: skip
+        else:
+            new = self.norm_type(width, eps=self.eps, momentum=self.momentum, affine=self.weight is not None,
+                                 track_running_stats=self.track, device="meta")  # fmt: skip
+        for name, t in zip(
+            ["weight", "bias", "running_mean", "running_var"], self._slice(index), strict=False
+        ):
+            if t is None:
+                continue
+            if name.startswith("running"):
+                setattr(new, name, t.detach().clone())
+            else:
+                setattr(new, name, as_parameter(t))
+        if self.kind == "batch" and self.track:
+            new.num_batches_tracked = self.num_batches_tracked.detach().clone()
+        return new.train(self.training)
