@@ -1,21 +1,27 @@
-"""What every benchmark script shares: smoke-test sizing, the test split, machine facts, results.
+"""What every benchmark script shares: the flags of a training benchmark, thread settings,
+smoke-test sizing, the test split, mean +- standard error, and results written atomically with
+the machine they were measured on.
 
 Benchmarks run as ``python bench/bench_X.py`` (this folder is then first on ``sys.path``), write
-one JSON file each (atomically) and are quoted with their command in docs/RESULTS.md.
+one JSON file each and are quoted with their command in docs/RESULTS.md, where
+bench/trace_figures.py checks every figure against it. Nothing here belongs in the library:
+only benchmarks use it (the test split is the library's, :func:`dynaslice.pipeline.test_split`).
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import platform
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dynaslice.atomic import atomic_write_json
-from dynaslice.data import InMemoryDataset
-from dynaslice.train.config import Config
-from dynaslice.train.data import load_split
+from dynaslice.pipeline import test_split
 
 # --quick: a smoke run of a benchmark in a minute or two (checks it runs, says nothing)
 QUICK = [
@@ -28,12 +34,51 @@ QUICK = [
 ]
 
 
-def test_split(cfg: Config, images: int = 0) -> InMemoryDataset:
-    """The test split a config names (its first ``images`` images; 0: all of it). Report only."""
-    test = load_split(cfg.data, "test", cfg.train.seed)
-    if images and images < len(test):
-        test = test.subset(range(images))
-    return test
+__all__ = [
+    "QUICK", "machine", "mean_se", "quick_path", "set_threads", "start", "test_split", "training_args",
+    "write_results",
+]  # fmt: skip
+
+
+def training_args(ap: argparse.ArgumentParser, *, out: str, runs: str) -> None:
+    """The flags of a benchmark that trains, spelled once: ``--config``, ``--set``, ``--quick``,
+    ``--runs``, ``--out``, ``--test-images`` and ``--threads`` (apply them with :func:`start`)."""
+    ap.add_argument("--config", default="configs/fmnist_bench.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny subset, 1 epoch (says nothing)")
+    ap.add_argument("--runs", default=runs, help="where the runs are trained (resumable)")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--test-images", type=int, default=0, help="evaluate on the first N test images (0: all)")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+
+
+def start(args: argparse.Namespace) -> None:
+    """Apply :func:`training_args`' flags: the thread count, and for ``--quick`` 500 test images
+    (unless given), its own run directory and results file, so a smoke run never mixes with a
+    benchmark's."""
+    set_threads(args.threads)
+    if args.quick:
+        args.test_images = args.test_images or 500
+        args.runs += "_quick"
+        args.out = quick_path(args.out)
+
+
+def quick_path(path: str | Path) -> str:
+    """Where ``--quick`` writes (or reads) what a benchmark run writes at ``path``."""
+    return str(path).replace(".json", "_quick.json")
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads N``: N intra-op threads (timings pin them; None leaves torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def mean_se(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and standard error of the mean over seeds (``se`` None for one value), as every
+    results file and table reports them."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "se": se, "n": len(values)}
 
 
 def machine() -> dict[str, Any]:

@@ -44,6 +44,7 @@ import yaml
 
 from . import runs, safejson
 from .atomic import atomic_write_bytes, atomic_write_json
+from .data import InMemoryDataset
 from .dynamic import DynamicNet
 from .export import extract_subnet, save_torch_model
 from .modelfile import load_supernet, prefixed, resolve_model_file, save_model_file
@@ -195,7 +196,9 @@ def _read_only(path: Path) -> tuple[Any, dict[str, Any]]:
     return _LOADED[key]
 
 
-def _test_split(cfg: Config, images: int):
+def test_split(cfg: Config, images: int = 0) -> InMemoryDataset:
+    """The test split a config names, its first ``images`` images (0: all of it): what the
+    evaluation and latency steps report on, and the benchmarks too (bench/common.py)."""
     test = load_split(cfg.data, "test", cfg.train.seed)
     if images and images < len(test):
         test = test.subset(range(images))
@@ -228,7 +231,7 @@ def step_gate(target: float) -> Callable[[Path, Config, RunConfig], None]:
 
 
 def step_eval(run_dir: Path, cfg: Config, run: RunConfig) -> None:
-    test = _test_split(cfg, run.test_images)
+    test = test_split(cfg, run.test_images)
     # the supernet's uniform subnets, with the BN statistics Stage I recalibrated for them
     net, _ = _read_only(run_dir / runs.STAGE1 / runs.RECALIBRATED)
     rows = evaluate(net, uniform_archs(net, cfg.train.eval_widths), eval_loader(test), net.input_size,
@@ -273,7 +276,7 @@ def step_export(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     target = best_target(run_dir, run)
     gated, _ = _read_only(run_dir / runs.gate_name(target))
-    test = _test_split(cfg, 1)
+    test = test_split(cfg, 1)
     bar = Progress(3, "export", unit="model")  # an ONNX export takes seconds
     export_gated(gated.eval(), out / "gated", mean=test.mean, std=test.std)
     bar.update()
@@ -304,7 +307,7 @@ def step_latency(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     """
     deploy = resolve_runtime("auto")
     runtimes = list(dict.fromkeys(["eager", deploy]))
-    test = _test_split(cfg, max(run.latency_images, run.latency_batch))
+    test = test_split(cfg, max(run.latency_images, run.latency_batch))
     x, _ = next(iter(eval_loader(test, len(test))))
     images, batch = x[: run.latency_images], x[: run.latency_batch]
     per_call = {1: len(images), run.latency_batch: len(batch)}  # images per timed call
@@ -381,7 +384,7 @@ def run_pipeline(cfg: Config, run: RunConfig, run_dir: str | Path, until: str | 
     names = [name for name, _ in steps(run)]
     if until is not None and until not in names:
         raise ConfigError(f"--until {until!r} is not a step of this run: {', '.join(names)}")
-    _test_split(cfg, 1)  # a missing dataset fails here, before anything is written
+    test_split(cfg, 1)  # a missing dataset fails here, before anything is written
     with runs.exclusive(run_dir):
         check_settings(run_dir, cfg, run)
         if cfg.train.threads:
