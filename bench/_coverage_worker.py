@@ -162,8 +162,17 @@ def run_dynaslice(model: nn.Module, x: torch.Tensor, size: tuple[int, ...], row:
         row["narrowest_macs_ratio"] = row["macs_narrowest"] / full
 
     def onnx() -> None:
+        """dynaslice's default exporter (TorchScript); where it cannot export an op at this input
+        (adaptive pooling to a size that does not divide the input's), the torch.export-based
+        one, and the row says so."""
         with tempfile.TemporaryDirectory() as tmp:
-            path = export_module(state["sub"], Path(tmp) / "narrowest.onnx", size)
+            try:
+                path = export_module(state["sub"], Path(tmp) / "narrowest.onnx", size)
+                row["onnx_exporter"] = "torchscript"
+            except Exception as e:
+                row["onnx_torchscript_error"] = one_line(e)
+                path = export_module(state["sub"], Path(tmp) / "narrowest.onnx", size, exporter="dynamo")
+                row["onnx_exporter"] = "dynamo"
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             got = session.run(None, {"input": x.numpy()})[0]
         row["onnx_rel_err"] = rel_err(torch.from_numpy(got), state["sliced"])

@@ -8,7 +8,8 @@ size; each row says which):
 - **dynaslice** ``ds.make_supernet(model, x)``: converts, or is refused in one line? The largest
   subnet against the model (relative error, goal <= 1e-5), the narrowest subnet's MACs over the
   model's (goal <= 0.5), the extracted narrowest subnet against its slice (<= 1e-5) and its ONNX
-  export on onnxruntime against torch (<= 1e-4).
+  export on onnxruntime against torch (<= 1e-4; the TorchScript exporter, or where it cannot
+  export an op at this input the torch.export-based one: ``onnx_exporter`` says which).
 - **Torch-Pruning** (``tp.pruner.MetaPruner``, which builds its DependencyGraph; 50 % of every
   group's channels, the classifier ignored): converts = runs and the pruned model still returns
   [batch, classes]; its MACs ratio.
@@ -24,7 +25,7 @@ Order: dynaslice on torchvision, then timm, then the peers. The results (every r
 per tool and family, the goals) go to one JSON file::
 
     python3 -m venv .venv-peers && .venv-peers/bin/pip install -c bench/peers-constraints.txt \\
-        torch torchvision timm onnx torch-pruning nvidia-modelopt
+        torch torchvision timm onnx requests torch-pruning nvidia-modelopt
     python bench/bench_coverage.py --out bench/out/coverage.json
 """
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -174,6 +176,8 @@ def summarise(rows: list[dict[str, Any]], tools: list[str]) -> dict[str, Any]:
                 ),
             }
             t["dynaslice"]["meets_goal_share"] = t["dynaslice"]["meets_goal"] / len(mine)
+            ratios = [r["narrowest_macs_ratio"] for r in ds_rows if "narrowest_macs_ratio" in r]
+            t["dynaslice"]["median_narrowest_macs_ratio"] = statistics.median(ratios) if ratios else None
         for tool in tools:
             if tool == "dynaslice":
                 continue
@@ -181,6 +185,7 @@ def summarise(rows: list[dict[str, Any]], tools: list[str]) -> dict[str, Any]:
             t[tool] = {
                 "status": dict(Counter(r["status"] for r in peer)),
                 "converts": sum(r["status"] == "converted" for r in peer),
+                "converts_share": sum(r["status"] == "converted" for r in peer) / len(mine),
                 "narrowest_half": sum(
                     r["status"] == "converted"
                     and r.get("pruned_macs_ratio", r.get("narrowest_macs_ratio", 1.0)) <= 0.5
@@ -258,6 +263,52 @@ def failures(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+TOOL_NAMES = {"dynaslice": "dynaslice", "torch_pruning": "Torch-Pruning", "modelopt": "ModelOpt FastNAS"}
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The tables of docs/RESULTS.md's coverage section, from a result of this script."""
+    totals, tools = data["totals"], data["tools"]
+    peers = [t for t in tools if t != "dynaslice"]
+    lines = []
+    if "dynaslice" in tools:
+        head = "| suite | models | converts | largest == model | narrowest <= 0.5 MACs | both (share) "
+        head += "| median narrowest MACs | extracted == slice | ONNX == torch | refused in one line |"
+        lines += [head, "| --- " + "| ---: " * 9 + "|"]
+        for suite, t in totals.items():
+            d = t["dynaslice"]
+            median = d["median_narrowest_macs_ratio"]
+            lines.append(
+                f"| {suite} | {t['models']} | {d['converts']} | {d['largest_equal']} | {d['narrowest_half']} "
+                f"| {d['meets_goal']} ({100 * d['meets_goal_share']:.1f}%) "
+                f"| {'' if median is None else f'{median:.3f}'} | {d['extract_equal']} | {d['onnx_equal']} "
+                f"| {d['refused_in_one_line']} |"
+            )
+        lines.append("")
+    if peers:
+        head = "| suite | models | dynaslice (largest == model, narrowest <= 0.5) |"
+        head += "".join(f" {TOOL_NAMES[p]} converts | {TOOL_NAMES[p]} at <= 0.5 MACs |" for p in peers)
+        lines += [head, "| --- " + "| ---: " * (2 + 2 * len(peers)) + "|"]
+        for suite, t in totals.items():
+            cells = [suite, str(t["models"]), str(t["dynaslice"]["meets_goal"]) if "dynaslice" in t else ""]
+            for p in peers:
+                cells += [
+                    f"{t[p]['converts']} ({100 * t[p]['converts_share']:.1f}%)",
+                    str(t[p]["narrowest_half"]),
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    for suite, t in totals.items():
+        lines += [f"| {suite} family | models | " + " | ".join(TOOL_NAMES[x] for x in tools) + " |"]
+        lines += ["| --- " + "| ---: " * (1 + len(tools)) + "|"]
+        for fam, f in sorted(t["families"].items()):
+            lines.append(f"| {fam} | {f['models']} | " + " | ".join(str(f.get(x, 0)) for x in tools) + " |")
+        lines.append("")
+    if data["dynaslice_failures"]:
+        lines += [f"- {f}" for f in data["dynaslice_failures"]]
+    return "\n".join(lines)
+
+
 def git_commit() -> str:
     try:
         head = subprocess.run(
@@ -323,6 +374,7 @@ def main() -> None:
     data = {
         "command": "python bench/bench_coverage.py " + " ".join(sys.argv[1:]),
         "commit": git_commit(),
+        "tools": tools,
         "versions": {
             "dynaslice": versions(sys.executable),
             **({"peers": versions(args.peers_python)} if peers else {}),
@@ -332,6 +384,7 @@ def main() -> None:
         "rows": rows,
     }
     write_results(args.out, data)
+    print(markdown(data))
     for suite, t in summary["totals"].items():
         line = [f"{suite}: {t['models']} models"]
         if "dynaslice" in t:
