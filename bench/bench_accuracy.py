@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import mean_se, set_threads, write_results
 
 from dynaslice import count_macs, create_supernet, runs
-from dynaslice.atomic import atomic_write_json
 from dynaslice.modelfile import CheckpointError
 from dynaslice.ordering import reorder_channels
 from dynaslice.train import evaluate, load_config, load_supernet, recalibrate_bn, train, uniform_archs
@@ -212,7 +212,7 @@ def check_overrides(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     e1 = phase1_epochs(args)  # before anything trains: a bad split stops here
     if args.phase1_set and (args.from_static or e1 == 0):
         raise SystemExit("--phase1-set needs a phase 1 of this benchmark (not --from-static, --phase1 > 0)")
@@ -223,10 +223,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"seed {seed}: {json.dumps(seeds[-1]['supernet'])}", flush=True)
     summary = summarise(seeds)
     out = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "seeds": seeds, "summary": summary}
-    atomic_write_json(args.out, out, indent=1)
     print(markdown(summary))
     print(f"goal (a): {summary['goal_a']}, (e): {summary['goal_e']}, (b): {summary['goal_b_timing']}")
-    print(f"wrote {args.out}")
+    write_results(args.out, out)
 
 
 def cmd_table(args: argparse.Namespace) -> None:
@@ -278,7 +277,7 @@ def cmd_ordering(args: argparse.Namespace) -> None:
         cells = [f"{result[name]['val'][w]:.2f} / {result[name]['test'][w]:.2f}" for w in archs]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     if args.out:
-        atomic_write_json(args.out, {"run": str(run), **result}, indent=1)
+        write_results(args.out, {"run": str(run), **result})
 
 
 def cmd_routes(args: argparse.Namespace) -> None:
@@ -354,11 +353,11 @@ def cmd_gated(args: argparse.Namespace) -> None:
     summary = {}
     print("| gate target | avg MMACs | gated (test) | alone at equal MACs | gap |\n| --- | ---: | ---: | ---: | ---: |")
     for target, seeds in rows.items():
-        gaps = [r["gap_test"] for r in seeds]
-        se = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None
+        gap = mean_se([r["gap_test"] for r in seeds])
+        se = gap["se"]
         summary[target] = {
             key: statistics.mean(r[key] for r in seeds) for key in ("avg_macs", "gated_test", "alone_test")
-        } | {"gap_test": statistics.mean(gaps), "gap_test_se": se, "seeds": len(seeds)}
+        } | {"gap_test": gap["mean"], "gap_test_se": se, "seeds": len(seeds)}
         m = summary[target]
         print(
             f"| {target} | {m['avg_macs'] / 1e6:.2f} | {m['gated_test']:.2f} | {m['alone_test']:.2f} | "
@@ -366,8 +365,7 @@ def cmd_gated(args: argparse.Namespace) -> None:
         )
     goal = all(m["gap_test"] >= 0 for m in summary.values())
     print(f"goal (c), every target at or above the networks alone: {goal}")
-    atomic_write_json(args.out, {"static": args.static, "targets": rows, "summary": summary, "goal_c": goal}, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, {"static": args.static, "targets": rows, "summary": summary, "goal_c": goal})
 
 
 def cmd_gate_init(args: argparse.Namespace) -> None:
@@ -396,7 +394,7 @@ def cmd_gate_init(args: argparse.Namespace) -> None:
         result[f"{scale:g}"] = acc
         print(f"gated, attention {scale:g}: {acc:.2f}", flush=True)
     if args.out:
-        atomic_write_json(args.out, {"run": str(run), "cut": args.cut, "val": result}, indent=1)
+        write_results(args.out, {"run": str(run), "cut": args.cut, "val": result})
 
 
 def seed_rows(file: str) -> list[dict[str, Any]]:
@@ -412,12 +410,11 @@ def cmd_summary(args: argparse.Namespace) -> None:
     seeds = [s for f in args.files for s in seed_rows(f)]
     summary = summarise(seeds)
     for w, r in summary["widths"].items():
-        gaps = [a - b for a, b in zip(r["supernet_test_seeds"], r["static_test_seeds"], strict=True)]
-        r["gap_test_se"] = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None
-        print(f"{w}: paired test gap {statistics.mean(gaps):+.2f} +- {r['gap_test_se'] or 0:.2f} over {len(gaps)} seeds")
-    atomic_write_json(args.out, {"files": args.files, "seeds": seeds, "summary": summary}, indent=1)
+        gap = mean_se([a - b for a, b in zip(r["supernet_test_seeds"], r["static_test_seeds"], strict=True)])
+        r["gap_test_se"] = gap["se"]
+        print(f"{w}: paired test gap {gap['mean']:+.2f} +- {gap['se'] or 0:.2f} over {gap['n']} seeds")
     print(markdown(summary))
-    print(f"wrote {args.out}")
+    write_results(args.out, {"files": args.files, "seeds": seeds, "summary": summary})
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -433,16 +430,15 @@ def cmd_compare(args: argparse.Namespace) -> None:
         row = {}
         for split in ("test", "val"):
             gaps = [runs[0][s]["supernet"][w][split] - runs[1][s]["supernet"][w][split] for s in common]
-            se = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None
-            row[split] = {"mean": statistics.mean(gaps), "se": se, "seeds": gaps}
+            gap = mean_se(gaps)
+            row[split] = {"mean": gap["mean"], "se": gap["se"], "seeds": gaps}
         out["widths"][w] = row
         print(f"| {w} | " + " | ".join(f"{row[k]['mean']:+.2f} +- {row[k]['se'] or 0:.2f}" for k in ("test", "val")) + " |")
     seconds = [(runs[0][s]["supernet_seconds"], runs[1][s]["supernet_seconds"]) for s in common]
     if all(a and b for a, b in seconds):
         out["seconds_ratio"] = [a / b for a, b in seconds]
         print("training time A / B per seed: " + ", ".join(f"{r:.2f}" for r in out["seconds_ratio"]))
-    atomic_write_json(args.out, out, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, out)
 
 
 def _files_out(ap: argparse.ArgumentParser) -> None:

@@ -49,14 +49,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import QUICK, test_split, write_results
+from common import QUICK, mean_se, test_split, write_results
 
 import dynaslice as ds
 from dynaslice import runs
@@ -234,12 +233,6 @@ def latency_rows(root: Path, repeats: int) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- summary over seeds
-
-
-def mean_se(values: list[float]) -> dict[str, float]:
-    """Mean and standard error of the mean (0 for one value)."""
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return {"mean": statistics.mean(values), "se": se, "n": len(values)}
 
 
 def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import QUICK as COMMON_QUICK
+from common import quick_path, start, test_split, training_args, write_results
 
 from dynaslice.atomic import atomic_write_json, cached_json
 from dynaslice.budget import BudgetNet, BudgetTable
@@ -51,7 +52,7 @@ from dynaslice.train import load_config, load_supernet, recalibrate_bn, train
 from dynaslice.train.config import save_config
 from dynaslice.train.data import eval_loader, load_split
 from dynaslice.train.evaluate import accuracy
-from dynaslice.train.pss import PSSSampler, macs_fn, val_accuracy
+from dynaslice.train.pss import PSSSampler, macs_fn, select_budget_table
 
 COMMON = ["train.target=ib", "train.num_subnets=4"]  # --recipe ib; --recipe config keeps the config's
 SAMPLERS: dict[str, list[str]] = {"pss": ["train.sampler=pss"], "sandwich": ["train.sampler=sandwich"]}
@@ -60,8 +61,7 @@ QUICK = COMMON_QUICK + ["train.pss.estimate_samples=5000"]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/fmnist_bench.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    training_args(ap, out="bench/out/pss.json", runs="runs/bench_pss")
     ap.add_argument("--bucket-step", type=float, default=2.5, help="MMACs per bucket (default 2.5)")
     ap.add_argument("--top-k", type=int, default=3, help="validation evaluations per bucket (default 3)")
     ap.add_argument(
@@ -89,20 +89,13 @@ def main() -> None:
         help="a finished sandwich supernet run of the same config to search instead of training one "
         "(e.g. bench_accuracy.py's supernet, which starts from the same phase-1 network)",
     )
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny subset, 1 epoch")
-    ap.add_argument("--runs", default="runs/bench_pss")
-    ap.add_argument("--out", default="bench/out/pss.json")
     ap.add_argument(
         "--static",
         default="bench/out/stage1_static.json",
         help="static rows (bench_stage1_accuracy.py --variants static, same recipe and epochs); "
         "no such file: no column (c)",
     )
-    ap.add_argument("--test-images", type=int, default=0, help="evaluate on the first N test images (0: all)")
-    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     extra = [
         f"train.pss.bucket_step={args.bucket_step}",
         f"train.pss.select_top_k={args.top_k}",
@@ -112,11 +105,9 @@ def main() -> None:
     if args.sandwich and not is_finished(Path(args.sandwich)):
         raise SystemExit(f"--sandwich {args.sandwich}: not a finished run")
     variants = {k: (COMMON if args.recipe == "ib" else []) + v for k, v in SAMPLERS.items()}
+    start(args)
     if args.quick:
-        args.test_images = args.test_images or 500
-        args.runs += "_quick"
-        args.out = args.out.replace(".json", "_quick.json")
-        args.static = args.static.replace(".json", "_quick.json")
+        args.static = quick_path(args.static)
 
     runs, seconds, cfgs = {}, {}, {}
     for name, sets in variants.items():
@@ -144,10 +135,7 @@ def main() -> None:
     t = cfgs["pss"].train
     train_ds = load_split(cfgs["pss"].data, "train", t.seed)
     val = eval_loader(load_split(cfgs["pss"].data, "val", t.seed))
-    test_ds = load_split(cfgs["pss"].data, "test", t.seed)
-    if args.test_images and args.test_images < len(test_ds):
-        test_ds = test_ds.subset(range(args.test_images))
-    test = eval_loader(test_ds)
+    test = eval_loader(test_split(cfgs["pss"], args.test_images))
 
     # (a) the PSS budget table (selected on val during training): its entries as deployed, each
     # with its own BN statistics (BudgetNet), on the test split
@@ -191,27 +179,30 @@ def main() -> None:
     )
 
     def sandwich_rows() -> list[dict]:
-        rows = []
+        candidates = {}
         for e in table.entries:
             bucket = int(round(e.bucket / args.bucket_step))
             rng = np.random.default_rng(derive_seed("bench-random-search", t.seed, bucket))
             # like PSS's candidates: the largest / smallest subnet when it falls in the bucket
             extra = sampler.candidates(bucket, 0)
             n = max(e.candidates - len(extra), 1)
-            cands = list(dict.fromkeys([sampler.sample_in_bucket(bucket, rng) for _ in range(n)] + extra))
-            scored = [(val_accuracy(sw_net, a, train_ds, val, t), a) for a in cands]
-            acc, best = max(scored, key=lambda s: s[0])
-            rows.append(
-                {
-                    "bucket": e.bucket,
-                    "arch": best.to_dict(),
-                    "macs": int(fn([best])[0] * 1e6 + 0.5),
-                    "val_accuracy": acc,
-                    "candidates": len(cands),
-                    "test_accuracy": val_accuracy(sw_net, best, train_ds, test, t),
-                }
+            candidates[e.bucket] = list(
+                dict.fromkeys([sampler.sample_in_bucket(bucket, rng) for _ in range(n)] + extra)
             )
-        return rows
+        # the library's selection, as PSS's own table was made: per bucket the best on val, each
+        # entry with BN statistics recalibrated for it alone
+        searched = BudgetNet(sw_net, *select_budget_table(sw_net, candidates, train_ds, val, t)).eval()
+        return [
+            {
+                "bucket": e.bucket,
+                "arch": e.arch.to_dict(),
+                "macs": e.macs,
+                "val_accuracy": e.val_accuracy,
+                "candidates": e.candidates,
+                "test_accuracy": accuracy(searched.net, searched.use(e), test),
+            }
+            for e in searched.table.entries
+        ]
 
     # cached beside the benchmark's runs, not inside a --sandwich run that belongs to another one
     sandwich = cached_json(Path(args.runs) / "sandwich_search.json", sandwich_rows)
@@ -239,35 +230,31 @@ def main() -> None:
         f"| train time (PSS incl. selection) | | {_secs(seconds['pss'])} | | | {_secs(seconds['sandwich'])} | |"
     )
     table_md = "\n".join(lines)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "config": args.config,
-                "seed": t.seed,
-                "quick": args.quick,
-                "recipe": args.recipe,
-                "sandwich_run": args.sandwich,
-                "overrides": {k: v + extra for k, v in variants.items()},
-                "bucket_step_mmacs": args.bucket_step,
-                "top_k": args.top_k,
-                "pool_size": args.pool_size,
-                "test_images": args.test_images or 10000,
-                "threads": torch.get_num_threads(),
-                "pss": pss,
-                "sandwich": sandwich,
-                "static": static,
-                "train_seconds": seconds,
-                "pss_wins": f"{wins}/{len(pss)}",
-                "table": table_md,
-            },
-            indent=1,
-        )
-    )
     print("\nTop-1 test accuracy (%) on Fashion-MNIST per MACs bucket (BN recalibrated per subnet):\n")
     print(table_md)
-    print(f"\nPSS >= sandwich in {wins}/{len(pss)} buckets; wrote {out}")
+    print(f"\nPSS >= sandwich in {wins}/{len(pss)} buckets")
+    write_results(
+        args.out,
+        {
+            "config": args.config,
+            "seed": t.seed,
+            "quick": args.quick,
+            "recipe": args.recipe,
+            "sandwich_run": args.sandwich,
+            "overrides": {k: v + extra for k, v in variants.items()},
+            "bucket_step_mmacs": args.bucket_step,
+            "top_k": args.top_k,
+            "pool_size": args.pool_size,
+            "test_images": args.test_images or 10000,
+            "threads": torch.get_num_threads(),
+            "pss": pss,
+            "sandwich": sandwich,
+            "static": static,
+            "train_seconds": seconds,
+            "pss_wins": f"{wins}/{len(pss)}",
+            "table": table_md,
+        },
+    )
 
 
 def _secs(seconds: float | None) -> str:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import re
 import statistics
 import tempfile
@@ -53,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import test_split, write_results
+from common import mean_se, test_split, write_results
 
 import dynaslice as ds
 from dynaslice.atomic import cached_json
@@ -232,11 +231,6 @@ def fdda_seed(args, teacher, cfg: Config, train: InMemoryDataset, xy, seed: int)
             print(f"seed {seed} {setting} {method}: ranges only {r['ranges_only']:.2f}, fine-tuned {r['top1']:.2f}",
                   flush=True)  # fmt: skip
     return results
-
-
-def mean_se(values: list[float]) -> dict[str, float | None]:
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "se": se, "n": len(values)}
 
 
 def summarise(seeds: list[dict[str, Any]], settings: list[str]) -> dict[str, Any]:

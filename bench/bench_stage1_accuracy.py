@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
-from common import QUICK, test_split
+from common import QUICK, start, test_split, training_args, write_results
 
 from dynaslice.train import evaluate, load_config, load_supernet, train
 from dynaslice.train.config import from_dict, save_config
@@ -57,22 +56,11 @@ def test_rows(run: Path, test_images: int, seed: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/fmnist_bench.yaml")
+    training_args(ap, out="bench/out/stage1_accuracy.json", runs="runs/bench_stage1")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny subset, 1 epoch")
-    ap.add_argument("--runs", default="runs/bench_stage1", help="where the runs are trained (resumable)")
-    ap.add_argument("--out", default="bench/out/stage1_accuracy.json")
-    ap.add_argument("--test-images", type=int, default=0, help="evaluate on the first N test images (0: all)")
-    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
     extra = (QUICK if args.quick else []) + args.set
-    if args.quick:
-        args.test_images = args.test_images or 500
-        args.runs += "_quick"
-        args.out = args.out.replace(".json", "_quick.json")
 
     results: dict[str, dict] = {}
     for name in args.variants:
@@ -104,24 +92,19 @@ def main() -> None:
         "| train time (s) | | " + " | ".join(f"{v['train_seconds']:.0f}" for v in results.values()) + " |"
     )
     table = "\n".join(lines)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "config": args.config,
-                "quick": args.quick,
-                "test_images": args.test_images or 10000,
-                "threads": torch.get_num_threads(),
-                "variants": results,
-                "table": table,
-            },
-            indent=1,
-        )
-    )
     print("\nTop-1 test accuracy (%) on Fashion-MNIST, BN recalibrated:\n")
     print(table)
-    print(f"\nwrote {out}")
+    write_results(
+        args.out,
+        {
+            "config": args.config,
+            "quick": args.quick,
+            "test_images": args.test_images or 10000,
+            "threads": torch.get_num_threads(),
+            "variants": results,
+            "table": table,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import QUICK, test_split
+from common import QUICK, quick_path, start, test_split, training_args, write_results
 
 from dynaslice.atomic import cached_json
 from dynaslice.train import evaluate_gated, load_config, load_supernet, save_model_file, train, train_gate
@@ -52,29 +52,17 @@ def test_eval(model_file: Path, test_images: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/fmnist_bench.yaml")
+    training_args(ap, out="bench/out/stage2_gate.json", runs="runs/bench_stage2")
     ap.add_argument(
         "--targets", nargs="+", type=float, default=[0.4, 0.6, 0.8], help="fractions of the widest route"
     )
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny subset, 1 epoch each")
-    ap.add_argument("--runs", default="runs/bench_stage2", help="where the runs are trained (resumable)")
-    ap.add_argument("--out", default="bench/out/stage2_gate.json")
-    ap.add_argument("--test-images", type=int, default=0, help="evaluate on the first N test images (0: all)")
-    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
     extra = STAGE1 + STAGE2 + (QUICK + ["stage2.epochs=1"] if args.quick else []) + args.set
     # Stage-II knobs stay out of the Stage-I config: changing them must not invalidate Stage I
     stage1_set = [a for a in extra if not a.startswith("stage2.")]
     stage2_set = [a for a in extra if a.startswith("stage2.")]
-    stage1_json = Path("bench/out/stage1_accuracy.json")
-    if args.quick:
-        args.test_images = args.test_images or 500
-        args.runs += "_quick"
-        args.out = args.out.replace(".json", "_quick.json")
-        stage1_json = stage1_json.with_name("stage1_accuracy_quick.json")
+    stage1_json = Path(quick_path("bench/out/stage1_accuracy.json") if args.quick else "bench/out/stage1_accuracy.json")
     runs = Path(args.runs)
     timings: dict[str, float] = {}
 
@@ -143,29 +131,24 @@ def main() -> None:
     for macs, label, acc, hist in sorted(rows):
         lines.append(f"| {label} | {macs / 1e6:.2f} | {macs / widest:.2f} | {acc:.2f} | {hist} |")
     table = "\n".join(lines)
-    out_json = Path(args.out)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(
-        json.dumps(
-            {
-                "config": args.config,
-                "overrides": extra,
-                "quick": args.quick,
-                "test_images": args.test_images or 10000,
-                "threads": torch.get_num_threads(),
-                "gated": gated,
-                "static_routes": static_routes,
-                "static_alone": static_alone,
-                "static_alone_source": str(stage1_json) if static_alone else None,
-                "seconds": timings,
-                "table": table,
-            },
-            indent=1,
-        )
-    )
     print("\nTop-1 test accuracy vs average MACs on Fashion-MNIST (BN recalibrated for the routes):\n")
     print(table)
-    print(f"\nwrote {out_json}")
+    write_results(
+        args.out,
+        {
+            "config": args.config,
+            "overrides": extra,
+            "quick": args.quick,
+            "test_images": args.test_images or 10000,
+            "threads": torch.get_num_threads(),
+            "gated": gated,
+            "static_routes": static_routes,
+            "static_alone": static_alone,
+            "static_alone_source": str(stage1_json) if static_alone else None,
+            "seconds": timings,
+            "table": table,
+        },
+    )
 
 
 if __name__ == "__main__":

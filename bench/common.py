@@ -93,5 +93,6 @@ def machine() -> dict[str, Any]:
 
 def write_results(path: str | Path, data: dict[str, Any]) -> None:
     """The benchmark's JSON (with the machine facts), written atomically."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {**data, "environment": machine()}, indent=1)
     print(f"wrote {path}")

@@ -16,6 +16,8 @@ import json
 import statistics
 from pathlib import Path
 
+from common import mean_se, write_results
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,10 +41,9 @@ def main() -> None:
     for bucket, g in sorted(gaps.items()):
         if len(g) != len(runs):
             raise SystemExit(f"bucket {bucket:g} is missing from some runs: the runs are not comparable")
-        mean = statistics.fmean(g)
-        sem = statistics.stdev(g) / len(g) ** 0.5
+        stat = mean_se(g)
         rows.append(
-            {"bucket": bucket, "gaps": g, "mean": mean, "sem": sem, "pss_wins": sum(x >= 0 for x in g)}
+            {"bucket": bucket, "gaps": g, "mean": stat["mean"], "sem": stat["se"], "pss_wins": sum(x >= 0 for x in g)}
         )
     n = len(runs)
     lines = [
@@ -67,19 +68,19 @@ def main() -> None:
         "per_seed_mean_gap": per_seed,
         # buckets of one run move together (the whole supernet trained better or worse), so the
         # independent samples are the seeds: the error of the mean gap is over per-seed means
-        "mean_gap_sem_over_seeds": statistics.stdev(per_seed) / n**0.5,
+        "mean_gap_sem_over_seeds": mean_se(per_seed)["se"],
         "buckets_mean_ge_0": sum(row["mean"] >= 0 for row in rows),
         "table": "\n".join(lines),
     }
-    Path(args.out).write_text(json.dumps(summary, indent=1))
     print("(a) PSS - (b) sandwich, test top-1 points per bucket:\n")
     print(summary["table"])
     print(
         f"\nmean over buckets and seeds {summary['mean_gap']:+.2f} +- {summary['mean_gap_sem_over_seeds']:.2f} "
         "(s.e. over per-seed means); per seed "
         + ", ".join(f"{x:+.2f}" for x in per_seed)
-        + f"; mean >= 0 in {summary['buckets_mean_ge_0']}/{len(rows)} buckets; wrote {args.out}"
+        + f"; mean >= 0 in {summary['buckets_mean_ge_0']}/{len(rows)} buckets"
     )
+    write_results(args.out, summary)
 
 
 if __name__ == "__main__":
