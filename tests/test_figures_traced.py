@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,3 +101,33 @@ def test_the_script_exits_1_on_a_failure(tmp_path: Path, capsys):
     doc.write_text("Top-1 90.72.\n")
     assert tf.main([str(doc)]) == 1
     assert "under no source marker" in capsys.readouterr().out
+
+
+def run_record_demo(*args: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(ROOT / "bench" / "record_demo.py"), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_record_demo_keeps_the_report_with_its_machine_and_times(tmp_path: Path):
+    run = tmp_path / "demo"
+    run.mkdir()
+    report = {
+        "supernet": [{"name": "x1", "accuracy": 90.72}],
+        "step_seconds": {"stage1": 417.0, "eval": 82.0},
+    }
+    (run / "report.json").write_text(json.dumps(report))
+    proc = run_record_demo(
+        str(run), "--wall-seconds", "688", "--setup-seconds", "77", "--out", str(tmp_path / "d.json")
+    )
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads((tmp_path / "d.json").read_text())
+    assert rec["report"] == report
+    assert (rec["wall_seconds"], rec["setup_seconds"], rec["run_seconds"]) == (688, 77, 499)
+    assert rec["cpu"]["cores"] >= 1 and rec["environment"]["torch"]
+    assert "this machine" in rec["deterministic"]
+
+
+def test_record_demo_refuses_a_run_without_a_report_in_one_line(tmp_path: Path):
+    proc = run_record_demo(str(tmp_path), "--out", str(tmp_path / "d.json"))
+    assert proc.returncode != 0 and "not a finished demo run" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "d.json").exists()
