@@ -123,6 +123,20 @@ def one_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- the tools
 
 
+def engine_state() -> dict[str, str]:
+    """Which make_supernet measured a row: the commit and a digest of the engine's files as they
+    were (the working tree may hold uncommitted changes while a long run goes on)."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "dynaslice" / "graph").glob("*.py"))
+    files += [root / "dynaslice" / "models" / "converted.py", root / "dynaslice" / "nn" / "converted.py"]
+    digest = hashlib.sha1(b"".join(f.read_bytes() for f in files if f.exists())).hexdigest()[:12]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    return {"commit": head.stdout.strip(), "engine_sha1": digest}
+
+
 def run_dynaslice(model: nn.Module, x: torch.Tensor, size: tuple[int, ...], row: dict[str, Any]) -> None:
     """make_supernet; largest == model; narrowest MACs / full; extracted == slice; ONNX == torch."""
     import onnxruntime as ort
@@ -132,6 +146,7 @@ def run_dynaslice(model: nn.Module, x: torch.Tensor, size: tuple[int, ...], row:
     from dynaslice.onnx_export import export_module
     from dynaslice.profile import count_module_macs
 
+    row["engine"] = engine_state()
     t = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -375,6 +375,14 @@ def main() -> None:
         "command": "python bench/bench_coverage.py " + " ".join(sys.argv[1:]),
         "commit": git_commit(),
         "tools": tools,
+        # which engine measured the dynaslice rows (a long run may span commits of the engine)
+        "engine_states": dict(
+            Counter(
+                f"{e['commit']} {e['engine_sha1']}" if (e := r["dynaslice"].get("engine")) else "not recorded"
+                for r in rows
+                if "dynaslice" in r
+            )
+        ),
         "versions": {
             "dynaslice": versions(sys.executable),
             **({"peers": versions(args.peers_python)} if peers else {}),
