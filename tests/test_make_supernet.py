@@ -8,6 +8,7 @@ the channel-group engine cannot follow are kept whole or refused, in one line.
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -143,8 +144,8 @@ def test_channel_shuffle_keeps_those_groups_whole_and_says_so_in_one_line():
 
 class Custom(nn.Module):
     """Every tie the engine knows: an SE gate, a grouped conv with GroupNorm, a depthwise conv
-    with channel multiplier 2, a concatenation read by a conv, residual adds, a flatten of a
-    2x2 map into a Linear, LayerNorm and BatchNorm1d on features."""
+    with channel multiplier 2, a concatenation normalised by BatchNorm and read by a conv,
+    residual adds, a flatten of a 2x2 map into a Linear, LayerNorm and BatchNorm1d on features."""
 
     def __init__(self):
         super().__init__()
@@ -153,7 +154,7 @@ class Custom(nn.Module):
         self.se_reduce, self.se_expand = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
         self.mult = nn.Conv2d(32, 64, 3, padding=1, groups=32)
         self.side = nn.Conv2d(32, 16, 1)
-        self.mix = nn.Conv2d(80, 32, 1)
+        self.zbn, self.mix = nn.BatchNorm2d(80), nn.Conv2d(80, 32, 1)
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.fc1, self.ln, self.bn1d = nn.Linear(32 * 4, 64), nn.LayerNorm(64), nn.BatchNorm1d(64)
         self.drop = nn.Dropout(0.2)
@@ -164,7 +165,7 @@ class Custom(nn.Module):
         y = F.relu(self.gn(self.grouped(x)))
         s = torch.sigmoid(self.se_expand(F.relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
         x = x + y * s
-        z = torch.cat([self.mult(x), self.side(x)], dim=1)
+        z = self.zbn(torch.cat([self.mult(x), self.side(x)], dim=1))
         x = self.mix(F.gelu(z)) + x
         h = torch.flatten(self.pool(x), 1)
         h = self.bn1d(F.leaky_relu(self.ln(self.fc1(h))))
@@ -187,7 +188,7 @@ def test_hand_written_model_every_tie():
         sub = ds.extract_subnet(net, smallest)
         assert rel_err(sub(x), net(x, smallest)) <= 1e-5
     assert sub.grouped.groups == smallest["stem"] // 8 and sub.mult.out_channels == 2 * smallest["stem"]
-    assert sub.mix.in_channels == 2 * smallest["stem"] + smallest["side"]
+    assert sub.mix.in_channels == sub.zbn.num_features == 2 * smallest["stem"] + smallest["side"]
     assert sub.fc1.in_features == 4 * smallest["stem"]
     # the concatenation makes MACs a sum of monomials: counted on the extracted subnet
     assert not net.analytic_costs
@@ -199,8 +200,20 @@ def test_hand_written_model_every_tie():
     torch.manual_seed(1)
     got = net(x, net.space.largest())
     assert rel_err(got, want) <= 1e-5
+    mean = net.zbn.running_mean.clone()
     net(x, smallest).sum().backward()
     assert all(p.grad is not None for p in net.parameters())
+    # BatchNorm over the concatenation updates exactly the statistics of the channels it saw
+    s, side = 2 * smallest["stem"], smallest["side"]
+    seen = torch.zeros(80, dtype=torch.bool)
+    seen[:s], seen[64 : 64 + side] = True, True
+    assert torch.equal(net.zbn.running_mean != mean, seen)
+    # a converted net is an ordinary module: torch.save / torch.load round-trip it
+    buffer = io.BytesIO()
+    torch.save(net.eval(), buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buffer, weights_only=False)(x, smallest), net(x, smallest))
 
 
 def test_engine_keeps_what_it_cannot_follow_whole_with_the_reason():
@@ -363,3 +376,40 @@ def test_channels_of_a_converted_net_are_ordered_by_importance(converted):
         with pytest.raises(OrderingError, match=why) as error:
             reorder_channels(converted(name)[1])
         one_line(error)
+
+
+class ChannelsLast(nn.Module):
+    """ConvNeXt's block without its layer scale (a depthwise conv, then LayerNorm and an MLP on
+    channels-last features, permuted back into a residual), spatial indexing, a softmax over
+    space, and a branch whose code reads its channel count."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.dw = nn.Conv2d(3, 32, 2, stride=2), nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.norm, self.up, self.down = nn.LayerNorm(32), nn.Linear(32, 64), nn.Linear(64, 32)
+        self.side, self.head = nn.Conv2d(32, 16, 1), nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.down(F.gelu(self.up(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+        x = (x + y.transpose(1, 3))[:, :, 1:]
+        x = x * torch.softmax(x, dim=-1)
+        s = self.side(x)
+        s = s * (1.0 / s.size(1))  # a width written into the arithmetic: keep it whole
+        return self.head(torch.cat([x, s], 1).mean((2, 3)))
+
+
+def test_channels_last_layers_follow_their_axis():
+    torch.manual_seed(0)
+    model = randomised(ChannelsLast())
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="side .*reads the channel count"):
+        net = ds.make_supernet(model, x)
+    assert set(net.space.names) == {"stem", "up"}
+    smallest = net.space.smallest()
+    with torch.no_grad():
+        assert rel_err(net(x, net.space.largest()), model(x)) <= 1e-5
+        sub = ds.extract_subnet(net, smallest)
+        assert rel_err(sub(x), net(x, smallest)) <= 1e-5
+    assert sub.norm.normalized_shape == (smallest["stem"],) and sub.up.out_features == smallest["up"]
+    assert sub.side.out_channels == 16 and sub.head.in_features == smallest["stem"] + 16

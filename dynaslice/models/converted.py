@@ -266,6 +266,7 @@ def _program_graph(
         if extra:
             new.args = (*new.args, *extra)
         env[node] = new
+        new.meta = {}  # the shapes served the analysis; torch.save (pickle protocol 2) cannot store them
     graph.lint()
     return graph
 

@@ -19,6 +19,7 @@ from torch import nn
 from .base import SlicedModule, as_parameter
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 Segments = tuple[tuple[int, int], ...]  # (channels, repeat) of each segment of an input axis
 
@@ -69,8 +70,7 @@ class ConvertedConv(SlicedModule):
         self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.in_segments = conv.dilation, in_segments
-        self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[conv.weight.dim() - 2]
-        self._static = type(conv)
+        self.conv_type = type(conv)  # nn.Conv1d / 2d / 3d: what to_static builds
 
     def extra_repr(self) -> str:
         return (
@@ -94,13 +94,14 @@ class ConvertedConv(SlicedModule):
     ) -> torch.Tensor:
         in_ch = x.shape[1]
         w, b, groups = self.inference_slices((in_ch, out, ins), lambda: self._slice(in_ch, out, ins))
-        return self._conv(x, w, b, self.stride, self.padding, self.dilation, groups)
+        conv = _CONV_FUNCTIONS[self.conv_type]  # a lookup, not an attribute: pickles keep no function
+        return conv(x, w, b, self.stride, self.padding, self.dilation, groups)
 
     def to_static(
         self, in_shape: torch.Size, out: int | None = None, ins: tuple[int, ...] | None = None
     ) -> nn.Module:
         w, b, groups = self._slice(in_shape[1], out, ins)
-        conv = self._static(
+        conv = self.conv_type(
             in_shape[1], w.shape[0], self.kernel_size, self.stride, self.padding, self.dilation, groups,
             bias=b is not None, device="meta",
         )  # fmt: skip
