@@ -25,6 +25,8 @@ seconds as ms or minutes, MACs as MMACs or GMACs), rounds to it at the digits sh
 matched to the nearest unit.
 
 Failures (exit code 1): a figure under no marker, a source that does not exist or is not JSON, a
+source that no command in the docs writes (its name, or a pattern such as
+``bench/out/pss_seed{1,2,3}.json`` or ``profile_$m.json``, in a code block or inline code), a
 figure found in none of its sources, a marker without a reason or a file. Untraced figures are
 listed, with their reasons, every time: they are the docs' debt, not an exemption from it.
 
@@ -142,6 +144,25 @@ def blocks(doc: Path) -> list[Block]:
     return out
 
 
+OUT_NAME = re.compile(r"bench/out/[\w{},$*.-]+?\.json")
+
+
+def written_by_commands(docs: list[Path]) -> re.Pattern[str]:
+    """The bench/out files the docs' commands name (code blocks and inline code), as one pattern:
+    ``{a,b}`` alternatives and shell variables (``$seed``, ``${v}``, a seed ``S``) match any part."""
+    names = set()
+    for doc in docs:
+        for code in re.findall(r"```.*?```|`[^`]+`", doc.read_text(), re.S):
+            names.update(OUT_NAME.findall(code))
+    patterns = []
+    for name in sorted(names):
+        p = re.escape(name)
+        p = re.sub(r"\\\{([^}]*)\\\}", lambda m: "(" + m.group(1).replace(",", "|") + ")", p)
+        p = re.sub(r"\\\$(?:\\\{)?\w+(?:\\\})?|(?<=seed)S", r"[\\w.-]+", p)
+        patterns.append(p)
+    return re.compile("|".join(patterns) or "(?!)")
+
+
 def numbers(data: object, key: str = "") -> Iterator[tuple[str, float]]:
     """Every number in a JSON document with the key path that leads to it; a list of numbers (per
     seed, as a rule) also gives its mean and standard error, as the docs quote them."""
@@ -186,13 +207,17 @@ class Trace:
         rows.append(f"{where}: {fig.text} -- {reason}")
 
 
-def load_sources(block: Block, root: Path, trace: Trace) -> list[tuple[str, list[tuple[str, float]]]]:
+def load_sources(
+    block: Block, root: Path, trace: Trace, commands: re.Pattern[str]
+) -> list[tuple[str, list[tuple[str, float]]]]:
     sources = []
     for name in block.arg.split():
         path = root / name
         if not name.startswith("bench/out/") or not name.endswith(".json"):
             trace.failures.append(f"{block.where}: source {name!r} is not a bench/out/*.json file")
             continue
+        if not commands.fullmatch(name):
+            trace.failures.append(f"{block.where}: source {name}: no command in the docs writes it")
         try:
             sources.append((name, list(numbers(json.loads(path.read_text())))))
         except (OSError, ValueError) as e:
@@ -205,9 +230,10 @@ def load_sources(block: Block, root: Path, trace: Trace) -> list[tuple[str, list
 def check(docs: list[Path] = DOCS, root: Path = ROOT) -> Trace:
     """Every figure of ``docs`` against its markers: failures, untraced figures, matches."""
     trace = Trace()
+    commands = written_by_commands(docs)
     for doc in docs:
         for block in blocks(doc):
-            sources = load_sources(block, root, trace) if block.kind == "source" else []
+            sources = load_sources(block, root, trace, commands) if block.kind == "source" else []
             for fig in block.figures:
                 where = f"{shown(doc)}:{fig.line}"
                 hit = next(((n, k) for n, values in sources for k, v in values if matches(fig, v)), None)

@@ -40,9 +40,11 @@ def repo(tmp_path: Path):
         )
     )
 
-    def check(text: str) -> tf.Trace:
+    def check(
+        text: str, command: str = "```bash\npython bench/x.py --out bench/out/r.json\n```\n"
+    ) -> tf.Trace:
         doc = tmp_path / "doc.md"
-        doc.write_text(text)
+        doc.write_text(text + "\n" + command)  # the command that writes r.json, after the text
         return tf.check([doc], root=tmp_path)
 
     return check
@@ -75,6 +77,14 @@ def test_code_counts_and_names_are_not_figures(repo):
         "```bash\ndynaslice train --set optim.lr=0.05\n```\n\n`x0.5`, 3 seeds, batch 64, torch 2.14.1, 224x224.\n"
     )
     assert not trace.failures and not trace.traced
+
+
+def test_a_source_no_command_in_the_docs_writes_fails(repo):
+    trace = repo(SOURCE + "Top-1 90.72.\n", command="")
+    assert trace.traced and len(trace.failures) == 1
+    assert "bench/out/r.json: no command in the docs writes it" in trace.failures[0]
+    looped = "```bash\nfor s in r q; do python bench/x.py --out bench/out/$s.json; done\n```\n"
+    assert not repo(SOURCE + "Top-1 90.72.\n", command=looped).failures
 
 
 def test_a_missing_source_fails(repo):
