@@ -123,9 +123,15 @@ def read_package_file(directory: str | Path, name: Any, max_bytes: int = MAX_GRA
 def package_members(manifest: Mapping[str, Any]) -> list[str]:
     """The files of a checked manifest (:func:`read_manifest`): trunk, routes, entries, each once,
     in manifest order. Nothing else in a manifest names a file of the package."""
-    names = [manifest["trunk"]["file"]] if "trunk" in manifest else []
-    names += [item["file"] for item in manifest.get("routes", manifest.get("entries", []))]
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(item["file"] for item in package_items(manifest)))
+
+
+def package_items(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The checked items of a manifest that name files, by its format: a gated package's trunk
+    and routes, a budget table's entries (keys of the other format are not read, nor checked)."""
+    if manifest["format"] == FORMAT:
+        return [manifest["trunk"], *manifest["routes"]]
+    return list(manifest["entries"])
 
 
 def open_session(
@@ -216,6 +222,11 @@ def check_package_graphs(directory: Path, manifest: Mapping[str, Any], sessions:
             g is None or w is None or g == w for g, w in zip(got, want, strict=True)
         )
 
+    def image_type(name: str) -> None:
+        got = sessions[name].get_inputs()[0].type
+        if np.dtype(_ORT_DTYPES.get(got, object)) != np.dtype(manifest["input"]["dtype"]):
+            refuse(name, f"it takes {got}, the manifest's input is {manifest['input']['dtype']}")
+
     def refuse(name: str, what: str) -> None:
         raise ValueError(f"{directory / name} does not fit its manifest: {what}; re-export the package")
 
@@ -243,6 +254,7 @@ def check_package_graphs(directory: Path, manifest: Mapping[str, Any], sessions:
         ins, outs = _io(sessions[trunk])
         if len(ins) != 1 or not fits(ins[0], image):
             refuse(trunk, f"it takes {ins}, not one image input of shape {image}")
+        image_type(trunk)
         if len(outs) != 2 or len(outs[1]) != 2 or outs[1][1] not in (None, len(manifest["routes"])):
             refuse(trunk, f"it outputs {outs}, not (features, logits over {len(manifest['routes'])} routes)")
         for i, r in enumerate(manifest["routes"]):
@@ -250,6 +262,7 @@ def check_package_graphs(directory: Path, manifest: Mapping[str, Any], sessions:
     else:
         for e in manifest["entries"]:
             classifier(e["file"], image, "the image", e, None)
+            image_type(e["file"])
 
 
 def _json_or_none(text: str) -> Any:
@@ -282,9 +295,11 @@ class OnnxModel:
         self.input_shape = _static_shape(inp[0].shape)
         self.dtype = _ORT_DTYPES.get(inp[0].type, np.float32)
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.arch: dict[str, int] | None = (
-            json.loads(meta["dynaslice.arch"]) if "dynaslice.arch" in meta else None
-        )
+        self.arch: dict[str, int] | None = None
+        if "dynaslice.arch" in meta:
+            self.arch = _json_or_none(meta["dynaslice.arch"])
+            if not isinstance(self.arch, dict):
+                raise ValueError(f"{self.path}: its dynaslice.arch metadata is not an arch; re-export it")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = _check_input(x, self.input_shape, self.dtype, f"{self.path.name}")
@@ -358,6 +373,8 @@ def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, A
             where = f"entries[{i}]."
             _get(e, "val_accuracy", (int, float), where, path)
             _get(e, "bucket", (int, float), where, path)
+            if "candidates" in e:
+                _get(e, "candidates", int, where, path)
             if e.get("latency_ms") is not None and _get(e, "latency_ms", (int, float), where, path) < 0:
                 raise ValueError(f"{path} is damaged: {where}'latency_ms' is negative; re-export the package")
     return manifest
@@ -376,12 +393,11 @@ def _check_manifest_input(manifest: dict, path: Path) -> None:
         )
     check_image_shape(shape[1:], str(path))
     dtype = _get(inp, "dtype", str, "input.", path)
-    try:
-        np.dtype(dtype)
-    except TypeError as e:
+    if dtype not in ("float32", "float64", "float16"):
         raise ValueError(
-            f"{path} is damaged: input.dtype {dtype!r} is not a numpy dtype; re-export the package"
-        ) from e
+            f"{path} is damaged: input.dtype {dtype!r} is not a numpy dtype of a float graph "
+            "(float32, float64, float16); re-export the package"
+        )
 
 
 def _check_list(manifest: dict, key: str, minimum: int, path: Path) -> list:

@@ -280,6 +280,32 @@ def test_a_truncated_or_swapped_member_is_one_line_under_quantize(packages, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "swapped", "truncated"]
 
 
+def test_only_the_fields_of_the_manifests_own_format_name_files(packages, tmp_path):
+    """A budget manifest's ``routes``/``trunk`` (the gated format's keys) name nothing; fields a
+    loader reads are checked: a dtype no float graph takes, ``candidates`` that are no count."""
+    pkg = copy_package(packages, "budget", tmp_path / "budget")
+    edit_manifest(pkg, lambda m: m.update(routes=[{"file": "../x.onnx"}, 3], trunk={"file": "/etc/passwd"}))
+    assert len(BudgetOnnxRunner(pkg).models) == 2 and len(serve.load(pkg).pieces) == 2
+    assert quantize(pkg, tmp_path / "q")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [
+        "entry_0.onnx",
+        "entry_1.onnx",
+        "manifest.json",
+    ]
+    for edit, needle in (
+        (lambda m: m["input"].update(dtype="object"), "not a numpy dtype of a float graph"),
+        (lambda m: m["input"].update(dtype="float64"), "the manifest's input is float64"),
+        (lambda m: m["entries"][0].update(candidates=[]), "'candidates' is missing or not a finite int"),
+    ):
+        edit_manifest(pkg, edit)
+        with pytest.raises(ValueError, match=needle):
+            serve.load(pkg)
+        one_line_error(quantize(pkg, tmp_path / "q2"), needle)
+        copy_package(packages, "budget", tmp_path / "fresh")
+        shutil.copy(tmp_path / "fresh" / "manifest.json", pkg / "manifest.json")
+        shutil.rmtree(tmp_path / "fresh")
+
+
 def test_a_second_quantize_into_the_same_package_is_refused(packages, tmp_path):
     """Two runs into one --out both reported success. The first runs in another process, held in
     its calibration; the second, started then, is refused in one line and writes nothing."""

@@ -150,7 +150,7 @@ def artifact_archs(path: str | os.PathLike) -> list[dict[str, int]]:
             raise ValueError(f"{path} does not record its subnet (dynaslice.arch); re-export it with dynaslice")
         return [arch]
     manifest = _read_manifest(path)
-    return [item["arch"] for item in manifest.get("routes", manifest.get("entries", []))]
+    return [item["arch"] for item in manifest["routes" if manifest["format"] == FORMAT else "entries"]]
 
 
 def _subnet_graphs(path: Path, index: int) -> list[Any]:
