@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from common import write_results
+from common import output_args, set_threads, write_results
 
 import dynaslice as ds
 from dynaslice.dynamic import DynamicNet
@@ -143,8 +143,7 @@ def main() -> None:
     p.add_argument("--cut", type=int, default=None, help="gate position (default: each family's)")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default="bench/out/dynamic_speed.json")
+    output_args(p, out="bench/out/dynamic_speed.json")
     p.add_argument(
         "--quick", action="store_true", help="smoke test: tiny models (32x32), batch 1,8, 3 rounds"
     )
@@ -154,8 +153,7 @@ def main() -> None:
         args.repeats, args.warmup = 3, 1
         if args.out == p.get_default("out"):
             args.out = "bench/out/dynamic_speed_quick.json"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.set_flush_denormal(True)  # random weights must not hit slow denormal arithmetic
 
     known = set(ds.list_supernets())

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from common import write_results
+from common import output_args, set_threads, write_results
 
 from dynaslice import create_supernet
 from dynaslice.serve.speed import compare_runtimes
@@ -21,10 +20,9 @@ from dynaslice.serve.speed import compare_runtimes
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/out/narrow_latency.json")
+    output_args(ap, out="bench/out/narrow_latency.json", threads=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     net = create_supernet("resnet_small", in_chans=1, num_classes=10, input_size=28).eval()
     x035 = net.space.uniform(0.35)
     archs = {

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import QUICK, mean_se, test_split, write_results
+from common import QUICK, mean_se, set_threads, test_split, write_results
 
 import dynaslice as ds
 from dynaslice import runs
@@ -313,7 +313,7 @@ def main() -> None:
         ap.error("give --seed N (run one seed) or --summary (combine the seeds' files)")
     if "d" in args.parts and not args.supernet:
         ap.error("part d needs --supernet RUN")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     out_dir = Path(args.out_dir)
     if args.summary:
         files = sorted(out_dir.glob("prune_seed*.json"))

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import mean_se, test_split, write_results
+from common import mean_se, set_threads, test_split, write_results
 
 import dynaslice as ds
 from dynaslice.atomic import cached_json
@@ -388,7 +388,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result: dict[str, Any] = {"mode": args.mode, "args": settings}
     t0 = time.perf_counter()

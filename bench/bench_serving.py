@@ -31,7 +31,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from common import write_results
+from common import output_args, set_threads, write_results
 
 from dynaslice import create_supernet, serve
 from dynaslice.budget import BudgetEntry, BudgetNet, BudgetTable
@@ -137,10 +137,9 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--repeats", type=int, default=30, help="rounds (resnet_small, gated, budget)")
     ap.add_argument("--repeats-large", type=int, default=5, help="rounds for ResNet-50")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/out/serving.json")
+    output_args(ap, out="bench/out/serving.json", threads=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     have = serve.available_runtimes(args.device)

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import write_results
+from common import output_args, set_threads, write_results
 
 import dynaslice as ds
 from dynaslice.profile import measure_latency, paired_ratio
@@ -28,11 +28,9 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=30, help="rounds at batch 1 (a third at larger batches)")
-    p.add_argument("--out", default="bench/out/slicing_overhead.json")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    output_args(p, out="bench/out/slicing_overhead.json")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     torch.manual_seed(0)
     net = ds.create_supernet(args.model).eval()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import write_results
+from common import output_args, set_threads, write_results
 
 from dynaslice.export import extract_subnet
 from dynaslice.profile import count_macs
@@ -41,14 +41,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=28, help="image side (Fashion-MNIST: 28)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    output_args(ap, out="bench/out/stage1_cost.json")
     ap.add_argument("--targets", nargs="+", default=["labels", "inplace", "ib"])
-    ap.add_argument("--out", default="bench/out/stage1_cost.json")
     args = ap.parse_args()
     if args.quick:
         args.batch_size, args.size, args.rounds, args.warmup = 16, 16, 3, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     sets = [
         "data.name=synthetic",

@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import write_results
+from common import output_args, set_threads, write_results
 
 import dynaslice as ds
 from dynaslice.export import extract_subnet
@@ -53,11 +53,9 @@ def main() -> None:
     p.add_argument(
         "--forms", default="sliced,frozen", help="sliced (eager, in the supernet), frozen (exported)"
     )
-    p.add_argument("--out", default="bench/out/zoo_speed.json")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    output_args(p, out="bench/out/zoo_speed.json")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     rows = []
     for name in args.models.split(","):

@@ -35,8 +35,8 @@ QUICK = [
 
 
 __all__ = [
-    "QUICK", "machine", "mean_se", "quick_path", "set_threads", "start", "test_split", "training_args",
-    "write_results",
+    "QUICK", "machine", "mean_se", "output_args", "quick_path", "set_threads", "start", "test_split",
+    "training_args", "write_results",
 ]  # fmt: skip
 
 
@@ -47,9 +47,16 @@ def training_args(ap: argparse.ArgumentParser, *, out: str, runs: str) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny subset, 1 epoch (says nothing)")
     ap.add_argument("--runs", default=runs, help="where the runs are trained (resumable)")
-    ap.add_argument("--out", default=out)
     ap.add_argument("--test-images", type=int, default=0, help="evaluate on the first N test images (0: all)")
-    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    output_args(ap, out=out)
+
+
+def output_args(ap: argparse.ArgumentParser, *, out: str, threads: int | None = None) -> None:
+    """``--out FILE`` and ``--threads N`` (None: torch's default; timings pass 1), as every
+    benchmark spells them; :func:`set_threads` applies ``--threads``."""
+    ap.add_argument("--out", default=out, help=f"results JSON (default {out})")
+    default = "torch's own" if threads is None else threads
+    ap.add_argument("--threads", type=int, default=threads, help=f"intra-op threads (default: {default})")
 
 
 def start(args: argparse.Namespace) -> None:
