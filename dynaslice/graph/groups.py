@@ -105,13 +105,13 @@ def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object
 
 
 def describe(node: fx.Node) -> str:
-    """``<op> in <module path>``: where a node comes from, for one-line messages."""
-    stack = node.meta.get("nn_module_stack") or {}
-    where = next(reversed(stack.values()), None) if stack else None
-    path = where[0] if isinstance(where, tuple) else None
+    """``<op> (<node>) in <module path>``: where a node comes from, for one-line messages
+    (a layer is named by its own path)."""
     if node.op == "call_module":
-        what = str(node.target)
-        return what
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    where = next(reversed(stack.values()), None)
+    path = where[0] if isinstance(where, tuple) else None
     target = getattr(node.target, "__name__", str(node.target))
     return f"{target} ({node.name}) in {path}" if path else f"{target} ({node.name})"
 
@@ -526,14 +526,6 @@ class Analysis:
         return Layout(
             layout.axis, tuple(Segment(self._walk.find(s.group), s.repeat) for s in layout.segments)
         )
-
-    def sliceable(self) -> list[ChannelGroup]:
-        """Groups that may take any width, in graph order."""
-        return [g for g in self.groups.values() if g.fixed is None]
-
-    def kept(self) -> list[ChannelGroup]:
-        """Groups that a layer produces but that must keep their full width, in graph order."""
-        return [g for g in self.groups.values() if g.fixed is not None and g.modules("producer")]
 
 
 def analyze(gm: fx.GraphModule) -> Analysis:

@@ -1,6 +1,6 @@
 """Your own model as a supernet: ``make_supernet(model, example_input)``.
 
-Any network ``torch.fx`` can trace (every torchvision CNN tested, hand-written ones) becomes a
+Any network ``torch.fx`` can trace (torchvision's CNNs, hand-written ones) becomes a
 :class:`Supernet` whose dimensions are its *channel groups* (:mod:`dynaslice.graph`): channels
 tied through residual adds, concatenations, depthwise and grouped convs, squeeze-and-excitation
 gates and norms move as one width. The input channels and the output classes stay fixed, and
@@ -19,15 +19,19 @@ first ``w`` channels of each group it reads (one contiguous range per segment of
 concatenation); a depthwise or grouped conv keeps its first whole conv groups and reads its
 width from its input. BatchNorm over one group becomes a :class:`~dynaslice.nn.SlicedBatchNorm2d`
 with private statistics per width (as in the zoo), seeded with the model's own statistics.
-BatchNorm over a concatenation of several groups keeps one set of statistics for all widths
-(its widths are combinations of several groups): recalibrate it for the subnets you deploy.
+BatchNorm over a concatenation of several groups (DenseNet) keeps one set of statistics for all
+widths, since its widths are combinations of several groups; :func:`dynaslice.train.recalibrate_bn`
+does not recompute those yet.
 
 The largest subnet *is* the original model: :func:`make_supernet` checks it on the example
 input (and that the narrowest subnet runs) before returning.
 
+Channels can be ordered by importance with :func:`dynaslice.ordering.reorder_channels` (except
+across concatenations and grouped convs, refused in one line).
+
 Not yet (issue 28): gate cuts (a converted net is one stage; ``model.gate.cut`` comes later),
 parameters read outside a layer (ConvNeXt's layer scale, ViT's class token: refused), attention
-heads and transformer MLP widths, channel ordering by importance on converted nets.
+heads and transformer MLP widths, model files and the CLI for converted nets.
 """
 
 from __future__ import annotations
