@@ -330,6 +330,43 @@ def test_a_second_quantize_into_the_same_package_is_refused(packages, tmp_path):
         holder.wait()
 
 
+def test_of_two_quantize_runs_into_one_new_model_file_the_later_is_refused(packages, tmp_path):
+    """Both reported success, the later silently replacing the earlier's file."""
+    out, go = tmp_path / "q.onnx", tmp_path / "go"
+    first = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from dynaslice.cli import main\n"
+        "from dynaslice.quant import ptq\n"
+        "real = ptq._quantize_graph\n"
+        "def held(*a, **k):\n"
+        "    print('held', flush=True)\n"
+        "    while not Path(sys.argv[3]).exists():\n"
+        "        time.sleep(0.05)\n"
+        "    return real(*a, **k)\n"
+        "ptq._quantize_graph = held\n"
+        "sys.exit(main(['quantize', sys.argv[1], '--out', sys.argv[2], '--calibration', 'noise', '--images', '2']))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    model = packages["budget"] / "entry_0.onnx"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", first, str(model), str(out), str(go)], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert quantize(model, out)[0] == 0  # the second run finishes first
+        written = out.read_bytes()
+        go.touch()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "written by another process" in err, err
+        assert out.read_bytes() == written
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "q.onnx"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # --------------------------------------------------------------------------- overwriting
 
 

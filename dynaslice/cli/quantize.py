@@ -22,7 +22,9 @@ of the subnet it records, extracted from ``--run`` (:func:`dynaslice.quant.check
 
 An existing ``--out`` is refused unless ``--force``; with it, a file is replaced, and a folder
 only when it holds a dynaslice package and nothing else. A package is written under its
-``--out``'s lock: a second ``quantize`` into the same package at the same time is refused. Of a
+``--out``'s lock: a second ``quantize`` into the same package at the same time is refused; a
+model file is created only if still absent (without ``--force``), so of two runs into one new
+file the one that finishes second is refused. Of a
 package only the manifest and the graphs it names are read (no links, size-capped; see
 :func:`dynaslice.runtime.package_file`) and written.
 """
@@ -130,7 +132,7 @@ def _quantize(args: argparse.Namespace) -> int:
     source = _source(args, artifact, shape, run)
     images = calibration_images(source, args.images, args.seed)
     try:
-        quantize_artifact(artifact, out, images, source.describe())
+        quantize_artifact(artifact, out, images, source.describe(), replace=args.force)
     except FileExistsError as e:
         raise UserError(str(e)) from None
     what = "package" if kind == "package" else "model"

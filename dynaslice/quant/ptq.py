@@ -367,6 +367,7 @@ def quantize_artifact(
     calibrate_method: CalibrationMethod = "minmax",
     reduce_range: bool = True,
     batch_size: int = 32,
+    replace: bool = True,
 ) -> Path:
     """Write the int8 (QDQ) version of the dynaslice ONNX artifact ``source`` to ``target``.
 
@@ -380,6 +381,9 @@ def quantize_artifact(
     holds a package and nothing else, is replaced, any other folder refused. Of a package only
     the manifest and the graphs it names are read (by the package rule of
     :func:`dynaslice.runtime.package_file`) and written: nothing else in its folder is copied.
+    ``replace=False`` (the command line without ``--force``) refuses an existing target instead,
+    also one that another process writes while this one runs (a model file is then created only
+    if still absent, with ``os.link``).
     """
     source, target = Path(source), Path(target)
     kind = artifact_kind(source)
@@ -401,11 +405,23 @@ def quantize_artifact(
             raise ValueError(f"{source} is already quantized; quantize its float original instead")
         if target.is_dir():
             raise FileExistsError(f"{target} is a directory; give a file name for the int8 model")
+        if target.exists() and not replace:
+            raise FileExistsError(f"{target} exists; pass replace=True (--force) to replace it")
         target.parent.mkdir(parents=True, exist_ok=True)
         feeds = {_input_names(source)[0]: images}
-        _quantize_graph(source, target, feeds, settings, settings)
+        if replace:
+            _quantize_graph(source, target, feeds, settings, settings)
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp") as work:
+            _quantize_graph(source, Path(work) / target.name, feeds, settings, settings)
+            try:  # created only if still absent: a second run into the same new file is refused
+                os.link(Path(work) / target.name, target)
+            except FileExistsError:
+                raise FileExistsError(
+                    f"{target} was written by another process while this quantization ran; nothing replaced"
+                ) from None
         return target
-    return _quantize_package(source, target, images, settings)
+    return _quantize_package(source, target, images, settings, replace)
 
 
 def _input_names(path: Path) -> list[str]:
@@ -414,12 +430,14 @@ def _input_names(path: Path) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in initializers]
 
 
-def _quantize_package(source: Path, target: Path, images: np.ndarray, settings: dict[str, Any]) -> Path:
+def _quantize_package(
+    source: Path, target: Path, images: np.ndarray, settings: dict[str, Any], replace: bool
+) -> Path:
     """The int8 package: the manifest and the graphs it names, nothing else of ``source``.
 
     Every graph is read once by the package rule (:func:`dynaslice.runtime.read_package_file`:
-    a plain name, no link, size-capped) into a private folder, and everything after -- sessions,
-    onnxruntime's pre-processing and quantization -- works on those copies. ``target`` is held
+    a plain name, no link, size-capped); its bytes give the session that computes calibration
+    inputs and a private copy that onnxruntime's pre-processing and quantization read. ``target`` is held
     under the run-directory lock (:func:`dynaslice.runs.exclusive`), so a second quantization
     into it is refused instead of both reporting success; it is replaced only if it holds a
     package and nothing else (:func:`dynaslice.onnx_export.check_package_target`).
@@ -429,10 +447,12 @@ def _quantize_package(source: Path, target: Path, images: np.ndarray, settings: 
         raise ValueError(f"{source} is already quantized; quantize its float original instead")
     if target.resolve().is_relative_to(source.resolve()):
         raise ValueError(f"{target} is inside the float package {source}; write the int8 package elsewhere")
-    check_package_target(target)
+    check_package_target(target)  # before the lock, which would put its file into any folder
     graphs = package_members(manifest)
     with runs.exclusive(target), atomic_dir(target) as tmp:  # complete or absent; a package there is replaced
-        check_package_target(target)  # it may have changed before we held the lock
+        check_package_target(target)  # checked holding the lock: no other writer changes it now
+        if not replace and (target / MANIFEST).exists():
+            raise FileExistsError(f"{target} holds a package; pass replace=True (--force) to replace it")
         floats = tmp / ".float"
         floats.mkdir()
         sessions = {}
