@@ -19,7 +19,7 @@ A *figure* is a number shown with a decimal point (``90.72``, ``-0.99``, ``0.9``
 (``96%``, ``90.7 %``) or a time (``417 s``, ``11 min``, ``6.56 ms``), in running text, lists and
 tables; fenced code (commands, checked by tests/test_docs_commands.py) and inline code (flags,
 file and arch names such as ``x0.5``) are not figures. A figure *appears* in a JSON if some
-number in it, scaled as the unit shown allows (``SCALES``: a fraction shown as a percentage,
+number in it, scaled as its key allows (``scales``: a fraction shown as a percentage, a time in
 seconds as ms or minutes, MACs as MMACs or GMACs), rounds to it at the digits shown; the sign is ignored, as the text says
 "by 0.03 points" of a gap recorded as -0.03. A figure with no decimals (``96%``, ``417 s``) is
 matched to the nearest unit.
@@ -50,15 +50,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# how a JSON's number may be shown, by the unit shown: a fraction as a percentage, seconds as ms,
-# ms as s, MACs as MMACs or GMACs, seconds as minutes
-SCALES = {
-    "": (1.0, 100.0, 1e3, 1e-3, 1e-6, 1e-9),
-    "%": (1.0, 100.0),
-    "ms": (1.0, 1e3),
-    "s": (1.0, 1e-3),
-    "min": (1.0, 1 / 60),
-}
+# How a JSON number may be shown, by what its key says it is: a fraction (|x| <= 1) as a
+# percentage; a time (a key word s, ms, seconds, time, latency, wall) in s, ms or minutes; a count of
+# MACs or parameters (a key word with "macs", "params") in millions or billions. Everything else
+# only as stored.
+TIME_WORDS = {"s", "ms", "sec", "secs", "seconds", "time", "times", "latency", "wall"}
+TIME_SCALES = {"": (1e3, 1e-3), "ms": (1e3,), "s": (1e-3,), "min": (1 / 60,), "%": ()}
 
 MARKER = re.compile(r"^<!--\s*(source|untraced|not-measured):?(.*?)-->\s*$")
 LINE_MARKER = re.compile(r"<!--\s*(untraced|not-measured):?(.*?)-->")
@@ -144,6 +141,7 @@ def blocks(doc: Path) -> list[Block]:
     return out
 
 
+MAX_QUOTED_LIST = 12  # a longer list of numbers is raw samples, not figures
 OUT_NAME = re.compile(r"bench/out/[\w{},$*.-]+?\.json")
 
 
@@ -175,21 +173,35 @@ def numbers(data: object, key: str = "") -> Iterator[tuple[str, float]]:
         for k, v in data.items():
             yield from numbers(v, f"{key}.{k}" if key else str(k))
     elif isinstance(data, list):
+        values = [v for v in data if isinstance(v, int | float) and not isinstance(v, bool)]
+        if len(values) > MAX_QUOTED_LIST and len(values) == len(data):
+            return  # raw samples (per-round times): never quoted one by one, and they would match anything
         for i, v in enumerate(data):
             yield from numbers(v, f"{key}[{i}]")
-        values = [v for v in data if isinstance(v, int | float) and not isinstance(v, bool)]
         if len(values) > 1 and len(values) == len(data):  # per-seed values: the docs quote mean +- s.e.
             yield f"{key}:mean", statistics.fmean(values)
             yield f"{key}:se", statistics.stdev(values) / math.sqrt(len(values))
 
 
-def matches(fig: Figure, value: float) -> bool:
-    """Whether ``value`` (scaled) rounds to the figure as shown."""
-    half = 0.5 * 10.0**-fig.decimals + 1e-9
-    scales = SCALES[fig.unit]
+def scales(fig: Figure, key: str, value: float) -> tuple[float, ...]:
+    """The factors by which the number at ``key`` may be shown as ``fig`` (see ``TIME_WORDS``)."""
     if not fig.unit and len(fig.text.strip("+-").replace(".", "").lstrip("0")) < 2:
-        scales = (1.0,)  # "0.1" scaled would match nearly any number: shown as stored, or not at all
-    return any(abs(abs(value * s) - fig.value) <= half for s in scales)
+        return (1.0,)  # "0.1" scaled would match nearly any number: shown as stored, or not at all
+    words = set(re.split(r"[^a-z0-9]+", key.lower()))
+    out = [1.0]
+    if abs(value) <= 1 and fig.unit in ("", "%"):
+        out.append(100.0)
+    if words & TIME_WORDS or any(w.endswith(("seconds", "ms")) for w in words):
+        out += TIME_SCALES[fig.unit]
+    if fig.unit == "" and any("macs" in w or "params" in w for w in words):
+        out += (1e-6, 1e-9)
+    return tuple(out)
+
+
+def matches(fig: Figure, value: float, key: str = "") -> bool:
+    """Whether the number ``value`` at ``key`` (scaled as its key allows) rounds to the figure as shown."""
+    half = 0.5 * 10.0**-fig.decimals + 1e-9
+    return any(abs(abs(value * s) - fig.value) <= half for s in scales(fig, key, value))
 
 
 @dataclass
@@ -236,7 +248,7 @@ def check(docs: list[Path] = DOCS, root: Path = ROOT) -> Trace:
             sources = load_sources(block, root, trace, commands) if block.kind == "source" else []
             for fig in block.figures:
                 where = f"{shown(doc)}:{fig.line}"
-                hit = next(((n, k) for n, values in sources for k, v in values if matches(fig, v)), None)
+                hit = next(((n, k) for n, values in sources for k, v in values if matches(fig, v, k)), None)
                 if hit:
                     trace.traced.append(f"{where}: {fig.text} <- {hit[0]} {hit[1]}")
                 elif fig.exempt:
