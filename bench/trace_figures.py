@@ -11,9 +11,11 @@ line of its own, a marker applies to the lines below it, up to the next marker o
 - ``<!-- not-measured: REASON -->``: the numbers are settings, arithmetic on a traced figure shown
   nearby, or facts that no run measures (REASON says which).
 
-Inside a line (at its end; in a table, in its last cell), an ``untraced`` or ``not-measured``
-marker covers only the figures of that line that the sources above do not hold: a goal, a
-figure of code that no longer exists, a measurement no JSON kept, beside traced ones.
+Inside a line (at its end; in a table, in its last cell), a ``source`` marker names that line's
+own sources instead of the block's (a list item in a list of several sources), and an
+``untraced`` or ``not-measured`` marker covers only the figures of that line that the sources do
+not hold: a goal, a figure of code that no longer exists, a measurement no JSON kept, beside
+traced ones. A line may carry one of each.
 
 A *figure* is a number shown with a decimal point (``90.72``, ``-0.99``, ``0.9``), a percentage
 (``96%``, ``90.7 %``) or a time (``417 s``, ``11 min``, ``6.56 ms``), in running text, lists and
@@ -54,11 +56,12 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # percentage; a time (a key word s, ms, seconds, time, latency, wall) in s, ms or minutes; a count of
 # MACs or parameters (a key word with "macs", "params") in millions or billions. Everything else
 # only as stored.
+PERCENT_WORDS = ("accuracy", "acc", "top1", "agreement", "pct", "percent", "drop", "gap", "error")
 TIME_WORDS = {"s", "ms", "sec", "secs", "seconds", "time", "times", "latency", "wall"}
 TIME_SCALES = {"": (1e3, 1e-3), "ms": (1e3,), "s": (1e-3,), "min": (1 / 60,), "%": ()}
 
 MARKER = re.compile(r"^<!--\s*(source|untraced|not-measured):?(.*?)-->\s*$")
-LINE_MARKER = re.compile(r"<!--\s*(untraced|not-measured):?(.*?)-->")
+LINE_MARKER = re.compile(r"<!--\s*(source|untraced|not-measured):?(.*?)-->")
 FENCE = re.compile(r"^\s*```")
 HEADING = re.compile(r"^#{1,6}\s")
 INLINE_CODE = re.compile(r"`[^`]*`")
@@ -130,14 +133,18 @@ def blocks(doc: Path) -> list[Block]:
             current = Block(doc, number, marker.group(1), marker.group(2).strip())
             out.append(current)
             continue
-        inline = LINE_MARKER.search(line)
+        inline = {kind: arg.strip() for kind, arg in LINE_MARKER.findall(INLINE_CODE.sub("", line))}
+        target = current
+        if "source" in inline:  # this line's own sources, instead of the block's
+            target = Block(doc, number, "source", inline.pop("source"))
+            out.append(target)
         for fig in figures_in(LINE_MARKER.sub("", line), number):
             if inline:
-                fig.exempt = (inline.group(1), inline.group(2).strip())
-            if current is None:
-                current = Block(doc, number)
+                fig.exempt = next(iter(inline.items()))
+            if target is None:
+                target = current = Block(doc, number)
                 out.append(current)
-            current.figures.append(fig)
+            target.figures.append(fig)
     return out
 
 
@@ -188,7 +195,8 @@ def scales(fig: Figure, key: str, value: float) -> tuple[float, ...]:
     if not fig.unit and len(fig.text.strip("+-").replace(".", "").lstrip("0")) < 2:
         return (1.0,)  # "0.1" scaled would match nearly any number: shown as stored, or not at all
     words = set(re.split(r"[^a-z0-9]+", key.lower()))
-    out = [1.0]
+    # a percentage is a fraction x 100, or a number its key calls a percentage (96 % is not 96 ms)
+    out = [1.0] if fig.unit != "%" or any(w.startswith(PERCENT_WORDS) for w in words) else []
     if abs(value) <= 1 and fig.unit in ("", "%"):
         out.append(100.0)
     if words & TIME_WORDS or any(w.endswith(("seconds", "ms")) for w in words):

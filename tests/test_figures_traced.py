@@ -141,3 +141,14 @@ def test_record_demo_refuses_a_run_without_a_report_in_one_line(tmp_path: Path):
     proc = run_record_demo(str(tmp_path), "--out", str(tmp_path / "d.json"))
     assert proc.returncode != 0 and "not a finished demo run" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "d.json").exists()
+
+
+def test_a_line_may_name_its_own_sources(repo, tmp_path: Path):
+    (tmp_path / "bench" / "out" / "q.json").write_text(json.dumps({"acc": 50.5}))
+    writes_q = (
+        "```bash\npython bench/x.py --out bench/out/r.json\npython bench/y.py --out bench/out/q.json\n```\n"
+    )
+    text = SOURCE + "- 90.72 from r\n- 50.5 from q <!-- source: bench/out/q.json -->\n- 50.5 again\n"
+    trace = repo(text, command=writes_q)
+    assert len(trace.traced) == 2 and len(trace.failures) == 1  # the block's source is r.json again
+    assert "doc.md:4: 50.5 is in none of the sources" in trace.failures[0]
