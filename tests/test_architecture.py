@@ -115,6 +115,11 @@ def test_only_the_cli_imports_the_cli():
         ("dynaslice.runtime", "dynaslice"),  # copied alone onto deployment targets: no dynaslice at all
         ("dynaslice.gate", "dynaslice.train"),
         ("dynaslice.models", "dynaslice.gate"),
+        # the channel-group engine sits under everything that slices, prunes or orders channels
+        ("dynaslice.graph", "dynaslice.models"),
+        ("dynaslice.graph", "dynaslice.prune"),
+        ("dynaslice.graph", "dynaslice.ordering"),
+        ("dynaslice.nn", "dynaslice.graph"),
     ],
 )
 def test_layers_point_down(layer, forbidden):
