@@ -54,7 +54,7 @@ MANIFEST = "manifest.json"
 MAX_ITEMS = 1024  # routes or entries of one manifest; a package dynaslice writes has a handful
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_GRAPH_BYTES = 2 << 30  # protobuf's limit: ONNX files dynaslice writes are single files below it
-MAX_IMAGE_ELEMENTS = 1 << 24  # C * H * W of one input image (3 x 2365 x 2365)
+MAX_IMAGE_ELEMENTS = 1 << 24  # C * H * W of one input image (about 3 x 2364 x 2364)
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 
