@@ -4,7 +4,10 @@ A model file is a safetensors file (``RUN/recalibrated.safetensors``, each check
 ``model.safetensors``, a PSS run's ``budget.safetensors``). Its metadata key ``dynaslice`` holds
 JSON: the format version, the model (registry name, keyword arguments, the gate when gated),
 the training config and progress. Loading runs no code (safetensors and JSON only), and the net
-is rebuilt from the registry, so ``dynaslice eval``/``export`` need nothing but the file.
+is rebuilt from the registry, so ``dynaslice eval``/``export`` need nothing but the file. A
+converted network (``torchvision:resnet18``, ``timm:...``) is rebuilt by converting the named
+model again; one built by a ``package.module:factory`` of the user's only when the caller trusts
+that name (:func:`build_model`): a file never chooses what code is imported.
 
 Every file written since dynaslice 0.2 also carries ``dynaslice.sha256``: a SHA-256 over the
 metadata and every tensor (name, dtype, shape, bytes). :func:`load_model_file` recomputes it, so
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ from .atomic import atomic_write_bytes
 from .gate import GatedSupernet
 from .models import create_supernet
 from .models.base import Supernet
+from .models.named import imports_code
 
 FORMAT, VERSION = "dynaslice", 1
 CHECKSUM_KEY = "dynaslice.sha256"
@@ -40,6 +44,10 @@ CHECKSUM_KEY = "dynaslice.sha256"
 
 class CheckpointError(ValueError):
     """A model file or checkpoint is missing, damaged or not ours; the message says which and what to do."""
+
+
+class UntrustedFactory(ValueError):
+    """A model file names a ``package.module:factory`` the caller did not trust (see :func:`build_model`)."""
 
 
 def prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -128,9 +136,23 @@ def model_spec(net: Supernet, kwargs: Mapping[str, Any], name: str) -> dict[str,
     return spec
 
 
-def build_model(spec: Mapping[str, Any]) -> Supernet:
-    """The (untrained) net a model file's ``model`` metadata names: a supernet, gated if it has ``gate``."""
-    net = create_supernet(spec["name"], **spec["kwargs"])
+def build_model(spec: Mapping[str, Any], trust: Collection[str] = ()) -> Supernet:
+    """The (untrained) net a model file's ``model`` metadata names: a supernet, gated if it has ``gate``.
+
+    A converted network is rebuilt by its recorded name and keyword arguments. Names that
+    import a module of their choosing (``package.module:factory``, :func:`imports_code`) are
+    built only when listed in ``trust``: loading a shared file must never run code it names
+    (``os:system``); ``torchvision:``/``timm:`` names and the zoo's import nothing.
+    """
+    name = spec["name"]
+    if not isinstance(name, str):
+        raise TypeError(f"model name {name!r} is not a string")
+    if imports_code(name) and name not in trust:
+        raise UntrustedFactory(
+            f"the model is built by {name!r}, code this file names: dynaslice imports none; if you trust "
+            f"it, load the file in Python with load_supernet(path, trust=[{name!r}])"
+        )
+    net = create_supernet(name, **spec["kwargs"])
     gate = spec.get("gate")
     if gate:
         net = GatedSupernet(net, cut=gate["cut"], routes=gate["routes"], hidden=gate["hidden"])
@@ -159,11 +181,18 @@ def resolve_model_file(path: str | Path) -> Path:
 
 
 def net_from_tensors(
-    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], file: str | Path, weights: str = "model"
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    file: str | Path,
+    weights: str = "model",
+    trust: Collection[str] = (),
 ) -> Supernet:
-    """The net of a model file already read with :func:`load_model_file` (``file`` names it in errors)."""
+    """The net of a model file already read with :func:`load_model_file` (``file`` names it in errors;
+    ``trust``: see :func:`build_model`)."""
     try:
-        net = build_model(meta["model"])
+        net = build_model(meta["model"], trust)
+    except UntrustedFactory as e:
+        raise CheckpointError(f"{file}: {e}") from None
     except (KeyError, TypeError):
         raise CheckpointError(f"{file} does not say which model it holds (no model name/kwargs)") from None
     except ValueError as e:
@@ -185,9 +214,15 @@ def net_from_tensors(
     return net
 
 
-def load_supernet(path: str | Path, weights: str = "model") -> tuple[Supernet, dict[str, Any]]:
+def load_supernet(
+    path: str | Path, weights: str = "model", trust: Collection[str] = ()
+) -> tuple[Supernet, dict[str, Any]]:
     """Rebuild the supernet of a model file, checkpoint or run directory (a :class:`GatedSupernet`
-    for a gated run) with its ``model`` or ``ema`` weights; returns ``(net, metadata)``."""
+    for a gated run) with its ``model`` or ``ema`` weights; returns ``(net, metadata)``.
+
+    ``trust``: ``package.module:factory`` names you allow to be imported to rebuild a converted
+    network of your own (:func:`build_model`); a file naming any other is refused.
+    """
     file = resolve_model_file(path)
     tensors, meta = load_model_file(file)
-    return net_from_tensors(tensors, meta, file, weights), meta
+    return net_from_tensors(tensors, meta, file, weights, trust), meta

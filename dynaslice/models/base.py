@@ -84,12 +84,15 @@ def list_supernets(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
-def create_supernet(name: str, **kwargs) -> Supernet:
-    """Build a registered supernet, e.g. ``create_supernet("resnet50", num_classes=1000)``."""
+def create_registered(name: str, **kwargs) -> Supernet:
+    """Build a registered supernet (``create_supernet`` also converts ``source:factory`` names)."""
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown supernet {name!r}.{hint} Available: {', '.join(list_supernets())}")
+        raise ValueError(
+            f"Unknown supernet {name!r}.{hint} Available: {', '.join(list_supernets())}; or convert "
+            "torchvision:<model>, timm:<model> or package.module:factory"
+        )
     return _REGISTRY[name](**kwargs)
 
 

@@ -135,8 +135,16 @@ class ConvertedSupernet(Supernet):
 
     def default_gate_cut(self) -> int:
         raise GraphError(
-            f"{self.family} converted by make_supernet has no gate cut yet (one stage); "
-            "gated converted networks come with a later release"
+            f"{self.family} converted by make_supernet has no gate cut yet (one stage): gates on converted "
+            "networks are not supported yet; train without model.gate (dynaslice train)"
+        )
+
+    def dims_before(self, cut: int) -> tuple[str, ...]:
+        """Refused: a gate at the input or after the logits is no DS-Net gate (an explicit
+        ``model.gate.cut`` reaches here; the default cut is refused by :meth:`default_gate_cut`)."""
+        raise GraphError(
+            f"model.gate.cut={cut}: gate cuts on networks converted by make_supernet ({self.family}) "
+            "are not supported yet; train without model.gate (dynaslice train)"
         )
 
 

@@ -12,7 +12,10 @@ it is the natural frozen teacher (:class:`dynaslice.train.targets.FrozenTeacherT
 - a run directory, checkpoint directory or dynaslice ``.safetensors`` model file (a supernet or a
   static network: both are stored as supernet weights); a run's ``recalibrated.safetensors``
   is preferred to its last checkpoint, for its exact BatchNorm statistics;
-- a plain ``.safetensors`` state dict of the static model (torchvision module names);
+- a plain ``.safetensors`` state dict of the static model (torchvision module names), or a
+  ``.pt``/``.pth`` one written by ``torch.save(model.state_dict(), path)`` (read with
+  ``weights_only``); a network converted by ``make_supernet`` (``model.name:
+  torchvision:resnet18``, ...) keeps its model's module names, so its model's own state dict fits;
 - ``torchvision:<weights>`` (e.g. ``torchvision:ResNet18_Weights.IMAGENET1K_V1``) for families
   whose largest subnet *is* a torchvision model (:func:`dynaslice.load_pretrained`). torchvision
   reads them from its cache (``TORCH_HOME``) and downloads them once when they are missing.
@@ -42,6 +45,7 @@ from ..nn import SlicedBatchNorm2d
 from ..profile import count_params
 
 TORCHVISION = "torchvision:"
+TORCH_FILES = (".pt", ".pth")
 STATIC_LARGEST = runs.static_name(1.0)
 RECALIBRATED = runs.RECALIBRATED
 
@@ -138,8 +142,12 @@ def init_from(net: Supernet, source: str | Path, model_spec: dict[str, Any] | No
     if not path.exists():
         raise InitSourceError(
             f"train.init_from={source} not found: give a run directory, a checkpoint, a .safetensors "
-            "file or torchvision:<Weights.NAME>"
+            "or .pt state dict or torchvision:<Weights.NAME>"
         )
+    if path.is_file() and path.suffix in TORCH_FILES:
+        state = _torch_state(path)
+        _load_plain_state(backbone(net), state, str(path), ours)
+        return {"source": str(path), "kind": "state_dict", **_start_new_gate(net)}
     file = _model_file(path)
     if _is_dynaslice_file(file):
         try:
@@ -162,6 +170,24 @@ def init_from(net: Supernet, source: str | Path, model_spec: dict[str, Any] | No
     state = load_file(str(file))
     _load_plain_state(backbone(net), state, str(file), ours)
     return {"source": str(file), "kind": "state_dict", **_start_new_gate(net)}
+
+
+def _torch_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict written by ``torch.save``, read with ``weights_only`` (tensors and containers only: a
+    pickle that would run code is refused by torch), flat ``{name: tensor}`` as ``state_dict()`` gives."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InitSourceError(f"train.init_from: cannot read {path} as a torch state dict ({text})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise InitSourceError(
+            f"train.init_from: {path} is not a state dict (a mapping of names to tensors, as "
+            "torch.save(model.state_dict(), path) writes)"
+        )
+    return state
 
 
 def backbone(net: Supernet) -> Supernet:
