@@ -125,6 +125,11 @@ class ModelConfig:
     """Which supernet: a registry name and keyword arguments for ``create_supernet``.
 
     ``in_chans``, ``num_classes`` and ``input_size`` are filled in from the dataset unless given.
+    ``name`` may also name a network to convert with ``make_supernet``
+    (:mod:`dynaslice.models.named`): ``torchvision:resnet34``, ``timm:efficientnet_b0`` or your
+    own ``package.module:factory``. Its ``kwargs`` then hold ``ratios`` and ``round_to`` (the
+    width grid, make_supernet's) and the factory's own keywords; ``input_size`` sizes the example
+    input it is traced on. A converted network takes no gate yet (``gate.enabled`` is refused).
     """
 
     name: str = "resnet_small"
