@@ -580,19 +580,26 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def train_until_first_checkpoint(config: Path, run: Path) -> subprocess.Popen:
+    """``dynaslice train`` in a second process, returned once its first checkpoint is written."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynaslice.cli", "train", str(config), "--out", str(run)],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    give_up = time.monotonic() + 240
+    while not (run / runs.CHECKPOINTS / runs.LATEST).exists():
+        if proc.poll() is not None or time.monotonic() > give_up:
+            proc.kill()
+            pytest.fail(f"train wrote no checkpoint: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+    return proc
+
+
 def test_second_writer_is_refused_and_sigkill_resumes_exactly(tmp_path):
     config = write_config(tmp_path, train={"epochs": 3})  # 12 steps
     run, reference = tmp_path / "run", tmp_path / "reference"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dynaslice.cli", "train", str(config), "--out", str(run)],
-        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = train_until_first_checkpoint(config, run)
     try:
-        give_up = time.monotonic() + 240
-        while not (run / runs.CHECKPOINTS / runs.LATEST).exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < give_up
-            time.sleep(0.02)
         proc.send_signal(signal.SIGSTOP)  # frozen mid-run, holding its lock, until the SIGKILL
         before = listing(run)
         # a second writer, of either kind, gets one line and changes nothing
@@ -771,15 +778,8 @@ def test_a_lock_file_replaced_before_it_was_locked_is_locked_again(tmp_path, mon
 def test_deleting_the_lock_of_a_running_train_lets_no_second_writer_in(tmp_path):
     config = write_config(tmp_path, train={"epochs": 3})  # 12 steps, a checkpoint every step
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dynaslice.cli", "train", str(config), "--out", str(run)],
-        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = train_until_first_checkpoint(config, run)
     try:
-        give_up = time.monotonic() + 240
-        while not (run / runs.CHECKPOINTS / runs.LATEST).exists():
-            assert proc.poll() is None and time.monotonic() < give_up, proc.stderr.read()[-2000:]
-            time.sleep(0.02)
         proc.send_signal(signal.SIGSTOP)
         (run / runs.LOCK).unlink()  # "a stale lock", thinks the user
         one_line_error(cli("train", config, "--out", run, "--resume"), "is in use")
@@ -816,15 +816,8 @@ def test_taking_the_lock_sweeps_what_killed_writers_left(tmp_path, fast_run):
 def test_sigterm_stops_a_train_like_ctrl_c_and_it_resumes(tmp_path):
     config = write_config(tmp_path, train={"epochs": 6})  # 24 steps: SIGTERM comes long before the end
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dynaslice.cli", "train", str(config), "--out", str(run)],
-        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = train_until_first_checkpoint(config, run)
     try:
-        give_up = time.monotonic() + 240
-        while not (run / runs.CHECKPOINTS / runs.LATEST).exists():
-            assert proc.poll() is None and time.monotonic() < give_up, proc.stderr.read()[-2000:]
-            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
