@@ -133,18 +133,28 @@ def test_unknown_timm_model_is_one_line():
         create_supernet("timm:hf-hub:someone/model")
 
 
+def test_timm_name_takes_the_data_s_channels():
+    pytest.importorskip("timm")
+    net = create_supernet("timm:resnet18", in_chans=1, num_classes=10, input_size=SIDE, ratios=RATIOS)
+    assert (net.num_classes, net.input_size) == (10, (1, SIDE, SIDE))
+    assert net(torch.randn(2, 1, SIDE, SIDE), net.space.smallest()).shape == (2, 10)
+
+
 # --------------------------------------------------------------------------- train, then every command
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
-    """``dynaslice train`` of torchvision's ResNet-18 started from its own plain state dict."""
+    """``dynaslice train`` of torchvision's ResNet-18 started from its own plain state dict, by
+    PSS-Net (a budget table for ``select``)."""
     folder = tmp_path_factory.mktemp("converted")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     start = folder / "resnet18.pt"
     torch.save(model.state_dict(), start)
-    cfg = write(folder, train={"init_from": str(start), "eval_widths": [0.5, 1.0]})
+    pss = {"bucket_step": 5, "pool_size": 4, "estimate_samples": 200, "select_top_k": 1}
+    cfg = write(folder, train={"init_from": str(start), "eval_widths": [0.5, 1.0], "sampler": "pss",
+                               "num_subnets": 3, "pss": pss})  # fmt: skip
     rc, out, err = cli("train", cfg, "--out", folder / "run", seconds=300)
     assert rc == 0, err
     assert f"loaded the starting weights: {start} (state_dict)" in out
@@ -159,7 +169,7 @@ def test_train_records_the_converted_model_and_the_file_rebuilds_it(trained):
     assert net.input_size == (3, SIDE, SIDE)
 
 
-def test_eval_export_profile_quantize_on_the_converted_run(trained):
+def test_eval_export_quantize_select_profile_on_the_converted_run(trained):
     folder, run, _ = trained
     rc, out, err = cli("eval", run, "--archs", "largest", "x0.5")
     assert rc == 0, err
@@ -180,6 +190,9 @@ def test_eval_export_profile_quantize_on_the_converted_run(trained):
                        "--images", "8", "--run", run, seconds=300)  # fmt: skip
     assert rc == 0, err
     assert (folder / "small_int8.onnx").is_file()
+    rc, out, err = cli("select", run, "--max-macs", "30M", "--export", folder / "selected.onnx")
+    assert rc == 0, err
+    assert (folder / "selected.onnx").is_file()
     rc, out, err = cli("profile", TV, "--input-size", 3, SIDE, SIDE, "--num-classes", 10, "--no-latency")
     assert rc == 0, err
     assert "largest" in out and "MMACs" in out

@@ -142,7 +142,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Profile the smallest, uniform 0.35/0.5/0.75 and largest subnets of MODEL: exact MACs "
         "and parameters, and CPU latency both sliced in the supernet and as the extracted static model.",
     )
-    p.add_argument("model", metavar="MODEL", help="a registered supernet, e.g. resnet50, vit_small_input")
+    p.add_argument(
+        "model", metavar="MODEL",
+        help="a registered supernet, e.g. resnet50, vit_small_input, or one to convert: torchvision:resnet18",
+    )  # fmt: skip
     p.add_argument(
         "--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input shape (default: the model's)"
     )
