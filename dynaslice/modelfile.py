@@ -36,7 +36,7 @@ from .atomic import atomic_write_bytes
 from .gate import GatedSupernet
 from .models import create_supernet
 from .models.base import Supernet
-from .models.named import imports_code
+from .models.named import WEIGHT_KEYWORDS, imports_code
 
 FORMAT, VERSION = "dynaslice", 1
 CHECKSUM_KEY = "dynaslice.sha256"
@@ -142,7 +142,9 @@ def build_model(spec: Mapping[str, Any], trust: Collection[str] = ()) -> Superne
     A converted network is rebuilt by its recorded name and keyword arguments. Names that
     import a module of their choosing (``package.module:factory``, :func:`imports_code`) are
     built only when listed in ``trust``: loading a shared file must never run code it names
-    (``os:system``); ``torchvision:``/``timm:`` names and the zoo's import nothing.
+    (``os:system``); ``torchvision:``/``timm:`` names and the zoo's import nothing. Nor does it
+    fetch or read other weights: a converted net is rebuilt without the factory keywords that
+    would (:data:`~dynaslice.models.named.WEIGHT_KEYWORDS`), since the file's tensors replace them all.
     """
     name = spec["name"]
     if not isinstance(name, str):
@@ -152,7 +154,10 @@ def build_model(spec: Mapping[str, Any], trust: Collection[str] = ()) -> Superne
             f"the model is built by {name!r}, code this file names: dynaslice imports none; if you trust "
             f"it, load the file in Python with load_supernet(path, trust=[{name!r}])"
         )
-    net = create_supernet(name, **spec["kwargs"])
+    kwargs = dict(spec["kwargs"])
+    if ":" in name:  # the file's tensors replace every weight: fetch or read no others
+        kwargs = {k: v for k, v in kwargs.items() if k not in WEIGHT_KEYWORDS}
+    net = create_supernet(name, **kwargs)
     gate = spec.get("gate")
     if gate:
         net = GatedSupernet(net, cut=gate["cut"], routes=gate["routes"], hidden=gate["hidden"])

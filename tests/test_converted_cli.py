@@ -255,6 +255,21 @@ def test_model_file_of_a_user_factory_loads_when_trusted(factory_module, tmp_pat
         assert torch.equal(back.eval()(x, back.space.smallest()), net.eval()(x, net.space.smallest()))
 
 
+def test_model_file_reads_no_other_weights_it_names(tmp_path):
+    pytest.importorskip("timm")
+    elsewhere = tmp_path / "not-read.pth"  # absent: timm would fail reading it
+    kwargs = {"num_classes": 4, "in_chans": 1, "input_size": SIDE, "ratios": RATIOS}
+    net = create_supernet("timm:resnet18", **kwargs)
+    file = tmp_path / "timm.safetensors"
+    recorded = {**kwargs, "checkpoint_path": str(elsewhere), "pretrained": True}
+    save_model_file(file, {f"model.{k}": v for k, v in net.state_dict().items()},
+                    {"model": {"name": "timm:resnet18", "kwargs": recorded}})  # fmt: skip
+    back, _ = load_supernet(file)
+    assert all(
+        torch.equal(a, b) for a, b in zip(back.state_dict().values(), net.state_dict().values(), strict=True)
+    )
+
+
 # --------------------------------------------------------------------------- gates
 
 

@@ -42,6 +42,15 @@ TRUSTED_SOURCES = ("torchvision", "timm")
 nothing else, so a model file may name them (:func:`imports_code`)."""
 
 
+WEIGHT_KEYWORDS = frozenset(
+    {"weights", "weights_backbone", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+     "cache_dir"}
+)  # fmt: skip
+"""torchvision's and timm's factory keywords that fetch or read starting weights (the network, a
+file). A config may use them (``model.kwargs.weights: DEFAULT``); a model file's net is rebuilt
+without them (:func:`dynaslice.modelfile.build_model`): its own tensors replace every weight."""
+
+
 def imports_code(name: str) -> bool:
     """Whether building ``name`` imports a module the name chooses (``package.module:factory``).
 
@@ -145,8 +154,8 @@ def create_converted(
     except (ValueError, ImportError):
         raise
     except Exception as e:  # the factory's own error (a keyword it rejects, a failing build): one line
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{name}({_kwargs_text(kwargs)}) failed: {type(e).__name__}: {text}") from e
+        text = f": {str(e).strip().splitlines()[0]}" if str(e).strip() else ""
+        raise ValueError(f"{name}({_kwargs_text(kwargs)}) failed: {type(e).__name__}{text}") from e
     if not isinstance(model, nn.Module):
         raise ValueError(f"{name} returned a {type(model).__name__}, not a torch.nn.Module")
     example = torch.randn(1, in_chans, *side, generator=torch.Generator().manual_seed(0))
