@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def run_tool(tool: str, python: str, keys: list[str], cache: Path, timeout: int,
         print(f"{tool}: {len(todo)} model(s) to go", flush=True)
         argv = [python, str(WORKER), tool, str(cache), str(timeout), *todo]
         proc = subprocess.Popen(argv, env=env, cwd=HERE.parent)
-        last, done = time.monotonic(), 0
+        last, done, killed = time.monotonic(), 0, False
         while proc.poll() is None:
             time.sleep(2)
             now_done = sum(cache_file(cache, tool, k).exists() for k in todo)
@@ -123,14 +124,20 @@ def run_tool(tool: str, python: str, keys: list[str], cache: Path, timeout: int,
             elif time.monotonic() - last > timeout + 120:
                 proc.kill()
                 proc.wait()
+                killed = True
         left = [k for k in todo if not cache_file(cache, tool, k).exists()]
         if left:
             key = left[0]
             suite, name = key.split("/", 1)
-            reason = (
-                f"the worker died on it (exit code {proc.returncode}: killed for time or memory, or a crash)"
-            )
-            row = {"tool": tool, "suite": suite, "model": name, "status": "crashed", "reason": reason}
+            if killed:
+                status, reason = (
+                    "timeout",
+                    f"over {timeout} s: killed after {timeout + 120} s without a result",
+                )
+            else:
+                status = "crashed"
+                reason = f"the worker died on it (exit code {proc.returncode}: killed for memory, or a crash)"
+            row = {"tool": tool, "suite": suite, "model": name, "status": status, "reason": reason}
             path = cache_file(cache, tool, key)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(row, indent=1))
@@ -304,9 +311,37 @@ def markdown(data: dict[str, Any]) -> str:
         for fam, f in sorted(t["families"].items()):
             lines.append(f"| {fam} | {f['models']} | " + " | ".join(str(f.get(x, 0)) for x in tools) + " |")
         lines.append("")
-    if data["dynaslice_failures"]:
-        lines += [f"- {f}" for f in data["dynaslice_failures"]]
+    groups: dict[str, list[str]] = {}
+    for failure in data["dynaslice_failures"]:
+        category, detail = failure_category(failure)
+        model = failure.split(":", 1)[0]
+        groups.setdefault(category, []).append(f"{model} ({detail})" if detail else model)
+    for category, models in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"- **{category}** ({len(models)}): " + ", ".join(models))
     return "\n".join(lines)
+
+
+# dynaslice's refusals by kind, for the docs (coverage.json keeps each one-line reason whole)
+CATEGORIES = (
+    (
+        "runs different code in training and in eval mode",
+        "train/eval-dependent code outside torch.nn layers",
+        None,
+    ),
+    ("reads parameter", "a parameter read outside a layer", r"reads parameter '([^']+)'"),
+    ("cannot trace", "not traceable by torch.fx", r"in (.+?): TraceError"),
+    ("forward takes", "forward takes several inputs", r"takes (\d+) inputs"),
+    ("ONNX", "ONNX export", r"ONNX: (\w+Error)"),
+)
+
+
+def failure_category(failure: str) -> tuple[str, str]:
+    """(kind, the model's own detail) of one line of ``dynaslice_failures``."""
+    for needle, category, detail in CATEGORIES:
+        if needle in failure:
+            found = re.search(detail, failure) if detail else None
+            return category, found.group(1) if found else ""
+    return "other", failure.split(": ", 1)[1]
 
 
 def git_commit() -> str:
@@ -375,6 +410,7 @@ def main() -> None:
         "command": "python bench/bench_coverage.py " + " ".join(sys.argv[1:]),
         "commit": git_commit(),
         "tools": tools,
+        "worker_threads": args.threads,  # the workers' torch threads ("environment" is this process's)
         # which engine measured the dynaslice rows (a long run may span commits of the engine)
         "engine_states": dict(
             Counter(
