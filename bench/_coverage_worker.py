@@ -139,12 +139,11 @@ def engine_state() -> dict[str, str]:
 
 def run_dynaslice(model: nn.Module, x: torch.Tensor, size: tuple[int, ...], row: dict[str, Any]) -> None:
     """make_supernet; largest == model; narrowest MACs / full; extracted == slice; ONNX == torch."""
-    import onnxruntime as ort
-
     import dynaslice as ds
     from dynaslice.graph import GraphError
     from dynaslice.onnx_export import export_module
     from dynaslice.profile import count_module_macs
+    from dynaslice.runtime import open_session
 
     row["engine"] = engine_state()
     t = time.perf_counter()
@@ -188,7 +187,7 @@ def run_dynaslice(model: nn.Module, x: torch.Tensor, size: tuple[int, ...], row:
                 row["onnx_torchscript_error"] = one_line(e)
                 path = export_module(state["sub"], Path(tmp) / "narrowest.onnx", size, exporter="dynamo")
                 row["onnx_exporter"] = "dynamo"
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session = open_session(path)
             got = session.run(None, {"input": x.numpy()})[0]
         row["onnx_rel_err"] = rel_err(torch.from_numpy(got), state["sliced"])
 

@@ -216,16 +216,14 @@ class Bench:
 
 
 def latency_rows(root: Path, repeats: int) -> dict[str, float]:
-    """Median onnxruntime latency (ms, batch 1, one thread) of every exported network of a seed."""
+    """Median onnxruntime latency (ms, batch 1, one thread) of every exported network of a seed,
+    each in a session as dynaslice makes them (:func:`dynaslice.runtime.open_session`)."""
     import numpy as np
-    import onnxruntime as ort
 
     from dynaslice.profile import measure_latency
+    from dynaslice.runtime import open_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    sessions = {p.stem: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                for p in sorted(root.glob("*.onnx"))}  # fmt: skip
+    sessions = {p.stem: open_session(p, threads=1) for p in sorted(root.glob("*.onnx"))}
     x = {k: np.zeros([1, *s.get_inputs()[0].shape[1:]], dtype=np.float32) for k, s in sessions.items()}
     fns = {k: (lambda s=s, k=k: s.run(None, {s.get_inputs()[0].name: x[k]})) for k, s in sessions.items()}
     times = measure_latency(fns, repeats=repeats)

@@ -75,6 +75,7 @@ from dynaslice.quant import (
     quantize_model,
 )
 from dynaslice.quant.fakequant import calibrate_ranges
+from dynaslice.runtime import open_session
 from dynaslice.train import load_supernet
 from dynaslice.train.config import Config, from_dict
 from dynaslice.train.data import load_split
@@ -124,20 +125,11 @@ def int8_accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def latency_pair(f: Path, q: Path, shape: tuple[int, ...], batch: int, repeats: int, threads: int) -> dict:
     from dynaslice.profile import measure_latency, paired_ratio
 
     x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-    sessions = {"float": session(f, threads), "int8": session(q, threads)}
+    sessions = {"float": open_session(f, threads=threads), "int8": open_session(q, threads=threads)}
     fns = {k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for k, s in sessions.items()}
     times = measure_latency(fns, repeats=repeats, warmup=2)
     return {

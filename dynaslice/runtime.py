@@ -134,13 +134,36 @@ def package_items(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     return list(manifest["entries"])
 
 
+def providers_for(device: str) -> list[str]:
+    """onnxruntime's execution providers for a device type (``"cpu"``, ``"cuda"``): on CUDA its
+    provider first and the CPU for the ops it lacks; anywhere else the CPU."""
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+
+
 def open_session(
-    path: Path, providers: Sequence[str] | None = None, options: Any = None, data: bytes | None = None
+    path: Path,
+    providers: Sequence[str] | None = None,
+    *,
+    threads: int | None = None,
+    data: bytes | None = None,
 ) -> Any:
-    """An onnxruntime session for ``path`` (or its ``data``, read by :func:`read_package_file`),
-    with errors that say which file is wrong and what to do (a ``ValueError``: onnxruntime's own
-    error types derive from ``Exception`` only). ``options``: onnxruntime ``SessionOptions``
-    (default: errors only); ``providers``: default the CPU."""
+    """An onnxruntime session for ``path`` (or its ``data``, read by :func:`read_package_file`).
+
+    The one place dynaslice makes a session -- the runners below, serving
+    (``dynaslice.serve.runtimes.ort_session``), quantization and the benchmarks
+    (tests/test_architecture.py holds it) -- so a benchmark times the configuration users run:
+
+    - every graph optimisation (``ORT_ENABLE_ALL``);
+    - ``threads`` intra-op threads (None: onnxruntime's own default, one per physical core;
+      serving passes torch's count, the benchmarks their ``--threads``), one inter-op thread;
+    - no spinning: idle pool threads would busy-wait between runs and take the cores from
+      whatever runs next in the process (the next piece, torch, the caller's own work);
+    - errors only in onnxruntime's log: optimizer notes are not the user's business;
+    - ``providers`` (default: the CPU; :func:`providers_for` gives a device's).
+
+    A file onnxruntime cannot load is one ``ValueError`` that says which file and what to do
+    (onnxruntime's own error types derive from ``Exception`` only).
+    """
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -149,12 +172,16 @@ def open_session(
         ) from e
     if data is None and not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} is missing; re-export it with dynaslice.onnx_export")
-    if options is None:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: optimizer notes are not the user's business
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         source = str(path) if data is None else data
-        return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
+        return ort.InferenceSession(source, options, providers=list(providers or providers_for("cpu")))
     except Exception as e:  # onnxruntime's own types (InvalidProtobuf, Fail, ...) derive from Exception
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
@@ -188,10 +215,10 @@ def package_sessions(
 ) -> dict[str, Any]:
     """One onnxruntime session per distinct file of a checked manifest, each read by the package
     rule, checked against the manifest (:func:`check_package_graphs`). ``opener(path, data)``
-    makes a session (default: :func:`open_session` on the CPU); serving passes its own options."""
+    makes a session (default: :func:`open_session` on the CPU); serving passes its device and threads."""
     directory = Path(directory)
     if opener is None:
-        opener = lambda path, data: open_session(path, None, None, data)  # noqa: E731
+        opener = lambda path, data: open_session(path, data=data)  # noqa: E731
     sessions = {
         name: opener(directory / name, read_package_file(directory, name))
         for name in package_members(manifest)
@@ -475,7 +502,7 @@ class GatedOnnxRunner:
         self.routes: list[dict[str, int]] = [r["arch"] for r in m["routes"]]
         self.route_macs = np.array([r["macs"] for r in m["routes"]], dtype=np.float64)
         sessions = package_sessions(
-            self.directory, m, lambda path, data: open_session(path, providers, None, data)
+            self.directory, m, lambda path, data: open_session(path, providers, data=data)
         )
         self.trunk = sessions[m["trunk"]["file"]]
         self.sessions = [sessions[r["file"]] for r in m["routes"]]  # routes naming one file share its session
@@ -552,7 +579,7 @@ class BudgetOnnxRunner:
         self.manifest = read_manifest(self.directory, BUDGET_FORMAT)
         self.entries: list[dict[str, Any]] = self.manifest["entries"]
         sessions = package_sessions(
-            self.directory, self.manifest, lambda path, data: open_session(path, providers, None, data)
+            self.directory, self.manifest, lambda path, data: open_session(path, providers, data=data)
         )
         models = {name: OnnxModel(self.directory / name, session=s) for name, s in sessions.items()}
         self.models = [models[e["file"]] for e in self.entries]  # entries naming one file share its session

@@ -158,3 +158,128 @@ def test_no_function_is_longer_than_about_80_lines():
                 if length > 85 and "long-function:" not in "\n".join(lines[node.lineno - 3 : node.lineno + 2]):
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
     assert long == []
+
+
+# --------------------------------------------------------------------------- one session factory
+
+# Every onnxruntime session of the library, its serving layer and its benchmarks comes from
+# dynaslice.runtime.open_session, so that a benchmark times the configuration users run (threads,
+# spinning, optimisation level, providers and log level are chosen there and nowhere else).
+FACTORY = ("dynaslice/runtime.py", "open_session")
+SESSION_NAMES = {"InferenceSession", "SessionOptions"}
+
+
+def session_uses(path: Path) -> list[tuple[str, int]]:
+    """``(enclosing function, line)`` of every use of onnxruntime's ``InferenceSession`` or
+    ``SessionOptions`` in ``path``: an attribute (``ort.InferenceSession``), a name imported from
+    onnxruntime under any alias, or the string a ``getattr`` would look up. Text in docstrings
+    and comments is no use."""
+    tree = ast.parse(path.read_text())
+    aliases = set(SESSION_NAMES)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "onnxruntime":
+            aliases.update(a.asname or a.name for a in node.names if a.name in SESSION_NAMES)
+    uses: list[tuple[str, int]] = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            function = f"{function}.{node.name}" if function else node.name
+        used = (
+            (isinstance(node, ast.Attribute) and node.attr in SESSION_NAMES)
+            or (isinstance(node, ast.Name) and node.id in aliases)
+            or (isinstance(node, ast.Constant) and node.value in SESSION_NAMES)
+        )
+        if used:
+            uses.append((function or "<module>", node.lineno))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree, "")
+    return uses
+
+
+def test_one_function_makes_every_onnxruntime_session():
+    """No session and no SessionOptions outside ``dynaslice.runtime.open_session``, in the library
+    or in the benchmarks: a benchmark with its own options would time what users do not run."""
+    repo = ROOT.parent
+    files = sorted([*ROOT.rglob("*.py"), *(repo / "bench").rglob("*.py")])
+    found = {
+        (str(path.relative_to(repo)), function, line)
+        for path in files
+        for function, line in session_uses(path)
+    }
+    assert {(f, fn) for f, fn, _ in found} == {FACTORY}, sorted(u for u in found if u[:2] != FACTORY)
+
+
+def test_the_session_scan_sees_aliases_and_not_docstrings(tmp_path):
+    """The checker itself: a call through an aliased import, an attribute and a ``getattr`` string
+    are found, each in its function; a docstring that names ``InferenceSession(`` is not."""
+    path = tmp_path / "m.py"
+    path.write_text(
+        '"""Calls InferenceSession(path) somewhere."""\n'
+        "import onnxruntime as ort\n"
+        "from onnxruntime import InferenceSession as Make\n"
+        "def a():\n    return Make(b'')\n"
+        "class B:\n    def c(self):\n        return ort.SessionOptions()\n"
+        "def d():\n    return getattr(ort, 'InferenceSession')\n"
+    )
+    assert sorted(session_uses(path)) == [("B.c", 8), ("a", 5), ("d", 10)]
+
+
+def _relu_graph(path: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in ("input", "output")]
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["output"])], "relu", io[:1], io[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _settings(session) -> dict:
+    options = session.get_session_options()
+    try:
+        spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set: onnxruntime's default, spinning on
+        spinning = None
+    return {
+        "intra_op_threads": options.intra_op_num_threads,
+        "inter_op_threads": options.inter_op_num_threads,
+        "spinning": spinning,
+        "optimisation": str(options.graph_optimization_level),
+        "log_severity": options.log_severity_level,
+        "providers": session.get_providers(),
+    }
+
+
+def test_every_session_has_the_factory_options(tmp_path, monkeypatch):
+    """The runners, serving and the benchmarks' calls get the same options: every graph
+    optimisation, one inter-op thread, no spinning, errors only; threads as asked (serving:
+    torch's count), the CPU provider here and the CUDA provider first on a CUDA device."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import torch
+
+    from dynaslice.runtime import OnnxModel, open_session
+    from dynaslice.serve import runtimes
+
+    path = _relu_graph(tmp_path / "relu.onnx")
+    common = {
+        "inter_op_threads": 1,
+        "spinning": "0",
+        "optimisation": "GraphOptimizationLevel.ORT_ENABLE_ALL",
+        "log_severity": 3,
+        "providers": ["CPUExecutionProvider"],
+    }
+    assert _settings(open_session(path, threads=2)) == {**common, "intra_op_threads": 2}
+    assert _settings(open_session(path, data=path.read_bytes())) == {**common, "intra_op_threads": 0}
+    assert _settings(OnnxModel(path).session) == {**common, "intra_op_threads": 0}  # onnxruntime's default
+    served = runtimes.ort_session(path, torch.device("cpu"))
+    assert _settings(served) == {**common, "intra_op_threads": torch.get_num_threads()}
+
+    asked = {}
+    monkeypatch.setattr(
+        runtimes, "open_session", lambda path, providers, **kw: asked.update(providers=providers)
+    )
+    runtimes.ort_session(path, torch.device("cuda"))
+    assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]

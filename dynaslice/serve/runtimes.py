@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..onnx_export import export_module
-from ..runtime import open_session
+from ..runtime import open_session, providers_for
 
 Output = torch.Tensor | tuple[torch.Tensor, ...]
 Piece = Callable[[torch.Tensor], Output]
@@ -124,20 +124,12 @@ def _ort() -> Any:
 def ort_session(
     path: str | Path, device: torch.device, threads: int | None = None, data: bytes | None = None
 ) -> Any:
-    """An onnxruntime session with every graph optimisation, on ``device``'s provider; ``data``:
+    """:func:`dynaslice.runtime.open_session` (every graph optimisation, no spinning) on ``device``'s
+    provider, with ``threads`` intra-op threads (default: as many as torch uses here); ``data``:
     the file's bytes when a package's reader already read them by the package rule
     (:func:`dynaslice.runtime.read_package_file`). A damaged file is one ``ValueError``."""
-    ort = _ort()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or torch.get_num_threads()  # as many as torch uses here
-    options.inter_op_num_threads = 1
-    # no busy-waiting between runs: spinning pool threads would steal the cores from whatever runs
-    # next in the process (the next piece, torch, the caller's own work)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    return open_session(Path(path), providers, options, data)
+    threads = threads or torch.get_num_threads()
+    return open_session(Path(path), providers_for(device.type), threads=threads, data=data)
 
 
 def to_numpy(x: torch.Tensor) -> np.ndarray:
