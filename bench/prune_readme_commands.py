@@ -67,6 +67,7 @@ def run_one(command: str, threads: int, cwd: Path) -> dict:
     }
     if proc.returncode == 0 and final.exists():
         row["final_eval"] = json.loads(final.read_text())
+        row["final_eval"].get("info", {}).pop("scores", None)  # per channel: in the run directory
     return row
 
 
