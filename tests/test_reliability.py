@@ -489,6 +489,9 @@ def test_damaged_run_files_are_named_or_recovered(tmp_path, fast_run):
     rc, _, err = cli("train", config, "--out", run, "--resume")
     assert rc == 0 and "evaluating the final checkpoint again" in err
     assert json.loads((run / runs.FINAL_EVAL).read_text()) == final
+    (run / runs.FINAL_EVAL).write_text("[" * 100_000)  # too deep for json (RecursionError)
+    rc, _, err = cli("train", config, "--out", run, "--resume")
+    assert rc == 0 and "evaluating the final checkpoint again" in err
     # a damaged state.pt of the only checkpoint there is: one line, never a fresh start
     only = copy_run(fast_run, tmp_path / "only")
     for step in runs.checkpoint_steps(only)[:-1]:

@@ -11,14 +11,13 @@ MACs, parameters and non-zero parameters) last: a run that has it is finished.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import runs
+from .. import runs, safejson
 from ..atomic import atomic_write_json
 from ..export import extract_subnet, save_torch_model
 from ..modelfile import CheckpointError
@@ -124,7 +123,10 @@ def prune_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[st
     if runs.is_finished(run_dir):
         if not resume:
             raise CheckpointError(f"{run_dir} holds a finished pruning run; choose another --out directory")
-        return json.loads((run_dir / runs.FINAL_EVAL).read_text())
+        try:
+            return safejson.loads((run_dir / runs.FINAL_EVAL).read_text())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: the run's own record is damaged
+            raise CheckpointError(f"{run_dir / runs.FINAL_EVAL} is damaged ({e}); prune into a new --out") from None
     model, size, classes = full_network(cfg)
     with runs.exclusive(run_dir):
         result = _method(cfg, model, size, classes, run_dir, resume)

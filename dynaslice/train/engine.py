@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import runs
+from .. import runs, safejson
 from ..atomic import atomic_write_json
 from ..modelfile import CheckpointError, prefixed, unprefixed
 from ..progress import Progress
@@ -343,7 +343,7 @@ class Trainer:
         try:
             if self.step >= self.total_steps and runs.is_finished(self.run_dir):
                 try:
-                    return json.loads((self.run_dir / runs.FINAL_EVAL).read_bytes())
+                    return safejson.loads((self.run_dir / runs.FINAL_EVAL).read_text())
                 except ValueError:  # damaged: the final checkpoint is intact, evaluate it again
                     self._note(f"note: {self.run_dir / runs.FINAL_EVAL} is damaged; evaluating the final checkpoint again")
             if self.env.is_main:
