@@ -62,7 +62,9 @@ def commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def record(run_dir: Path, wall_seconds: float | None, setup_seconds: float | None) -> dict[str, Any]:
+def record(
+    run_dir: Path, wall_seconds: float | None, setup_seconds: float | None, note: str | None = None
+) -> dict[str, Any]:
     """The record of one demo run directory (its report.json must exist: the report step ran)."""
     report_file = run_dir / "report.json"
     try:
@@ -78,6 +80,7 @@ def record(run_dir: Path, wall_seconds: float | None, setup_seconds: float | Non
         "setup_seconds": setup_seconds,
         "run_seconds": sum(steps.values()) if steps else None,  # the steps of `dynaslice run`
         "deterministic": DETERMINISM,
+        "note": note,  # how it was run, when not from a fresh clone
         "report": report,
     }
 
@@ -88,12 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--wall-seconds", type=float, default=None, help="real time of `time make demo`")
     ap.add_argument("--setup-seconds", type=float, default=None, help="of which set-up (venv, dependencies)")
     ap.add_argument("--out", default="bench/out/demo.json")
+    ap.add_argument("--note", default=None, help="how it was run (e.g. set-up already done, not a fresh clone)")
     args = ap.parse_args(argv)
     for flag in ("wall_seconds", "setup_seconds"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             ap.error(f"--{flag.replace('_', '-')} must be > 0 seconds")
-    write_results(args.out, record(args.run_dir, args.wall_seconds, args.setup_seconds))
+    write_results(args.out, record(args.run_dir, args.wall_seconds, args.setup_seconds, args.note))
 
 
 if __name__ == "__main__":
