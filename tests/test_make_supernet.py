@@ -216,6 +216,77 @@ def test_hand_written_model_every_tie():
         assert torch.equal(torch.load(buffer, weights_only=False)(x, smallest), net(x, smallest))
 
 
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in short (timm is not a test dependency): a BatchNorm subclass whose
+    own forward branches on ``self.training``, then applies ``drop`` and ``act``."""
+
+    def __init__(self, num_features: int, act: nn.Module, drop: nn.Module | None = None):
+        super().__init__(num_features)
+        self.drop, self.act = drop or nn.Identity(), act
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training,
+            self.momentum,
+            self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+class WithBatchNormAct(nn.Module):
+    def __init__(self, act: type[nn.Module] = nn.SiLU):
+        super().__init__()
+        self.stem, self.bn1 = (
+            nn.Conv2d(3, 32, 3, padding=1, bias=False),
+            BatchNormAct(32, act(), nn.Dropout(0.2)),
+        )
+        self.a, self.b = nn.Conv2d(32, 16, 1), nn.Conv2d(32, 16, 3, padding=1)
+        self.bn2 = BatchNormAct(32, nn.ReLU())  # over a concatenation: one set of statistics
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.bn1(self.stem(x))
+        x = self.bn2(torch.cat([self.a(x), self.b(x)], dim=1))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_batchnorm_with_its_own_forward_and_an_activation_is_one_sliced_layer():
+    """timm's BatchNormAct2d (39 timm networks) was traced through and refused for branching on
+    ``self.training``; it is a BatchNorm whose channels pass through, then its activation."""
+    torch.manual_seed(0)
+    model = randomised(WithBatchNormAct())
+    x = torch.randn(4, 3, 8, 8)
+    net = convert(model, x, round_to=4)
+    assert set(net.space.names) == {"stem", "a", "b"}
+    smallest = net.space.smallest()
+    with torch.no_grad():
+        assert rel_err(net(x, net.space.largest()), model(x)) <= 1e-5
+        sub = ds.extract_subnet(net, smallest)
+        assert rel_err(sub(x), net(x, smallest)) <= 1e-5
+    # extracted as the model's own class, narrower, with its activation and dropout
+    assert type(sub.bn1) is BatchNormAct and type(sub.bn2) is BatchNormAct
+    assert sub.bn1.num_features == smallest["stem"] and sub.bn2.num_features == smallest["a"] + smallest["b"]
+    assert isinstance(sub.bn1.act, nn.SiLU) and isinstance(sub.bn1.drop, nn.Dropout)
+    # training mode: same batch statistics, same dropout mask, statistics updated per width
+    model.train(), net.train()
+    torch.manual_seed(1)
+    want = model(x)
+    torch.manual_seed(1)
+    assert rel_err(net(x, net.space.largest()), want) <= 1e-5
+    before = net.bn1.running_mean.clone()
+    net(x, smallest).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    changed = (net.bn1.running_mean != before).any(dim=1)
+    assert changed.tolist() == [w == smallest["stem"] for w in net.bn1.widths]
+
+
 def test_engine_keeps_what_it_cannot_follow_whole_with_the_reason():
     class Odd(nn.Module):
         def __init__(self):
@@ -295,6 +366,12 @@ class Plain(Branchy):
         (ReadsParameter(), torch.randn(1, 3, 8, 8), {}, "reads parameter 'scale' outside a layer"),
         (ReturnsTuple(), torch.randn(1, 3, 8, 8), {}, "must return one tensor of class scores"),
         (ModeDependent(), torch.randn(1, 3, 8, 8), {}, "runs different code in training and in eval mode"),
+        (
+            WithBatchNormAct(act=Gate),
+            torch.randn(1, 3, 8, 8),
+            {},
+            "bn1 (BatchNormAct) is a BatchNorm with its own forward, but its act (Gate) is not a pointwise",
+        ),
         (
             nn.Sequential(nn.Linear(8, 10)),
             torch.randn(1, 8),

@@ -109,6 +109,41 @@ def channels_per_group(m: nn.Module) -> int:
 POINTWISE_LIBRARY_MODULES = {"torchvision.ops.stochastic_depth.StochasticDepth"}
 
 
+# A BatchNorm subclass with its own forward that applies these parts, in this order, after the
+# norm (timm's BatchNormAct2d: batch norm, then ``drop``, then ``act``). Kept as one call (its
+# forward branches on ``self.training``) whose channels pass through like a BatchNorm's.
+NORM_ACT_PARTS = ("drop", "act")
+
+
+def norm_act_parts(m: nn.Module) -> tuple[str, ...] | None:
+    """The parts a norm+activation layer applies after its BatchNorm (:data:`NORM_ACT_PARTS`
+    that it has), or None when ``m`` is no such layer: a BatchNorm subclass whose own forward
+    replaces BatchNorm's and which has an ``act`` submodule. Whether they are pointwise is
+    :func:`norm_act_refusal`'s question."""
+    if not isinstance(m, BATCH_NORMS) or type(m).forward is nn.BatchNorm2d.forward:
+        return None
+    if not isinstance(getattr(m, "act", None), nn.Module):
+        return None
+    return tuple(name for name in NORM_ACT_PARTS if isinstance(getattr(m, name, None), nn.Module))
+
+
+def norm_act_refusal(m: nn.Module) -> str | None:
+    """Why the norm+activation layer ``m`` cannot be sliced as a BatchNorm followed by pointwise
+    parts (None when it can): another submodule, or a part that is not a pointwise layer."""
+    parts = norm_act_parts(m) or ()
+    others = [name for name, _ in m.named_children() if name not in parts]
+    if others:
+        return f"it has submodules {others} besides {list(parts)}"
+    odd = [
+        f"{name} ({type(getattr(m, name)).__name__})"
+        for name in parts
+        if not is_pointwise_module(getattr(m, name))
+    ]
+    if odd:
+        return f"its {', '.join(odd)} is not a pointwise torch.nn activation or Identity"
+    return None
+
+
 def class_name(m: nn.Module) -> str:
     """``module.QualifiedName`` of ``m``'s class (how :data:`POINTWISE_LIBRARY_MODULES` names them)."""
     return f"{type(m).__module__}.{type(m).__qualname__}"

@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..nn import SlicedModule
-from .rules import POINTWISE_LIBRARY_MODULES, class_name
+from .rules import POINTWISE_LIBRARY_MODULES, class_name, norm_act_parts, norm_act_refusal
 
 
 class GraphError(ValueError):
@@ -29,8 +29,9 @@ class GraphError(ValueError):
 
 
 class Tracer(fx.Tracer):
-    """torch.nn layers, dynaslice's sliced leaves and a few known library layers stay one node
-    each; everything else is traced through. Remembers the module it was inside when tracing failed."""
+    """torch.nn layers, dynaslice's sliced leaves, a few known library layers and norm+activation
+    layers (timm's BatchNormAct2d, see :func:`~dynaslice.graph.rules.norm_act_parts`) stay one
+    node each; everything else is traced through. Remembers the module it was inside when tracing failed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -38,6 +39,7 @@ class Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         leaf = isinstance(m, SlicedModule) or class_name(m) in POINTWISE_LIBRARY_MODULES
+        leaf = leaf or norm_act_parts(m) is not None
         return leaf or super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):  # noqa: ANN001 - fx's signature
@@ -99,6 +101,13 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     """
     if not isinstance(example_input, torch.Tensor):
         raise GraphError(f"example_input must be a tensor, got {type(example_input).__name__}")
+    for name, m in model.named_modules():
+        why = norm_act_parts(m) is not None and norm_act_refusal(m)
+        if why:
+            raise GraphError(
+                f"{name or 'the model'} ({type(m).__name__}) is a BatchNorm with its own forward, but {why}; "
+                "only a BatchNorm followed by pointwise activations can be sliced"
+            )
     with modes_kept(model):
         model.eval()
         try:

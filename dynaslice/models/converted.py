@@ -21,7 +21,10 @@ width from its input. BatchNorm over one group becomes a :class:`~dynaslice.nn.S
 with private statistics per width (as in the zoo), seeded with the model's own statistics.
 BatchNorm over a concatenation of several groups (DenseNet) keeps one set of statistics for all
 widths, since its widths are combinations of several groups; :func:`dynaslice.train.recalibrate_bn`
-does not recompute those yet.
+does not recompute those yet. A norm+activation layer (timm's ``BatchNormAct2d``: a BatchNorm
+subclass whose own forward runs the norm, then ``drop`` and ``act``) is sliced the same way, its
+pointwise parts applied after, and a subnet extracts it as the layer's own class; other parts
+than pointwise torch.nn layers are refused in one line.
 
 The largest subnet *is* the original model: :func:`make_supernet` checks it on the example
 input (and that the narrowest subnet runs) before returning.
@@ -47,14 +50,27 @@ from torch import fx, nn
 
 from ..graph import Analysis, GraphError, Layout, analyze, modes_kept, rules, trace
 from ..nn import SlicedBatchNorm2d, SlicedModule
-from ..nn.converted import ConvertedConv, ConvertedLinear, ConvertedNorm, Segments
+from ..nn.converted import (
+    ConvertedBatchNormAct,
+    ConvertedConv,
+    ConvertedLinear,
+    ConvertedNorm,
+    ConvertedNormAct,
+    Segments,
+)
 from ..space import Arch, Dim, SearchSpace, dsnet_ratios, width_grid
 from .base import Supernet
 
 
-def _sliced_batchnorm(bn: nn.BatchNorm2d, widths: Sequence[int]) -> SlicedBatchNorm2d:
-    """The zoo's BatchNorm with private statistics per width, every row seeded with ``bn``'s."""
-    new = SlicedBatchNorm2d(bn.num_features, widths, eps=bn.eps, momentum=bn.momentum)
+def _sliced_batchnorm(
+    bn: nn.BatchNorm2d, widths: Sequence[int], parts: Sequence[str] | None = None
+) -> SlicedBatchNorm2d:
+    """The zoo's BatchNorm with private statistics per width, every row seeded with ``bn``'s
+    (then ``bn``'s pointwise ``parts`` when it is a norm+activation layer)."""
+    if parts is None:
+        new = SlicedBatchNorm2d(bn.num_features, widths, eps=bn.eps, momentum=bn.momentum)
+    else:
+        new = ConvertedBatchNormAct(bn, parts, widths)
     with torch.no_grad():
         new.weight.copy_(bn.weight)
         new.bias.copy_(bn.bias)
@@ -224,6 +240,7 @@ def _convert_layers(gm: fx.GraphModule, analysis: Analysis, space: SearchSpace) 
         if not touched & set(sliced) or before is None:
             continue
         segments = _segments(analysis, before)
+        parts = rules.norm_act_parts(m)  # timm's BatchNormAct2d: a BatchNorm, then pointwise parts
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             new = ConvertedConv(m, None if m.groups > 1 else segments)
             calls[node] = "" if m.groups > 1 else "out+ins"
@@ -233,7 +250,10 @@ def _convert_layers(gm: fx.GraphModule, analysis: Analysis, space: SearchSpace) 
             isinstance(m, nn.BatchNorm2d) and m.affine and m.track_running_stats and len(segments) == 1
             and segments[0][1] == 1
         ):  # fmt: skip
-            new, calls[node] = _sliced_batchnorm(m, space[sliced[before.segments[0].group]].choices), ""
+            choices = space[sliced[before.segments[0].group]].choices
+            new, calls[node] = _sliced_batchnorm(m, choices, parts), ""
+        elif parts is not None:
+            new, calls[node] = ConvertedNormAct(m, parts, segments), "ins"
         elif isinstance(m, rules.BATCH_NORMS + (nn.LayerNorm, nn.GroupNorm)):
             new, calls[node] = ConvertedNorm(m, segments), "ins"
         else:

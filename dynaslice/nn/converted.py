@@ -10,6 +10,7 @@ per segment (``in_segments``: the channels and repeat of each segment, see
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SlicedModule, as_parameter
+from .norm import SlicedBatchNorm2d
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
@@ -208,3 +210,50 @@ class ConvertedNorm(SlicedModule):
         if self.kind == "batch" and self.track:
             new.num_batches_tracked = self.num_batches_tracked.detach().clone()
         return new.train(self.training)
+
+
+class _PartsAfter:
+    """A sliced BatchNorm leaf that, like a norm+activation layer (timm's ``BatchNormAct2d``: a
+    BatchNorm subclass whose forward runs the norm, then ``drop``, then ``act``), applies
+    pointwise parts after the norm. The parts are the layer's own modules, under the same names,
+    so state dicts and modes read as the model's; ``to_static`` gives the layer's own class."""
+
+    def _take_parts(self, layer: nn.Module, parts: Sequence[str]) -> None:
+        self.parts, self.static_type = tuple(parts), type(layer)
+        for name in self.parts:
+            self.add_module(name, getattr(layer, name))
+
+    def forward(self, x: torch.Tensor, *widths: tuple[int, ...]) -> torch.Tensor:
+        y = super().forward(x, *widths)
+        for name in self.parts:
+            y = getattr(self, name)(y)
+        return y
+
+    def to_static(self, in_shape: torch.Size, *widths: tuple[int, ...]) -> nn.Module:
+        """The plain BatchNorm of this width, turned into the layer's own class with copies of its
+        parts: what the class's ``__init__`` builds (a BatchNorm, then the parts), without
+        calling it (its arguments, e.g. timm's ``act_layer``, are not kept)."""
+        new = super().to_static(in_shape, *widths)
+        new.__class__ = self.static_type
+        for name in self.parts:
+            new.add_module(name, copy.deepcopy(getattr(self, name)))
+        return new
+
+
+class ConvertedBatchNormAct(_PartsAfter, SlicedBatchNorm2d):
+    """A norm+activation layer over one group: private statistics per width, as the zoo's
+    BatchNorm (:class:`~dynaslice.nn.SlicedBatchNorm2d`), then the layer's pointwise parts."""
+
+    def __init__(self, layer: nn.BatchNorm2d, parts: Sequence[str], widths: Sequence[int]):
+        super().__init__(layer.num_features, widths, eps=layer.eps, momentum=layer.momentum)
+        self._take_parts(layer, parts)
+
+
+class ConvertedNormAct(_PartsAfter, ConvertedNorm):
+    """A norm+activation layer over a concatenation, or without affine parameters or running
+    statistics: :class:`ConvertedNorm`'s BatchNorm, then the layer's pointwise parts."""
+
+    def __init__(self, layer: nn.Module, parts: Sequence[str], in_segments: Segments):
+        super().__init__(layer, in_segments)
+        self.norm_type = next(c for c in type(layer).__mro__ if c in _BATCH_NORMS)  # what to_static builds
+        self._take_parts(layer, parts)
