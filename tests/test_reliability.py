@@ -211,6 +211,7 @@ def test_cifar_batches_of_python_objects_are_refused(tmp_path):
 BAD_VALUES = [
     # (overrides, what the one line must say)
     (["train.recal_images=0"], "train.recal_images=0"),
+    (["optim.lr=1e300"], "beyond float32"),  # finite in float64, an overflow traceback in SGD's step (fuzz, 400 cases)
     (["train.recal_batch_size=1"], "BatchNorm statistics need two or more images"),
     (["data.batch_size=1"], "data.batch_size=1"),
     (["train.log_every_steps=0"], "train.log_every_steps=0"),

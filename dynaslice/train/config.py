@@ -392,7 +392,10 @@ class Config:
         """
         for key, value in _leaves(self):
             if not _finite(value):
-                raise ConfigError(f"{key}={value!r} holds a number that is not finite (nan or inf); give a finite value")
+                raise ConfigError(
+                    f"{key}={value!r} holds a number that is not finite (nan, inf, or beyond float32's "
+                    f"{FLOAT32_MAX:.3g}); give a finite value"
+                )
         for key, (ok, rule) in _RULES.items():
             value = _get(self, key)
             if value is not None and not ok(value):
@@ -576,10 +579,15 @@ def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""Training computes in float32: a setting beyond its range (``optim.lr: 1e300``) overflows there."""
+
+
 def _finite(value: Any) -> bool:
-    """False for a NaN or infinite float anywhere in ``value`` (lists and mappings included)."""
+    """False for a NaN, an infinity or a float beyond float32's range anywhere in ``value``
+    (lists and mappings included)."""
     if isinstance(value, float):
-        return math.isfinite(value)
+        return math.isfinite(value) and abs(value) <= FLOAT32_MAX
     if isinstance(value, list | tuple):
         return all(_finite(v) for v in value)
     if isinstance(value, dict):
