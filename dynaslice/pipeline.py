@@ -50,7 +50,7 @@ from .export import extract_subnet, save_torch_model
 from .modelfile import load_supernet, prefixed, resolve_model_file, save_model_file
 from .onnx_export import export_gated, export_onnx
 from .profile import count_macs, measure_latency
-from .progress import Progress
+from .progress import Progress, heartbeat
 from .report import write_report
 from .serve import resolve_runtime, serve_gated, serve_subnet
 from .train import evaluate, evaluate_gated, train, train_gate, uniform_archs
@@ -401,7 +401,8 @@ def _run_steps(run_dir: Path, cfg: Config, run: RunConfig, until: str | None) ->
         else:
             print(f"[{name}] running", flush=True)
             t0 = time.perf_counter()
-            fn(run_dir, cfg, run)
+            with heartbeat(f"[{name}]"):  # a step of several short parts is not silent in a log
+                fn(run_dir, cfg, run)
             secs = time.perf_counter() - t0
             atomic_write_json(marker, {"step": name, "seconds": secs, "finished": time.time()})
             print(f"[{name}] finished in {secs:.1f} s", flush=True)

@@ -17,11 +17,13 @@ waiting (``Progress(..., clock=fake, stream=io.StringIO())``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TextIO
 
@@ -153,3 +155,35 @@ class Progress:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def heartbeat(desc: str, *, stream: TextIO | None = None, interval: float | None = None) -> Iterator[None]:
+    """A line ``DESC still running, 1m20s`` every ``interval`` seconds while the block runs, when
+    ``stream`` (stderr) is not a terminal.
+
+    Why beside :class:`Progress`: a step made of several parts, each shorter than the interval
+    (the pipeline's latency step: preparing the models, then timing them), would otherwise be
+    silent for longer than the interval in a log file, since every bar counts from its own start.
+    On a terminal the parts' bars show already, so nothing is added there.
+    """
+    stream = stream if stream is not None else sys.stderr
+    interval = default_interval() if interval is None else float(interval)
+    if stream.isatty() or not math.isfinite(interval):
+        yield
+        return
+    interval = interval or 1.0  # 0 asks for every update; a heartbeat has none: once a second
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            print(f"{desc} still running, {format_seconds(time.monotonic() - start)}", file=stream, flush=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat {desc}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
