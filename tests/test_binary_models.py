@@ -59,6 +59,17 @@ def test_every_binary_conv_has_a_shortcut():
     assert torch.allclose(block(x), expected)
 
 
+@pytest.mark.parametrize("side", [28, 7])
+def test_odd_sides_keep_shortcut_and_conv_shapes_equal(side):
+    """28 -> 14 -> 7 -> 4: the shortcut of the last stride-2 block must give 4 rows, not 3 broadcast."""
+    model = binary_resnet_small(PlainBinaryConv2d, width_mult=0.25).eval()
+    shapes = []
+    model.layer4[0].shortcut1.register_forward_hook(lambda m, i, o: shapes.append(o.shape))
+    model.layer4[0].bn1.register_forward_hook(lambda m, i, o: shapes.append(o.shape))
+    model(torch.randn(1, 1, side, side))
+    assert shapes[0] == shapes[1]
+
+
 def test_refuses_unknown_activation_and_conv():
     with pytest.raises(ValueError, match="act must be"):
         binary_resnet_small(None, act="relu")

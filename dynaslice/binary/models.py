@@ -11,7 +11,7 @@ What makes it a *binary* network that trains (Bi-Real, ReCU's ResNet):
   real-valued stream survives each 1-bit layer instead of being quantised twice per block;
 - the activation is hardtanh (ReCU, Bi-Real) or PReLU (SiMaN), never ReLU: the next layer takes
   the sign of it, and the sign of a post-ReLU tensor is all ``+1``;
-- a downsampling shortcut is ``AvgPool2d(2)`` followed by zero channels (ReCU's ResNet-20
+- a downsampling shortcut is ``AvgPool2d(2, ceil_mode=True)`` followed by zero channels (ReCU's ResNet-20
   "option A" with an average instead of a strided pick). It has no parameters and no
   multiplications, so every convolution after the stem is 1-bit; a full-precision 1x1
   projection (Bi-Real's choice) would put three float convolutions into a network whose point
@@ -60,7 +60,9 @@ class PoolPadShortcut(nn.Module):
         if cout < cin:
             raise ValueError(f"a shortcut cannot narrow {cin} channels to {cout}")
         self.cin, self.cout, self.stride = cin, cout, stride
-        self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        # ceil_mode: a 3x3 stride-2 conv with padding 1 maps 7 rows to 4, and so must the shortcut
+        # (the last window averages the rows it has)
+        self.pool = nn.AvgPool2d(stride, ceil_mode=True) if stride > 1 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.pad(self.pool(x), (0, 0, 0, 0, 0, self.cout - self.cin))
