@@ -7,7 +7,8 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml constraints.txt
+# setup.py and the C source too: the 1-bit kernel (dynaslice/binary/_bitconv) is rebuilt when they change
+$(STAMP): pyproject.toml constraints.txt setup.py dynaslice/binary/csrc/bitconv.c
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
