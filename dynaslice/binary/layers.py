@@ -17,6 +17,7 @@ centring) for export and for the kernel.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,12 +76,20 @@ class BinaryConv2d(nn.Conv2d):
     method's gradient to the latent weights), :meth:`scale` (per output channel) and
     :meth:`prepare_input` (what is binarised: ``x``, or ``x`` standardised per sample).
     ``center`` says whether the deployed layer centres each sample before the sign.
+    ``decayed`` names the layer's own parameters that weight decay applies to (the method's
+    rule: ReCU decays its latent weights and scale, SiMaN neither).
     """
 
     center: bool = False
+    decayed: tuple[str, ...] = ("weight",)  # own parameters that take weight decay (dynaslice.train.optim)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+
+    def weight_decay_parameters(self) -> list[nn.Parameter]:
+        """The parameters of this layer that weight decay applies to: a method's rule (SiMaN
+        decays none), read by :func:`dynaslice.train.optim.param_groups`."""
+        return [getattr(self, name) for name in self.decayed]
 
     def binary_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -122,3 +131,129 @@ class PlainBinaryConv2d(BinaryConv2d):
 
     def scale(self) -> torch.Tensor:
         return self.weight.abs().mean(dim=(1, 2, 3))
+
+
+class ReCUConv2d(BinaryConv2d):
+    """ReCU (Xu et al., ICCV 2021), as ``z-hXu/ReCU``'s ``BinarizeConv2d`` computes it.
+
+    Weights: each filter is standardised, ``w1 = (w - mean) / (std / (2 sqrt 2))``, then clamped
+    to ``[-Q, Q]`` with ``Q = -mean|w1| ln(2 - 2 tau)`` (detached), and binarised with an identity
+    straight-through gradient. Clamping keeps signs, so the forward is ``sign(w - mean)``; the
+    clamp only zeroes the gradient of the "dead" weights beyond ``Q``, which weight decay (on
+    the latent weights, as the official recipe) pulls back. ``tau`` is a buffer the trainer
+    sets every epoch (:func:`dynaslice.binary.methods.recu_tau`).
+
+    Activations: in training only, each sample is divided by its standard deviation before
+    ApproxSign (this moves the gradient window, never a sign); in eval, ``x`` itself.
+
+    Scale: a learnable per-channel ``alpha`` initialised with ``torch.rand`` as the official code
+    does (from the global RNG: the trainer's seed fixes it).
+    """
+
+    decayed = ("weight", "alpha")  # the official recipe decays every parameter (5e-4)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding)
+        self.alpha = nn.Parameter(torch.rand(out_channels))
+        self.register_buffer("tau", torch.tensor(0.85))  # the schedule's first value until a trainer sets it
+
+    def standardized_weight(self) -> torch.Tensor:
+        """``w1``: each filter centred and divided by ``std / (2 sqrt 2)`` (unbiased variance + 1e-5)."""
+        w0 = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return w0 / (torch.sqrt(w0.var(dim=(1, 2, 3), keepdim=True) + 1e-5) / (2 * math.sqrt(2)))
+
+    def binary_weight(self) -> torch.Tensor:
+        w1 = self.standardized_weight()
+        q = (-w1.abs().mean() * torch.log(2 - 2 * self.tau)).detach()
+        w2 = torch.clamp(w1, -q, q)
+        return binarize(w2) + (w2 - w2.detach())  # identity straight-through, exact +-1 forward
+
+    def scale(self) -> torch.Tensor:
+        return self.alpha
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return x / torch.sqrt(x.var(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return x
+
+
+class SiManConv2d(BinaryConv2d):
+    """SiMaN (Lin et al., TPAMI 2022), as ``lmbxmu/SiMaN``'s ``BinarizeConv2d`` computes it.
+
+    Weights: the code's, not the paper's {0,+1}: in training, each filter's standardised
+    magnitudes ``X = |(w - mean) / std|`` are ranked and the top half (``X`` above the filter's
+    median) becomes ``+1``, the rest ``-1`` -- ``2B - 1``, balanced per filter, the latent sign
+    ignored -- with a straight-through gradient to ``X``. ``B`` is a buffer kept for eval.
+    Before that, every training forward recentres each filter and clips the layer's magnitudes
+    to the ``[percent, 100 - percent]`` percentiles (``percent`` is a buffer the trainer sets
+    every epoch, :func:`dynaslice.binary.methods.siman_percent`; 0: no clip).
+
+    Activations: each sample standardised over (C, H, W), in train and eval (``center = True``:
+    the deployed layer only centres, which gives the same signs), then ApproxSign.
+
+    Scale: learnable per-channel ``alpha``, initialised to ``mean|w|`` of the initial weights.
+    No weight decay on the latent weights or ``alpha`` (the official name filter's intent; see
+    :mod:`dynaslice.binary.methods`).
+
+    Differences from the official code: the recentring and clipping of the latent weights run
+    in training forwards only (the code also rewrites the weights in eval, which changes no
+    eval output since ``B`` is fixed there); the percentiles come from ``torch.quantile``
+    (linear interpolation, as ``numpy.percentile``) on the weight's own device.
+    """
+
+    center = True
+    decayed: tuple[str, ...] = ()
+    zero_one = False  # the paper's {0,+1} weights (an ablation: no +-1 deployment)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding)
+        w = self.weight.detach()
+        self.alpha = nn.Parameter(w.abs().mean(dim=(1, 2, 3)).clone())
+        self.register_buffer("B", (w >= 0).flatten(1).float())  # the code's (sign(w) + 1) / 2 until trained
+        self.register_buffer("percent", torch.tensor(0.0))
+
+    def magnitudes(self) -> torch.Tensor:
+        """``X``: each filter's standardised magnitudes, ``[out, in * kh * kw]`` (unbiased variance + 1e-5)."""
+        w1 = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return (w1 / torch.sqrt(w1.var(dim=(1, 2, 3), keepdim=True) + 1e-5)).abs().flatten(1)
+
+    @torch.no_grad()
+    def update_latent(self) -> None:
+        """One training forward's updates: recentre and clip the latent weights, then rank ``B``."""
+        w1 = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        mag = w1.abs()
+        p = float(self.percent) / 100
+        lo, hi = torch.quantile(mag.flatten(), torch.tensor([p, 1 - p], dtype=mag.dtype, device=mag.device))
+        self.weight.copy_(torch.sign(w1) * mag.clamp(lo, hi))
+        x = self.magnitudes()
+        self.B.copy_((x > x.median(dim=1, keepdim=True).values).float())
+
+    def binary_weight(self) -> torch.Tensor:
+        x = self.magnitudes()
+        levels = self.B if self.zero_one else 2 * self.B - 1
+        return (levels + (x - x.detach())).view_as(self.weight)
+
+    def scale(self) -> torch.Tensor:
+        return self.alpha
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = center_per_sample(x)
+        return x0 / torch.sqrt(x0.var(dim=(1, 2, 3), keepdim=True) + 1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.update_latent()
+        return super().forward(x)
+
+
+class SiManWDConv2d(SiManConv2d):
+    """SiMaN with weight decay on its latent weights (an ablation of the official rule)."""
+
+    decayed = ("weight",)
+
+
+class SiManZeroOneConv2d(SiManConv2d):
+    """SiMaN with the paper's {0,+1} weights (``B`` itself) instead of the code's ``2B - 1``: an
+    ablation; :meth:`deploy_spec` refuses it (no 1-bit +-1 deployment)."""
+
+    zero_one = True

@@ -7,6 +7,7 @@
 - :mod:`.export`: ``export`` (a subnet, a budget entry or a gated model as PyTorch/ONNX);
 - :mod:`.quantize`: ``quantize`` (int8 post-training quantization of an exported ONNX artifact);
 - :mod:`.prune`: ``prune`` (one compact network by DCFF, White-Box, 1xN or a baseline);
+- :mod:`.binarize`: ``binarize`` (a binary network by ReCU, SiMaN, the plain BNN);
 - :mod:`.common`: what several commands share (``--set``, default run directories, archs, amounts).
 
 The library raises its own exceptions (``ConfigError``, ``CheckpointError``, ``DatasetError``,
@@ -32,10 +33,10 @@ from typing import Any, NoReturn
 from ..data import DatasetError, DatasetNotFoundError
 from ..runs import RunDirBusy
 from ..train import TrainingDiverged
-from . import export, profile, prune, quantize, run, select, train
+from . import binarize, export, profile, prune, quantize, run, select, train
 from .common import UserError
 
-GROUPS = (run, train, profile, select, export, quantize, prune)  # --help order
+GROUPS = (run, train, profile, select, export, quantize, prune, binarize)  # --help order
 
 
 class _Parser(argparse.ArgumentParser):

@@ -16,9 +16,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: conv/linear weights with ``weight_decay``, everything else (norms, biases) without.
 
     Decaying BatchNorm's gamma/beta or biases only fights the normalisation and hurts accuracy
-    (the standard ImageNet recipe, as in the DS-Net papers).
+    (the standard ImageNet recipe, as in the DS-Net papers). A module with a
+    ``weight_decay_parameters()`` method says itself which of its own parameters are decayed: a
+    binary convolution's method decides (:mod:`dynaslice.binary`; SiMaN decays none of them).
     """
     decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, _DECAYED)}
+    for m in model.modules():  # a layer that names its decayed parameters overrides the rule for its own
+        if hasattr(m, "weight_decay_parameters"):
+            decay_ids -= {id(p) for p in m.parameters(recurse=False)}
+            decay_ids |= {id(p) for p in m.weight_decay_parameters()}
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:

@@ -1,0 +1,127 @@
+"""The binary-network methods by name: which convolution, which activation, which per-epoch schedule.
+
+One :class:`Method` per arm of issue 30's experiments. What differs between arms is only here:
+
+- ``conv``: the binary convolution class (``None``: full precision, the same graph with
+  ``nn.Conv2d``). Its ``decayed`` attribute is the method's weight-decay rule for the layer's
+  own parameters (:func:`dynaslice.train.optim.param_groups` reads it): the plain baseline
+  decays its latent weights (like any conv); ReCU its latent weights and ``alpha`` (the
+  official code decays every parameter); SiMaN neither (``SiManWDConv2d``: the latent weights).
+  Every other parameter follows the project's rule in every arm: conv and linear weights
+  decayed, BatchNorm, PReLU and biases not.
+- ``act``: hardtanh (Bi-Real, ReCU) or PReLU (SiMaN's ResNet-20).
+- ``epoch_hook(model, epoch, epochs)``: ReCU's tau, SiMaN's clipping percentile, set on every
+  binary layer before each epoch (0-based ``epoch`` of ``epochs``).
+
+SiMaN's official name filter, ``'layer' in name and 'conv' in name`` (ResNets), takes weight
+decay off every parameter named like ``layerN.M.convK.*``: the binary convs' latent weights and
+their ``alpha`` (and ``B``, which has no gradient). It leaves decay (5e-4) on everything else,
+BatchNorm and PReLU included, and on ResNet-18's binary 1x1 ``shortcut.0`` convs, whose names lack
+"conv". We follow the intent by type, not name: no decay on any SiMaN layer's latent weights or
+``alpha`` (our shortcuts have no convs), and the project's rule for the rest (no decay on
+BatchNorm and PReLU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .layers import (
+    BinaryConv2d,
+    PlainBinaryConv2d,
+    ReCUConv2d,
+    SiManConv2d,
+    SiManWDConv2d,
+    SiManZeroOneConv2d,
+)
+from .models import BinaryResNet, binary_resnet_small
+
+EpochHook = Callable[[nn.Module, int, float], None]
+
+TAU_MIN, TAU_MAX = 0.85, 0.99  # ReCU's official schedule ends
+CLIP_PERCENT = 15.0  # SiMaN's official clipping percentile at epoch 0
+
+
+def recu_tau(epoch: int, epochs: float, tau_min: float = TAU_MIN, tau_max: float = TAU_MAX) -> float:
+    """ReCU's exponential schedule, as the official ``cpt_tau``: ``A e^(epoch/epochs) + B`` with
+    ``A = (tau_max - tau_min) / (e - 1)``, ``B = tau_min - A``: ``tau_min`` at epoch 0, rising to
+    ``tau_max`` at ``epoch == epochs`` (the last epoch, ``epochs - 1``, runs just below it)."""
+    a = (tau_max - tau_min) / (math.e - 1)
+    return a * math.exp(epoch / epochs) + tau_min - a
+
+
+def siman_percent(epoch: int, epochs: float, start: float = CLIP_PERCENT) -> float:
+    """SiMaN's clipping percentile ``15 (1 - epoch / epochs)``: 15 at epoch 0, falling linearly
+    (``15 / epochs`` at the last epoch, 0 only after it)."""
+    return start * (1 - epoch / epochs)
+
+
+def _set_buffer(name: str, value: float, model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, BinaryConv2d):
+            getattr(m, name).fill_(value)
+
+
+def _tau_schedule(model: nn.Module, epoch: int, epochs: float) -> None:
+    _set_buffer("tau", recu_tau(epoch, epochs), model)
+
+
+def _fixed_tau(tau: float) -> EpochHook:
+    def hook(model: nn.Module, epoch: int, epochs: float) -> None:
+        _set_buffer("tau", tau, model)
+
+    return hook
+
+
+def _clip_schedule(model: nn.Module, epoch: int, epochs: float) -> None:
+    _set_buffer("percent", siman_percent(epoch, epochs), model)
+
+
+def _no_clip(model: nn.Module, epoch: int, epochs: float) -> None:
+    _set_buffer("percent", 0.0, model)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One arm: the convolution class (None: full precision), the activation, the per-epoch hook."""
+
+    conv: type[BinaryConv2d] | None
+    act: str
+    epoch_hook: EpochHook | None = None
+    about: str = field(default="", compare=False)
+
+
+METHODS: dict[str, Method] = {
+    "fp": Method(None, "hardtanh", about="full precision, the same graph"),
+    "bnn": Method(PlainBinaryConv2d, "hardtanh", about="plain BNN: sign + STE, mean|w| scale, ApproxSign"),
+    "recu": Method(ReCUConv2d, "hardtanh", _tau_schedule, "ReCU, tau 0.85 -> 0.99 (exponential, per epoch)"),
+    "recu_tau085": Method(ReCUConv2d, "hardtanh", _fixed_tau(TAU_MIN), "ReCU, tau fixed at 0.85"),
+    "recu_tau099": Method(ReCUConv2d, "hardtanh", _fixed_tau(TAU_MAX), "ReCU, tau fixed at 0.99"),
+    "siman": Method(SiManConv2d, "prelu", _clip_schedule, "SiMaN as its code: balanced 2B-1, clip 15(1-e/E)"),
+    "siman_wd": Method(SiManWDConv2d, "prelu", _clip_schedule, "SiMaN with weight decay on latent weights"),
+    "siman_noclip": Method(SiManConv2d, "prelu", _no_clip, "SiMaN without the percentile clip"),
+    "siman01": Method(SiManZeroOneConv2d, "prelu", _clip_schedule, "SiMaN with the paper's {0,+1} weights"),
+}
+
+
+def method(name: str) -> Method:
+    """The registered method ``name``, or a one-line ValueError listing them."""
+    if name not in METHODS:
+        raise ValueError(f"unknown binary method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def build_model(name: str, *, width_mult: float = 1.0, in_chans: int = 1, num_classes: int = 10) -> BinaryResNet:
+    """The binary small ResNet of method ``name`` (what ``dynaslice binarize`` trains and saves)."""
+    m = method(name)
+    return binary_resnet_small(m.conv, width_mult=width_mult, act=m.act, in_chans=in_chans, num_classes=num_classes)
+
+
+def model_spec(name: str, width_mult: float, in_chans: int, num_classes: int) -> dict[str, Any]:
+    """The keywords of :func:`build_model` as saved in a binary run's ``model.pt``."""
+    return {"method": name, "width_mult": width_mult, "in_chans": in_chans, "num_classes": num_classes}
