@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from .. import runs
-from ..prune import prune_run
-from ..train.config import PRUNE_METHODS, load_config
+from ..prune import prune_run, pruner_names
+from ..train.config import load_config
 from .common import UserError, add_set, parse_share
 
 SLOW_START = 0.05
@@ -63,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "method; writes RUN/model.pt, RUN/model.onnx and RUN/final_eval.json. Settings: the prune: section "
         "of the config (see configs/prune.yaml).",
     )
-    p.add_argument("method", choices=PRUNE_METHODS, metavar="METHOD", help=" | ".join(PRUNE_METHODS))
+    methods = pruner_names()
+    p.add_argument("method", choices=methods, metavar="METHOD", help=" | ".join(methods))
     p.add_argument("--config", default="prune", help="YAML file or preset name (default: prune)")
     p.add_argument(
         "--target-macs", type=parse_share, default=None, metavar="X",

@@ -15,7 +15,10 @@ network is plain ``torch.nn`` (an ``fx.GraphModule``) with exact MACs and parame
 
 Training is the project's engine: each phase of a method is a resumable run directory under
 the method's ``run_dir`` (:mod:`.phases`), its budget set by the config (``train.epochs``,
-``prune.finetune_epochs``). :func:`prune_run` is ``dynaslice prune``: the config's model, its
+``prune.finetune_epochs``). Each method module registers its method with
+:func:`register_pruner` (one signature, ``run(ctx: PruneContext) -> PruneResult``; see
+:mod:`.registry`), and is imported below: a new method is one new module and its import line.
+:func:`prune_run` is ``dynaslice prune``: the config's model, its
 base training when the method needs one, the method, and the compact network written as
 ``model.pt``, ``model.onnx`` and ``final_eval.json``. The channel machinery (groups found from
 the fx graph, surgery, budgets) is in :mod:`.common`; ``docs/PRUNING.md`` states each method as
@@ -34,9 +37,11 @@ from .common import (
     resolve_widths,
 )
 from .dcff import DCFFTrainer, dcff_train
+from .jackpot import jackpot_prune
 from .l1 import prune_l1, prune_random, train_from_scratch
 from .onexn import MaskedTrainer, magnitude_prune, onexn_prune
 from .phases import train_base
+from .registry import PruneContext, PruningMethod, pruner, pruner_names, register_pruner
 from .run import prune_run
 from .whitebox import WhiteBoxTrainer, whitebox_prune
 
@@ -44,7 +49,9 @@ __all__ = [
     "ChannelGroup",
     "DCFFTrainer",
     "MaskedTrainer",
+    "PruneContext",
     "PruneResult",
+    "PruningMethod",
     "PruningError",
     "WhiteBoxTrainer",
     "accuracy",
@@ -52,12 +59,16 @@ __all__ = [
     "check_compact",
     "dcff_train",
     "export_onnx",
+    "jackpot_prune",
     "magnitude_prune",
     "onexn_prune",
     "prune_channels",
     "prune_l1",
     "prune_random",
+    "register_pruner",
     "prune_run",
+    "pruner",
+    "pruner_names",
     "resolve_widths",
     "train_base",
     "train_from_scratch",

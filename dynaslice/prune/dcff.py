@@ -71,6 +71,7 @@ from .common import (
     resolve_widths,
 )
 from .phases import fit
+from .registry import PruneContext, register_pruner
 
 __all__ = [
     "DCFFTrainer",
@@ -267,3 +268,11 @@ def dcff_train(
                      "first_temperatures": temps[:3], "last_temperature": temps[-1]},
     }  # fmt: skip
     return finish("dcff", to_compact(trainer.model), input_size, widths, val, info)
+
+
+@register_pruner("dcff", budget="channels", trains_base=False, include="all")
+def _dcff(ctx: PruneContext) -> PruneResult:
+    p = ctx.cfg.prune
+    return dcff_train(ctx.model, ctx.input_size, ctx.cfg, ctx.run_dir, target_macs=ctx.target_macs,
+                      target_params=ctx.target_params, include=ctx.include, t_start=p.t_start, t_end=p.t_end,
+                      k=p.k, updates_per_epoch=p.updates_per_epoch, resume=ctx.resume)  # fmt: skip

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ from .common import (
     resolve_widths,
 )
 from .phases import finetune, run_phase
+from .registry import PruneContext, register_pruner
 
 __all__ = ["l1_scores", "l1_select", "prune_l1", "prune_random", "random_select", "train_from_scratch"]
 
@@ -155,3 +157,24 @@ def train_from_scratch(
     select = lambda gm, groups, w: keep_first(w)  # noqa: E731
     targets = (target_macs, target_params)
     return _run("scratch", model, input_size, select, widths, targets, include, cfg, run_dir, resume, seed)
+
+
+def _arguments(ctx: PruneContext) -> dict[str, Any]:
+    """The keywords the three baselines share, from the run's context."""
+    return {"target_macs": ctx.target_macs, "target_params": ctx.target_params, "include": ctx.include,
+            "cfg": ctx.cfg, "run_dir": ctx.run_dir, "resume": ctx.resume}  # fmt: skip
+
+
+@register_pruner("l1", budget="channels", trains_base=True)
+def _l1(ctx: PruneContext) -> PruneResult:
+    return prune_l1(ctx.model, ctx.input_size, **_arguments(ctx))
+
+
+@register_pruner("random", budget="channels", trains_base=True)
+def _random(ctx: PruneContext) -> PruneResult:
+    return prune_random(ctx.model, ctx.input_size, seed=ctx.cfg.train.seed, **_arguments(ctx))
+
+
+@register_pruner("scratch", budget="channels", trains_base=False)
+def _scratch(ctx: PruneContext) -> PruneResult:
+    return train_from_scratch(ctx.model, ctx.input_size, seed=ctx.cfg.train.seed, **_arguments(ctx))

@@ -49,6 +49,7 @@ from ..train.config import Config
 from ..train.model import ModelTrainer
 from .common import ChannelGroup, PruneResult, PruningError, channel_groups, finish, prune_channels
 from .phases import finetune
+from .registry import PruneContext, register_pruner
 
 __all__ = [
     "MaskedTrainer",
@@ -219,3 +220,16 @@ def magnitude_prune(
     mask = lambda w: magnitude_mask(w, sparsity)  # noqa: E731
     info = {"sparsity": sparsity}
     return _sparse_run("magnitude", model, input_size, mask, False, layers, cfg, run_dir, resume, info)
+
+
+@register_pruner("onexn", budget="sparsity", trains_base=True)
+def _onexn(ctx: PruneContext) -> PruneResult:
+    p = ctx.cfg.prune
+    return onexn_prune(ctx.model, ctx.input_size, p.n, p.sparsity, p.rearrange, cfg=ctx.cfg, run_dir=ctx.run_dir,
+                       resume=ctx.resume)  # fmt: skip
+
+
+@register_pruner("magnitude", budget="sparsity", trains_base=True)
+def _magnitude(ctx: PruneContext) -> PruneResult:
+    return magnitude_prune(ctx.model, ctx.input_size, ctx.cfg.prune.sparsity, cfg=ctx.cfg, run_dir=ctx.run_dir,
+                           resume=ctx.resume)  # fmt: skip

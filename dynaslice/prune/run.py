@@ -6,7 +6,9 @@ settings (``prune.*``, see :class:`~dynaslice.train.config.PruneConfig`). The ru
 ``base/`` (the full network, for methods that prune a trained one), the method's own phases
 (``train/``, ``finetune/``), then the compact network as ``model.pt`` (``torch.save`` of the
 plain model) and ``model.onnx``, and ``final_eval.json`` (validation accuracy, dense and nominal
-MACs, parameters and non-zero parameters) last: a run that has it is finished.
+MACs, parameters and non-zero parameters) last: a run that has it is finished. Which method
+runs, what budget it takes and whether it starts from a trained base is what the method
+declared when it registered (:mod:`.registry`): nothing here names a method.
 """
 
 from __future__ import annotations
@@ -26,16 +28,13 @@ from ..profile import count_module_macs, count_module_params
 from ..seeding import derive_seed
 from ..train.config import Config, ConfigError
 from ..train.data import load_split
-from .common import PruneResult, channel_groups, export_onnx, resolve_widths
-from .dcff import dcff_train
-from .l1 import prune_l1, prune_random, train_from_scratch
-from .onexn import magnitude_prune, onexn_prune
+from .common import channel_groups, export_onnx, resolve_widths
 from .phases import train_base
-from .whitebox import whitebox_prune
+from .registry import TARGET_KINDS, PruneContext, pruner
 
 __all__ = ["full_network", "prune_run", "resolve_targets"]
 
-CHANNEL_METHODS = ("dcff", "whitebox", "l1", "random", "scratch")
+_TARGET_WORDS = {"macs": "MACs", "params": "parameters"}
 
 
 def full_network(cfg: Config) -> tuple[nn.Module, tuple[int, ...], int]:
@@ -57,20 +56,27 @@ def full_network(cfg: Config) -> tuple[nn.Module, tuple[int, ...], int]:
 
 
 def resolve_targets(cfg: Config, model: nn.Module, input_size: tuple[int, ...]) -> tuple[int | None, int | None]:
-    """``prune.target_macs`` / ``target_params`` as counts: a value <= 1 is a fraction of ``model``'s."""
-    p = cfg.prune
-    if p.method in CHANNEL_METHODS and (p.target_macs is None) == (p.target_params is None):
-        raise ConfigError(
-            f"{p.method} needs exactly one budget: --target-macs or --target-params "
-            "(prune.target_macs / prune.target_params, the other null)"
-        )
-    if p.method not in CHANNEL_METHODS and (p.target_macs is not None or p.target_params is not None):
+    """``prune.target_macs`` / ``target_params`` as counts: a value <= 1 is a fraction of ``model``'s.
+
+    The budget the method declared when it registered decides what is allowed: a ``channels``
+    method takes exactly one of them (of the kinds it lists), a ``sparsity`` method neither.
+    """
+    p, method = cfg.prune, pruner(cfg.prune.method)
+    given = [kind for kind in TARGET_KINDS if getattr(p, f"target_{kind}") is not None]
+    if method.budget == "sparsity" and given:
         raise ConfigError(
             f"{p.method} prunes prune.sparsity of the weights (--set prune.sparsity=0.5); "
             "--target-macs / --target-params are for channel pruning"
         )
-    if p.method == "whitebox" and p.target_params is not None:
-        raise ConfigError("White-Box's vote meets a MACs target: use --target-macs")
+    if method.budget == "channels" and len(given) != 1:
+        raise ConfigError(
+            f"{p.method} needs exactly one budget: --target-macs or --target-params "
+            "(prune.target_macs / prune.target_params, the other null)"
+        )
+    if method.budget == "channels" and given[0] not in method.targets:
+        kinds = " or ".join(_TARGET_WORDS[kind] for kind in method.targets)
+        flags = " or ".join(f"--target-{kind}" for kind in method.targets)
+        raise ConfigError(f"{p.method} prunes to a {kinds} target: use {flags}")
 
     def count(value: float | None, full: int) -> int | None:
         return None if value is None else int(value * full) if value <= 1 else int(value)
@@ -81,34 +87,22 @@ def resolve_targets(cfg: Config, model: nn.Module, input_size: tuple[int, ...]) 
     )
 
 
-def _method(
-    cfg: Config, model: nn.Module, size: tuple[int, ...], classes: int, run_dir: Path, resume: bool
-) -> PruneResult:
-    """Run ``cfg.prune.method`` on the untrained full network ``model``."""
-    p = cfg.prune
+def _context(cfg: Config, model: nn.Module, size: tuple[int, ...], classes: int, run_dir: Path,
+             resume: bool) -> PruneContext:  # fmt: skip
+    """The method's context: the budget resolved against the untrained full network ``model``,
+    then, for a method that prunes a trained network, that network trained in ``RUN/base``.
+
+    A channel budget such a method cannot reach is an error before the base trains.
+    """
+    method = pruner(cfg.prune.method)
     macs, params = resolve_targets(cfg, model, size)
-    budget = {"target_macs": macs, "target_params": params}
-    common = {"cfg": cfg, "run_dir": run_dir, "resume": resume}
-    if p.method == "dcff":
-        return dcff_train(model, size, cfg, run_dir, **budget, include=p.include or "all", t_start=p.t_start,
-                          t_end=p.t_end, k=p.k, updates_per_epoch=p.updates_per_epoch, resume=resume)  # fmt: skip
-    if p.method == "whitebox":
-        return whitebox_prune(model, size, classes, macs, cfg, run_dir, lam=p.lam, min_keep=p.min_keep,
-                              include=p.include or "internal", resume=resume)  # fmt: skip
-    include = p.include or "internal"
-    if p.method == "scratch":
-        return train_from_scratch(model, size, **budget, include=include, seed=cfg.train.seed, **common)
-    if p.method in ("l1", "random"):  # the budget must be reachable before the base trains
-        gm, groups = channel_groups(model, size)
-        resolve_widths(gm, groups, size, include, None, macs, params)
-    base = train_base(model, cfg, run_dir / runs.PRUNE_BASE, resume)
-    if p.method == "l1":
-        return prune_l1(base, size, **budget, include=include, **common)
-    if p.method == "random":
-        return prune_random(base, size, **budget, include=include, seed=cfg.train.seed, **common)
-    if p.method == "onexn":
-        return onexn_prune(base, size, p.n, p.sparsity, p.rearrange, **common)
-    return magnitude_prune(base, size, p.sparsity, **common)
+    include = cfg.prune.include or method.include
+    if method.trains_base:
+        if method.budget == "channels":
+            gm, groups = channel_groups(model, size)
+            resolve_widths(gm, groups, size, include, None, macs, params)
+        model = train_base(model, cfg, run_dir / runs.PRUNE_BASE, resume)
+    return PruneContext(cfg, model, size, classes, run_dir, resume, macs, params, include)
 
 
 def prune_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
@@ -129,7 +123,7 @@ def prune_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[st
             raise CheckpointError(f"{run_dir / runs.FINAL_EVAL} is damaged ({e}); prune into a new --out") from None
     model, size, classes = full_network(cfg)
     with runs.exclusive(run_dir):
-        result = _method(cfg, model, size, classes, run_dir, resume)
+        result = pruner(cfg.prune.method).run(_context(cfg, model, size, classes, run_dir, resume))
         save_torch_model(result.model, run_dir / runs.PRUNED_MODEL)
         export_onnx(result, run_dir / runs.PRUNED_ONNX)
         out = {

@@ -68,6 +68,7 @@ from .common import (
     prune_channels,
 )
 from .phases import finetune, fit, pretrain_epochs
+from .registry import PruneContext, register_pruner
 
 __all__ = [
     "ClassMask",
@@ -296,3 +297,11 @@ def whitebox_prune(
     info = {"lam": lam, "min_keep": min_keep, "target_macs": target_macs, "include": include,
             "scores": {g: s.tolist() for g, s in scores.items()}}  # fmt: skip
     return finish("whitebox", compact, input_size, widths, val, info)
+
+
+@register_pruner("whitebox", budget="channels", trains_base=False, targets=("macs",))
+def _whitebox(ctx: PruneContext) -> PruneResult:
+    assert ctx.target_macs is not None  # the registration accepts MACs targets only
+    p = ctx.cfg.prune
+    return whitebox_prune(ctx.model, ctx.input_size, ctx.num_classes, ctx.target_macs, ctx.cfg, ctx.run_dir,
+                          lam=p.lam, min_keep=p.min_keep, include=ctx.include, resume=ctx.resume)  # fmt: skip

@@ -16,6 +16,7 @@ import importlib.resources
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,9 +306,6 @@ class Stage2Config:
     macs_weight: float = 10.0
 
 
-PRUNE_METHODS = ("dcff", "whitebox", "onexn", "l1", "random", "scratch", "magnitude")
-
-
 @dataclass
 class PruneConfig:
     """``dynaslice prune METHOD`` (:mod:`dynaslice.prune`): one compact network from the config's
@@ -327,6 +325,9 @@ class PruneConfig:
     - White-Box: mask regulariser ``lam``, at least ``min_keep`` of each layer's channels.
     - DCFF: temperature from ``t_start`` to ``t_end`` with steepness ``k`` per epoch, the fusion
       recomputed ``updates_per_epoch`` times per epoch (the official schedule: ``k = 1``, once).
+    - jackpot (:mod:`dynaslice.prune.jackpot`): ``sparsity`` of the weights by one global threshold,
+      the mask searched over the frozen base for ``finetune_epochs - tune_epochs``, its scores
+      started by ``score_init`` (magnitude, uniform or random); ``tune_epochs`` then train the weights.
     """
 
     method: str = "l1"
@@ -344,11 +345,12 @@ class PruneConfig:
     t_end: float = 1e4
     k: float = 1.0
     updates_per_epoch: int = 1
+    score_init: str = "magnitude"
+    tune_epochs: float = 0.0
 
     def validate(self, epochs: int) -> None:
-        """Check choices and ranges (``epochs``: ``train.epochs``, the whole budget)."""
-        if self.method not in PRUNE_METHODS:
-            raise ConfigError(f"prune.method={self.method!r} is not one of {', '.join(PRUNE_METHODS)}")
+        """Check ranges (``epochs``: ``train.epochs``, the whole budget). ``method`` is checked by
+        the pruning package, which registers the methods (:func:`register_check`)."""
         if self.include not in (None, "internal", "all"):
             raise ConfigError(f"prune.include={self.include!r} is not one of internal, all (or null)")
         if not 0 < self.finetune_epochs < epochs:
@@ -402,6 +404,8 @@ class Config:
                 raise ConfigError(f"{key}={value!r} is out of range: {rule}")
         self._check_choices()
         self._check_combinations()
+        for check in _CHECKS:
+            check(self)
         return self
 
     def _check_choices(self) -> None:
@@ -468,6 +472,23 @@ class Config:
                     f"data.synthetic_* and data.image_size ask for {size / 2**30:.0f} GiB of synthetic images "
                     f"(at most {_SYNTHETIC_BYTES // 2**30} GiB); the synthetic dataset is for tests and smoke runs"
                 )
+
+
+# --------------------------------------------------------------------------- registered rules
+
+ConfigCheck = Callable[[Config], None]
+_CHECKS: list[ConfigCheck] = []
+
+
+def register_check(check: ConfigCheck) -> ConfigCheck:
+    """Add ``check(cfg)`` (raises :class:`ConfigError`) to every :meth:`Config.validate`.
+
+    For the rules of a package above this module, which owns the names they check: the pruning
+    package checks ``prune.method`` against its registered methods, so that no method's name is
+    written here. Samplers and targets carry their rules in their own registries.
+    """
+    _CHECKS.append(check)
+    return check
 
 
 # --------------------------------------------------------------------------- value ranges

@@ -1,0 +1,105 @@
+"""Methods plug in one way: a pruning method, a sampler or a target is one registration in its
+own module, and ``dynaslice prune`` / the config pick it up without any other file changing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dynaslice.cli import build_parser, main
+from dynaslice.prune import (
+    PruneContext,
+    PruneResult,
+    prune_run,
+    pruner,
+    pruner_names,
+    register_pruner,
+    registry,
+)
+from dynaslice.prune.common import channel_groups, finish, keep_first, prune_channels, resolve_widths
+from dynaslice.train.config import ConfigError, load_config
+
+TINY = [
+    "data.name=synthetic", "data.image_size=8", "data.batch_size=16", "data.val_size=16",
+    "data.synthetic_train=80", "data.synthetic_test=32", "train.epochs=1", "train.threads=1",
+    "train.eval_every_epochs=0", "optim.lr=0.05", "prune.finetune_epochs=0.5",
+]  # fmt: skip
+
+
+@pytest.fixture
+def own_registry(monkeypatch):
+    """The pruning registry as a copy for one test: a toy method registered here is gone after it."""
+    monkeypatch.setattr(registry, "_PRUNERS", dict(registry._PRUNERS))
+
+
+def _register_toy(seen: list[PruneContext], **declared) -> None:
+    """A toy channel method, no training: keep the first channels of each group to the budget."""
+
+    @register_pruner("toy", **declared)
+    def toy(ctx: PruneContext) -> PruneResult:
+        seen.append(ctx)
+        gm, groups = channel_groups(ctx.model, ctx.input_size)
+        widths = resolve_widths(gm, groups, ctx.input_size, ctx.include, None, ctx.target_macs, ctx.target_params)
+        compact = prune_channels(gm, groups, keep_first(widths))
+        return finish("toy", compact, ctx.input_size, widths, None, {"include": ctx.include})
+
+
+def test_a_method_registered_in_its_own_module_runs_through_prune_run_and_the_cli(own_registry, tmp_path, capsys):
+    seen: list[PruneContext] = []
+    _register_toy(seen, budget="channels", trains_base=False, include="all")
+    assert "toy" in pruner_names() and pruner("toy").budget == "channels"
+
+    cfg = load_config(None, [*TINY, "prune.method=toy", "prune.target_macs=0.5"])  # the config accepts it
+    result = prune_run(cfg, tmp_path / "lib")
+    (ctx,) = seen
+    assert ctx.include == "all" and ctx.target_params is None and ctx.resume is False
+    assert ctx.target_macs == result["full_macs"] // 2  # the share resolved against the full network
+    assert result["name"] == "toy" and result["macs"] <= ctx.target_macs
+    assert json.loads((tmp_path / "lib" / "final_eval.json").read_text())["method"] == "toy"
+
+    # the CLI's METHOD choices come from the registry
+    out = tmp_path / "cli"
+    argv = ["prune", "toy", "--target-params", "0.5", "--out", str(out), *(a for o in TINY for a in ("--set", o))]
+    assert build_parser().parse_args(argv).method == "toy"
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "toy: val top-1 -" in capsys.readouterr().out and (out / "model.onnx").is_file()
+    assert seen[-1].target_params is not None and seen[-1].target_macs is None
+
+
+def test_the_declared_budget_decides_the_budget_rules(own_registry, tmp_path, capsys):
+    seen: list[PruneContext] = []
+    _register_toy(seen, budget="channels", trains_base=True, targets=("params",))
+    tiny = [a for o in TINY for a in ("--set", o)]
+    for argv, message in [
+        (["--target-macs", "0.5"], "toy prunes to a parameters target: use --target-params"),
+        ([], "toy needs exactly one budget"),
+        (["--target-params", "0.001"], "below"),  # unreachable: refused before the base trains
+    ]:
+        out = tmp_path / str(len(argv))
+        assert main(["prune", "toy", *argv, "--out", str(out), *tiny]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (out / "base").exists()
+    assert seen == []
+
+
+def test_a_sparsity_method_takes_no_channel_target_and_gets_the_trained_base(own_registry, tmp_path):
+    @register_pruner("toy_sparse", budget="sparsity", trains_base=True)
+    def toy(ctx: PruneContext) -> PruneResult:
+        assert ctx.target_macs is None and ctx.target_params is None
+        return finish("toy_sparse", ctx.model, ctx.input_size)
+
+    with pytest.raises(ConfigError, match="toy_sparse prunes prune.sparsity"):
+        prune_run(load_config(None, [*TINY, "prune.method=toy_sparse", "prune.target_macs=0.5"]), tmp_path / "a")
+    result = prune_run(load_config(None, [*TINY, "prune.method=toy_sparse"]), tmp_path / "b")
+    assert result["name"] == "toy_sparse" and (tmp_path / "b" / "base" / "final_eval.json").is_file()
+
+
+def test_registering_one_name_twice_or_an_unknown_budget_is_refused(own_registry):
+    with pytest.raises(ValueError, match="registered twice"):
+        register_pruner("l1", budget="channels", trains_base=True)(lambda ctx: None)
+    with pytest.raises(ValueError, match="budget must be"):
+        register_pruner("new", budget="weights", trains_base=True)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="prune.method='nope' is not one of dcff"):
+        load_config(None, ["prune.method=nope"])
