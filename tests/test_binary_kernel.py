@@ -45,7 +45,7 @@ def test_counts_equal_the_simulated_conv(path, case):
     w = random_signs(gen, cout, cin, k, k)
     expected = F.conv2d(binarize(x), w, stride=stride, padding=pad)  # zeros in the padding
     conv = kernel.pack_weights(w.to(torch.int8).numpy(), stride, pad)
-    counts = kernel.conv_counts(kernel.pack_signs(nhwc(x)), conv, path=path)
+    counts = kernel.conv_counts(nhwc(x), conv, path=path)
     assert counts.dtype == np.int32
     np.testing.assert_array_equal(counts, nhwc(expected).astype(np.int32))
 
@@ -61,13 +61,14 @@ def test_every_supported_path_is_tested_and_forcing_works(monkeypatch):
     assert kernel.resolve_path() == PATHS[0]
 
 
-def test_pack_signs_matches_binarize_and_centring():
+@pytest.mark.parametrize("path", PATHS)
+def test_pack_signs_matches_binarize_and_centring(path):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 70, 3, 4, generator=gen) + 0.5
     x[0, 0, 0, 0] = 0.0  # sign(0) is +1 in the contract
     x[0, 1, 0, 0] = -0.0
     for center, ref in ((False, x), (True, center_per_sample(x))):
-        packed = kernel.pack_signs(nhwc(x), center=center)
+        packed = kernel.pack_signs(nhwc(x), center=center, path=path)
         assert packed.shape == (2, 3, 4, 2)
         bits = np.unpackbits(packed.view(np.uint8), axis=-1, bitorder="little")[..., :70]
         np.testing.assert_array_equal(bits.astype(np.int8) * 2 - 1, nhwc(binarize(ref)))
@@ -84,39 +85,48 @@ def test_weights_round_trip():
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("act", [None, "hardtanh", "prelu"])
-def test_fused_epilogue(path, act):
+@pytest.mark.parametrize("shortcut", [None, "identity", "pool"])
+def test_binary_layer_fuses_affine_shortcut_activation(path, act, shortcut):
+    from dynaslice.binary.models import PoolPadShortcut
+
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 24, 7, 7, generator=gen)
-    w = random_signs(gen, 20, 24, 3, 3)
-    a, b, slope = (torch.randn(20, generator=gen) * 0.1 for _ in range(3))
-    counts = F.conv2d(binarize(x), w, stride=2, padding=1)
-    res = torch.randn_like(counts)
-    y = counts * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1) + res
+    cin, cout, stride = (24, 24, 1) if shortcut == "identity" else (24, 40, 2)
+    x = torch.randn(2, cin, 7, 7, generator=gen)
+    w = random_signs(gen, cout, cin, 3, 3)
+    a, b, slope = (torch.randn(cout, generator=gen) * 0.1 for _ in range(3))
+    y = F.conv2d(binarize(x), w, stride=stride, padding=1) * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+    if shortcut == "identity":
+        y = y + x
+    elif shortcut == "pool":
+        y = y + PoolPadShortcut(cin, cout, stride)(x)
     y = {None: y, "hardtanh": F.hardtanh(y), "prelu": F.prelu(y, slope)}[act]
-    conv = kernel.pack_weights(w.numpy(), 2, 1)
-    got = kernel.conv_fused(kernel.pack_signs(nhwc(x)), conv, a.numpy(), b.numpy(), nhwc(res), act,
-                            slope.numpy(), path=path)  # fmt: skip
+    conv = kernel.pack_weights(w.numpy(), stride, 1)
+    got = kernel.binary_layer(nhwc(x), conv, a.numpy(), b.numpy(), act, slope.numpy(), shortcut, path=path)
     np.testing.assert_allclose(got, nhwc(y), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("side", [7, 8])
-def test_pool_pad_matches_the_shortcut(side):
-    from dynaslice.binary.models import PoolPadShortcut
-
-    x = torch.randn(2, 6, side, side)
-    expected = PoolPadShortcut(6, 10, 2)(x)
-    np.testing.assert_allclose(kernel.pool_pad(nhwc(x), 2, 10), nhwc(expected), rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("act", [None, "hardtanh", "prelu"])
+def test_float_conv_matches_torch(act):
+    gen = torch.Generator().manual_seed(7)
+    x, w, bias, slope = torch.randn(2, 3, 9, 8, generator=gen), torch.randn(20, 3, 3, 3, generator=gen), \
+        torch.randn(20, generator=gen), torch.rand(20, generator=gen)  # fmt: skip
+    y = F.conv2d(x, w, bias, stride=1, padding=1)
+    y = {None: y, "hardtanh": F.hardtanh(y), "prelu": F.prelu(y, slope)}[act]
+    conv = kernel.prepare_float_conv(w.numpy(), bias.numpy(), 1, 1)
+    np.testing.assert_allclose(kernel.float_conv(nhwc(x), conv, act, slope.numpy()), nhwc(y), rtol=1e-5, atol=1e-5)
 
 
 def test_refuses_mismatched_inputs():
     conv = kernel.pack_weights(np.ones((4, 70, 3, 3), dtype=np.int8), 1, 1)
-    with pytest.raises(ValueError, match="70 channels need 2"):
-        kernel.conv_counts(kernel.pack_signs(np.zeros((1, 5, 5, 10), np.float32)), conv)
+    with pytest.raises(ValueError, match="NHWC with 70 channels"):
+        kernel.conv_counts(np.zeros((1, 5, 5, 10), np.float32), conv)
+    with pytest.raises(ValueError, match="identity shortcut needs"):
+        kernel.binary_layer(np.zeros((1, 5, 5, 70), np.float32), conv, np.ones(4), np.ones(4), shortcut="identity")
     # the C side checks buffer lengths itself, so a caller that skips the wrapper cannot overrun
     from dynaslice.binary import _bitconv
 
     with pytest.raises(ValueError, match="bytes, the shape needs"):
-        _bitconv.conv(np.zeros(3, np.uint64), conv.bits, np.zeros(10, np.int32), 1, 5, 5, 70, 4, 3, 3, 1, 1, 0)
+        _bitconv.conv(np.zeros(3, np.float32), conv.bits, conv.tap_ones, np.zeros(100, np.int32), 1, 5, 5, 70, 4, 3, 1, 1, 0, False)
 
 
 def test_binary_layer_spec_runs_on_the_kernel():
@@ -126,6 +136,46 @@ def test_binary_layer_spec_runs_on_the_kernel():
     x = torch.randn(2, 12, 9, 9)
     spec = layer.deploy_spec()
     conv = kernel.pack_weights(spec.weight.numpy(), spec.stride, spec.padding)
-    got = kernel.conv_fused(kernel.pack_signs(nhwc(x)), conv, spec.scale.numpy(), np.zeros(9, np.float32))
+    got = kernel.binary_layer(nhwc(x), conv, spec.scale.numpy(), np.zeros(9, np.float32))
     with torch.no_grad():
         np.testing.assert_allclose(got, nhwc(layer(x)), rtol=1e-5, atol=1e-6)
+
+
+class CenteredPlain(PlainBinaryConv2d):
+    """The plain layer with SiMaN's per-sample centring, to run the kernel's centring path."""
+
+    center = True
+
+
+def trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BatchNorm statistics and PReLU slopes, as a trained network has, then eval."""
+    gen = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+        if isinstance(m, torch.nn.PReLU):
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("conv, act", [(PlainBinaryConv2d, "hardtanh"), (PlainBinaryConv2d, "prelu"),
+                                       (CenteredPlain, "prelu")])  # fmt: skip
+def test_whole_network_logits_equal_torch(tmp_path, path, conv, act):
+    from dynaslice.binary.models import binary_resnet_small
+    from dynaslice.binary.packed import BinaryRunner, export_binary
+
+    torch.manual_seed(6)
+    model = trained_like(binary_resnet_small(conv, width_mult=0.5, act=act))
+    manifest = export_binary(model, tmp_path / "pkg", input_size=(1, 28, 28))
+    runner = BinaryRunner(tmp_path / "pkg", path=path)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(runner(x.numpy()), expected, rtol=1e-4, atol=1e-4)
+    sizes = manifest["sizes"]
+    assert sizes["binary_bytes"] == (tmp_path / "pkg" / "weights.safetensors").stat().st_size
+    assert sizes["float32_bytes"] > sizes["int8_bytes"] > sizes["binary_bytes"]

@@ -1,4 +1,12 @@
-"""The 1-bit CPU kernel, from numpy: pack signs, pack weights, XNOR-popcount convolution.
+"""The 1-bit CPU kernel, from numpy: XNOR-popcount convolution of bit-packed signs.
+
+One call runs one binary layer of the network (:func:`binary_layer`): the signs of its float32
+NHWC input are packed, convolved with the packed weights by XNOR-popcount, and the integer counts
+go through the layer's per-channel affine (binary scale x folded BatchNorm), its shortcut and its
+activation in the same pass -- the float stream between layers is read and written once per
+layer, and a call costs one Python-to-C crossing. :func:`conv_counts` gives the integer counts
+alone (the tests compare them with the simulated conv), :func:`float_conv` runs the
+full-precision stem without a BLAS (so "one thread" is one thread).
 
 The computation is in the C extension ``dynaslice.binary._bitconv`` (``csrc/bitconv.c``, built by
 ``pip install -e .``); this module fixes the layouts, checks shapes and dtypes, and picks the
@@ -9,9 +17,11 @@ Layouts (NHWC, channels packed 64 to a word, bit ``c % 64`` of word ``c // 64`` 
 value is ``>= 0``, i.e. :func:`dynaslice.binary.layers.binarize` gives ``+1``; bits past the channel
 count are 0 in activations and weights alike, so they never count as a mismatch):
 
-- activations: ``uint64 [N, H, W, ceil(C/64)]`` (:func:`pack_signs`);
-- weights: ``uint64 [kh*kw*ceil(C/64), O rounded up to 16]``, output channels innermost so that
-  one vector register holds one word of 8 filters (:func:`pack_weights`).
+- activations: ``uint64 [N, H, W, ceil(C/64)]`` (:func:`pack_signs`; packed inside each call);
+- weights: bit-packed im2col order, bit ``t * C + c`` for tap ``t = i * k + j`` (so 9 taps of 16
+  channels fill 3 words, not 9), ``uint64 [ceil(k*k*C/64), O rounded up to 16]``, output channels
+  innermost so that one vector register holds one word of 8 filters (:func:`pack_weights`); the
+  input's patches are built in the same order inside the call.
 
 Paths: ``avx512`` (VPOPCNTDQ), ``avx2`` (nibble lookup), ``portable`` (C). The fastest the CPU
 supports is used (``__builtin_cpu_supports``); ``DYNASLICE_BINARY_KERNEL=<path>`` or a ``path``
@@ -31,12 +41,12 @@ PATHS = {"portable": 0, "avx2": 1, "avx512": 2}
 PATH_ENV = "DYNASLICE_BINARY_KERNEL"
 ACTIVATIONS = {None: 0, "hardtanh": 1, "prelu": 2}
 _OPAD = 16
+_SUPPORTED = tuple({v: k for k, v in PATHS.items()}[p] for p in _bitconv.supported_paths())
 
 
 def supported_paths() -> list[str]:
     """The paths this CPU runs, fastest first."""
-    names = {v: k for k, v in PATHS.items()}
-    return [names[p] for p in _bitconv.supported_paths()]
+    return list(_SUPPORTED)
 
 
 def resolve_path(path: str | None = None) -> str:
@@ -44,7 +54,7 @@ def resolve_path(path: str | None = None) -> str:
     chosen = path or os.environ.get(PATH_ENV) or supported_paths()[0]
     if chosen not in PATHS:
         raise ValueError(f"unknown 1-bit kernel path {chosen!r} (from {PATH_ENV} or the caller): use one of {', '.join(PATHS)}")
-    if chosen not in supported_paths():
+    if chosen not in _SUPPORTED:
         raise ValueError(f"this CPU cannot run the {chosen} path of the 1-bit kernel; it runs {', '.join(supported_paths())}")
     return chosen
 
@@ -54,16 +64,33 @@ def words(channels: int) -> int:
     return (channels + 63) // 64
 
 
+def patch_words(cin: int, k: int) -> int:
+    """64-bit words of one bit-packed ``k x k x cin`` patch (bit ``t * cin + c``, tap ``t = i * k + j``)."""
+    return (k * k * cin + 63) // 64
+
+
 @dataclass(frozen=True)
 class PackedConv:
     """A binary convolution's packed weights and geometry (see the module's layouts)."""
 
-    bits: np.ndarray  # uint64 [kh*kw*words(cin), O rounded up to 16]
+    bits: np.ndarray  # uint64 [patch_words(cin, k), O rounded up to 16]
+    tap_ones: np.ndarray  # int32 [k*k, O]: the +1 weights of each tap (what a padded tap mismatches)
     cin: int
     cout: int
     kernel: int
     stride: int
     padding: int
+
+
+def packed_conv(bits: np.ndarray, cin: int, cout: int, kernel: int, stride: int, padding: int) -> PackedConv:
+    """:class:`PackedConv` from its packed bits (as stored in a package), checked and completed."""
+    opad = -(-cout // _OPAD) * _OPAD
+    shape = (patch_words(cin, kernel), opad)
+    if bits.dtype != np.uint64 or bits.shape != shape:
+        raise ValueError(f"packed weights are {bits.dtype} {bits.shape}, a {cin}->{cout} conv of kernel {kernel} needs uint64 {shape}")
+    signs = _unpack(bits, cin, cout, kernel)
+    tap_ones = np.ascontiguousarray(signs.reshape(cout, kernel * kernel, cin).sum(axis=2, dtype=np.int32).T)
+    return PackedConv(np.ascontiguousarray(bits), tap_ones, cin, cout, kernel, int(stride), int(padding))
 
 
 def pack_weights(weight: np.ndarray, stride: int, padding: int) -> PackedConv:
@@ -74,21 +101,24 @@ def pack_weights(weight: np.ndarray, stride: int, padding: int) -> PackedConv:
     if not np.isin(w, (-1, 1)).all():
         raise ValueError("binary weights must all be +1 or -1")
     o, i, k, _ = w.shape
-    cw = words(i)
-    signs = np.zeros((o, k, k, cw * 64), dtype=np.uint8)
-    signs[..., :i] = (w > 0).transpose(0, 2, 3, 1)
-    packed = np.packbits(signs, axis=-1, bitorder="little").view("<u8").reshape(o, k * k * cw)
-    opad = -(-o // _OPAD) * _OPAD
-    bits = np.zeros((k * k * cw, opad), dtype=np.uint64)
+    kw = patch_words(i, k)
+    signs = np.zeros((o, kw * 64), dtype=np.uint8)
+    signs[:, : k * k * i] = (w > 0).transpose(0, 2, 3, 1).reshape(o, -1)  # bit t * cin + c
+    packed = np.packbits(signs, axis=-1, bitorder="little").view("<u8").reshape(o, kw)
+    bits = np.zeros((kw, -(-o // _OPAD) * _OPAD), dtype=np.uint64)
     bits[:, :o] = packed.T
-    return PackedConv(np.ascontiguousarray(bits), i, o, k, int(stride), int(padding))
+    return packed_conv(bits, i, o, k, stride, padding)
+
+
+def _unpack(bits: np.ndarray, cin: int, cout: int, k: int) -> np.ndarray:
+    """The 0/1 signs ``[O, k, k, I]`` of packed bits."""
+    raw = np.ascontiguousarray(bits[:, :cout].T).view(np.uint8)
+    return np.unpackbits(raw, axis=-1, bitorder="little")[:, : k * k * cin].reshape(cout, k, k, cin)
 
 
 def unpack_weights(conv: PackedConv) -> np.ndarray:
     """The ``+-1`` int8 weights ``[O, I, k, k]`` back from :class:`PackedConv` (for checks and tests)."""
-    k, cw = conv.kernel, words(conv.cin)
-    raw = np.ascontiguousarray(conv.bits[:, : conv.cout].T).view(np.uint8)
-    signs = np.unpackbits(raw.reshape(conv.cout, k, k, cw * 8), axis=-1, bitorder="little")[..., : conv.cin]
+    signs = _unpack(conv.bits, conv.cin, conv.cout, conv.kernel)
     return (signs.astype(np.int8) * 2 - 1).transpose(0, 3, 1, 2).copy()
 
 
@@ -96,63 +126,67 @@ def _f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def pack_signs(x: np.ndarray, center: bool = False) -> np.ndarray:
+def _nhwc(x: np.ndarray, channels: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    if x.ndim != 4 or x.shape[3] != channels:
+        raise ValueError(f"the layer takes float32 NHWC with {channels} channels, got shape {list(x.shape)}")
+    return _f32(x), x.shape
+
+
+def pack_signs(x: np.ndarray, center: bool = False, path: str | None = None) -> np.ndarray:
     """Signs of float32 NHWC ``x`` (minus each sample's mean over H, W, C when ``center``), packed."""
     if x.ndim != 4:
         raise ValueError(f"activations must be NHWC, got shape {x.shape}")
     x = _f32(x)
     n, h, w, c = x.shape
     out = np.empty((n, h, w, words(c)), dtype=np.uint64)
-    _bitconv.pack_signs(x, out, n, h * w, c, bool(center))
+    _bitconv.pack_signs(x, out, n, h * w, c, bool(center), PATHS[resolve_path(path)])
     return out
 
 
-def _out_side(side: int, conv: PackedConv) -> int:
-    return (side + 2 * conv.padding - conv.kernel) // conv.stride + 1
+def _out_side(side: int, k: int, stride: int, padding: int) -> int:
+    return (side + 2 * padding - k) // stride + 1
 
 
-def _check_input(xp: np.ndarray, conv: PackedConv) -> tuple[int, int, int]:
-    if xp.dtype != np.uint64 or xp.ndim != 4 or not xp.flags.c_contiguous:
-        raise ValueError("packed activations must be a C-contiguous uint64 [N, H, W, words] array")
-    n, h, w, cw = xp.shape
-    if cw != words(conv.cin):
-        raise ValueError(f"packed activations have {cw} words per position, the conv's {conv.cin} channels need {words(conv.cin)}")
-    return n, h, w
-
-
-def conv_counts(xp: np.ndarray, conv: PackedConv, path: str | None = None) -> np.ndarray:
-    """The integer result of the binary convolution, ``int32 [N, Ho, Wo, O]``: the sum over valid
-    taps and channels of ``(+-1) * (+-1)`` -- equal to the float conv of the signs with zero padding."""
-    n, h, w = _check_input(xp, conv)
-    out = np.empty((n, _out_side(h, conv), _out_side(w, conv), conv.cout), dtype=np.int32)
-    _bitconv.conv(xp, conv.bits, out, n, h, w, conv.cin, conv.cout, conv.kernel, conv.kernel, conv.stride,
-                  conv.padding, PATHS[resolve_path(path)])  # fmt: skip
+def conv_counts(x: np.ndarray, conv: PackedConv, center: bool = False, path: str | None = None) -> np.ndarray:
+    """The integer result of the binary convolution of float32 NHWC ``x``'s signs, ``int32
+    [N, Ho, Wo, O]``: the sum over valid taps and channels of ``(+-1) * (+-1)`` -- equal to the
+    float conv of the signs with zero padding."""
+    x, (n, h, w, _) = _nhwc(x, conv.cin)
+    k, st, p = conv.kernel, conv.stride, conv.padding
+    out = np.empty((n, _out_side(h, k, st, p), _out_side(w, k, st, p), conv.cout), dtype=np.int32)
+    _bitconv.conv(x, conv.bits, conv.tap_ones, out, n, h, w, conv.cin, conv.cout, k, st, p, PATHS[resolve_path(path)],
+                  center)  # fmt: skip
     return out
 
 
-def conv_fused(
-    xp: np.ndarray,
+SHORTCUTS = {None: 0, "identity": 1, "pool": 2}
+
+
+def binary_layer(
+    x: np.ndarray,
     conv: PackedConv,
     a: np.ndarray,
     b: np.ndarray,
-    residual: np.ndarray | None = None,
     act: str | None = None,
     slope: np.ndarray | None = None,
+    shortcut: str | None = None,
+    center: bool = False,
     path: str | None = None,
 ) -> np.ndarray:
-    """``act(counts * a[o] + b[o] + residual)`` in float32 NHWC, in one pass: ``a`` is the binary
-    scale times the folded BatchNorm's multiplier, ``b`` its shift, ``act`` hardtanh or PReLU."""
-    n, h, w = _check_input(xp, conv)
-    shape = (n, _out_side(h, conv), _out_side(w, conv), conv.cout)
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {list(ACTIVATIONS)}, got {act!r}")
-    if residual is not None and residual.shape != shape:
-        raise ValueError(f"the residual has shape {residual.shape}, the convolution gives {shape}")
-    out = np.empty(shape, dtype=np.float32)
-    _bitconv.conv(xp, conv.bits, out, n, h, w, conv.cin, conv.cout, conv.kernel, conv.kernel, conv.stride,
-                  conv.padding, PATHS[resolve_path(path)], _vec(a, conv.cout), _vec(b, conv.cout),
-                  None if residual is None else _f32(residual), ACTIVATIONS[act],
-                  None if slope is None else _vec(slope, conv.cout))  # fmt: skip
+    """One binary layer of the network in one call, float32 NHWC in and out:
+    ``act(counts * a[o] + b[o] + shortcut(x))``, the counts of ``x``'s signs (centred per sample
+    when ``center``). ``a`` is the binary scale times the folded BatchNorm's multiplier, ``b`` its
+    shift; ``shortcut`` ``"identity"``, ``"pool"`` (``AvgPool2d(stride, ceil_mode=True)`` then zero
+    channels: :class:`dynaslice.binary.models.PoolPadShortcut`) or None; ``act`` hardtanh, PReLU
+    (``slope`` per channel) or None."""
+    x, (n, h, w, _) = _nhwc(x, conv.cin)
+    if act not in ACTIVATIONS or shortcut not in SHORTCUTS:
+        raise ValueError(f"act must be one of {list(ACTIVATIONS)} and shortcut one of {list(SHORTCUTS)}")
+    k, st, p = conv.kernel, conv.stride, conv.padding
+    out = np.empty((n, _out_side(h, k, st, p), _out_side(w, k, st, p), conv.cout), dtype=np.float32)
+    _bitconv.conv(x, conv.bits, conv.tap_ones, out, n, h, w, conv.cin, conv.cout, k, st, p, PATHS[resolve_path(path)],
+                  center, _vec(a, conv.cout), _vec(b, conv.cout), ACTIVATIONS[act],
+                  None if slope is None else _vec(slope, conv.cout), SHORTCUTS[shortcut])  # fmt: skip
     return out
 
 
@@ -163,11 +197,35 @@ def _vec(v: np.ndarray, n: int) -> np.ndarray:
     return v
 
 
-def pool_pad(x: np.ndarray, stride: int, cout: int) -> np.ndarray:
-    """``AvgPool2d(stride, ceil_mode=True)`` then zero channels up to ``cout``, float32 NHWC: the
-    binary ResNet's downsampling shortcut (:class:`dynaslice.binary.models.PoolPadShortcut`)."""
-    x = _f32(x)
-    n, h, w, c = x.shape
-    out = np.empty((n, -(-h // stride), -(-w // stride), cout), dtype=np.float32)
-    _bitconv.pool_pad(x, out, n, h, w, c, stride, cout)
+@dataclass(frozen=True)
+class FloatConv:
+    """A full-precision conv (the stem) in the kernel's layout: ``weight [k, k, cin, cout]``."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    cin: int
+    cout: int
+    kernel: int
+    stride: int
+    padding: int
+
+
+def prepare_float_conv(weight: np.ndarray, bias: np.ndarray, stride: int, padding: int) -> FloatConv:
+    """A float conv ``[O, I, k, k]`` with its bias (the folded BatchNorm) in the kernel's layout."""
+    w = np.asarray(weight, dtype=np.float32)
+    if w.ndim != 4 or w.shape[2] != w.shape[3]:
+        raise ValueError(f"conv weights must be [out, in, k, k], got shape {w.shape}")
+    o, i, k, _ = w.shape
+    return FloatConv(np.ascontiguousarray(w.transpose(2, 3, 1, 0)), _vec(bias, o), i, o, k, int(stride), int(padding))
+
+
+def float_conv(x: np.ndarray, conv: FloatConv, act: str | None = None, slope: np.ndarray | None = None) -> np.ndarray:
+    """``act(conv(x) + bias)`` for float32 NHWC ``x`` (zero padding), one thread, no BLAS."""
+    x, (n, h, w, _) = _nhwc(x, conv.cin)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {list(ACTIVATIONS)}, got {act!r}")
+    k, st, p = conv.kernel, conv.stride, conv.padding
+    out = np.empty((n, _out_side(h, k, st, p), _out_side(w, k, st, p), conv.cout), dtype=np.float32)
+    _bitconv.float_conv(x, conv.weight, conv.bias, out, n, h, w, conv.cin, conv.cout, k, st, p, ACTIVATIONS[act],
+                        None if slope is None else _vec(slope, conv.cout))  # fmt: skip
     return out

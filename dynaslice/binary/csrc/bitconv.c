@@ -2,15 +2,20 @@
  *
  * Layouts (dynaslice/binary/kernel.py builds and checks them; this file trusts the shapes it is
  * given only after checking every buffer's length against them):
- *   activations  uint64 [N][H][W][Cw]      bit c%64 of word c/64 is 1 where the input is >= 0 (+1)
- *   weights      uint64 [K][Opad]          K = kh*kw*Cw taps-by-words, k = (i*kw + j)*Cw + word;
- *                                          output channels innermost (Opad = O rounded up to 16)
- *                                          so one vector holds one word of 8 (or 4) filters
+ *   activations  uint64 [N][H][W][Cw]      bit c%64 of word c/64 is 1 where the input is >= 0 (+1);
+ *                                          packed inside each call from the float32 NHWC input
+ *   patches      uint64 [K]                bit-packed im2col: bit t*Cin + c of the patch is channel c
+ *                                          of tap t = i*kw + j, K = ceil(kh*kw*Cin / 64), so 16
+ *                                          channels x 9 taps take 3 words, not 9
+ *   weights      uint64 [K][Opad]          the same bit order per filter, output channels innermost
+ *                                          (Opad = O rounded up to 16) so one vector holds one word
+ *                                          of 8 (or 4) filters
+ *   tap_ones     int32  [kh*kw][O]         the +1 weights of each tap and filter
  *   counts       int32  [N][Ho][Wo][O]     sum over the VALID taps of (+-1)*(+-1): a padded position
  *                                          contributes nothing, as in a zero-padded float conv
- * Bits past Cin are 0 in both operands, so they never mismatch. A padded tap is gathered as a
- * word of zeros, whose mismatch count against the weights is popcount(w): it is subtracted again
- * (wpop), so count = nvalid*Cin - 2*(mismatches over valid taps).
+ * Bits past kh*kw*Cin are 0 in both operands, so they never mismatch. A padded tap is gathered as
+ * zeros, whose mismatches against the weights are the tap's ones: they are subtracted again
+ * (tap_ones), so count = nvalid*Cin - 2*(mismatches over valid taps).
  *
  * The fused form writes act(count*a[o] + b[o] + residual) in float32: the binary conv's scale and
  * the folded BatchNorm in (a, b), the shortcut added, then hardtanh or PReLU -- one pass over the
@@ -37,6 +42,14 @@ enum { ACT_NONE = 0, ACT_HARDTANH = 1, ACT_PRELU = 2 };
 
 typedef void (*mismatch_fn)(const uint64_t *patch, int P, const uint64_t *w, int K, int Opad, int32_t *pc);
 
+/* Bits set in v, by the SWAR sum (no popcnt instruction assumed: this is the portable path). */
+static inline int popc64(uint64_t v) {
+    v = v - ((v >> 1) & 0x5555555555555555ULL);
+    v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
+    v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+    return (int)((v * 0x0101010101010101ULL) >> 56);
+}
+
 /* pc[p][o] = sum_k popcount(patch[p][k] ^ w[k][o]) for P gathered patches of K words. */
 static void mismatch_portable(const uint64_t *patch, int P, const uint64_t *w, int K, int Opad, int32_t *pc) {
     for (int p = 0; p < P; p++) {
@@ -46,7 +59,7 @@ static void mismatch_portable(const uint64_t *patch, int P, const uint64_t *w, i
         for (int k = 0; k < K; k++) {
             const uint64_t xv = x[k];
             const uint64_t *wk = w + (size_t)k * Opad;
-            for (int o = 0; o < Opad; o++) out[o] += __builtin_popcountll(xv ^ wk[o]);
+            for (int o = 0; o < Opad; o++) out[o] += popc64(xv ^ wk[o]);
         }
     }
 }
@@ -162,84 +175,234 @@ static mismatch_fn path_fn(int path) {
     return mismatch_portable;
 }
 
+/* ---- sign packing: bit c%64 of word c/64 is (x[c] - mean >= 0) ---- */
+
+static void pack_portable(const float *x, size_t positions, int C, float mean, uint64_t *out) {
+    const int Cw = (C + 63) / 64;
+    for (size_t p = 0; p < positions; p++) {
+        const float *v = x + p * C;
+        for (int word = 0; word < Cw; word++) {
+            uint64_t bits = 0;
+            const int c0 = word * 64, c1 = C < c0 + 64 ? C : c0 + 64;
+            for (int c = c0; c < c1; c++) bits |= (uint64_t)(v[c] - mean >= 0.0f) << (c - c0);
+            out[p * Cw + word] = bits;
+        }
+    }
+}
+
+#ifdef BITCONV_X86
+/* 16 channels per compare: the mask of (x - mean >= 0) is the packed bits themselves. */
+__attribute__((target("avx512f"))) static void pack_avx512(const float *x, size_t positions, int C, float mean,
+                                                           uint64_t *out) {
+    const int Cw = (C + 63) / 64;
+    const __m512 m = _mm512_set1_ps(mean);
+    for (size_t p = 0; p < positions; p++) {
+        const float *v = x + p * C;
+        uint64_t *dst = out + p * Cw;
+        for (int word = 0; word < Cw; word++) dst[word] = 0;
+        for (int c = 0; c < C; c += 16) {
+            const int left = C - c;
+            const __mmask16 valid = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            const __m512 t = _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, v + c), m);
+            const uint64_t bits = _mm512_mask_cmp_ps_mask(valid, t, _mm512_setzero_ps(), _CMP_GE_OQ);
+            dst[c / 64] |= bits << (c % 64);
+        }
+    }
+}
+#endif
+
+/* The signs of float32 NHWC x (N samples of HW positions), each sample centred on its mean over
+ * (H, W, C) when center: the mean is summed in double, then x - mean is taken in float32 as torch
+ * does (x - x.mean()). */
+static void pack_signs(const float *x, int N, size_t HW, int C, int center, int path, uint64_t *out) {
+    const int Cw = (C + 63) / 64;
+    for (int n = 0; n < N; n++) {
+        const float *xn = x + (size_t)n * HW * C;
+        float mean = 0.0f;
+        if (center) {
+            double sum = 0.0;
+            for (size_t i = 0; i < HW * C; i++) sum += xn[i];
+            mean = (float)(sum / ((double)HW * C));
+        }
+#ifdef BITCONV_X86
+        if (path == PATH_AVX512) {
+            pack_avx512(xn, HW, C, mean, out + (size_t)n * HW * Cw);
+            continue;
+        }
+#endif
+        pack_portable(xn, HW, C, mean, out + (size_t)n * HW * Cw);
+    }
+}
+
+/* ---- the float epilogue, compiled for each vector width (no FMA contraction under -std=c11, so
+ * every clone gives the same floats) ---- */
+
+#if defined(BITCONV_X86) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+/* y[o] = act(count[o]*a[o] + b[o] + r[o]) with count = full - 2*pc[o] */
+CLONES static void epilogue(const int32_t *restrict pc, int32_t full, int O, const float *restrict a,
+                            const float *restrict b, const float *restrict r, int act, const float *restrict slope,
+                            float *restrict y) {
+    for (int o = 0; o < O; o++) y[o] = (float)(full - 2 * pc[o]) * a[o] + b[o];
+    if (r)
+        for (int o = 0; o < O; o++) y[o] += r[o];
+    if (act == ACT_HARDTANH)
+        for (int o = 0; o < O; o++) y[o] = y[o] < -1.0f ? -1.0f : (y[o] > 1.0f ? 1.0f : y[o]);
+    else if (act == ACT_PRELU)
+        for (int o = 0; o < O; o++) y[o] = y[o] < 0.0f ? y[o] * slope[o] : y[o];
+}
+
+/* The pooled shortcut of output position (ho, wo): AvgPool2d(s, ceil_mode=True) of x's channels
+ * (the window cut by the edge averages what it covers), zero past Cin. */
+CLONES static void pool_shortcut(const float *restrict xn, int H, int W, int Cin, int s, int ho, int wo, int Cout,
+                                 float *restrict r) {
+    for (int c = 0; c < Cout; c++) r[c] = 0.0f;
+    const int h1 = ho * s + s < H ? ho * s + s : H, w1 = wo * s + s < W ? wo * s + s : W;
+    for (int h = ho * s; h < h1; h++)
+        for (int w = wo * s; w < w1; w++) {
+            const float *v = xn + ((size_t)h * W + w) * Cin;
+            for (int c = 0; c < Cin; c++) r[c] += v[c];
+        }
+    const float count = (float)((h1 - ho * s) * (w1 - wo * s));
+    for (int c = 0; c < Cin; c++) r[c] /= count;
+}
+
 typedef struct {
-    int N, H, W, Cin, Cw, O, Opad, kh, kw, stride, pad, Ho, Wo;
+    int N, H, W, Cin, Cw, K, O, Opad, kh, kw, stride, pad, Ho, Wo;
 } ConvShape;
 
-/* Runs the convolution one output row at a time: gather the row's patches (zeros for padded taps),
- * count mismatches with the chosen path, then undo the padded taps and write counts or the fused
- * float output. Returns 0, or -1 when out of memory. */
-static int conv_run(const ConvShape *s, int path, const uint64_t *x, const uint64_t *w, int32_t *counts,
-                    float *fused, const float *a, const float *b, const float *res, int act, const float *slope) {
-    const int K = s->kh * s->kw * s->Cw, T = s->kh * s->kw;
+enum { SHORTCUT_NONE = 0, SHORTCUT_IDENTITY = 1, SHORTCUT_POOL = 2 };
+
+typedef struct {
+    const float *a, *b, *slope;
+    int act, shortcut;
+} Epilogue;
+
+/* OR the Cin packed bits of one position (Cw words, zero past Cin) into the patch at bit `off`. */
+static inline void put_bits(uint64_t *restrict patch, int K, const uint64_t *restrict src, int Cw, int off) {
+    for (int q = 0; q < Cw; q++, off += 64) {
+        const int at = off >> 6, sh = off & 63;
+        patch[at] |= src[q] << sh;
+        if (sh && at + 1 < K) patch[at + 1] |= src[q] >> (64 - sh);
+    }
+}
+
+/* The binary layer on float32 NHWC input x: pack its signs, then one output row at a time build
+ * the row's bit-packed patches (bit t*Cin + c; a padded tap's bits stay zero), count mismatches
+ * with the chosen path, undo the padded taps (tap_ones: a zero tap mismatches the weights' ones)
+ * and write the integer counts (ep == NULL) or act(count*a + b + shortcut).
+ * Returns 0, or -1 when out of memory. */
+static int conv_run(const ConvShape *s, int path, const float *x, int center, const uint64_t *w,
+                    const int32_t *tap_ones, const Epilogue *ep, void *out) {
+    const int K = s->K, T = s->kh * s->kw;
+    uint64_t *xp = malloc(sizeof(uint64_t) * ((size_t)s->N * s->H * s->W * s->Cw + 1));
     uint64_t *patch = malloc(sizeof(uint64_t) * (size_t)s->Wo * K);
     int32_t *pc = malloc(sizeof(int32_t) * (size_t)s->Wo * s->Opad);
-    int32_t *wpop = calloc((size_t)T * s->O, sizeof(int32_t));
-    if (!patch || !pc || !wpop) {
-        free(patch), free(pc), free(wpop);
+    float *r = malloc(sizeof(float) * (size_t)s->O);
+    if (!xp || !patch || !pc || !r) {
+        free(xp), free(patch), free(pc), free(r);
         return -1;
     }
-    for (int t = 0; t < T; t++)
-        for (int c = 0; c < s->Cw; c++)
-            for (int o = 0; o < s->O; o++)
-                wpop[t * s->O + o] += __builtin_popcountll(w[(size_t)(t * s->Cw + c) * s->Opad + o]);
+    pack_signs(x, s->N, (size_t)s->H * s->W, s->Cin, center, path, xp);
     const mismatch_fn mismatch = path_fn(path);
     for (int n = 0; n < s->N; n++) {
-        const uint64_t *xn = x + (size_t)n * s->H * s->W * s->Cw;
+        const uint64_t *xn = xp + (size_t)n * s->H * s->W * s->Cw;
+        const float *xf = x + (size_t)n * s->H * s->W * s->Cin;
         for (int ho = 0; ho < s->Ho; ho++) {
             const int h0 = ho * s->stride - s->pad;
+            memset(patch, 0, sizeof(uint64_t) * (size_t)s->Wo * K);
             for (int wo = 0; wo < s->Wo; wo++) {
                 const int w0 = wo * s->stride - s->pad;
-                uint64_t *dst = patch + (size_t)wo * K;
+                uint64_t *d = patch + (size_t)wo * K;
                 for (int i = 0; i < s->kh; i++) {
                     const int h = h0 + i;
+                    if (h < 0 || h >= s->H) continue;
                     for (int j = 0; j < s->kw; j++) {
                         const int ww = w0 + j;
-                        uint64_t *d = dst + (size_t)(i * s->kw + j) * s->Cw;
-                        if (h < 0 || h >= s->H || ww < 0 || ww >= s->W)
-                            memset(d, 0, sizeof(uint64_t) * s->Cw);
-                        else
-                            memcpy(d, xn + ((size_t)h * s->W + ww) * s->Cw, sizeof(uint64_t) * s->Cw);
+                        if (ww < 0 || ww >= s->W) continue;
+                        put_bits(d, K, xn + ((size_t)h * s->W + ww) * s->Cw, s->Cw, (i * s->kw + j) * s->Cin);
                     }
                 }
             }
             mismatch(patch, s->Wo, w, K, s->Opad, pc);
+            const int rows_inside = h0 >= 0 && h0 + s->kh <= s->H;
             for (int wo = 0; wo < s->Wo; wo++) {
                 const int w0 = wo * s->stride - s->pad;
                 int32_t *row = pc + (size_t)wo * s->Opad;
-                int nvalid = 0;
-                for (int i = 0; i < s->kh; i++) {
-                    const int h = h0 + i;
-                    for (int j = 0; j < s->kw; j++) {
-                        const int ww = w0 + j;
-                        if (h < 0 || h >= s->H || ww < 0 || ww >= s->W) {
-                            const int32_t *wp = wpop + (size_t)(i * s->kw + j) * s->O;
-                            for (int o = 0; o < s->O; o++) row[o] -= wp[o];
-                        } else {
-                            nvalid++;
+                int nvalid = T;
+                if (!(rows_inside && w0 >= 0 && w0 + s->kw <= s->W)) {
+                    nvalid = 0;
+                    for (int i = 0; i < s->kh; i++) {
+                        const int h = h0 + i;
+                        for (int j = 0; j < s->kw; j++) {
+                            const int ww = w0 + j;
+                            if (h < 0 || h >= s->H || ww < 0 || ww >= s->W) {
+                                const int32_t *ones = tap_ones + (size_t)(i * s->kw + j) * s->O;
+                                for (int o = 0; o < s->O; o++) row[o] -= ones[o];
+                            } else {
+                                nvalid++;
+                            }
                         }
                     }
                 }
                 const int32_t full = nvalid * s->Cin;
                 const size_t at = (((size_t)n * s->Ho + ho) * s->Wo + wo) * s->O;
-                if (counts) {
-                    for (int o = 0; o < s->O; o++) counts[at + o] = full - 2 * row[o];
-                } else {
-                    float *y = fused + at;
-                    const float *r = res ? res + at : NULL;
-                    for (int o = 0; o < s->O; o++) {
-                        float v = (float)(full - 2 * row[o]) * a[o] + b[o];
-                        if (r) v += r[o];
-                        if (act == ACT_HARDTANH) v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
-                        else if (act == ACT_PRELU && v < 0.0f) v *= slope[o];
-                        y[o] = v;
-                    }
+                if (!ep) {
+                    int32_t *counts = (int32_t *)out + at;
+                    for (int o = 0; o < s->O; o++) counts[o] = full - 2 * row[o];
+                    continue;
                 }
+                const float *res = NULL;
+                if (ep->shortcut == SHORTCUT_IDENTITY) {
+                    res = xf + ((size_t)ho * s->W + wo) * s->Cin;
+                } else if (ep->shortcut == SHORTCUT_POOL) {
+                    pool_shortcut(xf, s->H, s->W, s->Cin, s->stride, ho, wo, s->O, r);
+                    res = r;
+                }
+                epilogue(row, full, s->O, ep->a, ep->b, res, ep->act, ep->slope, (float *)out + at);
             }
         }
     }
-    free(patch), free(pc), free(wpop);
+    free(xp), free(patch), free(pc), free(r);
     return 0;
+}
+
+/* The full-precision stem: a direct convolution of float32 NHWC x by w [kh][kw][Cin][O] with
+ * zero padding, then bias and the activation. Output channels innermost, so each tap is a
+ * vector multiply-add over O. */
+CLONES static void float_conv_run(const ConvShape *s, const float *restrict x, const float *restrict w,
+                                  const float *restrict bias, int act, const float *restrict slope,
+                                  float *restrict out) {
+    for (int n = 0; n < s->N; n++)
+        for (int ho = 0; ho < s->Ho; ho++)
+            for (int wo = 0; wo < s->Wo; wo++) {
+                float *y = out + (((size_t)n * s->Ho + ho) * s->Wo + wo) * s->O;
+                for (int o = 0; o < s->O; o++) y[o] = 0.0f;
+                for (int i = 0; i < s->kh; i++) {
+                    const int h = ho * s->stride - s->pad + i;
+                    if (h < 0 || h >= s->H) continue;
+                    for (int j = 0; j < s->kw; j++) {
+                        const int ww = wo * s->stride - s->pad + j;
+                        if (ww < 0 || ww >= s->W) continue;
+                        const float *v = x + (((size_t)n * s->H + h) * s->W + ww) * s->Cin;
+                        const float *wt = w + (size_t)(i * s->kw + j) * s->Cin * s->O;
+                        for (int c = 0; c < s->Cin; c++) {
+                            const float xv = v[c];
+                            const float *wc = wt + (size_t)c * s->O;
+                            for (int o = 0; o < s->O; o++) y[o] += xv * wc[o];
+                        }
+                    }
+                }
+                for (int o = 0; o < s->O; o++) y[o] += bias[o];
+                if (act == ACT_HARDTANH)
+                    for (int o = 0; o < s->O; o++) y[o] = y[o] < -1.0f ? -1.0f : (y[o] > 1.0f ? 1.0f : y[o]);
+                else if (act == ACT_PRELU)
+                    for (int o = 0; o < s->O; o++) y[o] = y[o] < 0.0f ? y[o] * slope[o] : y[o];
+            }
 }
 
 /* ---- Python bindings: buffers in, buffers out; every length checked against the shape ---- */
@@ -253,18 +416,16 @@ static int need(Py_buffer *buf, size_t elems, size_t itemsize, const char *name)
     return 1;
 }
 
-static int parse_shape(ConvShape *s, int path) {
+static int check_shape(ConvShape *s, int words) {
     if (s->N < 0 || s->H < 1 || s->W < 1 || s->Cin < 1 || s->O < 1 || s->kh < 1 || s->kw < 1 || s->stride < 1 ||
-        s->pad < 0 || s->pad >= s->kh || s->pad >= s->kw) {
+        s->pad < 0 || s->pad >= s->kh || s->pad >= s->kw || s->H > (1 << 16) || s->W > (1 << 16) ||
+        s->Cin > (1 << 20) || s->O > (1 << 20) || s->kh > 64 || s->kw > 64) {
         PyErr_SetString(PyExc_ValueError, "bitconv: invalid convolution shape");
         return 0;
     }
-    if (path < PATH_PORTABLE || path > PATH_AVX512 || !path_supported(path)) {
-        PyErr_Format(PyExc_ValueError, "bitconv: path %d is not supported on this CPU", path);
-        return 0;
-    }
-    s->Cw = (s->Cin + 63) / 64;
-    s->Opad = (s->O + OPAD_MULTIPLE - 1) / OPAD_MULTIPLE * OPAD_MULTIPLE;
+    s->Cw = words ? (s->Cin + 63) / 64 : s->Cin;
+    s->K = words ? (s->kh * s->kw * s->Cin + 63) / 64 : 0;
+    s->Opad = words ? (s->O + OPAD_MULTIPLE - 1) / OPAD_MULTIPLE * OPAD_MULTIPLE : s->O;
     s->Ho = (s->H + 2 * s->pad - s->kh) / s->stride + 1;
     s->Wo = (s->W + 2 * s->pad - s->kw) / s->stride + 1;
     if (s->Ho < 1 || s->Wo < 1) {
@@ -274,136 +435,133 @@ static int parse_shape(ConvShape *s, int path) {
     return 1;
 }
 
-/* conv(x, w, out, N, H, W, Cin, O, kh, kw, stride, pad, path[, a, b, residual, act, slope])
- * Without a: out is int32 counts. With a: out is float32, act(count*a + b + residual). */
+static int check_path(int path) {
+    if (path < PATH_PORTABLE || path > PATH_AVX512 || !path_supported(path)) {
+        PyErr_Format(PyExc_ValueError, "bitconv: path %d is not supported on this CPU", path);
+        return 0;
+    }
+    return 1;
+}
+
+static int get_vector(PyObject *obj, Py_buffer *buf, int n, const char *name) {
+    if (obj == Py_None) {
+        PyErr_Format(PyExc_ValueError, "bitconv: %s is missing", name);
+        return 0;
+    }
+    return PyObject_GetBuffer(obj, buf, PyBUF_SIMPLE) == 0 && need(buf, (size_t)n, 4, name);
+}
+
+static void release(Py_buffer *bufs, int n) {
+    for (int i = 0; i < n; i++)
+        if (bufs[i].obj) PyBuffer_Release(&bufs[i]);
+}
+
+/* conv(x, w, tap_ones, out, N, H, W, Cin, O, k, stride, pad, path, center[, a, b, act, slope, shortcut])
+ * x: float32 NHWC. Without a: out is int32 counts. With a: out is float32,
+ * act(count*a + b + shortcut(x)), shortcut 0 none, 1 identity, 2 AvgPool(stride)+zero channels. */
 static PyObject *py_conv(PyObject *self, PyObject *args) {
-    Py_buffer x = {0}, w = {0}, out = {0}, a = {0}, b = {0}, res = {0}, slope = {0};
-    PyObject *a_obj = Py_None, *b_obj = Py_None, *res_obj = Py_None, *slope_obj = Py_None;
+    Py_buffer bufs[7] = {{0}};
+    Py_buffer *x = &bufs[0], *w = &bufs[1], *out = &bufs[2], *a = &bufs[3], *b = &bufs[4], *slope = &bufs[5],
+              *ones = &bufs[6];
+    PyObject *a_obj = Py_None, *b_obj = Py_None, *slope_obj = Py_None;
     ConvShape s;
-    int path, act = ACT_NONE;
-    if (!PyArg_ParseTuple(args, "y*y*w*iiiiiiiiii|OOOiO", &x, &w, &out, &s.N, &s.H, &s.W, &s.Cin, &s.O, &s.kh,
-                          &s.kw, &s.stride, &s.pad, &path, &a_obj, &b_obj, &res_obj, &act, &slope_obj))
+    int k, path, center, act = ACT_NONE, shortcut = SHORTCUT_NONE;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiiiiip|OOiOi", x, w, ones, out, &s.N, &s.H, &s.W, &s.Cin, &s.O, &k, &s.stride,
+                          &s.pad, &path, &center, &a_obj, &b_obj, &act, &slope_obj, &shortcut))
         return NULL;
+    s.kh = s.kw = k;
     PyObject *result = NULL;
+    Epilogue ep = {0};
     const int fused = a_obj != Py_None;
-    if (!parse_shape(&s, path)) goto done;
+    if (!check_shape(&s, 1) || !check_path(path)) goto done;
     const size_t nout = (size_t)s.N * s.Ho * s.Wo * s.O;
-    if (!need(&x, (size_t)s.N * s.H * s.W * s.Cw, 8, "x") ||
-        !need(&w, (size_t)s.kh * s.kw * s.Cw * s.Opad, 8, "w") || !need(&out, nout, 4, "out"))
+    if (!need(x, (size_t)s.N * s.H * s.W * s.Cin, 4, "x") || !need(w, (size_t)s.K * s.Opad, 8, "w") ||
+        !need(ones, (size_t)k * k * s.O, 4, "tap_ones") || !need(out, nout, 4, "out"))
         goto done;
     if (fused) {
-        if (PyObject_GetBuffer(a_obj, &a, PyBUF_SIMPLE) < 0 || PyObject_GetBuffer(b_obj, &b, PyBUF_SIMPLE) < 0)
-            goto done;
-        if (!need(&a, s.O, 4, "a") || !need(&b, s.O, 4, "b")) goto done;
-        if (res_obj != Py_None && (PyObject_GetBuffer(res_obj, &res, PyBUF_SIMPLE) < 0 || !need(&res, nout, 4, "residual")))
-            goto done;
-        if (act < ACT_NONE || act > ACT_PRELU) {
-            PyErr_SetString(PyExc_ValueError, "bitconv: unknown activation");
+        if (act < ACT_NONE || act > ACT_PRELU || shortcut < SHORTCUT_NONE || shortcut > SHORTCUT_POOL) {
+            PyErr_SetString(PyExc_ValueError, "bitconv: unknown activation or shortcut");
             goto done;
         }
-        if (act == ACT_PRELU && (slope_obj == Py_None || PyObject_GetBuffer(slope_obj, &slope, PyBUF_SIMPLE) < 0 ||
-                                 !need(&slope, s.O, 4, "slope"))) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bitconv: PReLU needs its slopes");
+        if (shortcut == SHORTCUT_IDENTITY && (s.stride != 1 || s.Cin != s.O || s.Ho != s.H || s.Wo != s.W)) {
+            PyErr_SetString(PyExc_ValueError, "bitconv: an identity shortcut needs the output shape of the input");
             goto done;
         }
+        if (shortcut == SHORTCUT_POOL &&
+            (s.O < s.Cin || s.Ho != (s.H + s.stride - 1) / s.stride || s.Wo != (s.W + s.stride - 1) / s.stride)) {
+            PyErr_SetString(PyExc_ValueError, "bitconv: the pooled shortcut does not give the convolution's shape");
+            goto done;
+        }
+        if (!get_vector(a_obj, a, s.O, "a") || !get_vector(b_obj, b, s.O, "b")) goto done;
+        if (act == ACT_PRELU && !get_vector(slope_obj, slope, s.O, "slope")) goto done;
+        ep = (Epilogue){a->buf, b->buf, slope->buf, act, shortcut};
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = conv_run(&s, path, (const uint64_t *)x.buf, (const uint64_t *)w.buf, fused ? NULL : (int32_t *)out.buf,
-                  fused ? (float *)out.buf : NULL, (const float *)a.buf, (const float *)b.buf,
-                  res.buf ? (const float *)res.buf : NULL, act, (const float *)slope.buf);
+    rc = conv_run(&s, path, x->buf, center, w->buf, ones->buf, fused ? &ep : NULL, out->buf);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         PyErr_NoMemory();
         goto done;
     }
-    result = Py_BuildValue("(ii)", s.Ho, s.Wo);
+    result = Py_None;
+    Py_INCREF(result);
 done:
-    PyBuffer_Release(&x), PyBuffer_Release(&w), PyBuffer_Release(&out);
-    if (a.obj) PyBuffer_Release(&a);
-    if (b.obj) PyBuffer_Release(&b);
-    if (res.obj) PyBuffer_Release(&res);
-    if (slope.obj) PyBuffer_Release(&slope);
+    release(bufs, 7);
     return result;
 }
 
-/* pack_signs(x, out, N, HW, C, center): x float32 [N][HW][C] -> uint64 [N][HW][Cw], bit 1 where
- * x (minus the sample's mean over HW*C when center) is >= 0. Bits past C stay 0. */
-static PyObject *py_pack_signs(PyObject *self, PyObject *args) {
-    Py_buffer x = {0}, out = {0};
-    int N, HW, C, center;
-    if (!PyArg_ParseTuple(args, "y*w*iiip", &x, &out, &N, &HW, &C, &center)) return NULL;
+/* float_conv(x, w, bias, out, N, H, W, Cin, O, k, stride, pad, act[, slope]): the FP stem. */
+static PyObject *py_float_conv(PyObject *self, PyObject *args) {
+    Py_buffer bufs[5] = {{0}};
+    Py_buffer *x = &bufs[0], *w = &bufs[1], *bias = &bufs[2], *out = &bufs[3], *slope = &bufs[4];
+    PyObject *slope_obj = Py_None;
+    ConvShape s;
+    int k, act;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiiiii|O", x, w, bias, out, &s.N, &s.H, &s.W, &s.Cin, &s.O, &k,
+                          &s.stride, &s.pad, &act, &slope_obj))
+        return NULL;
+    s.kh = s.kw = k;
     PyObject *result = NULL;
-    const int Cw = (C + 63) / 64;
-    if (N < 0 || HW < 1 || C < 1) {
-        PyErr_SetString(PyExc_ValueError, "bitconv: invalid shape");
+    if (!check_shape(&s, 0)) goto done;
+    if (!need(x, (size_t)s.N * s.H * s.W * s.Cin, 4, "x") || !need(w, (size_t)k * k * s.Cin * s.O, 4, "w") ||
+        !need(bias, s.O, 4, "bias") || !need(out, (size_t)s.N * s.Ho * s.Wo * s.O, 4, "out"))
+        goto done;
+    if (act < ACT_NONE || act > ACT_PRELU) {
+        PyErr_SetString(PyExc_ValueError, "bitconv: unknown activation");
         goto done;
     }
-    if (!need(&x, (size_t)N * HW * C, 4, "x") || !need(&out, (size_t)N * HW * Cw, 8, "out")) goto done;
+    if (act == ACT_PRELU && !get_vector(slope_obj, slope, s.O, "slope")) goto done;
     Py_BEGIN_ALLOW_THREADS
-    const float *xs = x.buf;
-    uint64_t *o = out.buf;
-    for (int n = 0; n < N; n++) {
-        const float *xn = xs + (size_t)n * HW * C;
-        float mean = 0.0f;
-        if (center) {
-            double sum = 0.0;
-            for (size_t i = 0; i < (size_t)HW * C; i++) sum += xn[i];
-            mean = (float)(sum / ((double)HW * C));
-        }
-        for (int p = 0; p < HW; p++) {
-            const float *v = xn + (size_t)p * C;
-            uint64_t *dst = o + ((size_t)n * HW + p) * Cw;
-            for (int word = 0; word < Cw; word++) {
-                uint64_t bits = 0;
-                const int c0 = word * 64, c1 = C < c0 + 64 ? C : c0 + 64;
-                for (int c = c0; c < c1; c++) bits |= (uint64_t)(v[c] - mean >= 0.0f) << (c - c0);
-                dst[word] = bits;
-            }
-        }
-    }
+    float_conv_run(&s, x->buf, w->buf, bias->buf, act, slope->buf, out->buf);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
 done:
-    PyBuffer_Release(&x), PyBuffer_Release(&out);
+    release(bufs, 5);
     return result;
 }
 
-/* pool_pad(x, out, N, H, W, C, stride, Cout): AvgPool2d(stride, ceil_mode=True) over float32 NHWC
- * (a window cut by the edge averages what it covers), then channels C..Cout-1 set to zero. */
-static PyObject *py_pool_pad(PyObject *self, PyObject *args) {
-    Py_buffer x = {0}, out = {0};
-    int N, H, W, C, s, Cout;
-    if (!PyArg_ParseTuple(args, "y*w*iiiiii", &x, &out, &N, &H, &W, &C, &s, &Cout)) return NULL;
+/* pack_signs(x, out, N, HW, C, center, path): float32 [N][HW][C] -> uint64 [N][HW][Cw]. */
+static PyObject *py_pack_signs(PyObject *self, PyObject *args) {
+    Py_buffer bufs[2] = {{0}};
+    int N, HW, C, center, path;
+    if (!PyArg_ParseTuple(args, "y*w*iiipi", &bufs[0], &bufs[1], &N, &HW, &C, &center, &path)) return NULL;
     PyObject *result = NULL;
-    if (N < 0 || H < 1 || W < 1 || C < 1 || s < 1 || Cout < C) {
-        PyErr_SetString(PyExc_ValueError, "bitconv: invalid pooling shape");
+    if (N < 0 || HW < 1 || C < 1) {
+        PyErr_SetString(PyExc_ValueError, "bitconv: invalid shape");
         goto done;
     }
-    const int Ho = (H + s - 1) / s, Wo = (W + s - 1) / s;
-    if (!need(&x, (size_t)N * H * W * C, 4, "x") || !need(&out, (size_t)N * Ho * Wo * Cout, 4, "out")) goto done;
+    if (!check_path(path) || !need(&bufs[0], (size_t)N * HW * C, 4, "x") ||
+        !need(&bufs[1], (size_t)N * HW * ((C + 63) / 64), 8, "out"))
+        goto done;
     Py_BEGIN_ALLOW_THREADS
-    const float *xs = x.buf;
-    float *o = out.buf;
-    for (int n = 0; n < N; n++)
-        for (int ho = 0; ho < Ho; ho++)
-            for (int wo = 0; wo < Wo; wo++) {
-                float *dst = o + (((size_t)n * Ho + ho) * Wo + wo) * Cout;
-                memset(dst, 0, sizeof(float) * Cout);
-                const int h1 = ho * s + s < H ? ho * s + s : H, w1 = wo * s + s < W ? wo * s + s : W;
-                for (int h = ho * s; h < h1; h++)
-                    for (int ww = wo * s; ww < w1; ww++) {
-                        const float *v = xs + (((size_t)n * H + h) * W + ww) * C;
-                        for (int c = 0; c < C; c++) dst[c] += v[c];
-                    }
-                const float inv = 1.0f / (float)((h1 - ho * s) * (w1 - wo * s));
-                for (int c = 0; c < C; c++) dst[c] *= inv;
-            }
+    pack_signs(bufs[0].buf, N, (size_t)HW, C, center, path, bufs[1].buf);
     Py_END_ALLOW_THREADS
-    result = Py_BuildValue("(ii)", Ho, Wo);
+    result = Py_None;
+    Py_INCREF(result);
 done:
-    PyBuffer_Release(&x), PyBuffer_Release(&out);
+    release(bufs, 2);
     return result;
 }
 
@@ -424,9 +582,9 @@ static PyObject *py_supported_paths(PyObject *self, PyObject *noargs) {
 }
 
 static PyMethodDef methods[] = {
-    {"conv", py_conv, METH_VARARGS, "XNOR-popcount convolution (counts, or fused affine+residual+activation)."},
+    {"conv", py_conv, METH_VARARGS, "The binary conv of float32 NHWC input: counts, or fused affine+shortcut+activation."},
+    {"float_conv", py_float_conv, METH_VARARGS, "The full-precision stem: direct conv, bias, activation (NHWC)."},
     {"pack_signs", py_pack_signs, METH_VARARGS, "Pack the signs of float32 NHWC activations along channels."},
-    {"pool_pad", py_pool_pad, METH_VARARGS, "AvgPool2d(stride, ceil_mode=True) then zero channels, NHWC."},
     {"supported_paths", py_supported_paths, METH_NOARGS, "The paths this CPU runs, fastest first (2 avx512, 1 avx2, 0 portable)."},
     {NULL, NULL, 0, NULL},
 };
