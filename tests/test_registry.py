@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+import dynaslice as ds
 from dynaslice.cli import build_parser, main
 from dynaslice.prune import (
     PruneContext,
@@ -18,7 +19,8 @@ from dynaslice.prune import (
     registry,
 )
 from dynaslice.prune.common import channel_groups, finish, keep_first, prune_channels, resolve_widths
-from dynaslice.train.config import ConfigError, load_config
+from dynaslice.train import samplers, targets
+from dynaslice.train.config import Config, ConfigError, load_config
 
 TINY = [
     "data.name=synthetic", "data.image_size=8", "data.batch_size=16", "data.val_size=16",
@@ -103,3 +105,52 @@ def test_registering_one_name_twice_or_an_unknown_budget_is_refused(own_registry
         register_pruner("new", budget="weights", trains_base=True)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="prune.method='nope' is not one of dcff"):
         load_config(None, ["prune.method=nope"])
+
+
+# --------------------------------------------------------------------------- samplers and targets
+
+
+@pytest.fixture
+def own_train_registries(monkeypatch):
+    monkeypatch.setattr(samplers, "_SAMPLERS", dict(samplers._SAMPLERS))
+    monkeypatch.setattr(targets, "_TARGETS", dict(targets._TARGETS))
+
+
+def test_a_sampler_brings_its_own_config_rules(own_train_registries):
+    def one_subnet(cfg: Config) -> None:
+        if cfg.train.num_subnets != 1:
+            raise ConfigError(f"train.sampler=single runs one subnet: set train.num_subnets=1, not {cfg.train.num_subnets}")
+
+    @samplers.register_sampler("single", check=one_subnet)
+    def build(trainer):
+        return samplers.FixedSampler(trainer.space.largest())
+
+    with pytest.raises(ConfigError, match="train.sampler=single runs one subnet"):
+        load_config(None, ["train.sampler=single"])
+    assert load_config(None, ["train.sampler=single", "train.num_subnets=1"]).train.sampler == "single"
+    with pytest.raises(ConfigError, match="train.sampler='other' is not one of sandwich, fixed, pss, single"):
+        load_config(None, ["train.sampler=other"])
+    # the built-in samplers' rules live with them too
+    with pytest.raises(ConfigError, match="train.sampler=sandwich needs >= 2"):
+        load_config(None, ["train.num_subnets=1"])
+
+
+def test_a_target_registers_like_a_sampler(own_train_registries):
+    def needs_smoothing(cfg: Config) -> None:
+        if cfg.train.label_smoothing == 0:
+            raise ConfigError("train.target=smooth needs train.label_smoothing > 0")
+
+    @targets.register_target("smooth", check=needs_smoothing)
+    class Smooth(targets.LabelsTarget):
+        """The labels, smoothed (a toy)."""
+
+    assert "smooth" in targets.target_names() and Smooth.name == "smooth"
+    with pytest.raises(ConfigError, match="needs train.label_smoothing > 0"):
+        load_config(None, ["train.target=smooth", "train.label_smoothing=0"])
+    cfg = load_config(None, ["train.target=smooth"])
+    target = targets.make_target(cfg.train.target, ds.create_supernet("resnet_small").space)
+    assert isinstance(target, Smooth) and target.name == "smooth"
+    with pytest.raises(ValueError, match="registered twice"):
+        targets.register_target("ib")(Smooth)
+    with pytest.raises(ConfigError, match="train.target=teacher needs a trained network"):
+        load_config(None, ["train.target=teacher"])

@@ -24,7 +24,6 @@ from typing import Any
 import yaml
 
 from ..atomic import atomic_write_bytes
-from .samplers import sampler_names
 
 
 class ConfigError(ValueError):
@@ -350,7 +349,7 @@ class PruneConfig:
 
     def validate(self, epochs: int) -> None:
         """Check ranges (``epochs``: ``train.epochs``, the whole budget). ``method`` is checked by
-        the pruning package, which registers the methods (:func:`register_check`)."""
+        the pruning registry, which knows the methods (:func:`register_check`)."""
         if self.include not in (None, "internal", "all"):
             raise ConfigError(f"prune.include={self.include!r} is not one of internal, all (or null)")
         if not 0 < self.finetune_epochs < epochs:
@@ -411,8 +410,6 @@ class Config:
     def _check_choices(self) -> None:
         t, o, d = self.train, self.optim, self.data
         choices = {
-            "train.sampler": (t.sampler, sampler_names()),
-            "train.target": (t.target, ("labels", "inplace", "ib", "ieb", "teacher")),
             "train.device": (t.device, ("auto", "cpu", "cuda")),
             "optim.name": (o.name, ("sgd", "adamw")),
             "data.name": (d.name, ("fashion_mnist", "cifar10", "cifar100", "synthetic", "folder")),
@@ -425,21 +422,12 @@ class Config:
     def _check_combinations(self) -> None:
         """Rules that tie two or more keys together."""
         t, o, d, g, s2 = self.train, self.optim, self.data, self.model.gate, self.stage2
-        need = {"sandwich": (2, "largest and smallest"), "pss": (3, "largest, pool, smallest")}.get(t.sampler)
-        if need and t.num_subnets < need[0]:
-            raise ConfigError(
-                f"train.num_subnets={t.num_subnets} is too small: train.sampler={t.sampler} needs >= {need[0]} ({need[1]})"
-            )
         if o.name == "sgd" and o.nesterov and o.momentum == 0:
             raise ConfigError("optim.momentum=0 does not go with optim.nesterov=true: set a momentum > 0 or nesterov: false")
         if o.min_lr > o.lr:
             raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the schedule decays to min_lr; lower it")
         if o.warmup_epochs > t.epochs:
             raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs} is longer than train.epochs={t.epochs}; shorten it")
-        if t.target == "teacher" and not (t.init_from or t.phase1_epochs):
-            raise ConfigError(
-                "train.target=teacher needs a trained network to teach: train.init_from, or train.phase1_epochs > 0"
-            )
         if t.phase1_epochs and (t.init_from or t.static_widths or not 0 < t.phase1_epochs < t.epochs):
             raise ConfigError(
                 f"train.phase1_epochs={t.phase1_epochs} must lie in 1..train.epochs-1 ({t.epochs - 1}) and goes "
@@ -451,15 +439,6 @@ class Config:
             raise ConfigError("model.gate.pre_gate goes with routes=<k>; explicit routes already fix those dims")
         if not 0 < s2.tau_end <= s2.tau_start:
             raise ConfigError(f"stage2 needs 0 < tau_end <= tau_start, got {s2.tau_end} and {s2.tau_start}")
-        if t.sampler == "pss":
-            if t.pss.metric == "latency" and not t.pss.latency_table:
-                raise ConfigError(
-                    "train.pss.metric=latency needs train.pss.latency_table (dynaslice profile MODEL --latency-table PATH)"
-                )
-            if d.val_size == 0 and d.name != "folder":
-                raise ConfigError(
-                    "train.sampler=pss selects its budget table on the validation split: set data.val_size > 0"
-                )
         self.prune.validate(t.epochs)
         if t.mvco and d.name == "folder":
             raise ConfigError(
@@ -483,9 +462,12 @@ _CHECKS: list[ConfigCheck] = []
 def register_check(check: ConfigCheck) -> ConfigCheck:
     """Add ``check(cfg)`` (raises :class:`ConfigError`) to every :meth:`Config.validate`.
 
-    For the rules of a package above this module, which owns the names they check: the pruning
-    package checks ``prune.method`` against its registered methods, so that no method's name is
-    written here. Samplers and targets carry their rules in their own registries.
+    The one way a registry adds the rules of what it registers, so that this module names no
+    method: the samplers' registry checks ``train.sampler`` and runs the chosen sampler's own
+    ``check`` (:func:`~dynaslice.train.samplers.register_sampler`), the targets' registry likewise
+    for ``train.target``, the pruning registry checks ``prune.method``. Every registry lives in a
+    module ``dynaslice.train`` or the CLI imports, so its checks are in place before any config
+    is validated.
     """
     _CHECKS.append(check)
     return check

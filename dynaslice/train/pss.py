@@ -51,9 +51,10 @@ from ..profile import count_macs, resource_model
 from ..seeding import derive_seed
 from ..space import Arch, SearchSpace
 from .bn import bn_statistics, recalibrate_bn
+from .config import Config, ConfigError
 from .engine import Callback
 from .evaluate import accuracy
-from .samplers import register_sampler
+from .samplers import need_subnets, register_sampler
 
 if TYPE_CHECKING:  # pragma: no cover
     from .supernet import SupernetTrainer
@@ -279,7 +280,19 @@ def make_pss_sampler(net: Supernet, t: Any, total_steps: int) -> PSSSampler:
     )  # fmt: skip
 
 
-@register_sampler("pss")
+def check_pss_config(cfg: Config) -> None:
+    """PSS-Net's rules between config keys (run by every ``Config.validate`` with ``train.sampler: pss``)."""
+    t, d = cfg.train, cfg.data
+    need_subnets(cfg, 3, "largest, pool, smallest")
+    if t.pss.metric == "latency" and not t.pss.latency_table:
+        raise ConfigError(
+            "train.pss.metric=latency needs train.pss.latency_table (dynaslice profile MODEL --latency-table PATH)"
+        )
+    if d.val_size == 0 and d.name != "folder":
+        raise ConfigError("train.sampler=pss selects its budget table on the validation split: set data.val_size > 0")
+
+
+@register_sampler("pss", check=check_pss_config)
 def build_pss_sampler(trainer: SupernetTrainer) -> PSSSampler:
     """``train.sampler: pss``: the sampler, and the callback that selects the budget table at the end."""
     sampler = make_pss_sampler(trainer.net, trainer.cfg.train, trainer.total_steps)

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..seeding import derive_seed
 from ..space import Arch, SearchSpace
+from .config import Config, ConfigCheck, ConfigError, register_check
 
 if TYPE_CHECKING:  # pragma: no cover
     from .supernet import SupernetTrainer
@@ -103,21 +105,32 @@ class FixedSampler:
 # --------------------------------------------------------------------------- the registry
 
 SamplerBuilder = Callable[["SupernetTrainer"], ArchSampler]
-_SAMPLERS: dict[str, SamplerBuilder] = {}
 
 
-def register_sampler(name: str) -> Callable[[SamplerBuilder], SamplerBuilder]:
+@dataclass(frozen=True)
+class _Sampler:
+    build: SamplerBuilder
+    check: ConfigCheck | None
+
+
+_SAMPLERS: dict[str, _Sampler] = {}
+
+
+def register_sampler(name: str, *, check: ConfigCheck | None = None) -> Callable[[SamplerBuilder], SamplerBuilder]:
     """Register ``builder(trainer) -> ArchSampler`` under ``name`` (the value of ``train.sampler``).
 
     The builder reads what it needs from the trainer (``trainer.space``, ``trainer.cfg.train``,
     ``trainer.total_steps``, ``trainer.net``) and may add a :class:`~dynaslice.train.engine.Callback`
     to ``trainer.callbacks`` for work at the end of training (PSS-Net selects its budget table).
+    ``check(cfg)``: the sampler's own rules between config keys (raising :class:`ConfigError`),
+    run by every :meth:`Config.validate` whose ``train.sampler`` is ``name``: a new sampler
+    brings its rules with it instead of editing the config module.
     """
 
     def register(builder: SamplerBuilder) -> SamplerBuilder:
         if name in _SAMPLERS:
             raise ValueError(f"sampler {name!r} registered twice")
-        _SAMPLERS[name] = builder
+        _SAMPLERS[name] = _Sampler(builder, check)
         return builder
 
     return register
@@ -130,10 +143,30 @@ def sampler_names() -> tuple[str, ...]:
 def build_sampler(name: str, trainer: SupernetTrainer) -> ArchSampler:
     if name not in _SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(_SAMPLERS)}")
-    return _SAMPLERS[name](trainer)
+    return _SAMPLERS[name].build(trainer)
 
 
-@register_sampler("sandwich")
+@register_check
+def _check_sampler(cfg: Config) -> None:
+    """``train.sampler`` names a registered sampler, and the config meets that sampler's rules."""
+    name = cfg.train.sampler
+    if name not in _SAMPLERS:
+        raise ConfigError(f"train.sampler={name!r} is not one of {', '.join(_SAMPLERS)}")
+    check = _SAMPLERS[name].check
+    if check is not None:
+        check(cfg)
+
+
+def need_subnets(cfg: Config, n: int, which: str) -> None:
+    """A sampler's rule: ``train.num_subnets >= n`` (``which``: the subnets it always runs)."""
+    t = cfg.train
+    if t.num_subnets < n:
+        raise ConfigError(
+            f"train.num_subnets={t.num_subnets} is too small: train.sampler={t.sampler} needs >= {n} ({which})"
+        )
+
+
+@register_sampler("sandwich", check=lambda cfg: need_subnets(cfg, 2, "largest and smallest"))
 def _sandwich(trainer: SupernetTrainer) -> SandwichSampler:
     t = trainer.cfg.train
     return SandwichSampler(trainer.space, t.num_subnets, seed=t.seed, uniform=t.sandwich_uniform)

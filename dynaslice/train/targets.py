@@ -30,11 +30,14 @@ Label losses stay per view. Soft targets use temperature ``T`` and the loss is s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from ..space import Arch, SearchSpace
+from .config import Config, ConfigCheck, ConfigError, register_check
 
 Teacher = Callable[[torch.Tensor, Arch], torch.Tensor]
 """``teacher(x, arch) -> logits``; called under ``torch.no_grad()``."""
@@ -91,10 +94,64 @@ class StepTargets:
         return soft_cross_entropy(logits, self.default, t.temperature)
 
 
+# --------------------------------------------------------------------------- the registry
+
+T = TypeVar("T", bound="type[Target]")
+
+
+@dataclass(frozen=True)
+class _Target:
+    cls: type[Target]
+    check: ConfigCheck | None
+
+
+_TARGETS: dict[str, _Target] = {}
+
+
+def register_target(name: str, *, check: ConfigCheck | None = None) -> Callable[[T], T]:
+    """Register a :class:`Target` subclass under ``name`` (the value of ``train.target``; it
+    becomes the class's ``name``), built as ``cls(space, label_smoothing=, temperature=, views=,
+    view_weight=, ...)``. ``check(cfg)``: the target's own rules between config keys, run by
+    every :meth:`Config.validate` whose ``train.target`` is ``name`` (as samplers register theirs).
+    """
+
+    def register(cls: T) -> T:
+        if name in _TARGETS:
+            raise ValueError(f"target {name!r} registered twice")
+        cls.name = name
+        _TARGETS[name] = _Target(cls, check)
+        return cls
+
+    return register
+
+
+def target_names() -> tuple[str, ...]:
+    return tuple(_TARGETS)
+
+
+@register_check
+def _check_target(cfg: Config) -> None:
+    """``train.target`` names a registered target, and the config meets that target's rules."""
+    name = cfg.train.target
+    if name not in _TARGETS:
+        raise ConfigError(f"train.target={name!r} is not one of {', '.join(_TARGETS)}")
+    check = _TARGETS[name].check
+    if check is not None:
+        check(cfg)
+
+
+def _check_teacher(cfg: Config) -> None:
+    t = cfg.train
+    if not (t.init_from or t.phase1_epochs):
+        raise ConfigError(
+            "train.target=teacher needs a trained network to teach: train.init_from, or train.phase1_epochs > 0"
+        )
+
+
 class Target:
     """Base class: per-step soft targets. Subclasses override :meth:`begin`."""
 
-    name = "labels"
+    name = ""  # the registered name: set by register_target
     uses_teacher = False
 
     def __init__(
@@ -138,16 +195,14 @@ class Target:
         )
 
 
+@register_target("labels")
 class LabelsTarget(Target):
     """Every subnet: cross-entropy with the labels (label smoothing)."""
 
-    name = "labels"
 
-
+@register_target("inplace")
 class InplaceDistillTarget(Target):
     """Largest: labels. Others: the largest subnet's detached softmax from the same step."""
-
-    name = "inplace"
 
     def begin(self, x, y, archs, teacher=None, step=0) -> StepTargets:
         largest = self.space.largest()
@@ -156,10 +211,9 @@ class InplaceDistillTarget(Target):
         return StepTargets(self, y, largest, from_largest=True)
 
 
+@register_target("ib")
 class IBTarget(Target):
     """Largest: labels. Others: the EMA teacher's softmax, run as its largest subnet."""
-
-    name = "ib"
     uses_teacher = True
 
     def begin(self, x, y, archs, teacher=None, step=0) -> StepTargets:
@@ -170,14 +224,13 @@ class IBTarget(Target):
         return StepTargets(self, y, largest, default=default)
 
 
+@register_target("ieb")
 class IEBTarget(Target):
     """IB, plus: the smallest matches the teacher's mean probabilities over this step's other archs.
 
     The ensemble is the teacher run as every arch of the step except the smallest (the largest
     and the very random subnets the student trains now, duplicates counted as drawn).
     """
-
-    name = "ieb"
     uses_teacher = True
 
     def begin(self, x, y, archs, teacher=None, step=0) -> StepTargets:
@@ -216,6 +269,7 @@ class TeacherStepTargets(StepTargets):
         return self.weight * (kd + labels if t.label_term else kd)
 
 
+@register_target("teacher", check=_check_teacher)
 class FrozenTeacherTarget(Target):
     """A trained network, frozen in eval mode, teaches every subnet (once-for-all, DϵpS).
 
@@ -232,8 +286,6 @@ class FrozenTeacherTarget(Target):
     neither receive gradients nor update BatchNorm statistics. Unlike IB's EMA teacher it never
     changes.
     """
-
-    name = "teacher"
 
     def __init__(
         self,
@@ -270,12 +322,7 @@ class FrozenTeacherTarget(Target):
         )
 
 
-TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (LabelsTarget, InplaceDistillTarget, IBTarget, IEBTarget, FrozenTeacherTarget)
-}
-
-
 def make_target(name: str, space: SearchSpace, **kwargs) -> Target:
-    if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}: choose one of {', '.join(TARGETS)}")
-    return TARGETS[name](space, **kwargs)
+    if name not in _TARGETS:
+        raise ValueError(f"unknown target {name!r}: choose one of {', '.join(_TARGETS)}")
+    return _TARGETS[name].cls(space, **kwargs)
