@@ -2,6 +2,7 @@
 masks, the official score initialisation, gradients to the scores only, frozen weights and BN
 affine with moving statistics, the top-k mask update, ``dynaslice prune jackpot`` and its errors."""
 
+import itertools
 import json
 
 import pytest
@@ -13,9 +14,11 @@ import dynaslice as ds
 from dynaslice.prune import PruningError, check_compact, jackpot_prune
 from dynaslice.prune.jackpot import (
     JackpotMask,
+    JackpotTrainer,
     attach_masks,
     global_magnitude_masks,
     masked_layers,
+    search_config,
     searched_masks,
 )
 from dynaslice.prune.sparse_file import load_sparse, save_sparse
@@ -190,3 +193,27 @@ def test_cli_prune_jackpot_refuses_bad_settings_in_one_line(tmp_path, sets, need
     argv = [a for s in sets for a in ("--set", s)]
     one_line_error(cli("prune", "jackpot", *_tiny_args(), *argv, "--out", tmp_path / "run"), needle)
     assert not (tmp_path / "run" / "base").exists()
+
+
+def test_a_killed_and_resumed_search_ends_identical(tmp_path):
+    """Saved after 3 of 8 steps, resumed in a fresh trainer: bitwise the uninterrupted search
+    (scores, masks and BN statistics travel with the checkpoint)."""
+    cfg = search_config(load_config(None, [*TINY, "train.epochs=2"]))
+
+    def make(run_dir):
+        return JackpotTrainer(attach_masks(plain_model(), 0.9)[0], cfg, run_dir)
+
+    whole = make(tmp_path / "whole")
+    whole.fit()
+    killed = make(tmp_path / "killed")
+    killed.on_epoch_start(0)
+    for x, y in itertools.islice(killed.train_loader.epoch_batches(0), 3):
+        killed.train_step(x, y)
+    killed.save()
+    resumed = make(tmp_path / "killed")
+    assert resumed.resume() and resumed.step == 3
+    resumed.fit()
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    found, magnitude = searched_masks(resumed.model), attach_masks(plain_model(), 0.9)[1]
+    assert any(not torch.equal(found[n], magnitude[n]) for n in magnitude)  # the search did move the mask
