@@ -283,3 +283,84 @@ def test_every_session_has_the_factory_options(tmp_path, monkeypatch):
     )
     runtimes.ort_session(path, torch.device("cuda"))
     assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+# --------------------------------------------------------------------------- method registries
+
+# Pruning methods, samplers and training targets plug in one way: a decorator with the method's
+# name, in the method's own module, whose registry is then the only list of the names. The config
+# module, the commands and the pruning run learn them from the registries.
+REGISTRATIONS = {"register_pruner": "pruner_names", "register_sampler": "sampler_names", "register_target": "target_names"}
+NAMELESS = ["dynaslice/train/config.py", "dynaslice/pipeline.py", "dynaslice/prune/run.py", "dynaslice/prune/registry.py",
+            *sorted(str(p.relative_to(ROOT.parent)) for p in (ROOT / "cli").glob("*.py"))]  # fmt: skip
+
+
+def registered_in_source(root: Path = ROOT) -> dict[str, list[str]]:
+    """``register_X -> [name, ...]`` from every ``@register_X("name", ...)`` decorator under ``root``."""
+    found: dict[str, list[str]] = {kind: [] for kind in REGISTRATIONS}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.ClassDef):
+                continue
+            for dec in node.decorator_list:
+                if isinstance(dec, ast.Call) and isinstance(dec.func, ast.Name) and dec.func.id in found:
+                    assert dec.args and isinstance(dec.args[0], ast.Constant), f"{path}:{dec.lineno}: name not literal"
+                    found[dec.func.id].append(dec.args[0].value)
+    return found
+
+
+def _registries() -> dict[str, tuple[object, tuple[str, ...]]]:
+    import dynaslice.cli  # noqa: F401  (every command, so every method module, imported)
+    from dynaslice import prune
+    from dynaslice.train import samplers, targets
+
+    modules = {"register_pruner": prune, "register_sampler": samplers, "register_target": targets}
+    return {kind: (getattr(modules[kind], kind), getattr(modules[kind], names)()) for kind, names in REGISTRATIONS.items()}
+
+
+def test_every_method_is_one_decorator_in_its_own_module():
+    source = registered_in_source()
+    for kind, (_, names) in _registries().items():
+        assert sorted(source[kind]) == sorted(names), kind  # nothing registered another way
+
+
+def test_the_registries_take_the_same_shape():
+    """``register_X(name, *, ..., check=None)``: a name, then keywords only, one of them the
+    method's own config rules."""
+    import inspect
+
+    for kind, (register, _) in _registries().items():
+        params = list(inspect.signature(register).parameters.values())
+        assert params[0].name == "name" and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, kind
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:]), kind
+        assert "check" in {p.name for p in params[1:]}, kind
+
+
+def _field_default(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    """A config dataclass field's default (``sampler: str = "sandwich"``): the one place a default
+    method is named."""
+    parent = parents.get(node)
+    return isinstance(parent, ast.AnnAssign) and parent.value is node and isinstance(parents.get(parent), ast.ClassDef)
+
+
+def method_name_literals(path: Path, names: set[str]) -> list[str]:
+    tree = ast.parse(path.read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    return [
+        f"{path.name}:{node.lineno} {node.value!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in names and not _field_default(node, parents)
+    ]
+
+
+def test_method_names_are_listed_only_by_their_registries():
+    names = {n for _, registered in _registries().values() for n in registered}
+    found = [hit for rel in NAMELESS for hit in method_name_literals(ROOT.parent / rel, names)]
+    assert found == []
+
+
+def test_the_name_checker_sees_a_listed_name(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text('from dataclasses import dataclass\n@dataclass\nclass C:\n    m: str = "l1"\n'
+                    'def f(m):\n    return m in ("l1", "dcff")\n')  # fmt: skip
+    assert method_name_literals(path, {"l1", "dcff"}) == ["m.py:6 'l1'", "m.py:6 'dcff'"]

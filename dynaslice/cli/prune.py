@@ -7,29 +7,9 @@ import sys
 from pathlib import Path
 
 from .. import runs
-from ..prune import prune_run, pruner_names
+from ..prune import prune_run, pruner, pruner_names
 from ..train.config import load_config
 from .common import UserError, add_set, parse_share
-
-SLOW_START = 0.05
-"""Share of DCFF's training at its first temperature above which ``prune`` says so (the paper: 1
-of 300 epochs, 0.3%; the official schedule in a one-epoch run: all of it, 54% against 88% val
-top-1 in docs/PRUNING.md)."""
-
-
-def _note_dcff_schedule(updates_per_epoch: int, epochs: float) -> None:
-    """One note when DCFF would spend much of its budget at ``T = t_start``, where the fused filters
-    are close to the average filter and the network learns slowly: the first fusion update holds
-    for ``1 / updates_per_epoch`` epochs."""
-    share = min(1.0, 1 / (updates_per_epoch * epochs))
-    if share > SLOW_START:
-        scaled = max(1, round(300 / epochs))
-        print(
-            f"note: DCFF keeps its first temperature for {share:.0%} of this {epochs:g}-epoch run "
-            f"(the paper: 0.3%), where it learns slowly; --set prune.k={scaled} "
-            f"--set prune.updates_per_epoch={scaled} compresses the official schedule into it (docs/PRUNING.md)",
-            file=sys.stderr,
-        )
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -41,8 +21,9 @@ def _prune(args: argparse.Namespace) -> int:
     if args.target_params is not None:
         overrides += [f"prune.target_params={args.target_params!r}", "prune.target_macs=null"]
     cfg = load_config(args.config, overrides)
-    if args.method == "dcff":
-        _note_dcff_schedule(cfg.prune.updates_per_epoch, cfg.train.epochs)
+    note = pruner(args.method).note
+    if note is not None and (advice := note(cfg)):
+        print(f"note: {advice}", file=sys.stderr)
     out = Path(args.out) if args.out else Path("runs") / f"prune-{args.method}"
     result = prune_run(cfg, out, resume=args.resume)
     acc = result["accuracy"]

@@ -63,7 +63,7 @@ from torch.nn.utils import parametrize
 
 from .. import runs
 from ..seeding import derive_seed
-from ..train.config import Config, ConfigError, register_check
+from ..train.config import Config, ConfigError
 from ..train.model import ModelTrainer
 from .common import PruneResult, PruningError, _as_graph, finish
 from .onexn import MaskedTrainer
@@ -295,12 +295,9 @@ def jackpot_prune(
 # --------------------------------------------------------------------------- dynaslice prune jackpot
 
 
-@register_check
 def _jackpot_settings(cfg: Config) -> None:
-    """``prune.*`` for jackpot, checked when the config loads (before any training)."""
+    """``prune.*`` for jackpot, checked when a config choosing it loads (before any training)."""
     p = cfg.prune
-    if p.method != "jackpot":
-        return
     if not 0 < p.sparsity < 1:
         raise ConfigError(f"jackpot needs prune.sparsity in (0, 1), got {p.sparsity}")
     if p.score_init not in SCORE_INITS:
@@ -312,7 +309,7 @@ def _jackpot_settings(cfg: Config) -> None:
         )
 
 
-@register_pruner("jackpot", budget="sparsity", trains_base=True)
+@register_pruner("jackpot", budget="sparsity", trains_base=True, check=_jackpot_settings)
 def _jackpot(ctx: PruneContext) -> PruneResult:
     """The base trains ``train.epochs - prune.finetune_epochs``; the search and the tuning share
     ``prune.finetune_epochs``, so jackpot and magnitude pruning get equal epochs from one config."""

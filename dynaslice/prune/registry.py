@@ -13,10 +13,13 @@ no other file: ``budget`` says which budget the method prunes to (``"channels"``
 ``prune.target_macs`` / ``prune.target_params``, limited to ``targets``; ``"sparsity"``:
 ``prune.sparsity``, no MACs or parameter target), ``trains_base`` whether it starts from the full
 network trained ``train.epochs - prune.finetune_epochs`` epochs (``RUN/base``) rather than the
-untrained one, and ``include`` the channel groups it prunes when ``prune.include`` is null.
+untrained one, ``include`` the channel groups it prunes when ``prune.include`` is null,
+``check(cfg)`` its own rules on the config (run whenever a config choosing it is loaded, before
+any training) and ``note(cfg)`` advice ``dynaslice prune`` prints before the run (or None).
 The CLI's choices and the config's allowed ``prune.method`` values are :func:`pruner_names`.
 Samplers (:func:`dynaslice.train.samplers.register_sampler`) and training targets
-(:func:`dynaslice.train.targets.register_target`) register the same way.
+(:func:`dynaslice.train.targets.register_target`) register the same way: a name, the keywords
+their kind declares, and an optional ``check``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
-from ..train.config import ConfigError, register_check
+from ..train.config import ConfigCheck, ConfigError, register_check
 from .common import PruneResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,6 +79,8 @@ class PruningMethod:
     trains_base: bool
     include: str = "internal"
     targets: tuple[str, ...] = TARGET_KINDS
+    check: ConfigCheck | None = None
+    note: Callable[[Config], str | None] | None = None
 
 
 _PRUNERS: dict[str, PruningMethod] = {}
@@ -88,6 +93,8 @@ def register_pruner(
     trains_base: bool,
     include: str = "internal",
     targets: tuple[str, ...] = TARGET_KINDS,
+    check: ConfigCheck | None = None,
+    note: Callable[[Config], str | None] | None = None,
 ) -> Callable[[PruneFn], PruneFn]:
     """Register ``run(ctx) -> PruneResult`` as the pruning method ``name`` (see the module docstring).
 
@@ -102,7 +109,7 @@ def register_pruner(
     def register(run: PruneFn) -> PruneFn:
         if name in _PRUNERS:
             raise ValueError(f"pruning method {name!r} registered twice")
-        _PRUNERS[name] = PruningMethod(name, run, budget, trains_base, include, tuple(targets))
+        _PRUNERS[name] = PruningMethod(name, run, budget, trains_base, include, tuple(targets), check, note)
         return run
 
     return register
@@ -121,6 +128,8 @@ def pruner(name: str) -> PruningMethod:
 
 
 @register_check
-def _known_method(cfg: Config) -> None:
-    """Every config's ``prune.method`` names a registered method (checked when it is loaded)."""
-    pruner(cfg.prune.method)
+def _check_method(cfg: Config) -> None:
+    """``prune.method`` names a registered method, and the config meets that method's rules."""
+    check = pruner(cfg.prune.method).check
+    if check is not None:
+        check(cfg)
