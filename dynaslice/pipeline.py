@@ -58,10 +58,9 @@ from .train.config import (
     Config,
     ConfigError,
     Stage2Config,
-    apply_override,
     flatten,
     from_dict,
-    load_yaml,
+    load_config_with_section,
     read_config_file,
 )
 from .train.data import eval_loader, load_split
@@ -94,23 +93,7 @@ class RunConfig:
 
 def load_run_config(path: str | Path, overrides: list[str]) -> tuple[Config, RunConfig]:
     """The training config and the ``run`` section of ``path``, both with ``--set`` overrides applied."""
-    data = read_config_file(path)
-    run_data = data.pop("run", None) or {}
-    cfg = from_dict(data)
-    run = from_dict(run_data, RunConfig, "run.")
-    for assignment in overrides:
-        if assignment.strip().startswith("run."):
-            key, sep, text = assignment.partition("=")
-            name = key.strip().removeprefix("run.")
-            if not sep or name not in {f.name for f in dataclasses.fields(RunConfig)}:
-                raise ConfigError(
-                    f"unknown override {assignment!r}: run.* keys are {', '.join(f.name for f in dataclasses.fields(RunConfig))}"
-                )
-            value = load_yaml(text, f"the value of override {key.strip()}")
-            run = from_dict({**dataclasses.asdict(run), name: value}, RunConfig, "run.")
-        else:
-            cfg = apply_override(cfg, assignment)
-    cfg.validate()
+    cfg, run = load_config_with_section(path, overrides, "run", RunConfig)
     if not cfg.model.gate.enabled:
         raise ConfigError("dynaslice run trains a gated supernet: set model.gate.enabled: true in the config")
     if cfg.train.static_widths:

@@ -154,3 +154,25 @@ def test_a_target_registers_like_a_sampler(own_train_registries):
         targets.register_target("ib")(Smooth)
     with pytest.raises(ConfigError, match="train.target=teacher needs a trained network"):
         load_config(None, ["train.target=teacher"])
+
+
+# --------------------------------------------------------------------------- one --set parser
+
+
+def test_a_commands_own_section_takes_set_like_the_config(tmp_path):
+    """``dynaslice run``'s ``run:`` section is read, typed and refused by the config's own
+    override parser: the same "did you mean", YAML values and type errors, the file named."""
+    from dynaslice.pipeline import RunConfig, load_run_config
+    from dynaslice.train.config import load_config_with_section
+
+    path = tmp_path / "job.yaml"
+    path.write_text("model: {gate: {enabled: true}}\ndata: {name: synthetic}\nrun: {latency_repeats: 3}\n")
+    cfg, run = load_run_config(path, ["run.gate_targets=[0.5, 0.7]", "optim.lr=0.2", "run.export=false"])
+    assert (run.latency_repeats, run.gate_targets, run.export, cfg.optim.lr) == (3, [0.5, 0.7], False, 0.2)
+    with pytest.raises(ConfigError, match="unknown config key 'run.latency_repets'; did you mean 'run.latency_repeats'"):
+        load_run_config(path, ["run.latency_repets=5"])
+    with pytest.raises(ConfigError, match="config key 'run.latency_repeats' expects int, got 'many'"):
+        load_run_config(path, ["run.latency_repeats=many"])
+    path.write_text("run: {latency_repets: 3}\n")
+    with pytest.raises(ConfigError, match=f"{path}: unknown config key 'run.latency_repets'"):
+        load_config_with_section(path, [], "run", RunConfig)

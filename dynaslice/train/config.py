@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -28,6 +28,11 @@ from ..atomic import atomic_write_bytes
 
 class ConfigError(ValueError):
     """A config file or override the user has to fix (printed as one line by the CLI)."""
+
+
+C = TypeVar("C")
+"""A config dataclass: :class:`Config` or a command's own section."""
+S = TypeVar("S")
 
 
 # --------------------------------------------------------------------------- reading YAML
@@ -628,8 +633,10 @@ def _keys(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _keys(Config), n=1, cutoff=0.5)
+def _unknown(key: str, cls: type | None = None, prefix: str = "") -> ConfigError:
+    """``key`` is not a key of ``cls`` (default :class:`Config`) whose keys start with ``prefix``."""
+    known = [prefix + k for k in _keys(cls or Config)]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
 
@@ -690,7 +697,7 @@ def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any
     for k, v in data.items():
         key = prefix + str(k)
         if k not in names:
-            raise _unknown(key)
+            raise _unknown(key, cls, prefix)
         if dataclasses.is_dataclass(hints[k]):
             kwargs[k] = from_dict(v, hints[k], key + ".")
         else:
@@ -698,26 +705,34 @@ def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any
     return cls(**kwargs)
 
 
-def apply_override(config: Config, assignment: str) -> Config:
-    """Apply one ``dotted.key=value`` (value parsed as YAML) and return the new config."""
+def apply_override(config: C, assignment: str, prefix: str = "") -> C:
+    """Apply one ``dotted.key=value`` (value parsed as YAML) and return the new config.
+
+    ``config``: a :class:`Config`, or a command's own section (``prefix``: its name and a dot,
+    as in ``run.latency_repeats=5``; see :func:`load_config_with_section`), so that every
+    ``--set`` is read, typed and refused the same way.
+    """
     key, sep, text = assignment.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    cls = type(config)
+    if not key.startswith(prefix):
+        raise _unknown(key, cls, prefix)
     value = load_yaml(text, f"the value of override {key}") if text.strip() else ""
-    data = config.to_dict()
-    parts = key.split(".")
+    data = dataclasses.asdict(config)
+    parts = key.removeprefix(prefix).split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, dict) or part not in node:
-            raise _unknown(".".join(parts[: i + 1]))
+            raise _unknown(prefix + ".".join(parts[: i + 1]), cls, prefix)
         node = node[part]
     # free-form mappings (model.kwargs) take any key; dataclass sections only their fields
-    free_form = ".".join(parts[:-1]) == "model.kwargs"
+    free_form = prefix + ".".join(parts[:-1]) == "model.kwargs"
     if not isinstance(node, dict) or (parts[-1] not in node and not free_form):
-        raise _unknown(key)
+        raise _unknown(key, cls, prefix)
     node[parts[-1]] = value
-    return from_dict(data)
+    return from_dict(data, cls, prefix)
 
 
 def presets() -> dict[str, Path]:
@@ -773,6 +788,31 @@ def load_config(
     for assignment in overrides:
         config = apply_override(config, assignment)
     return config.validate()
+
+
+def load_config_with_section(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...], name: str, cls: type[S]
+) -> tuple[Config, S]:
+    """The training config of the file at ``path`` and the file's own top-level section ``name``
+    for one command (``run:`` of ``dynaslice run``), a ``cls`` dataclass outside :class:`Config`.
+
+    Each override ``name.KEY=VALUE`` goes to the section, every other to the config, through
+    the one :func:`apply_override`: the same typing, YAML reading and "did you mean" for both.
+    The section comes back unchecked: its rules are its command's.
+    """
+    data = read_config_file(path) if path is not None else {}
+    prefix = f"{name}."
+    try:
+        section = from_dict(data.get(name) or {}, cls, prefix)
+    except ConfigError as e:  # name the file: the mistake is in it, not in an override
+        raise ConfigError(f"{path}: {e}") from None
+    rest = []
+    for assignment in overrides:
+        if assignment.strip().startswith(prefix):
+            section = apply_override(section, assignment, prefix)
+        else:
+            rest.append(assignment)
+    return load_config(path, rest, ignore=(name,)), section
 
 
 def save_config(config: Config, path: str | Path) -> None:
