@@ -22,6 +22,7 @@ from .distributed import DistEnv, init_distributed
 from .ema import ema_decay_for, make_ema
 from .engine import Callback, Trainer, TrainingDiverged
 from .evaluate import evaluate, evaluate_gated, format_gated, format_rows, uniform_archs
+from .ffsd import OnlineDistillTrainer, train_online
 from .model import ModelTrainer
 from .optim import build_optimizer, build_scheduler, param_groups
 from .pss import PSSSampler
@@ -55,6 +56,7 @@ __all__ = [
     "LabelsTarget",
     "ModelConfig",
     "ModelTrainer",
+    "OnlineDistillTrainer",
     "OptimConfig",
     "PSSSampler",
     "SandwichSampler",
@@ -88,6 +90,7 @@ __all__ = [
     "static_config",
     "train",
     "train_gate",
+    "train_online",
     "train_static",
     "uniform_archs",
 ]

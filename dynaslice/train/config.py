@@ -212,6 +212,27 @@ class PSSConfig:
 
 
 @dataclass
+class FFSDConfig:
+    """FFSD and DML (``train.target: ffsd`` / ``dml``, :mod:`dynaslice.train.ffsd`).
+
+    ``students``: the common students m (DML: the students; 1 = the network alone). The
+    official code's weights: ``lambda_fusion`` (the leader's feature terms), ``lambda_diversity``
+    (student diversity and self-distillation), ``lambda_decoder`` (the decoders' own loss), each
+    times ``exp(-5 (1 - e / warmup_epochs)^2)`` in epoch e <= ``warmup_epochs``. The fusion module
+    decays its weights by ``fusion_weight_decay``; the decoders learn with Adam at ``decoder_lr``.
+    The temperature is ``train.temperature`` (the official 2 in configs/ffsd.yaml).
+    """
+
+    students: int = 2
+    lambda_fusion: float = 10.0
+    lambda_diversity: float = 1e-5
+    lambda_decoder: float = 1000.0
+    warmup_epochs: int = 5
+    fusion_weight_decay: float = 1e-5
+    decoder_lr: float = 1e-3
+
+
+@dataclass
 class TrainConfig:
     """The Stage-I recipe: which subnets each step runs and what each of them learns from.
 
@@ -277,6 +298,7 @@ class TrainConfig:
     phase1_epochs: int = 0
     phase1_lr: float | None = None
     pss: PSSConfig = field(default_factory=PSSConfig)
+    ffsd: FFSDConfig = field(default_factory=FFSDConfig)
 
 
 @dataclass

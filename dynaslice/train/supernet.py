@@ -45,7 +45,7 @@ from .evaluate import evaluate, format_rows, uniform_archs
 from .init import frozen_copy, init_from, zero_init_last_bn
 from .optim import build_optimizer, build_scheduler
 from .samplers import ArchSampler, FixedSampler, build_sampler
-from .targets import make_target
+from .targets import make_target, target_run
 
 SLOW_TEACHER_EPOCHS = 0.25  # EMA half-life from which the trainer notes that the teacher lags
 
@@ -318,8 +318,9 @@ def train(
     resume: bool = False,
     env: DistEnv | None = None,
     allow_changes: Iterable[str] = (),
-) -> list[dict[str, Any]]:
-    """Train the run ``cfg`` describes into ``run_dir``; return the final validation rows.
+) -> Any:
+    """Train the run ``cfg`` describes into ``run_dir``; return the final validation rows (a
+    target that trains networks of its own, :attr:`~dynaslice.train.targets.Target.run`: its record).
 
     With ``train.static_widths`` set, trains one ordinary network per width instead
     (:func:`train_static`). ``resume=True`` continues from the run's newest intact checkpoint
@@ -327,6 +328,9 @@ def train(
     silently overwritten. ``allow_changes``: config keys that may differ from the run's (see
     :meth:`Trainer.resume`).
     """
+    own = target_run(cfg.train.target)
+    if own is not None:  # a method that trains networks of its own (FFSD, DML)
+        return own(cfg, run_dir, resume, env, allow_changes)
     if cfg.train.static_widths:
         return train_static(cfg, run_dir, resume, env)
     if cfg.train.phase1_epochs:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +129,12 @@ def target_names() -> tuple[str, ...]:
     return tuple(_TARGETS)
 
 
+def target_run(name: str) -> Callable[..., Any] | None:
+    """The whole-run function of target ``name`` (:attr:`Target.run`); None: the supernet trains."""
+    entry = _TARGETS.get(name)
+    return entry.cls.run if entry is not None else None
+
+
 @register_check
 def _check_target(cfg: Config) -> None:
     """``train.target`` names a registered target, and the config meets that target's rules."""
@@ -153,6 +159,10 @@ class Target:
 
     name = ""  # the registered name: set by register_target
     uses_teacher = False
+    run: Callable[..., Any] | None = None
+    """Set by a target that trains networks of its own instead of the supernet (FFSD, DML:
+    :mod:`.ffsd`): ``run(cfg, run_dir, resume, env, allow_changes)``, to which
+    :func:`~dynaslice.train.supernet.train` hands the whole run."""
 
     def __init__(
         self,
