@@ -22,7 +22,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .atomic import atomic_path
 from .graph import Tracer
 from .models.base import Supernet
+from .models.converted import ConvertedSupernet
 from .nn import SlicedModule
+from .nn.converted import slice_parameter
 
 
 class _Tracer(Tracer):
@@ -69,7 +71,18 @@ def extract_subnet(
 
     modules: dict[str, nn.Module] = {}
     signatures: dict[str, tuple] = {}
+    for node in list(graph.nodes):  # a converted network's parameter read outside a layer
+        if node.op == "call_function" and node.target is slice_parameter and node.args[0].op == "get_attr":
+            _store_slice(node, traced, modules)
     for node in graph.nodes:
+        if node.op == "get_attr" and node.target in modules:
+            continue
+        if node.op == "get_attr" and isinstance(net, ConvertedSupernet):  # read at full width: a copy
+            name = str(node.target).removeprefix("net.")
+            owner, _, attr = str(node.target).rpartition(".")
+            modules[name] = copy.deepcopy(getattr(traced.get_submodule(owner), attr))
+            node.target = name
+            continue
         if node.op == "get_attr":
             raise RuntimeError(
                 f"{type(net).__name__} reads {node.target!r} outside a leaf module; "
@@ -100,6 +113,22 @@ def extract_subnet(
         source = net.get_submodule(name) if name else net
         module.training = source.training
     return out
+
+
+def _store_slice(node: fx.Node, traced: fx.GraphModule, store: dict) -> None:
+    """Replace ``slice_parameter(parameter, ...)`` by a read of the slice, stored under the
+    parameter's own name: the subnet's parameter has the subnet's shape (and trains as one)."""
+    read = node.args[0]
+    source = traced.get_parameter(str(read.target))
+    name = str(read.target).removeprefix("net.")
+    with torch.no_grad():
+        value = nn.Parameter(slice_parameter(source, *node.args[1:]).clone(), source.requires_grad)
+    if name in store and store[name].shape != value.shape:
+        raise RuntimeError(f"{name!r} is read at two widths; cannot extract")
+    store.setdefault(name, value)
+    node.op, node.target, node.args, node.kwargs = "get_attr", name, (), {}
+    if not read.users:
+        node.graph.erase_node(read)
 
 
 def save_torch_model(module: nn.Module, path: str | os.PathLike) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch import nn
+from torch import fx, nn
 
 import dynaslice as ds
 from dynaslice.graph import GraphError, analyze, trace
@@ -336,6 +336,11 @@ class ReadsParameter(Branchy):
         return self.fc((self.conv(x) * self.scale).mean((2, 3)))
 
 
+class TwoInputs(Branchy):
+    def forward(self, x, y):
+        return self.fc(self.conv(x + y).mean((2, 3)))
+
+
 class ReturnsTuple(Branchy):
     def forward(self, x):
         h = self.conv(x).mean((2, 3))
@@ -363,7 +368,12 @@ class Plain(Branchy):
             "example input of shape (1, 1, 8, 8) does not run through Plain",
         ),
         (Plain(), [1, 2], {}, "example_input must be a tensor"),
-        (ReadsParameter(), torch.randn(1, 3, 8, 8), {}, "reads parameter 'scale' outside a layer"),
+        (
+            TwoInputs(),
+            torch.randn(1, 3, 8, 8),
+            {},
+            "TwoInputs.forward takes 2 inputs without defaults (x, y)",
+        ),
         (ReturnsTuple(), torch.randn(1, 3, 8, 8), {}, "must return one tensor of class scores"),
         (ModeDependent(), torch.randn(1, 3, 8, 8), {}, "runs different code in training and in eval mode"),
         (
@@ -490,3 +500,201 @@ def test_channels_last_layers_follow_their_axis():
         assert rel_err(sub(x), net(x, smallest)) <= 1e-5
     assert sub.norm.normalized_shape == (smallest["stem"],) and sub.up.out_features == smallest["up"]
     assert sub.side.out_channels == 16 and sub.head.in_features == smallest["stem"] + 16
+
+
+# --- parameters read outside layers (issue 28) ------------------------------------------------
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's / timm's LayerNorm over the channels of an NCHW map: its own forward permutes."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class OwnLinear(nn.Linear):
+    """timm's Linear: a Linear subclass whose own forward calls F.linear on its parameters."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class GroupNorm1(nn.GroupNorm):
+    """timm's GroupNorm1 (PoolFormer): a GroupNorm subclass reading its weights in F.group_norm."""
+
+    def __init__(self, channels):
+        super().__init__(1, channels)
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class LayerScaleNet(nn.Module):
+    """ConvNeXt-like: LayerNorm2d stem, a block whose branch is scaled by a [C,1,1] layer scale and
+    a [C] one (channels-last), GroupNorm1, a Linear subclass head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), LayerNorm2d(64))
+        self.dw = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.pw = nn.Linear(64, 64)
+        self.gamma = nn.Parameter(torch.rand(64) + 0.5)  # channels-last layer scale [C]
+        self.conv = nn.Conv2d(64, 64, 1)
+        self.layer_scale = nn.Parameter(torch.rand(64, 1, 1) + 0.5)  # torchvision CNBlock's [C,1,1]
+        self.scale4d = nn.Parameter(torch.rand(64) + 0.5)  # timm's gamma.reshape(1, -1, 1, 1)
+        self.norm = GroupNorm1(64)
+        self.head = OwnLinear(64, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.pw(self.dw(x).permute(0, 2, 3, 1)) * self.gamma
+        x = x + y.permute(0, 3, 1, 2)
+        x = x + self.layer_scale * self.conv(x)
+        x = x + F.relu(x) * self.scale4d.reshape(1, -1, 1, 1)
+        return self.head(self.norm(x).mean((2, 3)))
+
+
+class TokenNet(nn.Module):
+    """ViT-like: a patch conv, class token [1,1,D] concatenated on the token axis (expanded to the
+    batch), position embedding [1,T,D] added, LayerNorm, an MLP, the class token's features."""
+
+    def __init__(self, dim=32, tokens=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.encoder = nn.Module()
+        self.encoder.pos_embedding = nn.Parameter(torch.randn(1, tokens + 1, dim))
+        self.ln = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 48), nn.Linear(48, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x, mask=None, scale: float = 1.0):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.encoder.pos_embedding
+        if mask is not None:
+            x = x * mask
+        x = x + self.fc2(F.gelu(self.fc1(self.ln(x)))) * scale
+        return self.head(x[:, 0])
+
+
+class ReadsParameterTwice(nn.Module):
+    """A layer scale also read by an op the walk cannot follow (its sum): it stays whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 64, 3), nn.Linear(64, 10)
+        self.conv2 = nn.Conv2d(64, 64, 1)
+        self.scale = nn.Parameter(torch.rand(64, 1, 1) + 0.5)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        h = self.conv2(h) * self.scale + self.scale.sum()
+        return self.fc(h.mean((2, 3)))
+
+
+def _randomised_norms(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm | nn.GroupNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def _check_exact(
+    model: nn.Module, net: ds.ConvertedSupernet, x: torch.Tensor, tmp_path=None
+) -> fx.GraphModule:
+    """largest == model; the extracted narrowest == its slice, plain torch, its MACs and
+    parameters those count_macs / count_params give; ONNX == torch when ``tmp_path`` is given."""
+    smallest = net.space.smallest()
+    with torch.no_grad():
+        assert rel_err(net(x, net.space.largest()), model(x)) <= 1e-5
+        sliced = net(x, smallest)
+        sub = ds.extract_subnet(net, smallest)
+        assert rel_err(sub(x), sliced) <= 1e-5
+    assert all(type(m).__module__.startswith(("torch.", "torchvision.")) for m in sub.modules())
+    assert ds.count_macs(net, smallest) == count_module_macs(sub, tuple(x.shape[1:]))
+    assert ds.count_params(net, smallest) == sum(p.numel() for p in sub.parameters())
+    if tmp_path is not None:
+        ort = pytest.importorskip("onnxruntime")
+        from dynaslice.onnx_export import export_onnx
+
+        path = export_onnx(net, smallest, tmp_path / "net.onnx")
+        got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+        assert rel_err(torch.from_numpy(got), sliced) <= 1e-4
+    return sub
+
+
+def test_layer_scales_functional_norms_and_a_linear_subclass_are_sliced_with_their_channels(tmp_path):
+    """Parameters read outside layers (layer scales [C], [C,1,1] and reshaped to [1,C,1,1]), the
+    weights of a LayerNorm2d / GroupNorm1 / Linear subclass read by F.layer_norm / F.group_norm /
+    F.linear: each joins the channel group it meets, and the subnet's parameter has its width."""
+    torch.manual_seed(0)
+    model = _randomised_norms(LayerScaleNet())
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing kept whole but the classes
+        net = ds.make_supernet(model, x)
+    assert net.space.names == ("stem.0",) and net.kept == {"head": "the model's output"}
+    sub = _check_exact(model, net, x, tmp_path)
+    w = net.space.smallest()["stem.0"]
+    shapes = {k: tuple(v.shape) for k, v in sub.state_dict().items()}
+    assert shapes["gamma"] == (w,) and shapes["layer_scale"] == (w, 1, 1) and shapes["scale4d"] == (w,)
+    assert shapes["stem.1.weight"] == shapes["norm.bias"] == (w,) and shapes["head.weight"] == (10, w)
+    assert net.gamma.shape == (64,)  # the supernet keeps the model's parameters, under their names
+    assert set(net.state_dict()) == set(model.state_dict())
+
+
+def test_class_token_position_embedding_and_defaulted_inputs(tmp_path):
+    """A class token [1,1,D] concatenated on the token axis (expanded to the batch), a position
+    embedding [1,T,D] added, a LayerNorm, an MLP; forward's extra inputs traced at their defaults."""
+    torch.manual_seed(0)
+    model = _randomised_norms(TokenNet())
+    x = torch.randn(2, 3, 16, 16)
+    net = convert(model, x)
+    assert set(net.space.names) == {"patch", "fc1"}
+    sub = _check_exact(model, net, x, tmp_path)
+    d = net.space.smallest()["patch"]
+    assert sub.class_token.shape == (1, 1, d) and sub.encoder.pos_embedding.shape == (1, 17, d)
+    assert net.class_token.shape == (1, 1, 32)
+
+
+def test_a_parameter_read_where_the_walk_cannot_follow_keeps_its_channels_whole():
+    torch.manual_seed(0)
+    model = ReadsParameterTwice().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"conv2 \(parameter scale is read by sum "):
+        net = ds.make_supernet(model, x)
+    assert net.space.names == ("conv",)
+    _check_exact(model, net, x)
+    # pruning (analyze without parameters) keeps every group a parameter meets whole, as before
+    groups = {g.name: g for g in analyze(trace(model, x)).groups.values()}
+    assert "cannot place" in groups["conv2"].fixed
+
+
+def test_torchvision_convnext_and_vit_convert_exactly():
+    """torchvision's own ConvNeXt (LayerNorm2d, CNBlock's layer scale) and ViT (class token,
+    position embedding, MLP widths; its hidden size stays whole: a reshape writes it, and
+    nn.MultiheadAttention reads it), built tiny from their classes."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    convnext = randomised(ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 1)], num_classes=10))
+    x = torch.randn(2, 3, 32, 32)
+    net = convert(_randomised_norms(convnext), x)
+    assert len(net.space.dims) == 5 and set(net.kept) == {"classifier.2"}  # 2 streams, 3 MLPs
+    _check_exact(convnext, net, x)
+
+    vit = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
+    with torch.no_grad():
+        vit.heads.head.weight.normal_()  # torchvision starts the head at zero
+    vit = _randomised_norms(vit)
+    net = convert(vit, x)
+    assert set(net.space.names) == {f"encoder.layers.encoder_layer_{i}.mlp.0" for i in (0, 1)}
+    assert "reshapes (2, 32, 4, 4) to (2, 32, 16)" in net.kept["conv_proj"]
+    _check_exact(vit, net, x)

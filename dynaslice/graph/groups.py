@@ -31,6 +31,7 @@ import operator
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import fx, nn
 
 from . import rules
@@ -57,8 +58,10 @@ class Member:
     """One tensor axis that holds a group's channels: ``module.attr`` along ``axis``.
 
     ``role``: ``producer`` (output rows of a conv/linear: writes the channels), ``consumer``
-    (input columns: reads them), ``norm`` (per-channel parameters and statistics) or
-    ``channelwise`` (the filters of a depthwise or grouped conv). Channel ``c`` occupies positions
+    (input columns: reads them), ``norm`` (per-channel parameters and statistics),
+    ``channelwise`` (the filters of a depthwise or grouped conv) or ``param`` (a parameter read
+    outside a layer and combined elementwise with the channels: a layer scale, a class token).
+    For a parameter read outside a layer, ``module`` is the module that owns it. Channel ``c`` occupies positions
     ``offset + c*repeat ... offset + (c+1)*repeat - 1`` of that axis.
     """
 
@@ -104,6 +107,18 @@ def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object
     return node.kwargs.get(name, default)
 
 
+def _move_axes(
+    before: tuple[int, ...], dims: tuple[int | None, ...], after: tuple[int, ...]
+) -> tuple[int | None, ...] | None:
+    """The parameter dims of ``after``'s axes when a reshape only adds or drops size-1 axes
+    (the axes of size > 1 stay, in order); None for any other reshape."""
+    kept = [(size, d) for size, d in zip(before, dims, strict=True) if size != 1]
+    if [size for size, _ in kept] != [size for size in after if size != 1]:
+        return None
+    it = iter(kept)
+    return tuple(None if size == 1 else next(it)[1] for size in after)
+
+
 def describe(node: fx.Node) -> str:
     """``<op> (<node>) in <module path>``: where a node comes from, for one-line messages
     (a layer is named by its own path)."""
@@ -117,10 +132,24 @@ def describe(node: fx.Node) -> str:
 
 
 class _Walk:
-    """Union-find over channel groups while walking the graph once, in order."""
+    """Union-find over channel groups while walking the graph once, in order.
 
-    def __init__(self, gm: fx.GraphModule):
+    With ``parameters``, a parameter read outside a layer (a ``get_attr`` node) is followed
+    through the ops that only move its axes (reshape to insert size-1 axes, expand, casts) to
+    where it meets channels: an elementwise op or a concatenation on another axis (a layer
+    scale, a class token, a position embedding) or the weight of ``F.layer_norm`` /
+    ``F.group_norm`` / ``F.linear`` / ``F.conv2d``. Its axis there joins the group
+    (``param_ties``). A parameter read any other way (``param_bad``) keeps the groups it
+    touches whole: it would be read at full width beside sliced channels.
+    """
+
+    def __init__(self, gm: fx.GraphModule, parameters: bool = False):
         self.gm = gm
+        self.parameters = parameters
+        self.param_map: dict[fx.Node, tuple[str, tuple[int | None, ...]]] = {}  # node axis -> parameter dim
+        self.param_ties: dict[tuple[str, int], Layout] = {}  # (parameter, dim) -> its channels
+        self.param_bad: dict[str, str] = {}  # parameter -> the op the walk could not follow
+        self._used: set[fx.Node] = set()  # parameter-derived inputs the current node ties
         self.parent: list[int] = []
         self.size: list[int] = []
         self.step: list[int] = []
@@ -132,8 +161,15 @@ class _Walk:
         self.calls: dict[str, list[fx.Node]] = defaultdict(list)
         self.stops: list[str] = []  # where the walk could not follow channels, in graph order
         for node in gm.graph.nodes:
+            self._used = set()
             self.visit(node)
+            for a in node.all_input_nodes:
+                if a in self.param_map and a not in self._used and node not in self.param_map:
+                    self.param_bad.setdefault(self.param_map[a][0], describe(node))
         self._shared_modules()
+        for (name, _), layout in self.param_ties.items():
+            if name in self.param_bad:
+                self.stop(layout, f"parameter {name} is read by {self.param_bad[name]}")
 
     # --- union-find ---------------------------------------------------------------------------
     def new(self, size: int, producer: str | None = None, fixed: str | None = None) -> int:
@@ -197,7 +233,13 @@ class _Walk:
             self.fix(self.layout.get(a), reason)
         shape = _shape(node)
         if shape is not None and len(shape) >= 2:
-            self.fresh(node, shape[1], fixed=reason)
+            # channels where an input of the same shape has them; without any input with channels
+            # (an attention layer's output, read from its tuple) on the last axis of a token stream
+            # [batch, tokens, channels]; on axis 1 otherwise
+            laid = [a for a in node.all_input_nodes if self.layout.get(a)]
+            same = (self.layout[a].axis for a in laid if _shape(a) == shape)
+            axis = next(same, 2 if len(shape) == 3 and not laid else 1)
+            self.fresh(node, shape[axis], axis, fixed=reason)
         else:
             self.layout[node] = None
 
@@ -213,6 +255,8 @@ class _Walk:
             return
         if node.op == "get_attr":
             self.layout[node] = None
+            if self.parameters and shape is not None and isinstance(self._attr(node), nn.Parameter):
+                self.param_map[node] = (str(node.target), tuple(range(len(shape))))
             return
         if not any(self.layout.get(a) for a in node.all_input_nodes):
             self._without_channels(node)
@@ -221,8 +265,14 @@ class _Walk:
         else:
             self._function(node)
 
+    def _attr(self, node: fx.Node) -> object:
+        owner, _, attr = str(node.target).rpartition(".")
+        return getattr(self.gm.get_submodule(owner), attr, None)
+
     def _without_channels(self, node: fx.Node) -> None:
         """A node none of whose inputs carries channels (sizes, constants, parameters)."""
+        if self._param_op(node):
+            return
         shape = _shape(node)
         if shape is not None and len(shape) >= 2:  # a tensor made here: its channels stay as they are
             self.opaque(node, f"{describe(node)} makes a tensor from parameters or constants")
@@ -316,6 +366,8 @@ class _Walk:
             return self._concat(node)
         if layout is None or any(a is not x and self.layout.get(a) for a in node.all_input_nodes):
             return self.opaque(node, f"{describe(node)} mixes tensors")
+        if self.parameters and op == "call_function" and target in rules.FUNCTIONAL_LAYERS:
+            return self._functional(node, x, layout)
         if rules.matches(op, target, (rules.POINTWISE_FUNCTIONS, rules.POINTWISE_METHODS)):
             return self._same(node, x)
         if op == "call_function" and target in rules.SPATIAL_FUNCTIONS and layout.axis == 1:
@@ -363,11 +415,14 @@ class _Walk:
         if len(axes) != 1:
             return self.opaque(node, f"{describe(node)} combines channels on different axes")
         axis = axes.pop()
-        full = []
+        full, params = [], []
         for a in tensors:
             k = axis - (len(out) - len(_shape(a)))
             if k < 0 or _shape(a)[k] == 1:
                 continue  # broadcast along the channels: not tied
+            if a not in laid and a in self.param_map and self.param_map[a][1][k] is not None:
+                params.append((a, k))  # a layer scale, a class token: tied once the channels are known
+                continue
             if a not in laid or self.layout[a].axis != k:
                 return self.opaque(
                     node, f"{describe(node)} combines channels with a tensor the walk cannot place"
@@ -385,20 +440,28 @@ class _Walk:
                 root = self.union(a.group, b.group)
                 if len(full) > 1 and node.target in rules.ADDITIVE:
                     self.residual[root] = True
+        for a, k in params:
+            if not self._tie(a, k, ref):
+                return self.opaque(
+                    node, f"{describe(node)} combines channels with a parameter laid out otherwise"
+                )
         self.layout[node] = Layout(axis, ref.segments)
         return None
 
     def _concat(self, node: fx.Node) -> None:
         tensors = _arg(node, 0, "tensors")
         dim = _arg(node, 1, "dim", 0)
-        if not isinstance(tensors, list | tuple) or not all(self.layout.get(t) for t in tensors):
+        laid = [t for t in tensors if self.layout.get(t)] if isinstance(tensors, list | tuple) else []
+        if not laid or any(t not in laid and t not in self.param_map for t in tensors):
             return self.opaque(node, f"{describe(node)} concatenates tensors the walk cannot place")
-        axes = {self.layout[t].axis for t in tensors}
+        axes = {self.layout[t].axis for t in laid}
         if len(axes) != 1:
             return self.opaque(node, f"{describe(node)} concatenates channels on different axes")
         axis = axes.pop()
         if dim % len(_shape(node)) != axis:
-            return self._join(node)
+            return self._join(node)  # along another axis (tokens): a class token's channels are tied
+        if len(laid) != len(tensors):
+            return self.opaque(node, f"{describe(node)} concatenates channels with a parameter")
         segments = tuple(s for t in tensors for s in self.layout[t].segments)
         self.layout[node] = Layout(axis, segments)
         return None
@@ -485,6 +548,136 @@ class _Walk:
         self.layout[node] = Layout(layout.axis - pos_in + pos_out, layout.segments)
         return None
 
+    # --- parameters read outside layers ----------------------------------------------------------
+    def _param_op(self, node: fx.Node) -> bool:
+        """Follow a parameter through an op that only moves its axes; False for any other op."""
+        x = node.args[0] if node.args else None
+        if x not in self.param_map or any(a is not x and _shape(a) is not None for a in node.all_input_nodes):
+            return False  # (sizes read from other tensors may come in: expand(x.shape[0], -1, -1))
+        name, dims = self.param_map[x]
+        before, after = _shape(x), _shape(node)
+        if before is None or after is None:
+            return False
+        op, target = node.op, node.target
+        sizes = node.args[1:]
+        sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], tuple | list) else tuple(sizes)
+        same = (
+            rules.POINTWISE_FUNCTIONS | rules.PARAMETER_FUNCTIONS,
+            rules.POINTWISE_METHODS | rules.SAME_SHAPE_METHODS,
+        )
+        if rules.matches(op, target, same) and before == after:
+            new = dims
+        elif op == "call_method" and target in rules.RESHAPE_METHODS | {"unsqueeze", "squeeze"}:
+            literal = target in rules.RESHAPE_METHODS and any(s not in (1, -1) for s in sizes)
+            new = None if literal else _move_axes(before, dims, after)  # a written size breaks once sliced
+        elif op == "call_method" and target == "expand":
+            lead = len(after) - len(before)
+            if any(before[i - lead] != 1 and s != -1 for i, s in enumerate(sizes) if i >= lead):
+                return False  # a size written for an axis the parameter fills breaks once sliced
+            new = tuple(
+                None if i < lead or before[i - lead] != after[i] else dims[i - lead]
+                for i in range(len(after))
+            )
+        else:
+            return False
+        if new is None:
+            return False
+        self.param_map[node] = (name, new)
+        self.layout[node] = None
+        return True
+
+    def _tie(self, a: fx.Node, k: int, layout: Layout) -> bool:
+        """Axis ``k`` of parameter-derived ``a`` holds the channels of ``layout``: record it."""
+        name, dims = self.param_map[a]
+        if dims[k] is None:
+            return False
+        key = (name, dims[k])
+        prev = self.param_ties.get(key)
+        if prev is None:
+            owner, _, attr = name.rpartition(".")
+            self.param_ties[key] = Layout(dims[k], layout.segments)
+            self.add(layout, owner, attr, dims[k], "param")
+        elif not self._unite(prev, layout):
+            return False
+        self._used.add(a)
+        return True
+
+    def _unite(self, a: Layout, b: Layout) -> bool:
+        """Tie two layouts segment by segment; False when they do not line up."""
+        if len(a.segments) != len(b.segments) or any(
+            s.repeat != t.repeat or self.size[self.find(s.group)] != self.size[self.find(t.group)]
+            for s, t in zip(a.segments, b.segments, strict=True)
+        ):
+            return False
+        for s, t in zip(a.segments, b.segments, strict=True):
+            self.union(s.group, t.group)
+        return True
+
+    def _param_arg(self, node: fx.Node, index: int, name: str, ndim: int) -> fx.Node | None | bool:
+        """Argument ``index``/``name`` of a functional layer: None, a parameter-derived node whose
+        axes are the parameter's own (``ndim`` of them), or False."""
+        a = _arg(node, index, name)
+        if a is None:
+            return None
+        if a in self.param_map and self.param_map[a][1] == tuple(range(ndim)):
+            return a
+        return False
+
+    def _functional(self, node: fx.Node, x: fx.Node, layout: Layout) -> None:
+        """``F.layer_norm`` / ``F.group_norm`` / ``F.linear`` / ``F.conv2d`` with weights read from
+        parameters (a LayerNorm subclass over channels-first maps, timm's Linear), as their layers."""
+        target, ndim = node.target, len(_shape(x))
+        fn = getattr(target, "__name__", str(target))
+        if target in (F.layer_norm, F.group_norm):
+            weight, bias = self._param_arg(node, 2, "weight", 1), self._param_arg(node, 3, "bias", 1)
+            if weight is False or bias is False:
+                return self.opaque(node, f"{describe(node)} takes weights the walk cannot place")
+            if target is F.layer_norm:
+                shape = _arg(node, 1, "normalized_shape")
+                if layout.axis != ndim - 1 or not isinstance(shape, tuple | list) or len(shape) != 1:
+                    return self.opaque(node, f"{describe(node)} normalises more than the channels")
+            else:
+                groups = _arg(node, 1, "num_groups")
+                per_group = _shape(x)[1] // groups if isinstance(groups, int) else 0
+                seg = layout.segments[0]
+                if layout.axis != 1 or len(layout.segments) != 1 or not per_group or per_group % seg.repeat:
+                    return self.opaque(node, f"{describe(node)} normalises groups the walk cannot slice")
+                if groups > 1:  # whole groups are kept; one group (PoolFormer's GroupNorm1) narrows as it is
+                    root = self.find(seg.group)
+                    self.step[root] = math.lcm(self.step[root], per_group // seg.repeat)
+            for p in (weight, bias):
+                if p is not None and not self._tie(p, 0, layout):
+                    return self.opaque(node, f"{describe(node)} combines differently laid-out channels")
+            self.layout[node] = layout
+            return None
+        axis = ndim - 1 if target is F.linear else 1
+        weight = self._param_arg(node, 1, "weight", 2 if target is F.linear else ndim)
+        bias = self._param_arg(node, 2, "bias", 1)
+        if target is F.conv2d and _arg(node, 6, "groups", 1) != 1:
+            return self.opaque(node, f"{describe(node)} is a grouped convolution read from parameters")
+        if not weight or bias is False or layout.axis != axis:
+            return self.opaque(node, f"{describe(node)} takes weights the walk cannot place")
+        owner = self.param_map[weight][0].rpartition(".")[0]
+        self._tie_role(weight, 1, layout, "consumer")
+        self.fresh(node, _shape(node)[axis], axis, producer=owner or fn)
+        out = self.layout[node]
+        self._tie_role(weight, 0, out, "producer")
+        if bias is not None:
+            self._tie_role(bias, 0, out, "producer")
+        return None
+
+    def _tie_role(self, a: fx.Node, dim: int, layout: Layout, role: str) -> None:
+        """A functional layer's weight: its axis ``dim`` holds ``layout``'s channels in ``role``."""
+        name = self.param_map[a][0]
+        key = (name, dim)
+        if key in self.param_ties:  # read twice: one width per read is not what a layer has
+            self.param_bad.setdefault(name, f"{describe(a)} read by two layers")
+            return
+        owner, _, attr = name.rpartition(".")
+        self.param_ties[key] = Layout(dim, layout.segments)
+        self.add(layout, owner, attr, dim, role)
+        self._used.add(a)
+
     def _shared_modules(self) -> None:
         """A layer called more than once would need one width per call: keep it whole."""
         for name, nodes in self.calls.items():
@@ -500,10 +693,12 @@ class Analysis:
 
     ``stops`` lists, in graph order, every place where the walk could not follow the channels
     (the groups around it are fixed): what a caller that must refuse instead names.
+    ``parameters`` maps each parameter read outside a layer that holds channels to its dims and
+    their layouts (the parameter's own axis, the groups along it); empty unless asked for.
     """
 
-    def __init__(self, gm: fx.GraphModule):
-        walk = _Walk(gm)
+    def __init__(self, gm: fx.GraphModule, parameters: bool = False):
+        walk = _Walk(gm, parameters)
         self.gm = gm
         self._walk = walk
         self.stops: tuple[str, ...] = tuple(dict.fromkeys(walk.stops))
@@ -517,17 +712,26 @@ class Analysis:
                 root, walk.name[root] or f"group{root}", walk.size[root], walk.step[root],
                 tuple(dict.fromkeys(walk.members[root])), fixed, walk.residual[root],
             )  # fmt: skip
+        self.parameters: dict[str, dict[int, Layout]] = {}
+        for (name, dim), layout in walk.param_ties.items():
+            self.parameters.setdefault(name, {})[dim] = self._final(layout)
 
-    def layout(self, node: fx.Node) -> Layout | None:
-        """``node``'s channel layout, its segments naming groups by their final ids."""
-        layout = self._walk.layout.get(node)
-        if layout is None:
-            return None
+    def _final(self, layout: Layout) -> Layout:
         return Layout(
             layout.axis, tuple(Segment(self._walk.find(s.group), s.repeat) for s in layout.segments)
         )
 
+    def layout(self, node: fx.Node) -> Layout | None:
+        """``node``'s channel layout, its segments naming groups by their final ids."""
+        layout = self._walk.layout.get(node)
+        return None if layout is None else self._final(layout)
 
-def analyze(gm: fx.GraphModule) -> Analysis:
-    """The channel groups of ``gm`` (nodes annotated with ``tensor_meta``; see :func:`trace`)."""
-    return Analysis(gm)
+
+def analyze(gm: fx.GraphModule, *, parameters: bool = False) -> Analysis:
+    """The channel groups of ``gm`` (nodes annotated with ``tensor_meta``; see :func:`trace`).
+
+    ``parameters``: follow parameters read outside layers into the groups they meet
+    (``Analysis.parameters``: each such parameter's dims and the channels along them). Off, they
+    keep the groups they meet whole, as callers that only cut layers need (pruning).
+    """
+    return Analysis(gm, parameters)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import SlicedBatchNorm2d, SlicedConv2d, SlicedLayerNorm, SlicedLinear
-from ..nn.converted import ConvertedConv, ConvertedLinear, ConvertedNorm
+from ..nn.converted import ConvertedConv, ConvertedLinear, ConvertedNorm, slice_parameter
 
 # Elementwise on each value: the channel layout is unchanged, on whichever axis it lies.
 POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
@@ -62,6 +62,12 @@ ADDITIVE = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add,
 SAME_SHAPE_METHODS = {"dim", "ndimension", "type_as", "to", "float", "double", "half"}
 
 CONCAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+# Layers written as functions on weights read from parameters (a LayerNorm subclass that
+# permutes to channels-last, timm's Linear): the walk treats them as their layers.
+FUNCTIONAL_LAYERS = {F.layer_norm, F.group_norm, F.linear, F.conv2d}
+# Functions that keep a parameter's shape and axes (a converted network's width slice of one,
+# met when its supernet is traced again: at the largest width it is the parameter itself).
+PARAMETER_FUNCTIONS = {slice_parameter}
 FLATTEN = ({torch.flatten}, {"flatten"})
 RESHAPE_METHODS = {"view", "reshape"}
 PERMUTE = ({torch.permute}, {"permute"})

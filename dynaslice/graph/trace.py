@@ -11,13 +11,16 @@ refused rather than converted.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
+import operator
 import os
 import traceback
 from collections.abc import Iterator
 
 import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..nn import SlicedModule
@@ -78,17 +81,52 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
+def _defaults(model: nn.Module) -> dict[str, object]:
+    """``forward``'s inputs after the first, fixed to their defaults (timm's ViT takes
+    ``attn_mask=None``): the converted network takes one input, so these are traced as constants.
+    An input without a default is refused."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin forward: fx reports what it cannot trace
+        return {}
+    extra = [p for p in params[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required = [p.name for p in extra if p.default is p.empty]
+    if required:
+        raise GraphError(
+            f"{type(model).__name__}.forward takes {len(required) + 1} inputs without defaults "
+            f"({', '.join([params[0].name, *required])}); make_supernet needs exactly one"
+        )
+    return {p.name: p.default for p in extra}
+
+
+def _strip_constant_inputs(graph: fx.Graph) -> None:
+    """Remove the placeholders fx keeps for inputs traced as constants, and the checks it adds
+    that they hold their traced value (``_assert_is_none``; ``eq`` then ``_assert``): the
+    network's one input is then its only placeholder."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    for node in placeholders:
+        for user in list(node.users):
+            checks = [user] if user.target is _assert_is_none else [*user.users, user]
+            for check in checks:
+                if not check.users and check.target in (_assert_is_none, torch._assert, operator.eq):
+                    graph.erase_node(check)
+        if not node.users:
+            graph.erase_node(node)
+
+
 def _trace_once(model: nn.Module, training: bool) -> fx.GraphModule:
     tracer = Tracer()
     model.train(training)
+    fixed = _defaults(model)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=fixed or None)
     except Exception as e:  # fx raises many types; the user needs one line naming where
         where = tracer.failed_in or f"{type(model).__name__}.forward"
         raise GraphError(
             f"cannot trace {type(model).__name__} with torch.fx: in {where}, {_user_line(e)}: {_first_line(e)} "
             "(data-dependent control flow cannot be traced; move it into a torch.nn layer or make it static)"
         ) from e
+    _strip_constant_inputs(graph)
     return fx.GraphModule(model, graph)
 
 
@@ -108,6 +146,7 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
                 f"{name or 'the model'} ({type(m).__name__}) is a BatchNorm with its own forward, but {why}; "
                 "only a BatchNorm followed by pointwise activations can be sliced"
             )
+    _defaults(model)  # refuses a second input without a default before running the model
     with modes_kept(model):
         model.eval()
         try:

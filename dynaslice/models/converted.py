@@ -32,20 +32,30 @@ input (and that the narrowest subnet runs) before returning.
 Channels can be ordered by importance with :func:`dynaslice.ordering.reorder_channels` (except
 across concatenations and grouped convs, refused in one line).
 
+A parameter read outside a layer (ConvNeXt's layer scale, ViT's class token and position
+embedding, the weights of a LayerNorm subclass or timm's ``Linear`` whose own forward calls
+``F.layer_norm`` / ``F.linear``) stays where the model keeps it, under its own name; where the
+analysis ties its axis to a sliced group the program reads ``slice_parameter(p, ...)`` (the
+channels the arch keeps), and a subnet extracts the slice as its own parameter. Sizes written
+in ``F.layer_norm`` / ``F.group_norm`` calls follow the width. A forward's extra inputs with
+defaults (timm's ViT) are traced at their defaults.
+
 Not yet (issue 28): gate cuts (a converted net is one stage; ``model.gate.cut`` comes later),
-parameters read outside a layer (ConvNeXt's layer scale, ViT's class token: refused), attention
-heads and transformer MLP widths, model files and the CLI for converted nets.
+attention heads (``nn.MultiheadAttention`` and reshapes that write the head size keep a
+transformer's embedding whole; its MLP widths are sliced).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..graph import Analysis, GraphError, Layout, analyze, modes_kept, rules, trace
@@ -57,6 +67,7 @@ from ..nn.converted import (
     ConvertedNorm,
     ConvertedNormAct,
     Segments,
+    slice_parameter,
 )
 from ..space import Arch, Dim, SearchSpace, dsnet_ratios, width_grid
 from .base import Supernet
@@ -105,10 +116,16 @@ class ConvertedSupernet(Supernet):
         num_classes: int,
         family: str,
         analytic_costs: bool = True,
+        tensors: Mapping[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         for name, module in modules.items():
             self.add_module(name, module)
+        for name, t in (tensors or {}).items():  # the model's own parameters (ViT's class token)
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(name, t)
+            else:
+                self.register_buffer(name, t)
         self.graph, self.space, self.kept = graph, space, dict(kept)
         self.input_size, self.num_classes, self.family = tuple(input_size), num_classes, family
         self.analytic_costs = analytic_costs
@@ -186,12 +203,6 @@ def _check_graph(gm: fx.GraphModule, family: str) -> int:
         raise GraphError(
             f"{family}.forward takes {len(placeholders)} inputs; make_supernet needs exactly one"
         )
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            raise GraphError(
-                f"{family} reads parameter {node.target!r} outside a layer (as ConvNeXt's layer scale or "
-                "ViT's class token do); such models are not supported yet"
-            )
     (out,) = [n for n in gm.graph.nodes if n.op == "output"]
     result = out.args[0]
     shape = getattr(getattr(result, "meta", {}).get("tensor_meta"), "shape", None)
@@ -282,10 +293,39 @@ def _program_graph(
             widths[name] = graph.call_function(operator.getitem, (arch, name))
         return widths[name]
 
+    def total(layout: Layout) -> fx.Node | int:  # the width of a (concatenated) channel axis
+        parts = [width(s.group) if s.repeat == 1 else graph.call_function(operator.mul, (width(s.group), s.repeat))
+                 for s in layout.segments]  # fmt: skip
+        return functools.reduce(lambda a, b: graph.call_function(operator.add, (a, b)), parts)
+
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = graph.placeholder(node.name)
             arch = graph.placeholder("arch")
+            continue
+        dims = analysis.parameters.get(str(node.target), {}) if node.op == "get_attr" else {}
+        if any(names[s.group] in space.names for layout in dims.values() for s in layout.segments):
+            # a parameter read outside a layer: the channels the arch keeps along each of its dims
+            read = graph.node_copy(node, lambda n: env[n])
+            order = sorted(dims)
+            segments = tuple(_segments(analysis, dims[d]) for d in order)
+            kept = tuple(tuple(width(s.group) for s in dims[d].segments) for d in order)
+            env[node] = graph.call_function(slice_parameter, (read, tuple(order), segments, kept))
+            continue
+        resize = _functional_size(node, analysis, space)
+        if resize is not None:  # F.layer_norm / F.group_norm: the size written in the call follows the width
+            new = graph.node_copy(node, lambda n: env[n])
+            index, per_group = resize
+            size = total(analysis.layout(node.args[0]))
+            value = (
+                (size,) if per_group is None else graph.call_function(operator.floordiv, (size, per_group))
+            )
+            new.args = tuple(value if i == index else a for i, a in enumerate(new.args))
+            new.kwargs = {
+                k: (value if k in ("normalized_shape", "num_groups") else v) for k, v in new.kwargs.items()
+            }
+            env[node] = new
+            new.meta = {}
             continue
         if node in calls and calls[node]:
             ins = tuple(width(s.group) for s in analysis.layout(node.args[0]).segments)
@@ -303,8 +343,28 @@ def _program_graph(
     return graph
 
 
+def _functional_size(node: fx.Node, analysis: Analysis, space: SearchSpace) -> tuple[int, int | None] | None:
+    """For ``F.layer_norm`` / ``F.group_norm`` over sliced channels: which argument holds the
+    size written in the call (``normalized_shape`` / ``num_groups``) and the channels per group
+    (None for a layer norm); else None."""
+    if node.op != "call_function" or node.target not in (F.layer_norm, F.group_norm):
+        return None
+    layout = analysis.layout(node.args[0])
+    if layout is None or not any(analysis.groups[s.group].name in space.names for s in layout.segments):
+        return None
+    if node.target is F.layer_norm:
+        return 1, None
+    channels = node.args[0].meta["tensor_meta"].shape[1]
+    groups = node.args[1] if len(node.args) > 1 else node.kwargs["num_groups"]
+    return None if groups == 1 else (1, channels // groups)  # one group stays one group
+
+
 def _analytic(analysis: Analysis, space: SearchSpace, calls: dict[fx.Node, str]) -> bool:
-    """Whether every cost is a monomial in the widths: no layer reads a concatenation of sliced groups."""
+    """Whether every cost is a monomial in the widths: no layer reads a concatenation of sliced
+    groups, and no parameter is read outside a layer (the formula counts the parameters of the
+    layers called; each arch is then counted on its extracted subnet)."""
+    if any(node.op == "get_attr" for node in analysis.gm.graph.nodes):
+        return False
     for node in calls:
         segments = analysis.layout(node.args[0]).segments
         if len(segments) > 1 and any(analysis.groups[s.group].name in space.names for s in segments):
@@ -364,7 +424,7 @@ def make_supernet(
     model = copy.deepcopy(model)
     gm = trace(model, example_input)
     num_classes = _check_graph(gm, family)
-    analysis = analyze(gm)
+    analysis = analyze(gm, parameters=True)
     dims, kept = _dimensions(analysis, ratios, round_to)
     if not dims:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(kept.items())[:3])
@@ -373,14 +433,19 @@ def make_supernet(
     calls = _convert_layers(gm, analysis, space)
     graph = _program_graph(gm, analysis, space, calls)
     modules = dict(gm.named_children())
+    tensors = {
+        n.target: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr" and "." not in n.target
+    }
     clash = sorted(
-        n for n in modules if hasattr(ConvertedSupernet, n) or n in ("graph", "space", "kept", "family")
+        n
+        for n in [*modules, *tensors]
+        if hasattr(ConvertedSupernet, n) or n in ("graph", "space", "kept", "family")
     )
     if clash:
         raise GraphError(f"{family} has submodules named {clash}, which ConvertedSupernet uses; rename them")
     net = ConvertedSupernet(
         modules, graph, space, kept, tuple(example_input.shape[1:]), num_classes, family,
-        _analytic(analysis, space, calls),
+        _analytic(analysis, space, calls), tensors,
     )  # fmt: skip
     net.training = original.training
     _verify(net, original, example_input)

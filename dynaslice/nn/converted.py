@@ -53,6 +53,24 @@ def take(t: torch.Tensor | None, axis: int, index: int | torch.Tensor) -> torch.
     return t.index_select(axis, index)
 
 
+def slice_parameter(
+    t: torch.Tensor,
+    dims: tuple[int, ...],
+    segments: tuple[Segments, ...],
+    widths: tuple[tuple[int, ...], ...],
+) -> torch.Tensor:
+    """A parameter read outside a layer (a layer scale, a class token, a functional layer's
+    weight), kept to the channels the arch keeps along each of ``dims``: the first ``widths[i][j]``
+    channels of segment ``j`` of ``segments[i]``. A plain function of the parameter, so gradients
+    reach it and :func:`dynaslice.extract_subnet` stores the slice as the subnet's parameter
+    (a traced call stays one node, through torch's ``__torch_function__`` protocol)."""
+    if torch.overrides.has_torch_function((t,)):
+        return torch.overrides.handle_torch_function(slice_parameter, (t,), t, dims, segments, widths)
+    for dim, segs, ws in zip(dims, segments, widths, strict=True):
+        t = take(t, dim, channel_index(segs, ws, t.device))
+    return t
+
+
 def _width(index: int | torch.Tensor) -> int:
     return index if isinstance(index, int) else len(index)
 
