@@ -360,6 +360,12 @@ class OnlineDistillTrainer(Trainer):
                 f"them; {self.cfg.model.name} gives {len(shapes)} stage(s) of shapes {shapes}: use a CNN (resnet_small, "
                 "mobilenet) or train.target=dml"
             )
+        h, w = shapes[-1][1:]
+        if len(self.students) > 1 and h * w < 3:  # the official threshold is the (HW // 3)-th smallest
+            raise ConfigError(
+                f"train.target=ffsd: {self.cfg.model.name}'s last stage gives {h}x{w} maps on these images, and the "
+                "diversity term ranks at least 3 positions; use larger images (data.image_size) or one student"
+            )
         return shapes  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ one step
