@@ -191,7 +191,8 @@ def binary_layer(
 
 
 def _vec(v: np.ndarray, n: int) -> np.ndarray:
-    v = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
+    if not (isinstance(v, np.ndarray) and v.dtype == np.float32 and v.ndim == 1 and v.flags.c_contiguous):
+        v = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
     if v.size != n:
         raise ValueError(f"a per-channel vector has {v.size} values for {n} channels")
     return v
@@ -199,7 +200,8 @@ def _vec(v: np.ndarray, n: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FloatConv:
-    """A full-precision conv (the stem) in the kernel's layout: ``weight [k, k, cin, cout]``."""
+    """A full-precision conv (the stem) in the kernel's layout: ``weight [k, k, cin, cout rounded up
+    to 16]`` (zeros past ``cout``: the kernel keeps 16 output channels in one accumulator)."""
 
     weight: np.ndarray
     bias: np.ndarray
@@ -216,16 +218,21 @@ def prepare_float_conv(weight: np.ndarray, bias: np.ndarray, stride: int, paddin
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
         raise ValueError(f"conv weights must be [out, in, k, k], got shape {w.shape}")
     o, i, k, _ = w.shape
-    return FloatConv(np.ascontiguousarray(w.transpose(2, 3, 1, 0)), _vec(bias, o), i, o, k, int(stride), int(padding))
+    padded = np.zeros((k, k, i, -(-o // _OPAD) * _OPAD), dtype=np.float32)
+    padded[..., :o] = w.transpose(2, 3, 1, 0)
+    return FloatConv(padded, _vec(bias, o), i, o, k, int(stride), int(padding))
 
 
-def float_conv(x: np.ndarray, conv: FloatConv, act: str | None = None, slope: np.ndarray | None = None) -> np.ndarray:
+def float_conv(
+    x: np.ndarray, conv: FloatConv, act: str | None = None, slope: np.ndarray | None = None, path: str | None = None
+) -> np.ndarray:
     """``act(conv(x) + bias)`` for float32 NHWC ``x`` (zero padding), one thread, no BLAS."""
     x, (n, h, w, _) = _nhwc(x, conv.cin)
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {list(ACTIVATIONS)}, got {act!r}")
     k, st, p = conv.kernel, conv.stride, conv.padding
     out = np.empty((n, _out_side(h, k, st, p), _out_side(w, k, st, p), conv.cout), dtype=np.float32)
-    _bitconv.float_conv(x, conv.weight, conv.bias, out, n, h, w, conv.cin, conv.cout, k, st, p, ACTIVATIONS[act],
+    _bitconv.float_conv(x, conv.weight, conv.bias, out, n, h, w, conv.cin, conv.cout, k, st, p, PATHS[resolve_path(path)],
+                        ACTIVATIONS[act],
                         None if slope is None else _vec(slope, conv.cout))  # fmt: skip
     return out

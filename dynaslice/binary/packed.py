@@ -280,7 +280,7 @@ class BinaryRunner:
         h = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)  # NHWC throughout
         for layer in self.layers:
             if layer.kind == "stem":
-                h = kernel.float_conv(h, layer.conv, self.act, layer.slope)  # type: ignore[arg-type]
+                h = kernel.float_conv(h, layer.conv, self.act, layer.slope, self.path)  # type: ignore[arg-type]
             elif layer.kind == "binary_conv":
                 h = kernel.binary_layer(h, layer.conv, layer.a, layer.b, self.act, layer.slope,  # type: ignore[arg-type]
                                         layer.shortcut, layer.center, self.path)  # fmt: skip

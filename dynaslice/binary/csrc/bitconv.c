@@ -157,15 +157,20 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) static void mismatch_avx512(c
 }
 #endif
 
-static int path_supported(int path) {
-    if (path == PATH_PORTABLE) return 1;
+/* What the CPU supports, read once when the module loads (CPUID traps to the hypervisor in a
+ * virtual machine: microseconds per call, more than a small layer takes). */
+static int supported[3];
+
+static void detect_paths(void) {
+    supported[PATH_PORTABLE] = 1;
 #ifdef BITCONV_X86
     __builtin_cpu_init();
-    if (path == PATH_AVX2) return __builtin_cpu_supports("avx2");
-    if (path == PATH_AVX512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+    supported[PATH_AVX2] = __builtin_cpu_supports("avx2");
+    supported[PATH_AVX512] = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
 #endif
-    return 0;
 }
+
+static int path_supported(int path) { return path >= PATH_PORTABLE && path <= PATH_AVX512 && supported[path]; }
 
 static mismatch_fn path_fn(int path) {
 #ifdef BITCONV_X86
@@ -243,23 +248,56 @@ static void pack_signs(const float *x, int N, size_t HW, int C, int center, int 
 #define CLONES
 #endif
 
-/* y[o] = act(count[o]*a[o] + b[o] + r[o]) with count = full - 2*pc[o] */
-CLONES static void epilogue(const int32_t *restrict pc, int32_t full, int O, const float *restrict a,
-                            const float *restrict b, const float *restrict r, int act, const float *restrict slope,
-                            float *restrict y) {
-    for (int o = 0; o < O; o++) y[o] = (float)(full - 2 * pc[o]) * a[o] + b[o];
-    if (r)
-        for (int o = 0; o < O; o++) y[o] += r[o];
-    if (act == ACT_HARDTANH)
-        for (int o = 0; o < O; o++) y[o] = y[o] < -1.0f ? -1.0f : (y[o] > 1.0f ? 1.0f : y[o]);
-    else if (act == ACT_PRELU)
-        for (int o = 0; o < O; o++) y[o] = y[o] < 0.0f ? y[o] * slope[o] : y[o];
+/* One output row of Wo positions: y[p][o] = act(count*a[o] + b[o] + res[p][o]) with
+ * count = full[p] - 2*pc[p][o]; rows of O floats are contiguous in y and res. A multiply then an
+ * add (never a fused multiply-add), so every path gives the same floats. */
+static void epilogue_row(const int32_t *restrict pc, int Opad, const int32_t *restrict full, int Wo, int O,
+                         const float *restrict a, const float *restrict b, const float *restrict res, int act,
+                         const float *restrict slope, float *restrict y) {
+    for (int p = 0; p < Wo; p++) {
+        const int32_t *c = pc + (size_t)p * Opad;
+        float *yp = y + (size_t)p * O;
+        for (int o = 0; o < O; o++) {
+            float v = (float)(full[p] - 2 * c[o]) * a[o] + b[o];
+            if (res) v += res[(size_t)p * O + o];
+            if (act == ACT_HARDTANH) v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+            else if (act == ACT_PRELU && v < 0.0f) v *= slope[o];
+            yp[o] = v;
+        }
+    }
 }
+
+#ifdef BITCONV_X86
+/* The same, 16 channels per vector (O a multiple of 16). */
+__attribute__((target("avx512f"))) static void epilogue_row_avx512(const int32_t *restrict pc, int Opad,
+                                                                   const int32_t *restrict full, int Wo, int O,
+                                                                   const float *restrict a, const float *restrict b,
+                                                                   const float *restrict res, int act,
+                                                                   const float *restrict slope, float *restrict y) {
+    const __m512 lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    for (int p = 0; p < Wo; p++) {
+        const __m512i f = _mm512_set1_epi32(full[p]);
+        for (int o = 0; o < O; o += 16) {
+            const __m512i c = _mm512_loadu_si512((const void *)(pc + (size_t)p * Opad + o));
+            const __m512 count = _mm512_cvtepi32_ps(_mm512_sub_epi32(f, _mm512_add_epi32(c, c)));
+            __m512 v = _mm512_add_ps(_mm512_mul_ps(count, _mm512_loadu_ps(a + o)), _mm512_loadu_ps(b + o));
+            if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + (size_t)p * O + o));
+            if (act == ACT_HARDTANH) {
+                v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+            } else if (act == ACT_PRELU) {
+                const __mmask16 neg = _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
+                v = _mm512_mask_mul_ps(v, neg, v, _mm512_loadu_ps(slope + o));
+            }
+            _mm512_storeu_ps(y + (size_t)p * O + o, v);
+        }
+    }
+}
+#endif
 
 /* The pooled shortcut of output position (ho, wo): AvgPool2d(s, ceil_mode=True) of x's channels
  * (the window cut by the edge averages what it covers), zero past Cin. */
-CLONES static void pool_shortcut(const float *restrict xn, int H, int W, int Cin, int s, int ho, int wo, int Cout,
-                                 float *restrict r) {
+static void pool_shortcut(const float *restrict xn, int H, int W, int Cin, int s, int ho, int wo, int Cout,
+                          float *restrict r) {
     for (int c = 0; c < Cout; c++) r[c] = 0.0f;
     const int h1 = ho * s + s < H ? ho * s + s : H, w1 = wo * s + s < W ? wo * s + s : W;
     for (int h = ho * s; h < h1; h++)
@@ -282,6 +320,70 @@ typedef struct {
     int act, shortcut;
 } Epilogue;
 
+/* The patch of one output position when Cin <= 64 (one word per position): the taps' bits are
+ * appended in order to a word kept in a register, which is stored each time it fills -- no
+ * read-modify-write of memory. A padded tap appends zeros. Writes all K words. */
+static inline void gather_patch_narrow(uint64_t *restrict d, const uint64_t *restrict xn, int H, int W, int h0,
+                                       int w0, int kh, int kw, int Cin) {
+    uint64_t cur = 0;
+    int pos = 0, q = 0;
+    for (int i = 0; i < kh; i++) {
+        const int h = h0 + i, hv = h >= 0 && h < H;
+        const uint64_t *row = xn + (size_t)(hv ? h : 0) * W;
+        for (int j = 0; j < kw; j++) {
+            const int ww = w0 + j;
+            const uint64_t v = hv && ww >= 0 && ww < W ? row[ww] : 0;
+            cur |= v << pos;
+            const int end = pos + Cin;
+            if (end >= 64) {
+                d[q++] = cur;
+                cur = end > 64 ? v >> (64 - pos) : 0;
+                pos = end - 64;
+            } else {
+                pos = end;
+            }
+        }
+    }
+    if (pos) d[q] = cur;
+}
+
+/* The patch of an interior position (no padded tap) when Cin divides 64: word q is the OR of taps
+ * q*per .. q*per+per-1 (per = 64/Cin), tap t loaded at row t/kw, column t%kw from the window's
+ * corner -- independent loads, no carried state. Inlined with constant kh, kw, Cin for the common
+ * shapes (below), the loops unroll into straight loads, shifts and ORs. */
+static inline __attribute__((always_inline)) void gather_patch_aligned(uint64_t *restrict d,
+                                                                       const uint64_t *restrict corner, int W,
+                                                                       int kh, int kw, int Cin) {
+    const int per = 64 / Cin, T = kh * kw, K = (T * Cin + 63) / 64;
+#pragma GCC unroll 32
+    for (int q = 0; q < K; q++) {
+        uint64_t word = 0;
+#pragma GCC unroll 64
+        for (int u = 0; u < per; u++) {
+            const int t = q * per + u;
+            if (t < T) word |= corner[(t / kw) * W + t % kw] << (u * Cin);
+        }
+        d[q] = word;
+    }
+}
+
+static void gather_row_aligned(uint64_t *restrict patch, int K, const uint64_t *restrict xn, int W, int h0,
+                               int wo0, int wo1, int stride, int pad, int kh, int kw, int Cin) {
+    const uint64_t *base = xn + (size_t)h0 * W;
+#define GATHER_CASE(KH, KW, CIN)                                                                               \
+    if (kh == KH && kw == KW && Cin == CIN) {                                                                  \
+        for (int wo = wo0; wo < wo1; wo++)                                                                     \
+            gather_patch_aligned(patch + (size_t)wo * K, base + wo * stride - pad, W, KH, KW, CIN);            \
+        return;                                                                                                \
+    }
+    GATHER_CASE(3, 3, 16)
+    GATHER_CASE(3, 3, 32)
+    GATHER_CASE(3, 3, 64)
+#undef GATHER_CASE
+    for (int wo = wo0; wo < wo1; wo++)
+        gather_patch_aligned(patch + (size_t)wo * K, base + wo * stride - pad, W, kh, kw, Cin);
+}
+
 /* OR the Cin packed bits of one position (Cw words, zero past Cin) into the patch at bit `off`. */
 static inline void put_bits(uint64_t *restrict patch, int K, const uint64_t *restrict src, int Cw, int off) {
     for (int q = 0; q < Cw; q++, off += 64) {
@@ -302,20 +404,40 @@ static int conv_run(const ConvShape *s, int path, const float *x, int center, co
     uint64_t *xp = malloc(sizeof(uint64_t) * ((size_t)s->N * s->H * s->W * s->Cw + 1));
     uint64_t *patch = malloc(sizeof(uint64_t) * (size_t)s->Wo * K);
     int32_t *pc = malloc(sizeof(int32_t) * (size_t)s->Wo * s->Opad);
-    float *r = malloc(sizeof(float) * (size_t)s->O);
-    if (!xp || !patch || !pc || !r) {
-        free(xp), free(patch), free(pc), free(r);
+    int32_t *full = malloc(sizeof(int32_t) * (size_t)s->Wo);
+    float *r = malloc(sizeof(float) * (size_t)s->Wo * s->O);
+    if (!xp || !patch || !pc || !full || !r) {
+        free(xp), free(patch), free(pc), free(full), free(r);
         return -1;
     }
     pack_signs(x, s->N, (size_t)s->H * s->W, s->Cin, center, path, xp);
     const mismatch_fn mismatch = path_fn(path);
+    const int aligned = s->Cw == 1 && 64 % s->Cin == 0;
     for (int n = 0; n < s->N; n++) {
         const uint64_t *xn = xp + (size_t)n * s->H * s->W * s->Cw;
         const float *xf = x + (size_t)n * s->H * s->W * s->Cin;
         for (int ho = 0; ho < s->Ho; ho++) {
             const int h0 = ho * s->stride - s->pad;
-            memset(patch, 0, sizeof(uint64_t) * (size_t)s->Wo * K);
-            for (int wo = 0; wo < s->Wo; wo++) {
+            if (s->Cw == 1) {
+                /* the interior positions [wo0, wo1) by whole-word loads, the edges tap by tap */
+                int wo0 = s->Wo, wo1 = s->Wo;
+                if (aligned && h0 >= 0 && h0 + s->kh <= s->H) {
+                    wo0 = (s->pad + s->stride - 1) / s->stride;
+                    wo1 = s->W - s->kw + s->pad >= 0 ? (s->W - s->kw + s->pad) / s->stride + 1 : 0;
+                    if (wo1 > s->Wo) wo1 = s->Wo;
+                    if (wo0 > wo1) wo0 = wo1;
+                    gather_row_aligned(patch, K, xn, s->W, h0, wo0, wo1, s->stride, s->pad, s->kh, s->kw, s->Cin);
+                }
+                for (int wo = 0; wo < s->Wo; wo++) {
+                    if (wo == wo0) wo = wo1;
+                    if (wo >= s->Wo) break;
+                    gather_patch_narrow(patch + (size_t)wo * K, xn, s->H, s->W, h0, wo * s->stride - s->pad, s->kh,
+                                        s->kw, s->Cin);
+                }
+            } else {
+                memset(patch, 0, sizeof(uint64_t) * (size_t)s->Wo * K);
+            }
+            for (int wo = 0; wo < s->Wo && s->Cw > 1; wo++) {
                 const int w0 = wo * s->stride - s->pad;
                 uint64_t *d = patch + (size_t)wo * K;
                 for (int i = 0; i < s->kh; i++) {
@@ -349,60 +471,121 @@ static int conv_run(const ConvShape *s, int path, const float *x, int center, co
                         }
                     }
                 }
-                const int32_t full = nvalid * s->Cin;
-                const size_t at = (((size_t)n * s->Ho + ho) * s->Wo + wo) * s->O;
-                if (!ep) {
-                    int32_t *counts = (int32_t *)out + at;
-                    for (int o = 0; o < s->O; o++) counts[o] = full - 2 * row[o];
-                    continue;
-                }
-                const float *res = NULL;
-                if (ep->shortcut == SHORTCUT_IDENTITY) {
-                    res = xf + ((size_t)ho * s->W + wo) * s->Cin;
-                } else if (ep->shortcut == SHORTCUT_POOL) {
-                    pool_shortcut(xf, s->H, s->W, s->Cin, s->stride, ho, wo, s->O, r);
-                    res = r;
-                }
-                epilogue(row, full, s->O, ep->a, ep->b, res, ep->act, ep->slope, (float *)out + at);
+                full[wo] = nvalid * s->Cin;
             }
+            const size_t at = ((size_t)n * s->Ho + ho) * s->Wo * s->O;
+            if (!ep) {
+                int32_t *counts = (int32_t *)out + at;
+                for (int wo = 0; wo < s->Wo; wo++)
+                    for (int o = 0; o < s->O; o++)
+                        counts[(size_t)wo * s->O + o] = full[wo] - 2 * pc[(size_t)wo * s->Opad + o];
+                continue;
+            }
+            const float *res = NULL;
+            if (ep->shortcut == SHORTCUT_IDENTITY) {
+                res = xf + (size_t)ho * s->W * s->Cin;
+            } else if (ep->shortcut == SHORTCUT_POOL) {
+                for (int wo = 0; wo < s->Wo; wo++)
+                    pool_shortcut(xf, s->H, s->W, s->Cin, s->stride, ho, wo, s->O, r + (size_t)wo * s->O);
+                res = r;
+            }
+#ifdef BITCONV_X86
+            if (path == PATH_AVX512 && s->O % 16 == 0) {
+                epilogue_row_avx512(pc, s->Opad, full, s->Wo, s->O, ep->a, ep->b, res, ep->act, ep->slope,
+                                    (float *)out + at);
+                continue;
+            }
+#endif
+            epilogue_row(pc, s->Opad, full, s->Wo, s->O, ep->a, ep->b, res, ep->act, ep->slope, (float *)out + at);
         }
     }
-    free(xp), free(patch), free(pc), free(r);
+    free(xp), free(patch), free(pc), free(full), free(r);
     return 0;
 }
 
-/* The full-precision stem: a direct convolution of float32 NHWC x by w [kh][kw][Cin][O] with
- * zero padding, then bias and the activation. Output channels innermost, so each tap is a
- * vector multiply-add over O. */
-CLONES static void float_conv_run(const ConvShape *s, const float *restrict x, const float *restrict w,
-                                  const float *restrict bias, int act, const float *restrict slope,
-                                  float *restrict out) {
+/* The full-precision stem: a direct convolution of float32 NHWC x by w [kh][kw][Cin][Opad] (Opad
+ * = O rounded up to 16, zeros past O) with zero padding, then bias and the activation; output
+ * channels in blocks of 16, one accumulator each. Multiplies then adds (no fused multiply-add),
+ * taps in the same order on every path, so the paths agree to the bit. */
+static void float_conv_portable(const ConvShape *s, const float *restrict x, const float *restrict w,
+                                const float *restrict bias, int act, const float *restrict slope, float *restrict out) {
     for (int n = 0; n < s->N; n++)
         for (int ho = 0; ho < s->Ho; ho++)
             for (int wo = 0; wo < s->Wo; wo++) {
                 float *y = out + (((size_t)n * s->Ho + ho) * s->Wo + wo) * s->O;
-                for (int o = 0; o < s->O; o++) y[o] = 0.0f;
-                for (int i = 0; i < s->kh; i++) {
-                    const int h = ho * s->stride - s->pad + i;
-                    if (h < 0 || h >= s->H) continue;
-                    for (int j = 0; j < s->kw; j++) {
-                        const int ww = wo * s->stride - s->pad + j;
-                        if (ww < 0 || ww >= s->W) continue;
-                        const float *v = x + (((size_t)n * s->H + h) * s->W + ww) * s->Cin;
-                        const float *wt = w + (size_t)(i * s->kw + j) * s->Cin * s->O;
-                        for (int c = 0; c < s->Cin; c++) {
-                            const float xv = v[c];
-                            const float *wc = wt + (size_t)c * s->O;
-                            for (int o = 0; o < s->O; o++) y[o] += xv * wc[o];
+                for (int ob = 0; ob < s->O; ob += 16) {
+                    float acc[16] = {0};
+                    for (int i = 0; i < s->kh; i++) {
+                        const int h = ho * s->stride - s->pad + i;
+                        if (h < 0 || h >= s->H) continue;
+                        for (int j = 0; j < s->kw; j++) {
+                            const int ww = wo * s->stride - s->pad + j;
+                            if (ww < 0 || ww >= s->W) continue;
+                            const float *v = x + (((size_t)n * s->H + h) * s->W + ww) * s->Cin;
+                            const float *wt = w + (size_t)(i * s->kw + j) * s->Cin * s->Opad + ob;
+                            for (int c = 0; c < s->Cin; c++)
+                                for (int q = 0; q < 16; q++) acc[q] += v[c] * wt[(size_t)c * s->Opad + q];
                         }
                     }
+                    const int nb = s->O - ob < 16 ? s->O - ob : 16;
+                    for (int q = 0; q < nb; q++) {
+                        float v = acc[q] + bias[ob + q];
+                        if (act == ACT_HARDTANH) v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+                        else if (act == ACT_PRELU && v < 0.0f) v *= slope[ob + q];
+                        y[ob + q] = v;
+                    }
                 }
-                for (int o = 0; o < s->O; o++) y[o] += bias[o];
-                if (act == ACT_HARDTANH)
-                    for (int o = 0; o < s->O; o++) y[o] = y[o] < -1.0f ? -1.0f : (y[o] > 1.0f ? 1.0f : y[o]);
-                else if (act == ACT_PRELU)
-                    for (int o = 0; o < s->O; o++) y[o] = y[o] < 0.0f ? y[o] * slope[o] : y[o];
             }
+}
+
+#ifdef BITCONV_X86
+/* The same with one 16-float vector per block (O a multiple of 16). */
+__attribute__((target("avx512f"))) static void float_conv_avx512(const ConvShape *s, const float *restrict x,
+                                                                 const float *restrict w, const float *restrict bias,
+                                                                 int act, const float *restrict slope,
+                                                                 float *restrict out) {
+    const __m512 lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    for (int n = 0; n < s->N; n++)
+        for (int ho = 0; ho < s->Ho; ho++)
+            for (int wo = 0; wo < s->Wo; wo++) {
+                float *y = out + (((size_t)n * s->Ho + ho) * s->Wo + wo) * s->O;
+                for (int ob = 0; ob < s->O; ob += 16) {
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int i = 0; i < s->kh; i++) {
+                        const int h = ho * s->stride - s->pad + i;
+                        if (h < 0 || h >= s->H) continue;
+                        for (int j = 0; j < s->kw; j++) {
+                            const int ww = wo * s->stride - s->pad + j;
+                            if (ww < 0 || ww >= s->W) continue;
+                            const float *v = x + (((size_t)n * s->H + h) * s->W + ww) * s->Cin;
+                            const float *wt = w + (size_t)(i * s->kw + j) * s->Cin * s->Opad + ob;
+                            for (int c = 0; c < s->Cin; c++)
+                                acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(v[c]),
+                                                                       _mm512_loadu_ps(wt + (size_t)c * s->Opad)));
+                        }
+                    }
+                    __m512 v = _mm512_add_ps(acc, _mm512_loadu_ps(bias + ob));
+                    if (act == ACT_HARDTANH) {
+                        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+                    } else if (act == ACT_PRELU) {
+                        const __mmask16 neg = _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
+                        v = _mm512_mask_mul_ps(v, neg, v, _mm512_loadu_ps(slope + ob));
+                    }
+                    _mm512_storeu_ps(y + ob, v);
+                }
+            }
+}
+#endif
+
+static void float_conv_run(const ConvShape *s, int path, const float *x, const float *w, const float *bias, int act,
+                           const float *slope, float *out) {
+#ifdef BITCONV_X86
+    if (path == PATH_AVX512 && s->O % 16 == 0) {
+        float_conv_avx512(s, x, w, bias, act, slope, out);
+        return;
+    }
+#endif
+    float_conv_portable(s, x, w, bias, act, slope, out);
 }
 
 /* ---- Python bindings: buffers in, buffers out; every length checked against the shape ---- */
@@ -425,7 +608,7 @@ static int check_shape(ConvShape *s, int words) {
     }
     s->Cw = words ? (s->Cin + 63) / 64 : s->Cin;
     s->K = words ? (s->kh * s->kw * s->Cin + 63) / 64 : 0;
-    s->Opad = words ? (s->O + OPAD_MULTIPLE - 1) / OPAD_MULTIPLE * OPAD_MULTIPLE : s->O;
+    s->Opad = (s->O + OPAD_MULTIPLE - 1) / OPAD_MULTIPLE * OPAD_MULTIPLE;
     s->Ho = (s->H + 2 * s->pad - s->kh) / s->stride + 1;
     s->Wo = (s->W + 2 * s->pad - s->kw) / s->stride + 1;
     if (s->Ho < 1 || s->Wo < 1) {
@@ -511,20 +694,20 @@ done:
     return result;
 }
 
-/* float_conv(x, w, bias, out, N, H, W, Cin, O, k, stride, pad, act[, slope]): the FP stem. */
+/* float_conv(x, w, bias, out, N, H, W, Cin, O, k, stride, pad, path, act[, slope]): the FP stem. */
 static PyObject *py_float_conv(PyObject *self, PyObject *args) {
     Py_buffer bufs[5] = {{0}};
     Py_buffer *x = &bufs[0], *w = &bufs[1], *bias = &bufs[2], *out = &bufs[3], *slope = &bufs[4];
     PyObject *slope_obj = Py_None;
     ConvShape s;
-    int k, act;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiiiii|O", x, w, bias, out, &s.N, &s.H, &s.W, &s.Cin, &s.O, &k,
-                          &s.stride, &s.pad, &act, &slope_obj))
+    int k, path, act;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiiiiii|O", x, w, bias, out, &s.N, &s.H, &s.W, &s.Cin, &s.O, &k,
+                          &s.stride, &s.pad, &path, &act, &slope_obj))
         return NULL;
     s.kh = s.kw = k;
     PyObject *result = NULL;
-    if (!check_shape(&s, 0)) goto done;
-    if (!need(x, (size_t)s.N * s.H * s.W * s.Cin, 4, "x") || !need(w, (size_t)k * k * s.Cin * s.O, 4, "w") ||
+    if (!check_shape(&s, 0) || !check_path(path)) goto done;
+    if (!need(x, (size_t)s.N * s.H * s.W * s.Cin, 4, "x") || !need(w, (size_t)k * k * s.Cin * s.Opad, 4, "w") ||
         !need(bias, s.O, 4, "bias") || !need(out, (size_t)s.N * s.Ho * s.Wo * s.O, 4, "out"))
         goto done;
     if (act < ACT_NONE || act > ACT_PRELU) {
@@ -533,7 +716,7 @@ static PyObject *py_float_conv(PyObject *self, PyObject *args) {
     }
     if (act == ACT_PRELU && !get_vector(slope_obj, slope, s.O, "slope")) goto done;
     Py_BEGIN_ALLOW_THREADS
-    float_conv_run(&s, x->buf, w->buf, bias->buf, act, slope->buf, out->buf);
+    float_conv_run(&s, path, x->buf, w->buf, bias->buf, act, slope->buf, out->buf);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -591,4 +774,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_bitconv", "The 1-bit convolution kernel.", -1, methods};
 
-PyMODINIT_FUNC PyInit__bitconv(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__bitconv(void) {
+    detect_paths();
+    return PyModule_Create(&module);
+}
