@@ -176,3 +176,21 @@ def test_a_commands_own_section_takes_set_like_the_config(tmp_path):
     path.write_text("run: {latency_repets: 3}\n")
     with pytest.raises(ConfigError, match=f"{path}: unknown config key 'run.latency_repets'"):
         load_config_with_section(path, [], "run", RunConfig)
+
+
+def test_a_section_brings_its_own_rules(monkeypatch):
+    """Config.validate runs every section's ``check(cfg)``: Stage II's and pruning's rules live
+    with their sections, and a section gains a rule without an edit to Config."""
+    from dynaslice.train.config import OptimConfig
+
+    def no_adamw_here(self, cfg):
+        if self.name == "adamw":
+            raise ConfigError("optim.name=adamw is refused by the section's own check")
+
+    monkeypatch.setattr(OptimConfig, "check", no_adamw_here, raising=False)
+    with pytest.raises(ConfigError, match="refused by the section's own check"):
+        load_config(None, ["optim.name=adamw"])
+    with pytest.raises(ConfigError, match="stage2 needs 0 < tau_end <= tau_start"):
+        load_config(None, ["stage2.tau_end=5"])
+    with pytest.raises(ConfigError, match=r"prune.finetune_epochs must lie between 0 and train.epochs \(10\)"):
+        load_config(None, ["prune.finetune_epochs=20"])

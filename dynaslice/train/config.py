@@ -331,6 +331,11 @@ class Stage2Config:
     task_weight: float = 1.0
     macs_weight: float = 10.0
 
+    def check(self, cfg: Config) -> None:
+        """The section's rules between its keys (``cfg``: the whole config; see :meth:`Config.validate`)."""
+        if not 0 < self.tau_end <= self.tau_start:
+            raise ConfigError(f"stage2 needs 0 < tau_end <= tau_start, got {self.tau_end} and {self.tau_start}")
+
 
 @dataclass
 class PruneConfig:
@@ -374,9 +379,11 @@ class PruneConfig:
     score_init: str = "magnitude"
     tune_epochs: float = 0.0
 
-    def validate(self, epochs: int) -> None:
-        """Check ranges (``epochs``: ``train.epochs``, the whole budget). ``method`` is checked by
-        the pruning registry, which knows the methods (:func:`register_check`)."""
+    def check(self, cfg: Config) -> None:
+        """The section's rules (``cfg``: the whole config, whose ``train.epochs`` is the budget).
+        ``method`` and each method's own settings are checked by the pruning registry, which knows
+        the methods (:func:`register_check`)."""
+        epochs = cfg.train.epochs
         if self.include not in (None, "internal", "all"):
             raise ConfigError(f"prune.include={self.include!r} is not one of internal, all (or null)")
         if not 0 < self.finetune_epochs < epochs:
@@ -430,6 +437,10 @@ class Config:
                 raise ConfigError(f"{key}={value!r} is out of range: {rule}")
         self._check_choices()
         self._check_combinations()
+        for f in dataclasses.fields(self):  # a section's own rules live with it (a ``check(cfg)`` method)
+            section_check = getattr(getattr(self, f.name), "check", None)
+            if section_check is not None:
+                section_check(self)
         for check in _CHECKS:
             check(self)
         return self
@@ -448,7 +459,7 @@ class Config:
 
     def _check_combinations(self) -> None:
         """Rules that tie two or more keys together."""
-        t, o, d, g, s2 = self.train, self.optim, self.data, self.model.gate, self.stage2
+        t, o, d, g = self.train, self.optim, self.data, self.model.gate
         if o.name == "sgd" and o.nesterov and o.momentum == 0:
             raise ConfigError("optim.momentum=0 does not go with optim.nesterov=true: set a momentum > 0 or nesterov: false")
         if o.min_lr > o.lr:
@@ -464,9 +475,6 @@ class Config:
             raise ConfigError(f"model.gate.routes={g.routes} is out of range: give >= 2 (or a list of archs)")
         if g.enabled and not isinstance(g.routes, int) and g.pre_gate:
             raise ConfigError("model.gate.pre_gate goes with routes=<k>; explicit routes already fix those dims")
-        if not 0 < s2.tau_end <= s2.tau_start:
-            raise ConfigError(f"stage2 needs 0 < tau_end <= tau_start, got {s2.tau_end} and {s2.tau_start}")
-        self.prune.validate(t.epochs)
         if t.mvco and d.name == "folder":
             raise ConfigError(
                 "train.mvco needs an in-memory dataset (two views per batch); folder data is not supported yet"
