@@ -37,6 +37,7 @@ from .targets import (
     Target,
     make_target,
     mix_views,
+    register_target,
     soft_cross_entropy,
 )
 
@@ -85,6 +86,7 @@ __all__ = [
     "param_groups",
     "recalibrate_bn",
     "register_sampler",
+    "register_target",
     "save_model_file",
     "soft_cross_entropy",
     "static_config",
