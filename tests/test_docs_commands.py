@@ -2,8 +2,11 @@
 cheap (issue 33: the README's Serving block used an undefined ``x`` and a run directory no
 command writes).
 
-Nothing is *executed*: training the demo's run directory takes minutes and a tiny stand-in would
-not be the documented command. What is checked, per block:
+Nothing is *executed* here; tests/test_readme_runs.py executes README.md's commands and Python
+blocks that read the demo's run directory (``export``, ``quantize``, ``eval``, ``profile``, the In
+Python and Serving blocks) against a run made by the README's own ``dynaslice run`` command, tiny
+through ``--set`` overrides, with these blocks extracted by :func:`blocks`. The rest (commands that
+train, benchmarks, docs/ recipes that take hours) is only parsed. What is checked, per block:
 
 - ```bash blocks, after joining ``\\`` continuations and expanding the blocks' own variables
   (``BASE=...; $PY $BASE``, loop variables take their first value):
