@@ -40,7 +40,7 @@ import math
 import numbers
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -484,6 +484,37 @@ def pick_entry(
     return max(fits, key=lambda i: (entries[i]["val_accuracy"], -entries[i]["macs"]))
 
 
+def run_grouped(h: Any, routes: Any, run: Callable[[Any, int], Any], n_routes: int) -> Any:
+    """``run(h[i], r)`` for every sample ``i`` with ``r = routes[i]``, one call per route taken.
+
+    The one implementation of route-bucketed batches: the torch form
+    (``GatedSupernet.forward_routes``, hence ``DynamicNet`` and the served models on torch
+    runtimes) and the onnxruntime form (:class:`GatedOnnxRunner`) both call it. ``h`` is a numpy
+    array or a torch tensor (its rows are taken with ``h[idx]`` and written with ``out[idx] = y``,
+    which both define, the tensor's with autograd); ``routes`` holds one route index per sample
+    on the host (a numpy array, or a CPU tensor: a CUDA caller moves its ``[B]`` indices first).
+    Each group runs densely in one call, a route no sample takes costs nothing, a batch on one
+    route (always so at batch 1) runs whole without copies, and outputs come back in input order.
+    """
+    routes = np.asarray(routes)
+    present = np.unique(routes)  # sorted
+    if present.size == 0:
+        raise ValueError("got an empty batch; pass at least one sample")
+    if present[0] < 0 or present[-1] >= n_routes:
+        raise ValueError(f"route indices {present.tolist()} outside 0..{n_routes - 1}")
+    if present.size == 1:
+        return run(h, int(present[0]))
+    out = None
+    for r in present:
+        idx = np.flatnonzero(routes == r)
+        y = run(h[idx], int(r))
+        if out is None:
+            shape = (len(routes), *y.shape[1:])
+            out = np.empty(shape, dtype=y.dtype) if isinstance(y, np.ndarray) else y.new_empty(shape)
+        out[idx] = y
+    return out
+
+
 class GatedOnnxRunner:
     """A gated (DS-Net) model package run with onnxruntime, route-bucketed like ``DynamicNet``.
 
@@ -532,18 +563,9 @@ class GatedOnnxRunner:
             raise ValueError(
                 f"routes must be an integer array of shape [{n}], got {routes.dtype} {list(routes.shape)}"
             )
-        present = np.unique(routes)
-        if present[0] < 0 or present[-1] >= len(self.sessions):
-            raise ValueError(f"route indices {present.tolist()} outside 0..{len(self.sessions) - 1}")
-        if len(present) == 1:  # the whole batch (always so at batch 1) on one route: no copies
-            return self._run_route(int(present[0]), features), routes
-        out = np.empty((n, self.num_classes), dtype=logits.dtype)
-        for r in present:
-            idx = np.flatnonzero(routes == r)
-            out[idx] = self._run_route(int(r), features[idx])
-        return out, routes
+        return run_grouped(features, routes, self._run_route, len(self.sessions)), routes
 
-    def _run_route(self, r: int, features: np.ndarray) -> np.ndarray:
+    def _run_route(self, features: np.ndarray, r: int) -> np.ndarray:
         session = self.sessions[r]
         return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(features)})[0]
 

@@ -17,7 +17,7 @@ targets, loss and route-bias calibration). Stage II training is
 which routes by ``logits.argmax(1)``, never with noise.
 """
 
-from .gated import GatedSupernet, run_grouped
+from .gated import GatedSupernet
 from .module import DynamicGate
 from .routes import check_cut, routes_even, validate_routes
 from .sgs import (
@@ -41,7 +41,6 @@ __all__ = [
     "gumbel_routes",
     "resolve_target_macs",
     "routes_even",
-    "run_grouped",
     "sgs_targets",
     "validate_routes",
 ]

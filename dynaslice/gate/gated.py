@@ -3,7 +3,7 @@ and inference routes each input through the subnet its gate picks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from ..models.base import Supernet
 from ..profile import count_macs, meta_copy
+from ..runtime import run_grouped
 from ..space import Arch, Dim, SearchSpace
 from .module import DynamicGate
 from .routes import ArchLike, routes_even, validate_routes
@@ -120,7 +121,8 @@ class GatedSupernet(Supernet):
         Samples are grouped by route and each group runs densely with its route's slices; a
         route no sample takes costs nothing. Equal (to float rounding) to one call per sample.
         """
-        return run_grouped(h, route_index, self.forward_route, len(self.routes))
+        check_route_index(route_index, h.shape[0])
+        return run_grouped(h, route_index.cpu(), self.forward_route, len(self.routes))
 
     def forward_mixed(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Route outputs mixed by (straight-through one-hot) ``weights`` ``[B, n_routes]``.
@@ -162,45 +164,12 @@ class GatedSupernet(Supernet):
         return trainable
 
 
-def run_grouped(
-    h: torch.Tensor, route_index: torch.Tensor, run: Callable[[torch.Tensor, int], torch.Tensor], n_routes: int
-) -> torch.Tensor:
-    """``run(h[i], r)`` for every sample ``i`` with ``r = route_index[i]``, a group per route.
-
-    The one implementation of route-bucketed batches, shared by :class:`GatedSupernet` and the
-    serving runtimes (:mod:`dynaslice.serve`): each group runs densely in one call, a route no
-    sample takes costs nothing, and outputs come back in input order.
-    """
-    check_route_index(route_index, h.shape[0])
-    # batch 1 (serving's common case): one int, not unique()'s sort
-    present = [int(route_index)] if h.shape[0] == 1 else route_index.unique().tolist()  # sorted
-    check_routes(present, n_routes)
-    if len(present) == 1:  # the whole batch on one route: no copies
-        return run(h, present[0])
-    out: torch.Tensor | None = None
-    for r in present:
-        idx = (route_index == r).nonzero().squeeze(1)
-        y = run(h.index_select(0, idx), r)
-        if out is None:
-            out = y.new_empty((h.shape[0], *y.shape[1:]))
-        out.index_copy_(0, idx, y)
-    if out is None:
-        raise ValueError("got an empty batch")
-    return out
-
-
 def check_route_index(route_index: torch.Tensor, n: int) -> None:
     """Raise unless ``route_index`` is a LongTensor of shape ``[n]`` (one route per sample)."""
     if route_index.shape != (n,) or route_index.dtype != torch.long:
         raise ValueError(
             f"route_index must be a LongTensor of shape [{n}], got {route_index.dtype} {tuple(route_index.shape)}"
         )
-
-
-def check_routes(present: list[int], n_routes: int) -> None:
-    """Raise unless every index in ``present`` (sorted) names one of ``n_routes`` routes."""
-    if present and not (0 <= present[0] and present[-1] < n_routes):
-        raise ValueError(f"route indices {present} outside 0..{n_routes - 1}")
 
 
 def _pinned_space(space: SearchSpace, fixed: Mapping[str, int]) -> SearchSpace:

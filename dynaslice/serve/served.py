@@ -28,12 +28,12 @@ import torch
 
 from ..budget import BudgetEntry, BudgetNet
 from ..export import extract_subnet
-from ..gate import GatedSupernet, run_grouped
-from ..gate.gated import check_route_index, check_routes
+from ..gate import GatedSupernet
+from ..gate.gated import check_route_index
 from ..models.base import Supernet
 from ..onnx_export import extract_route, extract_trunk
 from ..profile import count_macs
-from ..runtime import pick_entry
+from ..runtime import pick_entry, run_grouped
 from .runtimes import OrtPiece, Piece, example_input, prepare, resolve_runtime, to_numpy
 
 Input = torch.Tensor | np.ndarray
@@ -155,7 +155,8 @@ class ServedGated:
         else:
             features, logits = self.trunk(x)
             routes = logits.argmax(1) if routes is None else routes.to(logits.device)
-            out = run_grouped(features, routes, lambda h, r: self.routes[r](h), len(self.routes))
+            check_route_index(routes, x.shape[0])
+            out = run_grouped(features, routes.cpu(), lambda h, r: self.routes[r](h), len(self.routes))
         return _give(out, numpy), _give(routes, numpy)
 
     def _one_on_onnxruntime(
@@ -170,7 +171,8 @@ class ServedGated:
         else:
             check_route_index(routes, 1)
             route, routes = int(routes), routes.cpu()
-            check_routes([route], len(self.routes))
+            if not 0 <= route < len(self.routes):
+                raise ValueError(f"route indices {[route]} outside 0..{len(self.routes) - 1}")
         piece: OrtPiece = self.routes[route]  # type: ignore[assignment]
         return torch.from_numpy(piece.session.run(None, {piece.input: features})[0]), routes
 
@@ -184,7 +186,9 @@ class ServedGated:
             raise ValueError(
                 f"avg_macs takes route indices (integers), got {routes.dtype} {list(routes.shape)}"
             )
-        check_routes(routes.unique().tolist(), len(self.routes))  # -1 would wrap to the last route
+        present = routes.unique().tolist()  # sorted; -1 would wrap to the last route
+        if not (0 <= present[0] and present[-1] < len(self.routes)):
+            raise ValueError(f"route indices {present} outside 0..{len(self.routes) - 1}")
         return float(self.route_macs[routes].mean())
 
 
