@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_reliability import cli, one_line_error, write_config
 
-from dynaslice import runs
+from dynaslice import runs, serve
 from dynaslice.profile import count_module_params
 from dynaslice.train import load_config
 from dynaslice.train.ffsd import (
@@ -192,7 +192,9 @@ def test_dynaslice_train_keeps_the_leader_alone_as_a_plain_model(tmp_path):
     # the leader alone: no fusion module, no TransFusion branch, no student
     assert count_module_params(plain) == count_module_params(trainer.plain_model())
     assert not any("fusion" in k or "trans" in k for k in plain.state_dict())
-    assert (run / runs.PRUNED_ONNX).is_file() and (run / runs.FINAL_EVAL).is_file()
+    assert (run / runs.FINAL_EVAL).is_file()
+    with torch.no_grad():  # and it serves like any exported network
+        assert torch.allclose(torch.as_tensor(serve.load(run / runs.PRUNED_ONNX)(x)), plain(x), atol=1e-4)
 
 
 def test_dml_with_one_student_is_plain_training(tmp_path):

@@ -357,7 +357,7 @@ class OnlineDistillTrainer(Trainer):
         if len(shapes) < 2 or any(len(s) != 3 for s in shapes):
             raise ConfigError(
                 f"train.target=ffsd needs a model whose stages give [B, C, H, W] feature maps, at least two of "
-                f"them; {self.cfg.model.name} gives {len(shapes)} stage(s) of shapes {shapes}: use a CNN (resnet_small, "
+                f"them; {self.cfg.model.name} gives {len(shapes)} stage(s), the last of shape {shapes[-1]}: use a CNN (resnet_small, "
                 "mobilenet) or train.target=dml"
             )
         h, w = shapes[-1][1:]
