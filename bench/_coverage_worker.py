@@ -142,8 +142,8 @@ def run_dynaslice(model: nn.Module, x: torch.Tensor, size: tuple[int, ...], row:
     import dynaslice as ds
     from dynaslice.graph import GraphError
     from dynaslice.onnx_export import export_module
+    from dynaslice.onnx_package import open_session
     from dynaslice.profile import count_module_macs
-    from dynaslice.runtime import open_session
 
     row["engine"] = engine_state()
     t = time.perf_counter()

@@ -50,9 +50,9 @@ from dynaslice.binary.layers import PlainBinaryConv2d  # noqa: E402
 from dynaslice.binary.models import binary_resnet_small  # noqa: E402
 from dynaslice.binary.packed import BinaryRunner, export_binary  # noqa: E402
 from dynaslice.onnx_export import export_module  # noqa: E402
+from dynaslice.onnx_package import open_session  # noqa: E402
 from dynaslice.profile import measure_latency, paired_ratio  # noqa: E402
 from dynaslice.quant import quantize_artifact  # noqa: E402
-from dynaslice.runtime import open_session  # noqa: E402
 
 SHAPE = (1, 28, 28)
 

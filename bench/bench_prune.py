@@ -217,11 +217,11 @@ class Bench:
 
 def latency_rows(root: Path, repeats: int) -> dict[str, float]:
     """Median onnxruntime latency (ms, batch 1, one thread) of every exported network of a seed,
-    each in a session as dynaslice makes them (:func:`dynaslice.runtime.open_session`)."""
+    each in a session as dynaslice makes them (:func:`dynaslice.onnx_package.open_session`)."""
     import numpy as np
 
+    from dynaslice.onnx_package import open_session
     from dynaslice.profile import measure_latency
-    from dynaslice.runtime import open_session
 
     sessions = {p.stem: open_session(p, threads=1) for p in sorted(root.glob("*.onnx"))}
     x = {k: np.zeros([1, *s.get_inputs()[0].shape[1:]], dtype=np.float32) for k, s in sessions.items()}

@@ -58,6 +58,7 @@ import dynaslice as ds
 from dynaslice.atomic import cached_json
 from dynaslice.data import EvalTransform, InMemoryDataset
 from dynaslice.onnx_export import export_onnx
+from dynaslice.onnx_package import open_session
 from dynaslice.quant import (
     DistillConfig,
     DistillTrainer,
@@ -75,7 +76,6 @@ from dynaslice.quant import (
     quantize_model,
 )
 from dynaslice.quant.fakequant import calibrate_ranges
-from dynaslice.runtime import open_session
 from dynaslice.train import load_supernet
 from dynaslice.train.config import Config, from_dict
 from dynaslice.train.data import load_split

@@ -37,7 +37,7 @@ from .export import extract_subnet
 from .modelfile import CheckpointError, load_model_file, net_from_tensors, prefixed, save_model_file
 from .models.base import Supernet
 from .nn import SlicedBatchNorm2d
-from .runtime import pick_entry
+from .onnx_package import pick_entry
 from .space import Arch
 
 TABLE_FILE, WEIGHTS_FILE = runs.BUDGET_TABLE, runs.BUDGET_WEIGHTS
@@ -95,7 +95,7 @@ class BudgetTable:
         return self.best_entry(max_macs, max_latency_ms).arch
 
     def best_entry(self, max_macs: float | None = None, max_latency_ms: float | None = None) -> BudgetEntry:
-        """The most accurate entry within the budget, cheaper on a tie (:func:`dynaslice.runtime.pick_entry`)."""
+        """The most accurate entry within the budget, cheaper on a tie (:func:`dynaslice.onnx_package.pick_entry`)."""
         return self.entries[pick_entry([e.to_dict() for e in self.entries], max_macs, max_latency_ms)]
 
     def bucket_label(self, entry: BudgetEntry) -> str:

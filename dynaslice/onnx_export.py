@@ -21,7 +21,7 @@ Files are written to a temporary name in the target directory, checked with
 its final name and renamed into place, so an export is complete or absent. Models must stay under
 ONNX's 2 GB single-file limit (no external data files).
 
-Run the results with :mod:`dynaslice.runtime` (onnxruntime + numpy, no torch).
+Run the results with :mod:`dynaslice.onnx_package` (onnxruntime + numpy, no torch).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from .budget import BudgetNet
 from .export import extract_subnet
 from .gate import GatedSupernet
 from .models.base import Supernet
-from .runtime import (
+from .onnx_package import (
     BUDGET_FORMAT,
     FORMAT,
     FORMAT_VERSION,
@@ -165,7 +165,7 @@ def export_onnx(
     ``input`` ``[batch, C, H, W]`` (``input_size`` ``(C, H, W)``, default ``net.input_size``),
     output ``logits``; the batch dimension is dynamic unless ``batch_dynamic=False`` (then 1).
     ``opset`` defaults to the exporter's default. The arch is stored in the model's metadata
-    (``dynaslice.arch``, JSON). Run it with :class:`dynaslice.runtime.OnnxModel`.
+    (``dynaslice.arch``, JSON). Run it with :class:`dynaslice.onnx_package.OnnxModel`.
     """
     arch = net.space.validate(arch)
     input_size = tuple(input_size or net.input_size)
@@ -284,7 +284,7 @@ def export_gated(
     and MACs per image (trunk + gate + route), files, number of classes). Everything is exported
     in eval mode. The directory is built beside its final name and renamed into place; an
     earlier package there is replaced, a folder holding anything else refused
-    (:func:`check_package_target`). Run it with :class:`dynaslice.runtime.GatedOnnxRunner`.
+    (:func:`check_package_target`). Run it with :class:`dynaslice.onnx_package.GatedOnnxRunner`.
     """
     gated = getattr(gated, "gated", gated)  # a DynamicNet wraps its GatedSupernet
     if not isinstance(gated, GatedSupernet):
@@ -306,7 +306,7 @@ def export_gated(
             features, _ = trunk(torch.zeros(1, *input_size, dtype=param.dtype, device=param.device))
         features_size = tuple(features.shape[1:])
         common = {"dynaslice.version": __version__, "dynaslice.cut": str(gated.cut)}
-        # every file of the package by the package rule, as every reader takes it (dynaslice.runtime)
+        # every file of the package by the package rule, as every reader takes it (dynaslice.onnx_package)
         _export_module(
             trunk, package_file(tmp, "trunk.onnx", exists=False), input_size, ["input"], ["features", "logits"],
             True, opset, exporter, common,
@@ -353,7 +353,7 @@ def _gated_manifest(
     features_size: Sequence[int],
     routes: list[dict],
 ) -> dict:
-    """``manifest.json`` of a gated package (read back by :func:`dynaslice.runtime.read_manifest`)."""
+    """``manifest.json`` of a gated package (read back by :func:`dynaslice.onnx_package.read_manifest`)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -385,7 +385,7 @@ def export_budget(
     One ``entry_{i}.onnx`` per table entry -- its subnet with the BN statistics it was selected
     with -- and ``manifest.json`` (the entries' bucket, arch, MACs, validation accuracy, predicted
     latency and file, the input shape/dtype/normalisation). Run it with
-    :class:`dynaslice.runtime.BudgetOnnxRunner` (``runner(x, max_macs=...)``) or
+    :class:`dynaslice.onnx_package.BudgetOnnxRunner` (``runner(x, max_macs=...)``) or
     :func:`dynaslice.serve.load`. Complete or absent, like :func:`export_gated`.
     """
     if not isinstance(budget, BudgetNet):

@@ -411,7 +411,7 @@ def render(r: dict[str, Any]) -> str:
             "## Exports (`export/`)",
             "",
             f"- `export/gated/`: the gated model of target {e['gated']['target']:g} (best validation accuracy) as an "
-            "ONNX package; run it with `dynaslice.runtime.GatedOnnxRunner` (onnxruntime + numpy).",
+            "ONNX package; run it with `dynaslice.onnx_package.GatedOnnxRunner` (onnxruntime + numpy).",
             "- `export/largest.pt` / `export/largest.onnx` and `export/smallest.pt` / `export/smallest.onnx`: the "
             "widest and narrowest routes as static models. Load a `.pt` without dynaslice with "
             "`torch.load(path, weights_only=False)` (a pickled `torch.fx.GraphModule`); the ONNX files take "

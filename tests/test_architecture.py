@@ -112,7 +112,7 @@ def test_only_the_cli_imports_the_cli():
         ("dynaslice.dynamic", "dynaslice.train"),
         ("dynaslice.modelfile", "dynaslice.train"),
         ("dynaslice.onnx_export", "dynaslice.train"),
-        ("dynaslice.runtime", "dynaslice"),  # copied alone onto deployment targets: no dynaslice at all
+        ("dynaslice.onnx_package", "dynaslice"),  # copied alone onto deployment targets: no dynaslice at all
         ("dynaslice.gate", "dynaslice.train"),
         ("dynaslice.models", "dynaslice.gate"),
         # the channel-group engine sits under everything that slices, prunes or orders channels
@@ -163,9 +163,9 @@ def test_no_function_is_longer_than_about_80_lines():
 # --------------------------------------------------------------------------- one session factory
 
 # Every onnxruntime session of the library, its serving layer and its benchmarks comes from
-# dynaslice.runtime.open_session, so that a benchmark times the configuration users run (threads,
+# dynaslice.onnx_package.open_session, so that a benchmark times the configuration users run (threads,
 # spinning, optimisation level, providers and log level are chosen there and nowhere else).
-FACTORY = ("dynaslice/runtime.py", "open_session")
+FACTORY = ("dynaslice/onnx_package.py", "open_session")
 SESSION_NAMES = {"InferenceSession", "SessionOptions"}
 
 
@@ -199,7 +199,7 @@ def session_uses(path: Path) -> list[tuple[str, int]]:
 
 
 def test_one_function_makes_every_onnxruntime_session():
-    """No session and no SessionOptions outside ``dynaslice.runtime.open_session``, in the library
+    """No session and no SessionOptions outside ``dynaslice.onnx_package.open_session``, in the library
     or in the benchmarks: a benchmark with its own options would time what users do not run."""
     repo = ROOT.parent
     files = sorted([*ROOT.rglob("*.py"), *(repo / "bench").rglob("*.py")])
@@ -260,7 +260,7 @@ def test_every_session_has_the_factory_options(tmp_path, monkeypatch):
     pytest.importorskip("onnx")
     import torch
 
-    from dynaslice.runtime import OnnxModel, open_session
+    from dynaslice.onnx_package import OnnxModel, open_session
     from dynaslice.serve import runtimes
 
     path = _relu_graph(tmp_path / "relu.onnx")

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import dynaslice as ds
-from dynaslice import onnx_export, runtime
+from dynaslice import onnx_export, onnx_package
 from dynaslice.dynamic import DynamicNet
 from dynaslice.gate import GatedSupernet
 from dynaslice.onnx_export import export_gated, export_onnx
-from dynaslice.runtime import GatedOnnxRunner, OnnxModel
+from dynaslice.onnx_package import GatedOnnxRunner, OnnxModel
 
 FAMILIES = {
     "resnet_small": dict(in_chans=1, input_size=28),
@@ -301,7 +301,7 @@ def test_export_gated_is_complete_or_absent(package, tmp_path, monkeypatch):
 
 
 def test_runtime_runs_without_torch(package, tmp_path):
-    """runtime.py, loaded alone with torch made unimportable, runs the package to the same result."""
+    """onnx_package.py, loaded alone with torch made unimportable, runs the package to the same result."""
     directory, dyn, x = package
     np.save(tmp_path / "x.npy", x.numpy())
     code = f"""
@@ -309,7 +309,7 @@ import sys
 sys.modules["torch"] = None  # any 'import torch' now raises ImportError
 import importlib.util
 import numpy as np
-spec = importlib.util.spec_from_file_location("ds_runtime", {str(Path(runtime.__file__))!r})
+spec = importlib.util.spec_from_file_location("ds_runtime", {str(Path(onnx_package.__file__))!r})
 rt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rt)
 out, routes = rt.GatedOnnxRunner({str(directory)!r}).forward_with_routes(np.load({str(tmp_path / "x.npy")!r}))

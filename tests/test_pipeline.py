@@ -103,7 +103,7 @@ def test_report_and_exports_are_written(run):
 
 
 def test_exported_gated_package_matches_pytorch(run):
-    from dynaslice.runtime import GatedOnnxRunner
+    from dynaslice.onnx_package import GatedOnnxRunner
 
     out, _, _ = run
     gated, _ = load_supernet(latest_checkpoint(out / "gate-t0.9"))
@@ -124,7 +124,7 @@ def test_changed_training_config_is_refused(run, config, capsys):
 
 
 def test_export_arch_onnx_equals_pytorch_and_pt_loads_without_dynaslice(run, tmp_path):
-    from dynaslice.runtime import OnnxModel
+    from dynaslice.onnx_package import OnnxModel
 
     out, _, _ = run
     ckpt = out / "stage1" / "recalibrated.safetensors"

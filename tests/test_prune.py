@@ -460,7 +460,7 @@ def test_check_compact_rejects_methods_internals():
 
 def test_pruned_network_exports_to_onnx_and_runs(tmp_path):
     pytest.importorskip("onnxruntime")
-    from dynaslice.runtime import OnnxModel
+    from dynaslice.onnx_package import OnnxModel
 
     model = plain_model()
     result = prune_l1(model, SIZE, target_macs=count_module_macs(model, SIZE) // 2)
@@ -558,7 +558,7 @@ def test_rerunning_a_method_with_resume_reloads_its_finished_phases(tmp_path):
 
 def test_cli_prune_writes_the_compact_network_and_its_costs(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    from dynaslice.runtime import OnnxModel
+    from dynaslice.onnx_package import OnnxModel
 
     run = tmp_path / "run"
     args = ["prune", "l1", "--target-macs", "0.5", "--out", str(run), *(a for o in TINY for a in ("--set", o))]

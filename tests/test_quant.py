@@ -15,6 +15,7 @@ from dynaslice.data import InMemoryDataset
 from dynaslice.gate import GatedSupernet
 from dynaslice.modelfile import CheckpointError
 from dynaslice.onnx_export import export_gated, export_onnx
+from dynaslice.onnx_package import BUDGET_FORMAT, BudgetOnnxRunner, GatedOnnxRunner, OnnxModel, read_manifest
 from dynaslice.quant import (
     GeneratorImages,
     NoiseImages,
@@ -54,7 +55,6 @@ from dynaslice.quant.fdda import (
     one_per_class,
     train_generator,
 )
-from dynaslice.runtime import BUDGET_FORMAT, BudgetOnnxRunner, GatedOnnxRunner, OnnxModel, read_manifest
 
 # QDQ tolerance: every logit within 10 % of the largest float logit on fresh random input. The
 # test networks have random weights and random BN statistics, and int8 rounding compounds over

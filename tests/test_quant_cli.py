@@ -11,7 +11,7 @@ import dynaslice as ds
 from dynaslice.cli import main
 from dynaslice.modelfile import model_spec, prefixed, save_model_file
 from dynaslice.onnx_export import export_onnx
-from dynaslice.runtime import OnnxModel
+from dynaslice.onnx_package import OnnxModel
 from dynaslice.train.config import load_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript exporter

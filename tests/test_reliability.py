@@ -470,7 +470,7 @@ def test_damaged_latency_tables_are_one_line_before_training(tmp_path, content):
 
 
 def test_damaged_manifest_is_one_clear_error(tmp_path):
-    from dynaslice.runtime import read_manifest
+    from dynaslice.onnx_package import read_manifest
 
     (tmp_path / "manifest.json").write_bytes(b"\xff\x00")
     with pytest.raises(ValueError, match="manifest.json is not valid JSON"):

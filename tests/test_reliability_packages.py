@@ -1,7 +1,7 @@
 """Reliability and security of ONNX packages, ``quantize`` and serving (issue 34, round two).
 
 One rule for every file dynaslice reads from a package or writes into one
-(:func:`dynaslice.runtime.package_file`): a plain name inside the package folder, never through a
+(:func:`dynaslice.onnx_package.package_file`): a plain name inside the package folder, never through a
 link, size-capped before anything is read or allocated; the files of a package are the ones its
 checked manifest names (trunk, ``routes[]``, ``entries[]``), at most ``MAX_ITEMS``, one session per
 file. The cases run ``dynaslice`` in this process (``cli``: an exception escaping ``main`` fails the
@@ -32,7 +32,7 @@ from dynaslice import serve
 from dynaslice.budget import BudgetEntry
 from dynaslice.modelfile import model_spec, prefixed, save_model_file
 from dynaslice.onnx_export import export_budget, export_gated, export_onnx
-from dynaslice.runtime import (
+from dynaslice.onnx_package import (
     MAX_ITEMS,
     BudgetOnnxRunner,
     GatedOnnxRunner,

@@ -131,8 +131,8 @@ def test_gated_packages_float_and_int8_at_batch_one(tmp_path, gated):
         pytest.skip("onnxruntime is not installed")
     import numpy as np
 
+    from dynaslice.onnx_package import GatedOnnxRunner
     from dynaslice.quant import quantize_artifact
-    from dynaslice.runtime import GatedOnnxRunner
 
     package = export_gated(gated, tmp_path / "gated")
     served = serve.load(package)

@@ -14,7 +14,7 @@ after the stem binary). :class:`BinaryRunner` runs it with numpy and the kernel
 (:mod:`dynaslice.binary.kernel`), in NHWC: the float stem, then one kernel call per binary conv
 (signs packed, XNOR-popcount, ``act(count*a + b + shortcut)`` in one pass), then the pooled
 features through the classifier (one small matmul). The runner imports no torch: torch is only needed to
-export. Every file is read by the package rule (:func:`dynaslice.runtime.read_package_file`) and
+export. Every file is read by the package rule (:func:`dynaslice.onnx_package.read_package_file`) and
 the manifest is checked against the weights before anything runs, so a damaged package is one
 ``ValueError``.
 
@@ -35,7 +35,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from ..runtime import MANIFEST, package_file, read_package_file
+from ..onnx_package import MANIFEST, package_file, read_package_file
 from . import kernel
 
 BINARY_FORMAT = "dynaslice-binary"

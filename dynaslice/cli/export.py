@@ -6,9 +6,9 @@ entry, or a gated checkpoint as an ONNX package.
 - ``--budget-macs X`` / ``--budget-ms X``: the most accurate subnet of a PSS run's budget table
   within the budget (chosen on the validation split; see ``dynaslice select``);
 - ``--gated``: the whole DS-Net model (trunk + gate + routes) as an ONNX package directory, run
-  by :class:`dynaslice.runtime.GatedOnnxRunner` (onnxruntime and numpy only);
+  by :class:`dynaslice.onnx_package.GatedOnnxRunner` (onnxruntime and numpy only);
 - ``--budget-table``: a PSS run's whole budget table as an ONNX package directory (one graph
-  per entry), run by :class:`dynaslice.runtime.BudgetOnnxRunner` with budget switching.
+  per entry), run by :class:`dynaslice.onnx_package.BudgetOnnxRunner` with budget switching.
 
 Every package and ``.onnx`` file also loads with :func:`dynaslice.serve.load`.
 
@@ -67,7 +67,7 @@ def write_subnet(net: Supernet, arch: Arch, out: Path, fmt: str) -> str:
         raise UserError(f"{out} is a directory; give a file name (.pt or .onnx)")
     if fmt == "onnx":
         export_onnx(net, arch, out)
-        return "run it with dynaslice.serve.load, dynaslice.runtime.OnnxModel or any ONNX runtime"
+        return "run it with dynaslice.serve.load, dynaslice.onnx_package.OnnxModel or any ONNX runtime"
     save_torch_model(extract_subnet(net, arch).eval(), out)
     return "load it with torch.load(PATH, weights_only=False), no dynaslice needed"
 
@@ -115,7 +115,7 @@ def _export_gated(ckpt: Path, out: Path, data_dir: str | None) -> int:
         export_gated(net.eval(), out, mean=mean, std=std)
     except FileExistsError as e:
         raise UserError(str(e)) from None
-    print(f"exported the gated model ({len(net.routes)} routes) to {out}/; run it with dynaslice.runtime.GatedOnnxRunner")
+    print(f"exported the gated model ({len(net.routes)} routes) to {out}/; run it with dynaslice.onnx_package.GatedOnnxRunner")
     return 0
 
 
@@ -139,7 +139,7 @@ def _export_budget(ckpt: Path, out: Path, data_dir: str | None) -> int:
     except FileExistsError as e:
         raise UserError(str(e)) from None
     print(f"exported the budget table ({len(budget.table.entries)} entries) to {out}/; run it with "
-          "dynaslice.serve.load or dynaslice.runtime.BudgetOnnxRunner")  # fmt: skip
+          "dynaslice.serve.load or dynaslice.onnx_package.BudgetOnnxRunner")  # fmt: skip
     return 0
 
 

@@ -26,7 +26,7 @@ only when it holds a dynaslice package and nothing else. A package is written un
 model file is created only if still absent (without ``--force``), so of two runs into one new
 file the one that finishes second is refused. Of a
 package only the manifest and the graphs it names are read (no links, size-capped; see
-:func:`dynaslice.runtime.package_file`) and written.
+:func:`dynaslice.onnx_package.package_file`) and written.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..models.base import Supernet
+from ..onnx_package import run_grouped
 from ..profile import count_macs, meta_copy
-from ..runtime import run_grouped
 from ..space import Arch, Dim, SearchSpace
 from .module import DynamicGate
 from .routes import ArchLike, routes_even, validate_routes

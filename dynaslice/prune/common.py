@@ -536,7 +536,7 @@ def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 
 def export_onnx(result: PruneResult, path: str | os.PathLike, batch_dynamic: bool = True) -> Path:
-    """Write a pruned network to ONNX (dense weights), runnable by :class:`dynaslice.runtime.OnnxModel`.
+    """Write a pruned network to ONNX (dense weights), runnable by :class:`dynaslice.onnx_package.OnnxModel`.
 
     The summary (method, dense and nominal MACs, widths) is stored in the ``dynaslice.prune``
     metadata entry. The model itself is left as it is (the export works on a copy).

@@ -3,8 +3,8 @@
 ``quantize_artifact(src, dst, images)`` takes what :mod:`dynaslice.onnx_export` writes -- one
 subnet ``.onnx`` file, or a package directory (``manifest.json`` + one graph per piece: a gated
 model's trunk and routes, a budget table's entries) -- and writes its int8 twin, which loads with
-the same runner classes (:class:`dynaslice.runtime.OnnxModel`, :class:`~dynaslice.runtime.GatedOnnxRunner`,
-:class:`~dynaslice.runtime.BudgetOnnxRunner`).
+the same runner classes (:class:`dynaslice.onnx_package.OnnxModel`, :class:`~dynaslice.onnx_package.GatedOnnxRunner`,
+:class:`~dynaslice.onnx_package.BudgetOnnxRunner`).
 
 For every graph: onnxruntime's pre-processing (``quant_pre_process``: symbolic shape inference,
 graph optimisation -- BatchNorm folded into the convolutions -- and ONNX shape inference), then
@@ -38,7 +38,7 @@ import numpy as np
 from .. import runs
 from ..atomic import atomic_dir, atomic_path
 from ..onnx_export import check_package_target
-from ..runtime import (
+from ..onnx_package import (
     BUDGET_FORMAT,
     FORMAT,
     MANIFEST,
@@ -380,7 +380,7 @@ def quantize_artifact(
     second quantization into it at the same time is refused); an existing file, or a folder that
     holds a package and nothing else, is replaced, any other folder refused. Of a package only
     the manifest and the graphs it names are read (by the package rule of
-    :func:`dynaslice.runtime.package_file`) and written: nothing else in its folder is copied.
+    :func:`dynaslice.onnx_package.package_file`) and written: nothing else in its folder is copied.
     ``replace=False`` (the command line without ``--force``) refuses an existing target instead,
     also one that another process writes while this one runs (a model file is then created only
     if still absent, with ``os.link``).
@@ -435,7 +435,7 @@ def _quantize_package(
 ) -> Path:
     """The int8 package: the manifest and the graphs it names, nothing else of ``source``.
 
-    Every graph is read once by the package rule (:func:`dynaslice.runtime.read_package_file`:
+    Every graph is read once by the package rule (:func:`dynaslice.onnx_package.read_package_file`:
     a plain name, no link, size-capped); its bytes give the session that computes calibration
     inputs and a private copy that onnxruntime's pre-processing and quantization read. ``target`` is held
     under the run-directory lock (:func:`dynaslice.runs.exclusive`), so a second quantization

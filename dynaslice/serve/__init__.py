@@ -14,8 +14,8 @@ Runtimes (:mod:`.runtimes`): ``eager`` (the reference), ``frozen`` (TorchScript,
 fastest correct one measured on this kind of device (docs/RESULTS.md). Outputs equal eager's
 (tested). Nothing is built per call: sessions, scripted graphs and CUDA graphs are made at load.
 Inputs with NaN or infinities are refused on every runtime (:mod:`.served`). A package is read
-by the package rule of :func:`dynaslice.runtime.package_file` (its own files only, no links,
-size-capped, at most :data:`dynaslice.runtime.MAX_ITEMS` routes or entries, one session per file).
+by the package rule of :func:`dynaslice.onnx_package.package_file` (its own files only, no links,
+size-capped, at most :data:`dynaslice.onnx_package.MAX_ITEMS` routes or entries, one session per file).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .. import runs
 from ..budget import BudgetEntry, BudgetNet
 from ..gate import GatedSupernet
 from ..modelfile import load_supernet
-from ..runtime import FORMAT, MANIFEST, package_sessions, read_manifest
+from ..onnx_package import FORMAT, MANIFEST, package_sessions, read_manifest
 from .runtimes import (
     PREFERRED,
     RUNTIMES,

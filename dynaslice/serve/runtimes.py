@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..onnx_export import export_module
-from ..runtime import open_session, providers_for
+from ..onnx_package import open_session, providers_for
 
 Output = torch.Tensor | tuple[torch.Tensor, ...]
 Piece = Callable[[torch.Tensor], Output]
@@ -124,10 +124,10 @@ def _ort() -> Any:
 def ort_session(
     path: str | Path, device: torch.device, threads: int | None = None, data: bytes | None = None
 ) -> Any:
-    """:func:`dynaslice.runtime.open_session` (every graph optimisation, no spinning) on ``device``'s
+    """:func:`dynaslice.onnx_package.open_session` (every graph optimisation, no spinning) on ``device``'s
     provider, with ``threads`` intra-op threads (default: as many as torch uses here); ``data``:
     the file's bytes when a package's reader already read them by the package rule
-    (:func:`dynaslice.runtime.read_package_file`). A damaged file is one ``ValueError``."""
+    (:func:`dynaslice.onnx_package.read_package_file`). A damaged file is one ``ValueError``."""
     threads = threads or torch.get_num_threads()
     return open_session(Path(path), providers_for(device.type), threads=threads, data=data)
 

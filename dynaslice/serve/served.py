@@ -32,8 +32,8 @@ from ..gate import GatedSupernet
 from ..gate.gated import check_route_index
 from ..models.base import Supernet
 from ..onnx_export import extract_route, extract_trunk
+from ..onnx_package import pick_entry, run_grouped
 from ..profile import count_macs
-from ..runtime import pick_entry, run_grouped
 from .runtimes import OrtPiece, Piece, example_input, prepare, resolve_runtime, to_numpy
 
 Input = torch.Tensor | np.ndarray
@@ -104,7 +104,7 @@ class ServedBudget:
         self._rows = [e.to_dict() for e in self.entries]
 
     def entry(self, max_macs: float | None = None, max_latency_ms: float | None = None) -> BudgetEntry:
-        """The entry a call with this budget runs (:func:`dynaslice.runtime.pick_entry`)."""
+        """The entry a call with this budget runs (:func:`dynaslice.onnx_package.pick_entry`)."""
         return self.entries[pick_entry(self._rows, max_macs, max_latency_ms)]
 
     def __call__(self, x: Input, max_macs: float | None = None, max_latency_ms: float | None = None) -> Input:

@@ -1,15 +1,36 @@
-"""Run exported dynaslice models with onnxruntime and numpy only.
+"""The onnxruntime form of every exported artifact: read, check and run ONNX files and packages
+with onnxruntime and numpy only.
 
-This file imports nothing from torch or from the rest of dynaslice (only the standard library,
-``numpy`` and, when a model is loaded, ``onnxruntime``), so a deployment target that has no
-torch can copy it alone and import it as a plain module. (``import dynaslice.runtime`` runs the
-package's ``__init__``, which does import torch.)
+Each deployable artifact has one front end per form, and this module is the onnxruntime one:
+
+=================  ===========================  ===============================  =========================
+artifact           torch module                 onnxruntime (this module)        served, any runtime
+=================  ===========================  ===============================  =========================
+one subnet         ``extract_subnet(net, a)``   :class:`OnnxModel`               ``ServedSubnet``
+gated (DS-Net)     ``dynamic.DynamicNet``       :class:`GatedOnnxRunner`         ``ServedGated``
+budget table       ``budget.BudgetNet``         :class:`BudgetOnnxRunner`        ``ServedBudget``
+=================  ===========================  ===============================  =========================
+
+``dynaslice.serve.load`` opens an exported package with the runners here (:func:`open_package`;
+nothing else reads a package to run it) and only adds the served call convention (torch tensors
+or numpy, NaN refused); the ``Served*`` classes built from torch modules are the in-process forms
+(eager, frozen, compiled, a module exported on the fly). The rules every form shares live here,
+once: which budget entry a budget picks (:func:`pick_entry`) and how a batch is split by route
+and put back in order (:func:`run_grouped`); the torch forms import them.
+
+Why this module sits at the bottom of the package and not inside ``dynaslice.serve``: it imports
+nothing from torch or from the rest of dynaslice (only the standard library, ``numpy`` and, when a
+model is loaded, ``onnxruntime``), so a deployment target that has no torch can copy it alone and
+import it as a plain module (tests/test_onnx.py does); and the torch forms below ``serve``
+(``budget``, ``gate``) import its shared rules, which they could not from a module whose package
+``__init__`` imports them. (``import dynaslice.onnx_package`` runs the package's ``__init__``,
+which does import torch.)
 
 - :class:`OnnxModel` runs one static subnet written by ``dynaslice.onnx_export.export_onnx``.
 - :class:`GatedOnnxRunner` runs a gated (DS-Net) model package written by
   ``dynaslice.onnx_export.export_gated``: the trunk and gate once on the whole batch, then the
-  samples grouped by the argmax route, each group through its route's dense subnet, outputs put
-  back in input order -- the same computation as ``dynaslice.dynamic.DynamicNet``.
+  samples grouped by the argmax route (:func:`run_grouped`), each group through its route's
+  dense subnet, outputs put back in input order -- the same computation as ``DynamicNet``.
 - :class:`BudgetOnnxRunner` runs a PSS budget-table package written by
   ``dynaslice.onnx_export.export_budget``: ``runner(x, max_macs=...)`` runs the most accurate
   entry within the budget, as ``dynaslice.budget.BudgetNet`` does (:func:`pick_entry`).
@@ -385,7 +406,7 @@ def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, A
         newer = version > FORMAT_VERSION
         raise ValueError(
             f"{path} has format_version {version}, this runtime reads {FORMAT_VERSION}; "
-            + ("upgrade dynaslice (or copy a newer runtime.py)" if newer else "re-export the package")
+            + ("upgrade dynaslice (or copy a newer onnx_package.py)" if newer else "re-export the package")
         )
     _check_manifest_input(manifest, path)
     if _get(manifest, "num_classes", int, "", path) < 1:
@@ -521,9 +542,12 @@ class GatedOnnxRunner:
     ``runner(x) -> logits``; ``runner.route(x) -> route index per sample``;
     ``runner.forward_with_routes(x) -> (logits, routes)``. Inputs are numpy arrays ``[B, C, H, W]``,
     already normalised as ``runner.manifest["input"]`` says (``mean``/``std``, when recorded).
+    ``providers`` and ``threads`` go to :func:`open_session` for every graph.
     """
 
-    def __init__(self, directory: str | Path, providers: Sequence[str] | None = None):
+    def __init__(
+        self, directory: str | Path, providers: Sequence[str] | None = None, threads: int | None = None
+    ):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory, FORMAT)
         m = self.manifest
@@ -533,7 +557,7 @@ class GatedOnnxRunner:
         self.routes: list[dict[str, int]] = [r["arch"] for r in m["routes"]]
         self.route_macs = np.array([r["macs"] for r in m["routes"]], dtype=np.float64)
         sessions = package_sessions(
-            self.directory, m, lambda path, data: open_session(path, providers, data=data)
+            self.directory, m, lambda path, data: open_session(path, providers, threads=threads, data=data)
         )
         self.trunk = sessions[m["trunk"]["file"]]
         self.sessions = [sessions[r["file"]] for r in m["routes"]]  # routes naming one file share its session
@@ -594,14 +618,17 @@ class BudgetOnnxRunner:
 
     Every file's session is created once, at load: switching budget costs a dictionary lookup.
     Inputs are numpy arrays ``[B, C, H, W]``, normalised as ``runner.manifest["input"]`` says.
+    ``providers`` and ``threads`` go to :func:`open_session` for every graph.
     """
 
-    def __init__(self, directory: str | Path, providers: Sequence[str] | None = None):
+    def __init__(
+        self, directory: str | Path, providers: Sequence[str] | None = None, threads: int | None = None
+    ):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory, BUDGET_FORMAT)
         self.entries: list[dict[str, Any]] = self.manifest["entries"]
         sessions = package_sessions(
-            self.directory, self.manifest, lambda path, data: open_session(path, providers, data=data)
+            self.directory, self.manifest, lambda path, data: open_session(path, providers, threads=threads, data=data)
         )
         models = {name: OnnxModel(self.directory / name, session=s) for name, s in sessions.items()}
         self.models = [models[e["file"]] for e in self.entries]  # entries naming one file share its session
@@ -614,3 +641,13 @@ class BudgetOnnxRunner:
         self, x: np.ndarray, max_macs: float | None = None, max_latency_ms: float | None = None
     ) -> np.ndarray:
         return self.models[pick_entry(self.entries, max_macs, max_latency_ms)](x)
+
+
+def open_package(
+    directory: str | Path, providers: Sequence[str] | None = None, threads: int | None = None
+) -> GatedOnnxRunner | BudgetOnnxRunner:
+    """The runner of the package in ``directory``, chosen by its manifest's format: the one way a
+    package is opened to run (``dynaslice.serve.load`` calls it). ``providers`` and ``threads``
+    go to :func:`open_session` for every graph (default: the CPU, onnxruntime's thread count)."""
+    runner = GatedOnnxRunner if read_manifest(directory)["format"] == FORMAT else BudgetOnnxRunner
+    return runner(directory, providers, threads)
