@@ -207,6 +207,18 @@ def test_dml_with_one_student_is_plain_training(tmp_path):
     assert trainer.checkpoint_modules()["model"] is trainer.students[0]
 
 
+def test_a_frozen_teacher_adds_offline_kd(tmp_path):
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 10))
+    trainer = OnlineDistillTrainer(tiny("train.target=dml", "train.ffsd.students=1"), tmp_path, teacher=teacher)
+    x, y = batch(trainer)
+    parts = trainer.losses(x, y)
+    with torch.no_grad():
+        logits = run_stages(trainer.students[0], x)[1]
+        expected = F.cross_entropy(logits, y) + distill_kl(logits, teacher(x), 2.0)
+    assert parts.students[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
 @pytest.mark.parametrize(
     "sets, needle",
     [

@@ -244,25 +244,6 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"train.target={t.target} trains on in-memory datasets (fashion_mnist, cifar10/100, synthetic)")
 
 
-def _run(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv | None = None,
-         allow_changes: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:  # fmt: skip
-    return train_online(cfg, run_dir, resume, env, allow_changes)
-
-
-@register_target("ffsd", check=_check)
-class FFSDTarget(Target):
-    """``train.target: ffsd``: the whole run is :func:`train_online` (FFSD's networks, not the supernet)."""
-
-    run = staticmethod(_run)
-
-
-@register_target("dml", check=_check)
-class DMLTarget(Target):
-    """``train.target: dml``: the whole run is :func:`train_online` (DML's students, not the supernet)."""
-
-    run = staticmethod(_run)
-
-
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -277,7 +258,8 @@ class StepLosses:
 
 
 class OnlineDistillTrainer(Trainer):
-    """FFSD (``fusion=True``) or DML on the engine: every network of the method, one step each batch.
+    """FFSD (``train.target: ffsd``) or DML (``dml``) on the engine: every network of the method,
+    one optimizer step per batch.
 
     ``teacher``: a trained plain network, frozen, whose logits every student also matches
     (``T^2 * KL``; offline KD when there is one student and no fusion). Checkpoints hold the kept
@@ -550,3 +532,20 @@ def train_online(
         print(f"{cfg.train.target}: kept network {Path(run_dir) / runs.PRUNED_MODEL}, {Path(run_dir) / runs.PRUNED_ONNX}; "
               f"results {Path(run_dir) / runs.FINAL_EVAL}", flush=True)  # fmt: skip
     return result
+
+
+# --------------------------------------------------------------------------- the targets
+
+
+@register_target("ffsd", check=_check)
+class FFSDTarget(Target):
+    """``train.target: ffsd``: the whole run is :func:`train_online` (FFSD's networks, not the supernet)."""
+
+    run = staticmethod(train_online)
+
+
+@register_target("dml", check=_check)
+class DMLTarget(Target):
+    """``train.target: dml``: the whole run is :func:`train_online` (DML's students, not the supernet)."""
+
+    run = staticmethod(train_online)
