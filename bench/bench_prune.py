@@ -2,7 +2,8 @@
 
 Every network trains on the project's engine with the recipe of ``configs/prune.yaml`` (SGD
 Nesterov lr 0.1, cosine, 0.1 epoch warm-up; label smoothing 0.1) for E = ``--epochs`` epochs in
-all; prune-then-fine-tune pipelines spend F = ``--ft-epochs`` of them fine-tuning at lr 0.01. Per
+all; prune-then-fine-tune pipelines spend F = ``--ft-epochs`` of them fine-tuning at ``--ft-lr`` 0.01
+(the preset's own fine-tuning, longer and at a higher lr, is bench/prune_preset.py's). Per
 seed (``train.seed``: the initialisation, the validation split, the batches):
 
   base  the full network trained E - F epochs; every prune-then-fine-tune method starts from it
@@ -100,7 +101,8 @@ class Bench:
         self.root = Path(args.runs) / f"seed{seed}"
         overrides = [
             f"train.seed={seed}", f"train.threads={args.threads}", f"train.epochs={args.epochs}",
-            f"prune.finetune_epochs={args.ft_epochs}", *(QUICK if args.quick else []), *args.set,
+            f"prune.finetune_epochs={args.ft_epochs}", f"prune.finetune_lr={args.ft_lr}",
+            *(QUICK if args.quick else []), *args.set,
         ]  # fmt: skip
         self.cfg = load_config("prune", overrides)
         self.model, self.size, self.classes = full_network(self.cfg)
@@ -294,6 +296,8 @@ def main() -> None:
     ap.add_argument("--summary", action="store_true", help="summarise OUT_DIR/prune_seed*.json -> OUT_DIR/prune.json")
     ap.add_argument("--epochs", type=int, default=1, help="training budget of every pipeline (E)")
     ap.add_argument("--ft-epochs", type=float, default=0.25, help="fine-tuning epochs after pruning (F)")
+    # the recorded comparison's fine-tuning lr; configs/prune.yaml's preset moved on (issue 33)
+    ap.add_argument("--ft-lr", type=float, default=0.01, help="fine-tuning learning rate (bench/out/prune.json: 0.01)")
     ap.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d"])
     ap.add_argument("--target", type=float, default=0.5, help="MACs target of (a), (b), (d) as a fraction")
     ap.add_argument("--sparsity", type=float, default=0.5, help="weight sparsity of (c)")

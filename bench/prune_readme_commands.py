@@ -73,8 +73,10 @@ def run_one(command: str, threads: int, cwd: Path) -> dict:
 
 def table(data: dict) -> str:
     """The Markdown table of docs/PRUNING.md from this script's JSON."""
+    threads = data.get("threads", 2)  # files written before the key was recorded ran with 2
     lines = [
-        "| command (with `--set train.threads=2`) | val top-1 (%) | MMACs (nominal) of full | params (non-zero) | time (s) |",
+        f"| command (with `--set train.threads={threads}`) | val top-1 (%) | MMACs (nominal) of full | "
+        "params (non-zero) | time (s) |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, row in data["rows"].items():
@@ -117,7 +119,7 @@ def main() -> None:
         rows[name] = {**run_one(COMMANDS[name], args.threads, cwd), "date": datetime.date.today().isoformat()}
         said = [line for line in rows[name]["printed"] if "val top-1" in line] or rows[name]["stderr_tail"]
         print(f"  {' | '.join(said)} ({rows[name]['seconds']:.0f} s)", flush=True)
-        write_results(out, {"cpu": cpu_model(), "rows": rows})
+        write_results(out, {"cpu": cpu_model(), "threads": args.threads, "rows": rows})
 
 
 if __name__ == "__main__":
