@@ -13,7 +13,7 @@ from test_reliability import cli, one_line_error, write_config
 
 from dynaslice import runs, serve
 from dynaslice.profile import count_module_params
-from dynaslice.train import load_config
+from dynaslice.train import SupernetTrainer, load_config
 from dynaslice.train.ffsd import (
     Decoder,
     OnlineDistillTrainer,
@@ -217,6 +217,11 @@ def test_a_frozen_teacher_adds_offline_kd(tmp_path):
         expected = F.cross_entropy(logits, y) + distill_kl(logits, teacher(x), 2.0)
     assert parts.students[0].item() == pytest.approx(expected.item(), rel=1e-6)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_a_supernet_trainer_refuses_the_whole_run_targets(tmp_path):
+    with pytest.raises(ValueError, match="networks of its own"):
+        SupernetTrainer(tiny(), tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -537,15 +537,25 @@ def train_online(
 # --------------------------------------------------------------------------- the targets
 
 
-@register_target("ffsd", check=_check)
-class FFSDTarget(Target):
-    """``train.target: ffsd``: the whole run is :func:`train_online` (FFSD's networks, not the supernet)."""
+class _WholeRun(Target):
+    """A target whose ``run`` trains networks of its own: it gives no per-subnet targets, so a
+    supernet trainer built with it (instead of :func:`dynaslice.train.train`) would silently
+    train on the labels alone; it is refused."""
 
     run = staticmethod(train_online)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        raise ValueError(
+            f"train.target={self.name} trains networks of its own: use dynaslice.train.train or train_online, "
+            "not a supernet trainer"
+        )
+
+
+@register_target("ffsd", check=_check)
+class FFSDTarget(_WholeRun):
+    """``train.target: ffsd``: the whole run is :func:`train_online` (FFSD's networks, not the supernet)."""
 
 
 @register_target("dml", check=_check)
-class DMLTarget(Target):
+class DMLTarget(_WholeRun):
     """``train.target: dml``: the whole run is :func:`train_online` (DML's students, not the supernet)."""
-
-    run = staticmethod(train_online)
