@@ -15,9 +15,10 @@ BN + residual + hardtanh) against a one-conv int8 ONNX graph (Conv + BN + residu
 QDQ-quantized, so it too quantizes its float input and dequantizes its output). Both take the
 float stream and give it back: the binary layer packs its signs inside the call.
 
-Timing: every candidate of a comparison is called in turn within each round
-(:func:`dynaslice.profile.measure_latency`), ratios are medians of per-round paired ratios
-(:func:`dynaslice.profile.paired_ratio`). One thread everywhere: onnxruntime sessions with one
+Timing: every candidate of a comparison is called in turn within each round, ratios are medians
+of per-round paired ratios (:func:`dynaslice.profile.paired_ratio`), of wall-clock and (``cpu_``)
+of the process's CPU time: on a shared core a long call (batch 64) is descheduled for other
+processes' turns, which the wall-clock counts and the CPU time does not. One thread everywhere: onnxruntime sessions with one
 intra-op thread, torch and the BLAS under numpy (the runner's stem and classifier matmuls) set to
 one thread before numpy loads. Run it pinned to one core:
 
@@ -37,6 +38,7 @@ import argparse  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -51,7 +53,7 @@ from dynaslice.binary.models import binary_resnet_small  # noqa: E402
 from dynaslice.binary.packed import BinaryRunner, export_binary  # noqa: E402
 from dynaslice.onnx_export import export_module  # noqa: E402
 from dynaslice.onnx_package import open_session  # noqa: E402
-from dynaslice.profile import measure_latency, paired_ratio  # noqa: E402
+from dynaslice.profile import paired_ratio  # noqa: E402
 from dynaslice.quant import quantize_artifact  # noqa: E402
 
 SHAPE = (1, 28, 28)
@@ -74,9 +76,35 @@ def session_fn(session: Any, x: np.ndarray):
     return lambda: session.run(None, {name: x})
 
 
-def timed(fns: dict[str, Any], repeats: int) -> dict[str, Any]:
-    times = measure_latency(fns, repeats=repeats, warmup=3)
-    return {"median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}, "times_s": times}
+def timed(fns: dict[str, Any], repeats: int, warmup: int = 3) -> dict[str, Any]:
+    """Wall-clock and CPU seconds of each call, the candidates interleaved round by round (as
+    :func:`dynaslice.profile.measure_latency`, which records wall-clock only). The process's CPU time
+    (every thread of it, so a runtime's own threads would count too) is what a call costs the
+    core; on a shared core the wall-clock also holds the time other processes ran."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return {
+        "median_ms": {k: statistics.median(v) * 1e3 for k, v in wall.items()},
+        "cpu_median_ms": {k: statistics.median(v) * 1e3 for k, v in cpu.items()},
+        "times_s": wall,
+        "cpu_times_s": cpu,
+    }
+
+
+def ratios(r: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
+    """Median paired ratios ``num_over_den`` of wall-clock and (``cpu_``) of CPU time, into ``r``."""
+    for num, den in pairs:
+        r[f"{num}_over_{den}"] = paired_ratio(r["times_s"], num, den)
+        r[f"cpu_{num}_over_{den}"] = paired_ratio(r["cpu_times_s"], num, den)
 
 
 def whole_network(work: Path, batches: list[int], repeats: int, path: str) -> tuple[list[dict], dict]:
@@ -101,12 +129,11 @@ def whole_network(work: Path, batches: list[int], repeats: int, path: str) -> tu
         x = np.random.default_rng(2).standard_normal((batch, *SHAPE)).astype(np.float32)
         fns = {"binary": lambda x=x: runner(x), **{k: session_fn(s, x) for k, s in sessions.items()}}
         r = timed(fns, repeats if batch == 1 else max(5, repeats // 4))
-        r["int8_over_binary"] = paired_ratio(r["times_s"], "int8", "binary")
-        r["float32_over_binary"] = paired_ratio(r["times_s"], "float32", "binary")
-        r["int8_over_float32"] = paired_ratio(r["times_s"], "int8", "float32")
+        ratios(r, [("int8", "binary"), ("float32", "binary"), ("int8", "float32")])
         rows.append({"batch": batch, **r})
-        print(f"network batch {batch}: {fmt(r['median_ms'])}  int8/binary {r['int8_over_binary']:.2f}  "
-              f"float32/binary {r['float32_over_binary']:.2f}")  # fmt: skip
+        print(f"network batch {batch}: {fmt(r['median_ms'])}  int8/binary {r['int8_over_binary']:.2f} "
+              f"(cpu {r['cpu_int8_over_binary']:.2f})  float32/binary {r['float32_over_binary']:.2f} "
+              f"(cpu {r['cpu_float32_over_binary']:.2f})")  # fmt: skip
     return rows, sizes
 
 
@@ -149,10 +176,10 @@ def per_layer(work: Path, batches: list[int], repeats: int, path: str) -> list[d
                 "int8": session_fn(q, x),
             }
             r = timed(fns, repeats if batch == 1 else max(5, repeats // 4))
-            r["int8_over_binary"] = paired_ratio(r["times_s"], "int8", "binary")
+            ratios(r, [("int8", "binary")])
             rows.append({"cin": cin, "cout": cout, "stride": stride, "side": side, "batch": batch, **r})
             print(f"conv {cin}->{cout} s{stride} {side}x{side} batch {batch}: {fmt(r['median_ms'])}  "
-                  f"int8/binary {r['int8_over_binary']:.2f}")  # fmt: skip
+                  f"int8/binary {r['int8_over_binary']:.2f} (cpu {r['cpu_int8_over_binary']:.2f})")  # fmt: skip
     return rows
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dynaslice.binary import kernel
-from dynaslice.binary.layers import PlainBinaryConv2d, binarize, center_per_sample
+from dynaslice.binary.layers import PlainBinaryConv2d, ReCUConv2d, SiManConv2d, binarize, center_per_sample
 
 torch.set_num_threads(1)
 PATHS = kernel.supported_paths()
@@ -165,7 +165,7 @@ def trained_like(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("conv, act", [(PlainBinaryConv2d, "hardtanh"), (PlainBinaryConv2d, "prelu"),
-                                       (CenteredPlain, "prelu")])  # fmt: skip
+                                       (CenteredPlain, "prelu"), (ReCUConv2d, "hardtanh"), (SiManConv2d, "prelu")])  # fmt: skip
 def test_whole_network_logits_equal_torch(tmp_path, path, conv, act):
     from dynaslice.binary.models import binary_resnet_small
     from dynaslice.binary.packed import BinaryRunner, export_binary
@@ -178,6 +178,94 @@ def test_whole_network_logits_equal_torch(tmp_path, path, conv, act):
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(runner(x.numpy()), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(runner.run_by_layer(x.numpy()), expected, rtol=1e-4, atol=1e-4)
     sizes = manifest["sizes"]
     assert sizes["binary_bytes"] == (tmp_path / "pkg" / "weights.safetensors").stat().st_size
     assert sizes["float32_bytes"] > sizes["int8_bytes"] > sizes["binary_bytes"]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    from dynaslice.binary.models import binary_resnet_small
+    from dynaslice.binary.packed import export_binary
+
+    torch.manual_seed(8)
+    model = trained_like(binary_resnet_small(PlainBinaryConv2d, width_mult=0.25))
+    directory = tmp_path_factory.mktemp("binary") / "pkg"
+    export_binary(model, directory)
+    return model, directory
+
+
+def test_serve_load_runs_a_binary_package(package):
+    import dynaslice.serve as serve
+
+    model, directory = package
+    served = serve.load(directory)
+    assert served.runtime == "binary"
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(served(x), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(served(x.numpy()), expected.numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="1-bit kernel"):
+        serve.load(directory, runtime="onnxruntime")
+
+
+def test_damaged_packages_are_one_error(package, tmp_path):
+    import json
+    import shutil
+
+    from dynaslice.binary.packed import BinaryRunner, export_binary
+
+    model, directory = package
+    bad = tmp_path / "bad"
+    shutil.copytree(directory, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["layers"][3]["cin"] = 7
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="damaged: layer 3 takes 7 channels"):
+        BinaryRunner(bad)
+    manifest["layers"][3]["cin"] = 4
+    del manifest["layers"][3]["bits"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="damaged"):
+        BinaryRunner(bad)
+    (bad / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        BinaryRunner(bad)
+    shutil.copytree(directory, tmp_path / "short")
+    (tmp_path / "short" / "weights.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        BinaryRunner(tmp_path / "short")
+    # a folder holding anything but a binary package is not replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.csv").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a binary package"):
+        export_binary(model, tmp_path / "other")
+    # the full-precision arm has no 1-bit form
+    from dynaslice.binary.models import binary_resnet_small
+
+    with pytest.raises(ValueError, match="no 1-bit form"):
+        export_binary(binary_resnet_small(None), tmp_path / "fp")
+
+
+def test_export_cli_writes_a_binary_package(package, tmp_path, capsys):
+    from dynaslice.binary.packed import BinaryRunner
+    from dynaslice.binary.train import MODEL_FILE, save_binary_model
+    from dynaslice.cli import main
+
+    model, _ = package
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = {"method": "bnn", "width_mult": 0.25, "in_chans": 1, "num_classes": 10}
+    save_binary_model(model, spec, run / MODEL_FILE)
+    assert main(["export", str(run), "--binary", "--out", str(tmp_path / "pkg")]) == 0
+    assert "smaller than float32" in capsys.readouterr().out
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(BinaryRunner(tmp_path / "pkg")(x), model(torch.from_numpy(x)).numpy(),
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+    assert main(["export", str(run), "--binary", "--out", str(tmp_path / "pkg")]) == 2  # exists, no --force
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--binary", "--out", str(tmp_path / "p2")]) == 2
+    assert "holds no model.pt" in capsys.readouterr().err

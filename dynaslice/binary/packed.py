@@ -36,7 +36,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from ..onnx_package import MANIFEST, package_file, read_package_file
-from . import kernel
+from . import _bitconv, kernel
 
 BINARY_FORMAT = "dynaslice-binary"
 BINARY_FORMAT_VERSION = 1
@@ -220,7 +220,11 @@ class BinaryRunner:
             raise ValueError(f"{where} is damaged: activation {self.act!r} is not one of {_ACTS}")
         self.num_classes = int(m["num_classes"])
         self.manifest = m
-        weights = load_safetensors(read_package_file(self.directory, m["weights"], MAX_WEIGHTS_BYTES))
+        data = read_package_file(self.directory, m["weights"], MAX_WEIGHTS_BYTES)
+        try:
+            weights = load_safetensors(data)
+        except Exception as e:  # safetensors' own error type is no ValueError
+            raise ValueError(f"{self.directory / m['weights']} is not a readable safetensors file ({e}); re-export the package") from None
         specs = m["layers"]
         if not (isinstance(specs, list) and 2 <= len(specs) <= MAX_LAYERS):
             raise ValueError(f"{where} is damaged: 'layers' is not a list of 2 to {MAX_LAYERS} layers")
@@ -272,12 +276,38 @@ class BinaryRunner:
                 raise ValueError(f"{where} is damaged: layer {i} of kind {s['kind']!r} is out of place")
             channels = cout
         self.layers = layers
+        self._plan = tuple(_plan_entry(layer) for layer in layers)
+        self._workspace = np.zeros(0, dtype=np.uint8)
+        self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Logits of float ``x [B, C, H, W]``. The network is convolutional with a global pool, so any
+        ``H, W`` runs; the manifest's ``input.shape`` is the size it was trained on."""
         x = np.asarray(x)
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"the binary package takes [B, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.input_shape[0] or min(x.shape[2:]) < 1:
+            raise ValueError(f"the binary package takes [B, {self.input_shape[0]}, H, W], got {list(x.shape)}")
         h = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)  # NHWC throughout
+        out = np.empty((len(h), self.num_classes), dtype=np.float32)
+        if len(h):
+            _bitconv.run(h, out, self._workspace_for(*h.shape[:3]), *h.shape, kernel.PATHS[self.path],
+                         kernel.ACTIVATIONS[self.act], self._plan)  # fmt: skip
+        return out
+
+    def _workspace_for(self, batch: int, height: int, width: int) -> np.ndarray:
+        """Scratch for a call: two activations and the packed signs of the largest layer. Kept and
+        reused (grown when a larger call comes), like onnxruntime's arena: fresh pages cost a fault
+        each, which at batch 64 took longer than the layers themselves."""
+        if (height, width) not in self._sizes:
+            self._sizes[height, width] = _per_sample_sizes((height, width), self.layers)
+        floats, words = self._sizes[height, width]
+        need = batch * (2 * 4 * floats + 8 * words) + 64  # two float activations, the packed words
+        if self._workspace.nbytes < need:
+            self._workspace = np.zeros(need, dtype=np.uint8)
+        return self._workspace
+
+    def run_by_layer(self, x: np.ndarray) -> np.ndarray:
+        """The same as a call, one kernel call per layer from Python (to time or inspect layers)."""
+        h = np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1), dtype=np.float32)
         for layer in self.layers:
             if layer.kind == "stem":
                 h = kernel.float_conv(h, layer.conv, self.act, layer.slope, self.path)  # type: ignore[arg-type]
@@ -287,3 +317,33 @@ class BinaryRunner:
             else:
                 h = h.mean(axis=(1, 2)) @ layer.a + layer.b
         return h
+
+
+def _plan_entry(layer: _Layer) -> tuple:
+    """One layer as :func:`_bitconv.run` takes it (see csrc/bitconv.c)."""
+    c = layer.conv
+    if layer.kind == "stem":
+        assert isinstance(c, kernel.FloatConv)
+        return (0, c.weight, c.bias, layer.slope, c.cin, c.cout, c.kernel, c.stride, c.padding)
+    if layer.kind == "binary_conv":
+        assert isinstance(c, kernel.PackedConv)
+        return (1, c.bits, c.tap_ones, layer.a, layer.b, layer.slope, c.cin, c.cout, c.kernel, c.stride, c.padding,
+                int(layer.center), kernel.SHORTCUTS[layer.shortcut])  # fmt: skip
+    assert layer.a is not None and layer.b is not None
+    return (2, layer.a, layer.b, layer.a.shape[0], layer.a.shape[1])
+
+
+def _per_sample_sizes(side: tuple[int, int], layers: list[_Layer]) -> tuple[int, int]:
+    """Per sample of ``side = (H, W)``: the floats of the largest activation, the words of the largest packed input."""
+    h, w = side
+    floats = words = 0
+    for layer in layers:
+        c = layer.conv
+        if c is None:
+            continue
+        if isinstance(c, kernel.PackedConv):
+            words = max(words, h * w * kernel.words(c.cin))
+        h = (h + 2 * c.padding - c.kernel) // c.stride + 1
+        w = (w + 2 * c.padding - c.kernel) // c.stride + 1
+        floats = max(floats, h * w * c.cout)
+    return floats, words

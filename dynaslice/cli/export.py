@@ -8,7 +8,9 @@ entry, or a gated checkpoint as an ONNX package.
 - ``--gated``: the whole DS-Net model (trunk + gate + routes) as an ONNX package directory, run
   by :class:`dynaslice.onnx_package.GatedOnnxRunner` (onnxruntime and numpy only);
 - ``--budget-table``: a PSS run's whole budget table as an ONNX package directory (one graph
-  per entry), run by :class:`dynaslice.onnx_package.BudgetOnnxRunner` with budget switching.
+  per entry), run by :class:`dynaslice.onnx_package.BudgetOnnxRunner` with budget switching;
+- ``--binary``: a ``dynaslice binarize`` run's network as a 1-bit package directory (packed sign
+  bits, :mod:`dynaslice.binary.packed`), run by the CPU kernel of :mod:`dynaslice.binary.kernel`.
 
 Every package and ``.onnx`` file also loads with :func:`dynaslice.serve.load`.
 
@@ -76,6 +78,8 @@ def _export(args: argparse.Namespace) -> int:
     ckpt, out = Path(args.ckpt), Path(args.out)
     if not ckpt.exists():
         raise UserError(f"checkpoint {ckpt} not found: pass a run directory, a checkpoint directory or a model file")
+    if args.binary:
+        return _export_binary(ckpt, out, args.force)
     if args.gated or args.budget_table:
         refuse_existing_package(out, "package", args.force)
         return (_export_gated if args.gated else _export_budget)(ckpt, out, args.data_dir)
@@ -101,6 +105,27 @@ def _export(args: argparse.Namespace) -> int:
     macs = count_macs(net, arch)
     load = write_subnet(net, arch, out, fmt)
     print(f"exported {arch.to_json()} ({macs / 1e6:.2f} MMACs, {how}) to {out}; {load}")
+    return 0
+
+
+def _export_binary(ckpt: Path, out: Path, force: bool) -> int:
+    """A trained binary network (``dynaslice binarize``'s RUN or RUN/model.pt) as a 1-bit package."""
+    from ..binary.packed import export_binary, is_binary_package
+    from ..binary.train import MODEL_FILE, load_binary_model
+
+    source = ckpt / MODEL_FILE if ckpt.is_dir() else ckpt
+    if not source.is_file():
+        raise UserError(f"{ckpt} holds no {MODEL_FILE}: pass a 'dynaslice binarize' run directory or its {MODEL_FILE}")
+    if out.exists() and not force:
+        what = "a binary package" if is_binary_package(out) else "in the way"
+        raise UserError(f"{out} exists ({what}): pass --force to replace a package, or choose another name")
+    model, spec = load_binary_model(source)
+    sizes = export_binary(model, out, input_size=(spec["in_chans"], 28, 28))["sizes"]  # binarize trains on 28x28
+    print(
+        f"exported {spec['method']} to {out}: weights {sizes['binary_bytes'] / 1e3:.1f} kB "
+        f"({sizes['float32_over_binary']:.1f}x smaller than float32, {sizes['int8_over_binary']:.1f}x than int8); "
+        "run it with dynaslice.serve.load or dynaslice.binary.packed.BinaryRunner"
+    )
     return 0
 
 
@@ -156,6 +181,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--budget-ms", type=parse_amount, default=None, metavar="X", help="PSS runs with a latency table")
     which.add_argument("--gated", action="store_true", help="a gated checkpoint as an ONNX package (--out DIR)")
     which.add_argument("--budget-table", action="store_true", help="a PSS run's budget table as an ONNX package (--out DIR)")
+    which.add_argument("--binary", action="store_true",
+                       help="a 'dynaslice binarize' run as a 1-bit package on the CPU kernel (--out DIR)")  # fmt: skip
     p.add_argument("--format", choices=("torch", "onnx"), default=None, help="default: onnx if --out ends in .onnx")
     p.add_argument("--out", required=True, metavar="PATH", help="output file (a directory with --gated)")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="packages: the dataset, for the manifest's normalisation")

@@ -14,8 +14,10 @@ Runtimes (:mod:`.runtimes`): ``eager`` (the reference), ``frozen`` (TorchScript,
 fastest correct one measured on this kind of device (docs/RESULTS.md). Outputs equal eager's
 (tested). Nothing is built per call: sessions, scripted graphs and CUDA graphs are made at load.
 Inputs with NaN or infinities are refused on every runtime (:mod:`.served`). A package is read
-by the package rule of :func:`dynaslice.onnx_package.package_file` (its own files only, no links,
-size-capped, at most :data:`dynaslice.onnx_package.MAX_ITEMS` routes or entries, one session per file).
+by the onnxruntime form's runners (:func:`dynaslice.onnx_package.open_package`: the package rule of
+:func:`~dynaslice.onnx_package.package_file`, its own files only, no links, size-capped, at most
+:data:`~dynaslice.onnx_package.MAX_ITEMS` routes or entries, one session per file); the served
+object only adds the call convention above.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from typing import Any
 import torch
 
 from .. import runs
+from ..binary.packed import BinaryRunner, is_binary_package
 from ..budget import BudgetEntry, BudgetNet
 from ..gate import GatedSupernet
 from ..modelfile import load_supernet
-from ..onnx_package import FORMAT, MANIFEST, package_sessions, read_manifest
+from ..onnx_package import MANIFEST, GatedOnnxRunner, open_package, providers_for
 from .runtimes import (
     PREFERRED,
     RUNTIMES,
@@ -38,6 +41,7 @@ from .runtimes import (
     ort_session,
     prepare,
     resolve_runtime,
+    to_numpy,
 )
 from .served import ServedBudget, ServedGated, ServedSubnet, serve_budget, serve_gated, serve_subnet
 
@@ -47,7 +51,8 @@ Served = ServedSubnet | ServedBudget | ServedGated
 def load(
     path: str | Path, runtime: str = "auto", arch: Any = None, device: str | torch.device = "cpu"
 ) -> Served:
-    """An artifact ready to serve: an ``.onnx`` subnet, a gated or budget ONNX package, a PSS run
+    """An artifact ready to serve: an ``.onnx`` subnet, a gated or budget ONNX package, a 1-bit
+    binary package (``dynaslice.binary.packed``, on its own CPU kernel), a PSS run
     (or its ``budget.safetensors``), a gated checkpoint, or a supernet model file with ``arch``
     (an Arch, a dict, or a uniform ratio like ``"x0.5"`` / ``0.5``).
 
@@ -58,6 +63,8 @@ def load(
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pass an .onnx file, an ONNX package, a run directory or a model file")
     device = torch.device(device)
+    if path.is_dir() and is_binary_package(path):
+        return _load_binary(path, runtime, device)
     if path.suffix == ".onnx" or (path / MANIFEST).is_file():
         return _load_onnx(path, runtime, device)
     budget_file = path / runs.BUDGET_WEIGHTS if path.is_dir() else path
@@ -70,6 +77,18 @@ def load(
     if arch is None:
         raise ValueError(f"{path} is a supernet: pass arch= (e.g. 'x0.5', 'largest' or a dict) to serve one subnet")
     return serve_subnet(net, _arch(net, arch), runtime, device)
+
+
+def _load_binary(path: Path, runtime: str, device: torch.device) -> ServedSubnet:
+    """A 1-bit package (:mod:`dynaslice.binary.packed`) on its own kernel: CPU only, runtime ``auto``
+    or ``binary``; ``DYNASLICE_BINARY_KERNEL`` forces a kernel path."""
+    if runtime not in ("auto", "binary"):
+        raise ValueError(f"{path} is a binary package: it runs on the 1-bit kernel (runtime='auto'), not {runtime!r}")
+    if device.type != "cpu":
+        raise ValueError(f"{path} is a binary package: its 1-bit kernel runs on the CPU, not {device}")
+    runner = BinaryRunner(path)
+    piece = lambda x: torch.from_numpy(runner(to_numpy(x)))  # noqa: E731
+    return ServedSubnet(piece, "binary", None, None, device)
 
 
 def _arch(net: Any, arch: Any) -> Any:
@@ -88,15 +107,14 @@ def _load_onnx(path: Path, runtime: str, device: torch.device) -> Served:
     resolve_runtime("onnxruntime", device)  # installed, and a provider for the device
     if path.suffix == ".onnx":
         return ServedSubnet(OrtPiece(ort_session(path, device), device), "onnxruntime", None, None, device)
-    manifest = read_manifest(path)  # checked; its files read by the package rule, one session per file
-    sessions = package_sessions(path, manifest, lambda file, data: ort_session(file, device, data=data))
-    pieces = {name: OrtPiece(session, device) for name, session in sessions.items()}
-    if manifest["format"] == FORMAT:
-        routes = [pieces[r["file"]] for r in manifest["routes"]]
-        macs = [r["macs"] for r in manifest["routes"]]
-        return ServedGated(pieces[manifest["trunk"]["file"]], routes, macs, "onnxruntime", device)
-    entries = [BudgetEntry.from_dict(e) for e in manifest["entries"]]
-    return ServedBudget([pieces[e["file"]] for e in manifest["entries"]], entries, "onnxruntime", device)
+    # the onnxruntime form opens the package (manifest, package rule, one checked session per
+    # file) and runs it; serving adds its call convention only (tensors or numpy, NaN refused)
+    runner = open_package(path, providers_for(device.type), threads=torch.get_num_threads())
+    if isinstance(runner, GatedOnnxRunner):
+        routes = [OrtPiece(session, device) for session in runner.sessions]
+        return ServedGated(OrtPiece(runner.trunk, device), routes, runner.route_macs.tolist(), "onnxruntime", device)
+    entries = [BudgetEntry.from_dict(e) for e in runner.entries]
+    return ServedBudget([OrtPiece(m.session, device) for m in runner.models], entries, "onnxruntime", device)
 
 
 __all__ = [

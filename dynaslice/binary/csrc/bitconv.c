@@ -399,15 +399,18 @@ static inline void put_bits(uint64_t *restrict patch, int K, const uint64_t *res
  * and write the integer counts (ep == NULL) or act(count*a + b + shortcut).
  * Returns 0, or -1 when out of memory. */
 static int conv_run(const ConvShape *s, int path, const float *x, int center, const uint64_t *w,
-                    const int32_t *tap_ones, const Epilogue *ep, void *out) {
+                    const int32_t *tap_ones, const Epilogue *ep, void *out, uint64_t *scratch) {
     const int K = s->K, T = s->kh * s->kw;
-    uint64_t *xp = malloc(sizeof(uint64_t) * ((size_t)s->N * s->H * s->W * s->Cw + 1));
+    /* the packed input: in the caller's scratch when it has one (a workspace reused across calls:
+     * fresh pages cost a fault each, milliseconds per layer at batch 64 in a virtual machine) */
+    uint64_t *xp = scratch ? scratch : malloc(sizeof(uint64_t) * ((size_t)s->N * s->H * s->W * s->Cw + 1));
     uint64_t *patch = malloc(sizeof(uint64_t) * (size_t)s->Wo * K);
     int32_t *pc = malloc(sizeof(int32_t) * (size_t)s->Wo * s->Opad);
     int32_t *full = malloc(sizeof(int32_t) * (size_t)s->Wo);
     float *r = malloc(sizeof(float) * (size_t)s->Wo * s->O);
     if (!xp || !patch || !pc || !full || !r) {
-        free(xp), free(patch), free(pc), free(full), free(r);
+        if (!scratch) free(xp);
+        free(patch), free(pc), free(full), free(r);
         return -1;
     }
     pack_signs(x, s->N, (size_t)s->H * s->W, s->Cin, center, path, xp);
@@ -499,7 +502,8 @@ static int conv_run(const ConvShape *s, int path, const float *x, int center, co
             epilogue_row(pc, s->Opad, full, s->Wo, s->O, ep->a, ep->b, res, ep->act, ep->slope, (float *)out + at);
         }
     }
-    free(xp), free(patch), free(pc), free(full), free(r);
+    if (!scratch) free(xp);
+    free(patch), free(pc), free(full), free(r);
     return 0;
 }
 
@@ -539,20 +543,63 @@ static void float_conv_portable(const ConvShape *s, const float *restrict x, con
 }
 
 #ifdef BITCONV_X86
-/* The same with one 16-float vector per block (O a multiple of 16). */
+__attribute__((target("avx512f"))) static inline __m512 stem_finish(__m512 acc, const float *bias, int act,
+                                                                    const float *slope) {
+    __m512 v = _mm512_add_ps(acc, _mm512_loadu_ps(bias));
+    if (act == ACT_HARDTANH) {
+        v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
+    } else if (act == ACT_PRELU) {
+        const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+        v = _mm512_mask_mul_ps(v, neg, v, _mm512_loadu_ps(slope));
+    }
+    return v;
+}
+
+/* The same with one 16-float vector per block (O a multiple of 16). Interior positions go four at
+ * a time (four independent accumulators: a tap's weights loaded once, no chain of dependent adds
+ * through one register); each position's sum still runs over the taps in the portable order. */
 __attribute__((target("avx512f"))) static void float_conv_avx512(const ConvShape *s, const float *restrict x,
                                                                  const float *restrict w, const float *restrict bias,
                                                                  int act, const float *restrict slope,
                                                                  float *restrict out) {
-    const __m512 lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    const int wi0 = (s->pad + s->stride - 1) / s->stride;
+    int wi1 = s->W - s->kw + s->pad >= 0 ? (s->W - s->kw + s->pad) / s->stride + 1 : 0;
+    if (wi1 > s->Wo) wi1 = s->Wo;
     for (int n = 0; n < s->N; n++)
-        for (int ho = 0; ho < s->Ho; ho++)
-            for (int wo = 0; wo < s->Wo; wo++) {
+        for (int ho = 0; ho < s->Ho; ho++) {
+            const int h0 = ho * s->stride - s->pad;
+            const int rows_in = h0 >= 0 && h0 + s->kh <= s->H;
+            for (int wo = 0; wo < s->Wo;) {
                 float *y = out + (((size_t)n * s->Ho + ho) * s->Wo + wo) * s->O;
+                if (rows_in && wo >= wi0 && wo + 4 <= wi1) {
+                    const float *corner = x + (((size_t)n * s->H + h0) * s->W + wo * s->stride - s->pad) * s->Cin;
+                    const size_t step = (size_t)s->stride * s->Cin;
+                    for (int ob = 0; ob < s->O; ob += 16) {
+                        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                        for (int i = 0; i < s->kh; i++)
+                            for (int j = 0; j < s->kw; j++) {
+                                const float *v = corner + ((size_t)i * s->W + j) * s->Cin;
+                                const float *wt = w + (size_t)(i * s->kw + j) * s->Cin * s->Opad + ob;
+                                for (int c = 0; c < s->Cin; c++) {
+                                    const __m512 wv = _mm512_loadu_ps(wt + (size_t)c * s->Opad);
+                                    a0 = _mm512_add_ps(a0, _mm512_mul_ps(_mm512_set1_ps(v[c]), wv));
+                                    a1 = _mm512_add_ps(a1, _mm512_mul_ps(_mm512_set1_ps(v[step + c]), wv));
+                                    a2 = _mm512_add_ps(a2, _mm512_mul_ps(_mm512_set1_ps(v[2 * step + c]), wv));
+                                    a3 = _mm512_add_ps(a3, _mm512_mul_ps(_mm512_set1_ps(v[3 * step + c]), wv));
+                                }
+                            }
+                        _mm512_storeu_ps(y + ob, stem_finish(a0, bias + ob, act, slope ? slope + ob : NULL));
+                        _mm512_storeu_ps(y + s->O + ob, stem_finish(a1, bias + ob, act, slope ? slope + ob : NULL));
+                        _mm512_storeu_ps(y + 2 * s->O + ob, stem_finish(a2, bias + ob, act, slope ? slope + ob : NULL));
+                        _mm512_storeu_ps(y + 3 * s->O + ob, stem_finish(a3, bias + ob, act, slope ? slope + ob : NULL));
+                    }
+                    wo += 4;
+                    continue;
+                }
                 for (int ob = 0; ob < s->O; ob += 16) {
                     __m512 acc = _mm512_setzero_ps();
                     for (int i = 0; i < s->kh; i++) {
-                        const int h = ho * s->stride - s->pad + i;
+                        const int h = h0 + i;
                         if (h < 0 || h >= s->H) continue;
                         for (int j = 0; j < s->kw; j++) {
                             const int ww = wo * s->stride - s->pad + j;
@@ -564,16 +611,11 @@ __attribute__((target("avx512f"))) static void float_conv_avx512(const ConvShape
                                                                        _mm512_loadu_ps(wt + (size_t)c * s->Opad)));
                         }
                     }
-                    __m512 v = _mm512_add_ps(acc, _mm512_loadu_ps(bias + ob));
-                    if (act == ACT_HARDTANH) {
-                        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-                    } else if (act == ACT_PRELU) {
-                        const __mmask16 neg = _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
-                        v = _mm512_mask_mul_ps(v, neg, v, _mm512_loadu_ps(slope + ob));
-                    }
-                    _mm512_storeu_ps(y + ob, v);
+                    _mm512_storeu_ps(y + ob, stem_finish(acc, bias + ob, act, slope ? slope + ob : NULL));
                 }
+                wo++;
             }
+        }
 }
 #endif
 
@@ -681,7 +723,7 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = conv_run(&s, path, x->buf, center, w->buf, ones->buf, fused ? &ep : NULL, out->buf);
+    rc = conv_run(&s, path, x->buf, center, w->buf, ones->buf, fused ? &ep : NULL, out->buf, NULL);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         PyErr_NoMemory();
@@ -748,6 +790,164 @@ done:
     return result;
 }
 
+/* run(x, out, workspace, N, H, W, C, path, act, layers): a whole network in one call, float32 NHWC x in,
+ * logits [N][classes] out, so a batch-1 inference crosses from Python to C once, not once per
+ * layer. layers is a tuple of
+ *   (0, w, bias, slope|None, Cin, O, k, stride, pad)                       the float stem
+ *   (1, bits, tap_ones, a, b, slope|None, Cin, O, k, stride, pad, center, shortcut)   a binary layer
+ *   (2, weight [C][classes], bias, C, classes)                             mean pool + classifier (last)
+ * workspace: bytes for two activations and the packed input of the largest layer (reused across
+ * calls by the caller, so no call touches fresh pages). Every buffer is checked against the
+ * shapes the layers give before anything runs. */
+#define MAX_RUN_LAYERS 256
+#define RUN_BUFS 6
+typedef struct {
+    int kind, center, shortcut;
+    ConvShape s;
+    Py_buffer buf[RUN_BUFS]; /* stem: w bias slope; binary: bits ones a b slope; classifier: w bias */
+} RunLayer;
+
+static int run_buffer(PyObject *obj, Py_buffer *buf, size_t elems, size_t itemsize, const char *name, int optional) {
+    if (obj == Py_None && optional) return 1;
+    if (obj == Py_None) {
+        PyErr_Format(PyExc_ValueError, "bitconv: %s is missing", name);
+        return 0;
+    }
+    return PyObject_GetBuffer(obj, buf, PyBUF_SIMPLE) == 0 && need(buf, elems, itemsize, name);
+}
+
+static PyObject *py_run(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, out = {0}, work = {0};
+    int N, H, W, C, path, act;
+    PyObject *layers;
+    if (!PyArg_ParseTuple(args, "y*w*w*iiiiiiO!", &x, &out, &work, &N, &H, &W, &C, &path, &act, &PyTuple_Type,
+                          &layers))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t L = PyTuple_GET_SIZE(layers);
+    RunLayer *rl = calloc(L > 0 ? (size_t)L : 1, sizeof(RunLayer));
+    float *bufA = NULL, *bufB = NULL;
+    uint64_t *packed = NULL;
+    if (!rl) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (L < 2 || L > MAX_RUN_LAYERS || N < 1 || H < 1 || W < 1 || C < 1 || !check_path(path) || act < ACT_NONE ||
+        act > ACT_PRELU) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bitconv: invalid network or input shape");
+        goto done;
+    }
+    if (!need(&x, (size_t)N * H * W * C, 4, "x")) goto done;
+    int h = H, w = W, c = C, classes = 0;
+    size_t biggest = 0, packed_words = 1;
+    for (Py_ssize_t i = 0; i < L; i++) {
+        PyObject *t = PyTuple_GET_ITEM(layers, i);
+        RunLayer *r = &rl[i];
+        PyObject *o[6] = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None};
+        int k = 0;
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 1) {
+            PyErr_SetString(PyExc_ValueError, "bitconv: a layer is not a tuple");
+            goto done;
+        }
+        r->kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
+        r->s.N = N, r->s.H = h, r->s.W = w;
+        if (r->kind == 0 && i == 0) {
+            if (!PyArg_ParseTuple(t, "iOOOiiiii", &r->kind, &o[0], &o[1], &o[2], &r->s.Cin, &r->s.O, &k, &r->s.stride,
+                                  &r->s.pad))
+                goto done;
+            r->s.kh = r->s.kw = k;
+            if (r->s.Cin != c || !check_shape(&r->s, 0) || !run_buffer(o[0], &r->buf[0], (size_t)k * k * c * r->s.Opad, 4, "stem weight", 0) ||
+                !run_buffer(o[1], &r->buf[1], r->s.O, 4, "stem bias", 0) ||
+                !run_buffer(o[2], &r->buf[2], r->s.O, 4, "stem slope", act != ACT_PRELU))
+                goto fail_shape;
+        } else if (r->kind == 1 && i > 0 && i < L - 1) {
+            if (!PyArg_ParseTuple(t, "iOOOOOiiiiiii", &r->kind, &o[0], &o[1], &o[2], &o[3], &o[4], &r->s.Cin, &r->s.O,
+                                  &k, &r->s.stride, &r->s.pad, &r->center, &r->shortcut))
+                goto done;
+            r->s.kh = r->s.kw = k;
+            if (r->s.Cin != c || !check_shape(&r->s, 1) ||
+                !run_buffer(o[0], &r->buf[0], (size_t)r->s.K * r->s.Opad, 8, "bits", 0) ||
+                !run_buffer(o[1], &r->buf[1], (size_t)k * k * r->s.O, 4, "tap_ones", 0) ||
+                !run_buffer(o[2], &r->buf[2], r->s.O, 4, "a", 0) || !run_buffer(o[3], &r->buf[3], r->s.O, 4, "b", 0) ||
+                !run_buffer(o[4], &r->buf[4], r->s.O, 4, "slope", act != ACT_PRELU))
+                goto fail_shape;
+            const ConvShape *s = &r->s;
+            const int ok = r->shortcut == SHORTCUT_NONE ||
+                           (r->shortcut == SHORTCUT_IDENTITY && s->stride == 1 && s->Cin == s->O && s->Ho == s->H && s->Wo == s->W) ||
+                           (r->shortcut == SHORTCUT_POOL && s->O >= s->Cin && s->Ho == (s->H + s->stride - 1) / s->stride &&
+                            s->Wo == (s->W + s->stride - 1) / s->stride);
+            if (!ok) goto fail_shape;
+            if ((size_t)N * s->H * s->W * s->Cw > packed_words) packed_words = (size_t)N * s->H * s->W * s->Cw;
+        } else if (r->kind == 2 && i == L - 1) {
+            if (!PyArg_ParseTuple(t, "iOOii", &r->kind, &o[0], &o[1], &r->s.Cin, &r->s.O)) goto done;
+            if (r->s.Cin != c || r->s.O < 1 || !run_buffer(o[0], &r->buf[0], (size_t)c * r->s.O, 4, "classifier weight", 0) ||
+                !run_buffer(o[1], &r->buf[1], r->s.O, 4, "classifier bias", 0))
+                goto fail_shape;
+            classes = r->s.O;
+            continue;
+        } else {
+            goto fail_shape;
+        }
+        h = r->s.Ho, w = r->s.Wo, c = r->s.O;
+        if ((size_t)N * h * w * c > biggest) biggest = (size_t)N * h * w * c;
+    }
+    biggest = (biggest + 1) / 2 * 2;  /* keeps the packed words 8-byte aligned after two float buffers */
+    if (!need(&out, (size_t)N * classes, 4, "out") ||
+        !need(&work, 2 * biggest * sizeof(float) + packed_words * sizeof(uint64_t), 1, "workspace"))
+        goto done;
+    bufA = work.buf, bufB = bufA + biggest, packed = (uint64_t *)(bufB + biggest);
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    /* one sample at a time through every layer: its activations (tens of kilobytes) stay in the
+     * core's caches from one layer to the next, where a whole batch's would not */
+    for (int n = 0; n < N && rc == 0; n++) {
+        const float *cur = (const float *)x.buf + (size_t)n * H * W * C;
+        float *next = bufA;
+        for (Py_ssize_t i = 0; i < L && rc == 0; i++) {
+            RunLayer *r = &rl[i];
+            ConvShape one = r->s;
+            one.N = 1;
+            if (r->kind == 0) {
+                float_conv_run(&one, path, cur, r->buf[0].buf, r->buf[1].buf, act, r->buf[2].buf, next);
+            } else if (r->kind == 1) {
+                const Epilogue ep = {r->buf[2].buf, r->buf[3].buf, r->buf[4].buf, act, r->shortcut};
+                rc = conv_run(&one, path, cur, r->center, r->buf[0].buf, r->buf[1].buf, &ep, next, packed);
+            } else {  /* mean over positions, then features @ weight + bias */
+                const int positions = h * w, cin = r->s.Cin, ncls = r->s.O;
+                const float *wt = r->buf[0].buf, *bias = r->buf[1].buf;
+                float *logits = (float *)out.buf + (size_t)n * ncls;
+                float *feat = next;
+                for (int ch = 0; ch < cin; ch++) feat[ch] = 0.0f;
+                for (int p = 0; p < positions; p++)
+                    for (int ch = 0; ch < cin; ch++) feat[ch] += cur[(size_t)p * cin + ch];
+                for (int ch = 0; ch < cin; ch++) feat[ch] /= (float)positions;
+                for (int m = 0; m < ncls; m++) logits[m] = bias[m];
+                for (int ch = 0; ch < cin; ch++)
+                    for (int m = 0; m < ncls; m++) logits[m] += feat[ch] * wt[(size_t)ch * ncls + m];
+                break;
+            }
+            cur = next;
+            next = next == bufA ? bufB : bufA;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+    goto done;
+fail_shape:
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bitconv: a layer does not fit the shape it is given");
+done:
+    if (rl)
+        for (Py_ssize_t i = 0; i < L; i++) release(rl[i].buf, RUN_BUFS);
+    free(rl);
+    PyBuffer_Release(&x), PyBuffer_Release(&out), PyBuffer_Release(&work);
+    return result;
+}
+
 static PyObject *py_supported_paths(PyObject *self, PyObject *noargs) {
     PyObject *list = PyList_New(0);
     if (!list) return NULL;
@@ -767,6 +967,7 @@ static PyObject *py_supported_paths(PyObject *self, PyObject *noargs) {
 static PyMethodDef methods[] = {
     {"conv", py_conv, METH_VARARGS, "The binary conv of float32 NHWC input: counts, or fused affine+shortcut+activation."},
     {"float_conv", py_float_conv, METH_VARARGS, "The full-precision stem: direct conv, bias, activation (NHWC)."},
+    {"run", py_run, METH_VARARGS, "A whole binary network in one call: float32 NHWC in, logits out."},
     {"pack_signs", py_pack_signs, METH_VARARGS, "Pack the signs of float32 NHWC activations along channels."},
     {"supported_paths", py_supported_paths, METH_NOARGS, "The paths this CPU runs, fastest first (2 avx512, 1 avx2, 0 portable)."},
     {NULL, NULL, 0, NULL},
