@@ -182,7 +182,7 @@ class Decoder(nn.Module):
     last, each the shape of that stage's output.
     """
 
-    def __init__(self, shapes: list[tuple[int, int, int]]):
+    def __init__(self, shapes: list[tuple[int, ...]]):
         super().__init__()
         self.sizes = [tuple(s[1:]) for s in shapes[:-1]]
         layers = []
@@ -286,8 +286,8 @@ class OnlineDistillTrainer(Trainer):
         self.teacher = teacher.to(self.device).requires_grad_(False).eval() if teacher is not None else None
         self.lambdas = 1.0
         nets: list[nn.Module] = [self.students]
+        shapes = self._stage_shapes(self.students[0])
         if self.fusion_on:
-            shapes = self._stage_shapes(self.students[0])
             channels, spatial = shapes[-1][0], shapes[-1][1:]
             self.leader = self._network(f.students).to(self.device)
             self.trans_fusion = TransFusion(channels, f.students).to(self.device)
@@ -328,14 +328,24 @@ class OnlineDistillTrainer(Trainer):
         except TypeError as e:
             raise ConfigError(f"model.kwargs does not fit {cfg.model.name}: {e}") from None
 
-    def _stage_shapes(self, net: Supernet) -> list[tuple[int, int, int]]:
-        """Every stage output's ``(C, H, W)`` on one of the data's images; refuses a model whose
-        stages FFSD cannot use (not ``[B, C, H, W]`` maps, or fewer than two stages)."""
+    def _stage_shapes(self, net: Supernet) -> list[tuple[int, ...]]:
+        """Every stage output's shape (without the batch) on one of the data's images, in eval
+        mode (no statistics change), so that a model too small for the images fails now, not
+        mid-training. FFSD also refuses a model whose stages it cannot use (not ``[B, C, H, W]``
+        maps, fewer than two stages, a last stage too small for the diversity ranking)."""
         net.eval()
-        with torch.no_grad():
-            feats, _ = run_stages(net, torch.zeros(1, *self.input_size, device=self.device))
-        net.train()
+        try:
+            with torch.no_grad():
+                feats, _ = run_stages(net, torch.zeros(1, *self.input_size, device=self.device))
+        except (RuntimeError, ValueError) as e:
+            size = "x".join(map(str, self.input_size))
+            raise ConfigError(f"{self.cfg.model.name} cannot run on {size} images ({str(e).splitlines()[0]}); "
+                              "use a larger data.image_size or another model.name") from None  # fmt: skip
+        finally:
+            net.train()
         shapes = [tuple(f.shape[1:]) for f in feats]
+        if not self.fusion_on:
+            return shapes
         if len(shapes) < 2 or any(len(s) != 3 for s in shapes):
             raise ConfigError(
                 f"train.target=ffsd needs a model whose stages give [B, C, H, W] feature maps, at least two of "
@@ -348,7 +358,7 @@ class OnlineDistillTrainer(Trainer):
                 f"train.target=ffsd: {self.cfg.model.name}'s last stage gives {h}x{w} maps on these images, and the "
                 "diversity term ranks at least 3 positions; use larger images (data.image_size) or one student"
             )
-        return shapes  # type: ignore[return-value]
+        return shapes
 
     # ------------------------------------------------------------------ one step
 
