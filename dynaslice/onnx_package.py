@@ -536,6 +536,30 @@ def run_grouped(h: Any, routes: Any, run: Callable[[Any, int], Any], n_routes: i
     return out
 
 
+def _run(session: Any, x: np.ndarray) -> list[np.ndarray]:
+    """The outputs of a one-input session on ``x``."""
+    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x)})
+
+
+def run_gated(
+    trunk: Any, routes: Sequence[Any], x: np.ndarray, chosen: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A gated model's forward on onnxruntime sessions, numpy throughout: ``(class logits, route
+    per sample)``. The trunk (with the gate) runs once on the batch, each sample takes the gate's
+    argmax route (or ``chosen[i]``; the gate still runs), and :func:`run_grouped` sends each
+    group through its route's session. The one onnxruntime gated forward: :class:`GatedOnnxRunner`
+    and the served models whose pieces are CPU sessions (``dynaslice.serve``) call it."""
+    features, logits = _run(trunk, x)
+    n = features.shape[0]
+    chosen = logits.argmax(1) if chosen is None else np.asarray(chosen)  # argmax: the first of equal maxima
+    if chosen.shape != (n,) or chosen.dtype.kind not in "iu":
+        raise ValueError(
+            f"routes must be an integer array of shape [{n}], got {chosen.dtype} {list(chosen.shape)}"
+        )
+    out = run_grouped(features, chosen, lambda h, r: _run(routes[r], h)[0], len(routes))
+    return out, chosen
+
+
 class GatedOnnxRunner:
     """A gated (DS-Net) model package run with onnxruntime, route-bucketed like ``DynamicNet``.
 
@@ -562,14 +586,10 @@ class GatedOnnxRunner:
         self.trunk = sessions[m["trunk"]["file"]]
         self.sessions = [sessions[r["file"]] for r in m["routes"]]  # routes naming one file share its session
 
-    def _trunk(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = _check_input(x, self.input_shape, self.dtype, "GatedOnnxRunner")
-        features, logits = self.trunk.run(None, {self.trunk.get_inputs()[0].name: x})
-        return features, logits
-
     def route(self, x: np.ndarray) -> np.ndarray:
         """The route index of each sample (``int64 [B]``): argmax of the gate's logits."""
-        return self._trunk(x)[1].argmax(1)
+        x = _check_input(x, self.input_shape, self.dtype, "GatedOnnxRunner")
+        return _run(self.trunk, x)[1].argmax(1)
 
     def forward_with_routes(
         self, x: np.ndarray, routes: np.ndarray | None = None
@@ -578,20 +598,8 @@ class GatedOnnxRunner:
 
         ``routes`` overrides the gate's choice (the trunk and gate still run), as in ``DynamicNet``.
         """
-        features, logits = self._trunk(x)
-        n = features.shape[0]
-        if routes is None:
-            routes = logits.argmax(1)
-        routes = np.asarray(routes)
-        if routes.shape != (n,) or routes.dtype.kind not in "iu":
-            raise ValueError(
-                f"routes must be an integer array of shape [{n}], got {routes.dtype} {list(routes.shape)}"
-            )
-        return run_grouped(features, routes, self._run_route, len(self.sessions)), routes
-
-    def _run_route(self, features: np.ndarray, r: int) -> np.ndarray:
-        session = self.sessions[r]
-        return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(features)})[0]
+        x = _check_input(x, self.input_shape, self.dtype, "GatedOnnxRunner")
+        return run_gated(self.trunk, self.sessions, x, routes)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward_with_routes(x)[0]

@@ -32,7 +32,7 @@ from ..gate import GatedSupernet
 from ..gate.gated import check_route_index
 from ..models.base import Supernet
 from ..onnx_export import extract_route, extract_trunk
-from ..onnx_package import pick_entry, run_grouped
+from ..onnx_package import pick_entry, run_gated, run_grouped
 from ..profile import count_macs
 from .runtimes import OrtPiece, Piece, example_input, prepare, resolve_runtime, to_numpy
 
@@ -119,11 +119,11 @@ class ServedGated:
     """A gated (DS-Net) model on a runtime: the trunk piece returns ``(features, route logits)``;
     one piece per route maps features to class logits.
 
-    At batch 1 on onnxruntime (CPU) a call is the two sessions with numpy in between: the trunk's
-    outputs go to the route's session as they come and the route is a numpy ``argmax``. Next to
-    a model that runs in half a millisecond, the general path's torch round trips and grouping
-    ops (``unique``, index tensors) cost about 15 % of a batch-1 call (issue 16); the two
-    sessions themselves take what the route's whole subnet in one session takes.
+    When every piece is an onnxruntime session on the CPU (an exported package from
+    :func:`dynaslice.serve.load`, or the ``onnxruntime`` runtime) a call is the onnxruntime form's
+    own forward, :func:`dynaslice.onnx_package.run_gated`, numpy between the sessions: next to a
+    model that runs in half a millisecond, torch round trips and grouping ops cost about 15 % of a
+    batch-1 call (issue 16). Other runtimes group with the same :func:`~dynaslice.onnx_package.run_grouped`.
     """
 
     def __init__(
@@ -150,31 +150,17 @@ class ServedGated:
         x, numpy = take_input(x, self.device)
         if isinstance(routes, np.ndarray):
             routes = torch.from_numpy(routes)
-        if self._numpy and x.shape[0] == 1:
-            out, routes = self._one_on_onnxruntime(x, routes)
-        else:
-            features, logits = self.trunk(x)
-            routes = logits.argmax(1) if routes is None else routes.to(logits.device)
+        if routes is not None:
             check_route_index(routes, x.shape[0])
-            out = run_grouped(features, routes.cpu(), lambda h, r: self.routes[r](h), len(self.routes))
+        if self._numpy:  # the onnxruntime form's own forward, no torch op between the sessions
+            sessions = [p.session for p in self.routes]  # type: ignore[attr-defined]
+            chosen = None if routes is None else routes.cpu().numpy()
+            out, chosen = run_gated(self.trunk.session, sessions, to_numpy(x), chosen)  # type: ignore[attr-defined]
+            return _give(torch.from_numpy(out), numpy), _give(torch.from_numpy(chosen), numpy)
+        features, logits = self.trunk(x)
+        routes = logits.argmax(1) if routes is None else routes.to(logits.device)
+        out = run_grouped(features, routes.cpu(), lambda h, r: self.routes[r](h), len(self.routes))
         return _give(out, numpy), _give(routes, numpy)
-
-    def _one_on_onnxruntime(
-        self, x: torch.Tensor, routes: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch 1 with every piece an onnxruntime session on the CPU: no torch op between them."""
-        trunk: OrtPiece = self.trunk  # type: ignore[assignment]
-        features, logits = trunk.session.run(None, {trunk.input: to_numpy(x)})
-        if routes is None:
-            chosen = logits.argmax(1)  # the first of equal maxima, as torch's argmax
-            route, routes = int(chosen[0]), torch.from_numpy(chosen)
-        else:
-            check_route_index(routes, 1)
-            route, routes = int(routes), routes.cpu()
-            if not 0 <= route < len(self.routes):
-                raise ValueError(f"route indices {[route]} outside 0..{len(self.routes) - 1}")
-        piece: OrtPiece = self.routes[route]  # type: ignore[assignment]
-        return torch.from_numpy(piece.session.run(None, {piece.input: features})[0]), routes
 
     def __call__(self, x: Input) -> Input:
         return self.forward_with_routes(x)[0]
