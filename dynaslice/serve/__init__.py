@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .. import runs
+from ..binary.packed import BinaryRunner, is_binary_package
 from ..budget import BudgetEntry, BudgetNet
 from ..gate import GatedSupernet
 from ..modelfile import load_supernet
@@ -40,6 +41,7 @@ from .runtimes import (
     ort_session,
     prepare,
     resolve_runtime,
+    to_numpy,
 )
 from .served import ServedBudget, ServedGated, ServedSubnet, serve_budget, serve_gated, serve_subnet
 
@@ -49,7 +51,8 @@ Served = ServedSubnet | ServedBudget | ServedGated
 def load(
     path: str | Path, runtime: str = "auto", arch: Any = None, device: str | torch.device = "cpu"
 ) -> Served:
-    """An artifact ready to serve: an ``.onnx`` subnet, a gated or budget ONNX package, a PSS run
+    """An artifact ready to serve: an ``.onnx`` subnet, a gated or budget ONNX package, a 1-bit
+    binary package (``dynaslice.binary.packed``, on its own CPU kernel), a PSS run
     (or its ``budget.safetensors``), a gated checkpoint, or a supernet model file with ``arch``
     (an Arch, a dict, or a uniform ratio like ``"x0.5"`` / ``0.5``).
 
@@ -60,6 +63,8 @@ def load(
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pass an .onnx file, an ONNX package, a run directory or a model file")
     device = torch.device(device)
+    if path.is_dir() and is_binary_package(path):
+        return _load_binary(path, runtime, device)
     if path.suffix == ".onnx" or (path / MANIFEST).is_file():
         return _load_onnx(path, runtime, device)
     budget_file = path / runs.BUDGET_WEIGHTS if path.is_dir() else path
@@ -72,6 +77,18 @@ def load(
     if arch is None:
         raise ValueError(f"{path} is a supernet: pass arch= (e.g. 'x0.5', 'largest' or a dict) to serve one subnet")
     return serve_subnet(net, _arch(net, arch), runtime, device)
+
+
+def _load_binary(path: Path, runtime: str, device: torch.device) -> ServedSubnet:
+    """A 1-bit package (:mod:`dynaslice.binary.packed`) on its own kernel: CPU only, runtime ``auto``
+    or ``binary``; ``DYNASLICE_BINARY_KERNEL`` forces a kernel path."""
+    if runtime not in ("auto", "binary"):
+        raise ValueError(f"{path} is a binary package: it runs on the 1-bit kernel (runtime='auto'), not {runtime!r}")
+    if device.type != "cpu":
+        raise ValueError(f"{path} is a binary package: its 1-bit kernel runs on the CPU, not {device}")
+    runner = BinaryRunner(path)
+    piece = lambda x: torch.from_numpy(runner(to_numpy(x)))  # noqa: E731
+    return ServedSubnet(piece, "binary", None, None, device)
 
 
 def _arch(net: Any, arch: Any) -> Any:
