@@ -364,3 +364,80 @@ def test_the_name_checker_sees_a_listed_name(tmp_path):
     path.write_text('from dataclasses import dataclass\n@dataclass\nclass C:\n    m: str = "l1"\n'
                     'def f(m):\n    return m in ("l1", "dcff")\n')  # fmt: skip
     assert method_name_literals(path, {"l1", "dcff"}) == ["m.py:6 'l1'", "m.py:6 'dcff'"]
+
+
+# --------------------------------------------------------------------------- one front end per form
+
+# A gated model runs in three forms -- the torch module (GatedSupernet, DynamicNet), the onnxruntime
+# runner (onnx_package) and the served object (serve) -- and all three split a batch by route with
+# one function, onnx_package.run_grouped. An exported package is opened and run by the onnxruntime
+# form alone: serve.load wraps its runners and reads no manifest, no package file, no session itself.
+FORM_FILES = ["dynaslice/onnx_package.py", "dynaslice/dynamic.py", "dynaslice/gate/gated.py",
+              *sorted(str(p.relative_to(ROOT.parent)) for p in (ROOT / "serve").glob("*.py"))]  # fmt: skip
+GROUPING_OPS = {"unique", "nonzero", "flatnonzero", "argwhere", "index_select", "index_copy", "index_copy_", "index_put_"}
+PACKAGE_READING = {"read_manifest", "package_sessions", "package_members", "read_package_file", "check_package_graphs"}
+PACKAGE_RULES = "dynaslice/onnx_package.py"
+
+
+def calls_of(path: Path, names: set[str], on: str | None = None) -> list[tuple[str, int, str]]:
+    """``(enclosing function, line, name)`` of every call in ``path`` of a function or method
+    named in ``names``; with ``on``, only methods called on something named ``on``
+    (``session.run``, ``self.session.run``)."""
+    found: list[tuple[str, int, str]] = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            function = f"{function}.{node.name}" if function else node.name
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+            owner = f.value if isinstance(f, ast.Attribute) else None
+            owner_name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", None)
+            if name in names and (on is None or owner_name == on):
+                found.append((function or "<module>", node.lineno, name))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(ast.parse(path.read_text()), "")
+    return found
+
+
+def _callers(files: list[str], names: set[str], on: str | None = None) -> set[tuple[str, str]]:
+    return {(f, fn) for f in files for fn, _, _ in calls_of(ROOT.parent / f, names, on)}
+
+
+def test_route_grouping_is_written_once():
+    """Only ``onnx_package.run_grouped`` groups samples by route (no ``unique``/``nonzero``/index
+    copies anywhere else in the forms), and each form's batched forward calls it."""
+    assert _callers(FORM_FILES, GROUPING_OPS) == {(PACKAGE_RULES, "run_grouped")}
+    assert _callers(FORM_FILES, {"run_grouped"}) == {
+        ("dynaslice/gate/gated.py", "GatedSupernet.forward_routes"),  # the torch module (DynamicNet)
+        (PACKAGE_RULES, "run_gated"),  # the onnxruntime form
+        ("dynaslice/serve/served.py", "ServedGated.forward_with_routes"),  # served on torch runtimes
+    }
+
+
+def test_packages_are_opened_and_run_by_the_onnxruntime_form_alone():
+    """A package's sessions are opened by the runners only; serving reads nothing of a package
+    and runs no session but through a piece; the gated onnxruntime forward is one function."""
+    everywhere = sorted(str(p.relative_to(ROOT.parent)) for p in ROOT.rglob("*.py"))
+    assert _callers(everywhere, {"package_sessions"}) == {
+        (PACKAGE_RULES, "GatedOnnxRunner.__init__"),
+        (PACKAGE_RULES, "BudgetOnnxRunner.__init__"),
+    }
+    serve = [f for f in FORM_FILES if f.startswith("dynaslice/serve/")]
+    assert _callers(serve, PACKAGE_READING) == set()
+    assert _callers(serve, {"open_package"}) == {("dynaslice/serve/__init__.py", "_load_onnx")}
+    assert _callers(serve, {"run"}, on="session") == {("dynaslice/serve/runtimes.py", "OrtPiece.__call__")}
+    assert _callers(FORM_FILES, {"run_gated"}) == {
+        (PACKAGE_RULES, "GatedOnnxRunner.forward_with_routes"),
+        ("dynaslice/serve/served.py", "ServedGated.forward_with_routes"),
+    }
+
+
+def test_the_call_scan_sees_methods_and_their_owner(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("class A:\n    def f(self, s):\n        return self.session.run(None), s.run(), x.unique()\n"
+                    "def g(h):\n    return run_grouped(h)\n")  # fmt: skip
+    assert calls_of(path, {"run"}, on="session") == [("A.f", 3, "run")]
+    assert sorted(calls_of(path, {"unique", "run_grouped"})) == [("A.f", 3, "unique"), ("g", 5, "run_grouped")]

@@ -172,9 +172,9 @@ class ServedGated:
             raise ValueError(
                 f"avg_macs takes route indices (integers), got {routes.dtype} {list(routes.shape)}"
             )
-        present = routes.unique().tolist()  # sorted; -1 would wrap to the last route
-        if not (0 <= present[0] and present[-1] < len(self.routes)):
-            raise ValueError(f"route indices {present} outside 0..{len(self.routes) - 1}")
+        low, high = int(routes.min()), int(routes.max())  # -1 would wrap to the last route
+        if low < 0 or high >= len(self.routes):
+            raise ValueError(f"route indices {[low, high]} outside 0..{len(self.routes) - 1}")
         return float(self.route_macs[routes].mean())
 
 
