@@ -5,6 +5,10 @@ slices -- a narrower route is really cheaper. Batch of N: the trunk once on the 
 then the samples grouped by route, each group run densely with its route's slices, and the
 outputs put back in input order. (The original DS-Net code ran batches at full width with
 masked channels, which saved nothing.) Results equal running each sample alone.
+
+This is the torch-module form of a gated model; its onnxruntime form is
+:class:`dynaslice.onnx_package.GatedOnnxRunner` and its served form ``dynaslice.serve.ServedGated``.
+All three split a batch with the one :func:`dynaslice.onnx_package.run_grouped`.
 """
 
 from __future__ import annotations

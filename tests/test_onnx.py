@@ -155,6 +155,26 @@ def test_gated_runner_equals_dynamic_net(package):
     assert runner.avg_macs(routes) == pytest.approx(dyn.avg_macs(want_routes))
 
 
+def test_serve_load_runs_a_package_through_its_runner(package):
+    """serve.load opens a package with the onnxruntime form (open_package: the runner for the
+    manifest's format, its sessions on the asked threads) and answers exactly what the runner
+    answers, at batch 12 with a mix of routes and with forced routes, as numpy and as tensors."""
+    from dynaslice import serve
+
+    directory, _, x = package
+    runner = onnx_package.open_package(directory, threads=1)
+    assert isinstance(runner, GatedOnnxRunner)
+    assert runner.trunk.get_session_options().intra_op_num_threads == 1
+    served = serve.load(directory)
+    forced = np.array([0, 3, 3, 0, 2, 1, 0, 0, 1, 2, 3, 3])
+    for routes in (None, forced):
+        want, want_routes = runner.forward_with_routes(x.numpy(), routes)
+        got, got_routes = served.forward_with_routes(x.numpy(), routes)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got_routes, want_routes)
+    np.testing.assert_array_equal(served(x).numpy(), runner(x.numpy()))
+
+
 def test_manifest_content(package):
     directory, dyn, _ = package
     gated = dyn.gated
