@@ -201,6 +201,17 @@ __attribute__((target("avx512f"))) static void pack_avx512(const float *x, size_
                                                            uint64_t *out) {
     const int Cw = (C + 63) / 64;
     const __m512 m = _mm512_set1_ps(mean);
+    if (C <= 64 && C % 16 == 0) {  /* one word per position, built in a register, stored once */
+        for (size_t p = 0; p < positions; p++) {
+            const float *v = x + p * C;
+            uint64_t bits = 0;
+            for (int c = 0; c < C; c += 16)
+                bits |= (uint64_t)_mm512_cmp_ps_mask(_mm512_sub_ps(_mm512_loadu_ps(v + c), m), _mm512_setzero_ps(),
+                                                     _CMP_GE_OQ) << c;
+            out[p] = bits;
+        }
+        return;
+    }
     for (size_t p = 0; p < positions; p++) {
         const float *v = x + p * C;
         uint64_t *dst = out + p * Cw;
@@ -400,17 +411,18 @@ static inline void put_bits(uint64_t *restrict patch, int K, const uint64_t *res
  * Returns 0, or -1 when out of memory. */
 static int conv_run(const ConvShape *s, int path, const float *x, int center, const uint64_t *w,
                     const int32_t *tap_ones, const Epilogue *ep, void *out, uint64_t *scratch) {
-    const int K = s->K, T = s->kh * s->kw;
+    const int K = s->K;
     /* the packed input: in the caller's scratch when it has one (a workspace reused across calls:
      * fresh pages cost a fault each, milliseconds per layer at batch 64 in a virtual machine) */
     uint64_t *xp = scratch ? scratch : malloc(sizeof(uint64_t) * ((size_t)s->N * s->H * s->W * s->Cw + 1));
     uint64_t *patch = malloc(sizeof(uint64_t) * (size_t)s->Wo * K);
     int32_t *pc = malloc(sizeof(int32_t) * (size_t)s->Wo * s->Opad);
     int32_t *full = malloc(sizeof(int32_t) * (size_t)s->Wo);
+    int32_t *rowcorr = malloc(sizeof(int32_t) * (size_t)s->O);
     float *r = malloc(sizeof(float) * (size_t)s->Wo * s->O);
-    if (!xp || !patch || !pc || !full || !r) {
+    if (!xp || !patch || !pc || !full || !rowcorr || !r) {
         if (!scratch) free(xp);
-        free(patch), free(pc), free(full), free(r);
+        free(patch), free(pc), free(full), free(rowcorr), free(r);
         return -1;
     }
     pack_signs(x, s->N, (size_t)s->H * s->W, s->Cin, center, path, xp);
@@ -454,25 +466,35 @@ static int conv_run(const ConvShape *s, int path, const float *x, int center, co
                 }
             }
             mismatch(patch, s->Wo, w, K, s->Opad, pc);
-            const int rows_inside = h0 >= 0 && h0 + s->kh <= s->H;
+            /* undo the padded taps: the valid rows [i_lo, i_hi) are the row's; a position whose
+             * columns are all inside subtracts the row's own correction (once per row), an edge
+             * position (at most pad of them each side) goes tap by tap */
+            const int i_lo = h0 < 0 ? -h0 : 0, i_hi = h0 + s->kh > s->H ? s->H - h0 : s->kh;
+            const int row_pads = i_lo > 0 || i_hi < s->kh;
+            if (row_pads) {
+                for (int o = 0; o < s->O; o++) rowcorr[o] = 0;
+                for (int i = 0; i < s->kh; i++)
+                    if (i < i_lo || i >= i_hi)
+                        for (int j = 0; j < s->kw; j++) {
+                            const int32_t *ones = tap_ones + (size_t)(i * s->kw + j) * s->O;
+                            for (int o = 0; o < s->O; o++) rowcorr[o] += ones[o];
+                        }
+            }
             for (int wo = 0; wo < s->Wo; wo++) {
                 const int w0 = wo * s->stride - s->pad;
+                const int j_lo = w0 < 0 ? -w0 : 0, j_hi = w0 + s->kw > s->W ? s->W - w0 : s->kw;
                 int32_t *row = pc + (size_t)wo * s->Opad;
-                int nvalid = T;
-                if (!(rows_inside && w0 >= 0 && w0 + s->kw <= s->W)) {
-                    nvalid = 0;
-                    for (int i = 0; i < s->kh; i++) {
-                        const int h = h0 + i;
-                        for (int j = 0; j < s->kw; j++) {
-                            const int ww = w0 + j;
-                            if (h < 0 || h >= s->H || ww < 0 || ww >= s->W) {
+                const int nvalid = (i_hi - i_lo) * (j_hi - j_lo);
+                if (j_lo == 0 && j_hi == s->kw) {
+                    if (row_pads)
+                        for (int o = 0; o < s->O; o++) row[o] -= rowcorr[o];
+                } else {
+                    for (int i = 0; i < s->kh; i++)
+                        for (int j = 0; j < s->kw; j++)
+                            if (i < i_lo || i >= i_hi || j < j_lo || j >= j_hi) {
                                 const int32_t *ones = tap_ones + (size_t)(i * s->kw + j) * s->O;
                                 for (int o = 0; o < s->O; o++) row[o] -= ones[o];
-                            } else {
-                                nvalid++;
                             }
-                        }
-                    }
                 }
                 full[wo] = nvalid * s->Cin;
             }
@@ -503,7 +525,7 @@ static int conv_run(const ConvShape *s, int path, const float *x, int center, co
         }
     }
     if (!scratch) free(xp);
-    free(patch), free(pc), free(full), free(r);
+    free(patch), free(pc), free(full), free(rowcorr), free(r);
     return 0;
 }
 
