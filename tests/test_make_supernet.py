@@ -341,6 +341,14 @@ class TwoInputs(Branchy):
         return self.fc(self.conv(x + y).mean((2, 3)))
 
 
+class StdConv(nn.Conv2d):
+    """A weight-standardised conv (NF-ResNet's): the weight it convolves with is computed."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias)
+
+
 class ReturnsTuple(Branchy):
     def forward(self, x):
         h = self.conv(x).mean((2, 3))
@@ -387,6 +395,12 @@ class Plain(Branchy):
             torch.randn(1, 8),
             {},
             "found no channels of Sequential it can slice",
+        ),
+        (
+            nn.Sequential(StdConv(3, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)),
+            torch.randn(1, 3, 8, 8),
+            {},
+            "it can slice (3: the model's output; the first op it cannot follow: mean (mean) in 0 makes",
         ),
         (Plain(), torch.randn(1, 3, 8, 8), {"round_to": 0}, "round_to must be a positive integer"),
         (Plain(), torch.randn(1, 3, 8, 8), {"ratios": [0.0, 1.0]}, "width ratios must lie in (0, 1]"),

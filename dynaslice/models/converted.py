@@ -428,7 +428,8 @@ def make_supernet(
     dims, kept = _dimensions(analysis, ratios, round_to)
     if not dims:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(kept.items())[:3])
-        raise GraphError(f"make_supernet found no channels of {family} it can slice ({reasons})")
+        first = f"; the first op it cannot follow: {analysis.stops[0]}" if analysis.stops else ""
+        raise GraphError(f"make_supernet found no channels of {family} it can slice ({reasons}{first})")
     space = SearchSpace(tuple(dims))
     calls = _convert_layers(gm, analysis, space)
     graph = _program_graph(gm, analysis, space, calls)
