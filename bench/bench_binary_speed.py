@@ -35,8 +35,10 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"  # before numpy loads its BLAS: one thread, like the sessions
 
 import argparse  # noqa: E402
+import shlex  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -196,7 +198,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/out/binary_speed.json")
     p.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
-    p.add_argument("--repeats", type=int, default=40, help="rounds at batch 1 (a quarter, at least 5, at larger batches)")
+    p.add_argument("--repeats", type=int, default=60, help="rounds at batch 1 (a quarter, at least 5, at larger batches)")
     p.add_argument("--path", default=None, help="force a kernel path (default: the fastest this CPU has)")
     p.add_argument("--skip-layers", action="store_true", help="only the whole network")
     p.add_argument("--note", default="", help="how the machine was loaded while this ran")
@@ -210,9 +212,7 @@ def main() -> None:
         layers = [] if args.skip_layers else per_layer(work, batches, args.repeats, path)
     affinity = sorted(os.sched_getaffinity(0))
     write_results(args.out, {
-        "command": "taskset -c 0 .venv/bin/python bench/bench_binary_speed.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, "") and k != "out"
-        ) + f" --out {args.out}",
+        "command": "taskset -c 0 " + shlex.join([".venv/bin/python", "bench/bench_binary_speed.py", *sys.argv[1:]]),
         "cpu": cpu_model(), "kernel_path": path, "supported_paths": kernel.supported_paths(),
         "cpu_affinity": affinity, "load_average_at_end": os.getloadavg(), "note": args.note,
         "threads": 1, "input": list(SHAPE), "network": network, "layers": layers, "sizes": sizes,
