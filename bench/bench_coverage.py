@@ -332,7 +332,7 @@ CATEGORIES = (
     ("cannot trace", "not traceable by torch.fx", r"in (.+?): TraceError"),
     ("forward takes", "forward takes several inputs", r"takes (\d+) inputs"),
     ("narrowest at", "converts, but its narrowest subnet keeps over half the MACs", r"narrowest at ([\d.]+)"),
-    ("found no channels", "no channel group it can slice", r"it can slice \(([^;]+);"),
+    ("found no channels", "no channel group it can slice", r"first op it cannot follow: (.*?)\)?$"),
     ("ONNX", "ONNX export", r"ONNX: (\w+Error)"),
 )
 
