@@ -90,7 +90,8 @@ def summarise(args: argparse.Namespace) -> None:
         r0 = seeds[0]["rows"][arm]
         table[arm] = {
             **{k: mean_se([s["rows"][arm][k] for s in seeds]) for k in KEYS},
-            "flops": r0["flops"], "bops": r0["bops"], "ops": r0["ops"],
+            "flops": r0["flops"], "bops": r0["bops"], "ops": r0["ops"],  # per image
+            "mflops": r0["flops"] / 1e6, "mbops": r0["bops"] / 1e6, "mops": r0["ops"] / 1e6,  # as the tables show them
             "seconds": mean_se([s["rows"][arm].get("seconds", float("nan")) for s in seeds]),
         }  # fmt: skip
     paired = {f"{a}-bnn": _paired(seeds, a, "bnn") for a in arms if a != "bnn" and "bnn" in arms}
@@ -108,7 +109,8 @@ def summarise(args: argparse.Namespace) -> None:
         goals[key] = g
     write_results("bench/out/binary.json", {
         "seeds": [s["seed"] for s in seeds], "overrides": seeds[0]["overrides"], "table": table,
-        "paired": paired, "goals": goals, "command": "python bench/bench_binary.py --summary",
+        "paired": paired, "goals": goals,
+        "seed_seconds": [sum(r.get("seconds", float("nan")) for r in s["rows"].values()) for s in seeds], "command": "python bench/bench_binary.py --summary",
         "note": "far below the papers' 400-600 epochs: a short CPU budget (see overrides)",
     })  # fmt: skip
 
