@@ -6,12 +6,13 @@ go through the layer's per-channel affine (binary scale x folded BatchNorm), its
 activation in the same pass -- the float stream between layers is read and written once per
 layer, and a call costs one Python-to-C crossing. :func:`conv_counts` gives the integer counts
 alone (the tests compare them with the simulated conv), :func:`float_conv` runs the
-full-precision stem without a BLAS (so "one thread" is one thread).
+full-precision stem without a BLAS (so "one thread" is one thread). A whole network runs in one
+call of ``_bitconv.run`` (:class:`dynaslice.binary.packed.BinaryRunner`), the same C functions.
 
 The computation is in the C extension ``dynaslice.binary._bitconv`` (``csrc/bitconv.c``, built by
 ``pip install -e .``); this module fixes the layouts, checks shapes and dtypes, and picks the
-path. It imports numpy and the extension only -- no torch -- so the binary runner
-(:mod:`dynaslice.binary.packed`) runs where torch is not installed.
+path. It uses numpy and the extension only -- no torch, and the extension needs no torch headers
+to build -- so the binary runner (:mod:`dynaslice.binary.packed`) makes no torch call.
 
 Layouts (NHWC, channels packed 64 to a word, bit ``c % 64`` of word ``c // 64`` set where the
 value is ``>= 0``, i.e. :func:`dynaslice.binary.layers.binarize` gives ``+1``; bits past the channel

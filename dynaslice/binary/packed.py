@@ -10,13 +10,14 @@ Package (a folder, ``format`` ``dynaslice-binary``, ``format_version`` 1)::
                           the BatchNorm1d before it folded in
 
 :func:`export_binary` writes it from a :class:`~dynaslice.binary.models.BinaryResNet` (every conv
-after the stem binary). :class:`BinaryRunner` runs it with numpy and the kernel
-(:mod:`dynaslice.binary.kernel`), in NHWC: the float stem, then one kernel call per binary conv
-(signs packed, XNOR-popcount, ``act(count*a + b + shortcut)`` in one pass), then the pooled
-features through the classifier (one small matmul). The runner imports no torch: torch is only needed to
-export. Every file is read by the package rule (:func:`dynaslice.onnx_package.read_package_file`) and
-the manifest is checked against the weights before anything runs, so a damaged package is one
-``ValueError``.
+after the stem binary). :class:`BinaryRunner` runs it on the kernel (:mod:`dynaslice.binary.kernel`)
+in one C call per batch: the float stem, each binary layer (signs packed, XNOR-popcount,
+``act(count*a + b + shortcut)`` in one pass), the pooled classifier, one sample at a time in NHWC.
+The runner computes with numpy and the kernel only, no torch call (torch is needed to export);
+importing it through the ``dynaslice`` package still loads torch, whose ``__init__`` imports it,
+as for :mod:`dynaslice.onnx_package`. Every file is read by the package rule
+(:func:`dynaslice.onnx_package.read_package_file`) and the manifest is checked against the
+weights before anything runs, so a damaged package is one ``ValueError``.
 
 Sizes: ``binary_bytes`` is the weights file; ``float32_bytes`` the same network's parameters
 and BatchNorm statistics in float32; ``int8_bytes`` its conv and linear weights in int8 with a
