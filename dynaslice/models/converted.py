@@ -399,8 +399,12 @@ def _verify(net: ConvertedSupernet, model: nn.Module, example: torch.Tensor) -> 
 
 
 def make_supernet(
-    model: nn.Module, example_input: torch.Tensor, *, ratios: Sequence[float] | None = None, round_to: int = 8
-) -> ConvertedSupernet:
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    *,
+    ratios: Sequence[float] | None = None,
+    round_to: int = 8,
+) -> Supernet:
     """Your own ``model`` as a weight-sharing supernet; ``model`` itself is left untouched.
 
     ``example_input`` (e.g. ``torch.randn(1, 3, 224, 224)``) fixes the input size used for
@@ -409,8 +413,15 @@ def make_supernet(
     default 0.35:0.05:1.0, rounded to multiples of ``round_to``). Groups it cannot slice keep
     their full width: ``net.kept`` says why, and a warning names them in one line. The largest
     subnet is the model itself (checked). Raises :class:`~dynaslice.graph.GraphError` (a
-    ValueError, one line) for models that cannot be traced or converted.
+    ValueError, one line) for models that cannot be traced or converted. A Hugging Face
+    transformer is not traced: :func:`dynaslice.lm.make_lm_supernet` slices its known modules.
     """
+    from ..lm.supernet import is_transformers_model, make_lm_supernet
+
+    if is_transformers_model(model):
+        return make_lm_supernet(model, example_input, ratios=ratios, round_to=round_to)
+    if example_input is None:
+        raise TypeError("make_supernet needs an example_input for a torch model, e.g. torch.randn(1, 3, 224, 224)")
     ratios = _check_options(ratios, round_to)
     if not isinstance(model, nn.Module):
         raise TypeError(f"make_supernet takes a torch.nn.Module, got {type(model).__name__}")
