@@ -2,7 +2,7 @@
 full precision, every arm trained the same way on the one engine (``dynaslice binarize``'s
 :func:`~dynaslice.binary.train.binarize_run`, recipe ``configs/binary.yaml``).
 
-Arms (:data:`dynaslice.binary.methods.METHODS`): fp, bnn, recu, recu_tau085, recu_tau099, siman,
+Arms (:func:`dynaslice.binary.methods.binary_method_names`): fp, bnn, recu, recu_tau085, recu_tau099, siman,
 siman_wd, siman_noclip, siman01. Per seed (``train.seed``: initialisation, validation split,
 training subset, batches) every arm trains the same epochs on the same images; the network
 reported is the one at the end of its schedule (the official repos pick their best epoch on the
@@ -33,7 +33,7 @@ from typing import Any
 from common import QUICK, mean_se, set_threads, write_results
 
 from dynaslice import runs as runs_mod
-from dynaslice.binary.methods import METHODS
+from dynaslice.binary.methods import binary_method_names
 from dynaslice.binary.train import binarize_run, load_binary_config
 
 BUDGET = [
@@ -84,7 +84,7 @@ def summarise(args: argparse.Namespace) -> None:
     seeds = [json.loads(f.read_text()) for f in files if "quick" not in f.name]
     if not seeds:
         raise SystemExit("no bench/out/binary_seed*.json: run --seed N first")
-    arms = [a for a in METHODS if all(a in s["rows"] for s in seeds)]
+    arms = [a for a in binary_method_names() if all(a in s["rows"] for s in seeds)]
     table = {}
     for arm in arms:
         r0 = seeds[0]["rows"][arm]
@@ -119,7 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--summary", action="store_true", help="summarise bench/out/binary_seed*.json")
-    ap.add_argument("--arms", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--arms", nargs="+", default=list(binary_method_names()), choices=list(binary_method_names()))
     ap.add_argument("--config", default="configs/binary.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny subset (says nothing)")

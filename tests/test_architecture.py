@@ -290,7 +290,12 @@ def test_every_session_has_the_factory_options(tmp_path, monkeypatch):
 # Pruning methods, samplers and training targets plug in one way: a decorator with the method's
 # name, in the method's own module, whose registry is then the only list of the names. The config
 # module, the commands and the pruning run learn them from the registries.
-REGISTRATIONS = {"register_pruner": "pruner_names", "register_sampler": "sampler_names", "register_target": "target_names"}
+REGISTRATIONS = {
+    "register_pruner": "pruner_names",
+    "register_sampler": "sampler_names",
+    "register_target": "target_names",
+    "register_binary": "binary_method_names",
+}
 NAMELESS = ["dynaslice/train/config.py", "dynaslice/pipeline.py", "dynaslice/prune/run.py", "dynaslice/prune/registry.py",
             *sorted(str(p.relative_to(ROOT.parent)) for p in (ROOT / "cli").glob("*.py"))]  # fmt: skip
 
@@ -312,9 +317,10 @@ def registered_in_source(root: Path = ROOT) -> dict[str, list[str]]:
 def _registries() -> dict[str, tuple[object, tuple[str, ...]]]:
     import dynaslice.cli  # noqa: F401  (every command, so every method module, imported)
     from dynaslice import prune
+    from dynaslice.binary import methods as binary
     from dynaslice.train import samplers, targets
 
-    modules = {"register_pruner": prune, "register_sampler": samplers, "register_target": targets}
+    modules = {"register_pruner": prune, "register_sampler": samplers, "register_target": targets, "register_binary": binary}
     return {kind: (getattr(modules[kind], kind), getattr(modules[kind], names)()) for kind, names in REGISTRATIONS.items()}
 
 

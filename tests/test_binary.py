@@ -23,7 +23,7 @@ from dynaslice.binary.layers import (
     binarize,
     center_per_sample,
 )
-from dynaslice.binary.methods import METHODS, build_model, method, recu_tau, siman_percent
+from dynaslice.binary.methods import binary_method_names, build_model, method, recu_tau, siman_percent
 from dynaslice.binary.train import MODEL_FILE, load_binary_model
 from dynaslice.train.config import OptimConfig
 from dynaslice.train.optim import build_optimizer
@@ -225,6 +225,6 @@ def test_binarize_mistakes_are_one_line(tmp_path, tiny_config):
 
 
 def test_every_arm_of_the_experiments_is_registered():
-    assert list(METHODS) == [
+    assert list(binary_method_names()) == [
         "fp", "bnn", "recu", "recu_tau085", "recu_tau099", "siman", "siman_wd", "siman_noclip", "siman01",
     ]  # fmt: skip

@@ -67,53 +67,92 @@ def _set_buffer(name: str, value: float, model: nn.Module) -> None:
             getattr(m, name).fill_(value)
 
 
-def _tau_schedule(model: nn.Module, epoch: int, epochs: float) -> None:
-    _set_buffer("tau", recu_tau(epoch, epochs), model)
-
-
-def _fixed_tau(tau: float) -> EpochHook:
-    def hook(model: nn.Module, epoch: int, epochs: float) -> None:
-        _set_buffer("tau", tau, model)
-
-    return hook
-
-
-def _clip_schedule(model: nn.Module, epoch: int, epochs: float) -> None:
-    _set_buffer("percent", siman_percent(epoch, epochs), model)
-
-
-def _no_clip(model: nn.Module, epoch: int, epochs: float) -> None:
-    _set_buffer("percent", 0.0, model)
-
-
 @dataclass(frozen=True)
 class Method:
-    """One arm: the convolution class (None: full precision), the activation, the per-epoch hook."""
+    """One arm: the convolution class (None: full precision), the activation, the per-epoch hook
+    ``epoch_hook(model, epoch, epochs)`` (what the arm sets on its layers before each epoch)."""
 
     conv: type[BinaryConv2d] | None
     act: str
-    epoch_hook: EpochHook | None = None
+    epoch_hook: EpochHook
     about: str = field(default="", compare=False)
+    check: Callable[[Any], None] | None = field(default=None, compare=False)
 
 
-METHODS: dict[str, Method] = {
-    "fp": Method(None, "hardtanh", about="full precision, the same graph"),
-    "bnn": Method(PlainBinaryConv2d, "hardtanh", about="plain BNN: sign + STE, mean|w| scale, ApproxSign"),
-    "recu": Method(ReCUConv2d, "hardtanh", _tau_schedule, "ReCU, tau 0.85 -> 0.99 (exponential, per epoch)"),
-    "recu_tau085": Method(ReCUConv2d, "hardtanh", _fixed_tau(TAU_MIN), "ReCU, tau fixed at 0.85"),
-    "recu_tau099": Method(ReCUConv2d, "hardtanh", _fixed_tau(TAU_MAX), "ReCU, tau fixed at 0.99"),
-    "siman": Method(SiManConv2d, "prelu", _clip_schedule, "SiMaN as its code: balanced 2B-1, clip 15(1-e/E)"),
-    "siman_wd": Method(SiManWDConv2d, "prelu", _clip_schedule, "SiMaN with weight decay on latent weights"),
-    "siman_noclip": Method(SiManConv2d, "prelu", _no_clip, "SiMaN without the percentile clip"),
-    "siman01": Method(SiManZeroOneConv2d, "prelu", _clip_schedule, "SiMaN with the paper's {0,+1} weights"),
-}
+_METHODS: dict[str, Method] = {}
+
+
+def register_binary(
+    name: str, *, conv: type[BinaryConv2d] | None, act: str, about: str = "", check: Callable[[Any], None] | None = None
+) -> Callable[[EpochHook], EpochHook]:
+    """Register the decorated per-epoch hook as binary method ``name`` with its convolution class
+    and activation (the pattern of ``register_pruner`` / ``register_sampler`` / ``register_target``:
+    one decorator in the method's module, the registry the only list of names). ``check(bcfg)``:
+    the method's own rules on the ``binary:`` section, if any."""
+
+    def register(hook: EpochHook) -> EpochHook:
+        if name in _METHODS:
+            raise ValueError(f"binary method {name!r} registered twice")
+        _METHODS[name] = Method(conv, act, hook, about, check)
+        return hook
+
+    return register
+
+
+def binary_method_names() -> tuple[str, ...]:
+    return tuple(_METHODS)
 
 
 def method(name: str) -> Method:
     """The registered method ``name``, or a one-line ValueError listing them."""
-    if name not in METHODS:
-        raise ValueError(f"unknown binary method {name!r}: choose one of {', '.join(METHODS)}")
-    return METHODS[name]
+    if name not in _METHODS:
+        raise ValueError(f"unknown binary method {name!r}: choose one of {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+@register_binary("fp", conv=None, act="hardtanh", about="full precision, the same graph")
+def _full_precision(model: nn.Module, epoch: int, epochs: float) -> None:
+    """Nothing to schedule."""
+
+
+@register_binary("bnn", conv=PlainBinaryConv2d, act="hardtanh", about="plain BNN: sign + STE, mean|w| scale, ApproxSign")
+def _plain(model: nn.Module, epoch: int, epochs: float) -> None:
+    """Nothing to schedule."""
+
+
+@register_binary("recu", conv=ReCUConv2d, act="hardtanh", about="ReCU, tau 0.85 -> 0.99 (exponential, per epoch)")
+def _tau_schedule(model: nn.Module, epoch: int, epochs: float) -> None:
+    _set_buffer("tau", recu_tau(epoch, epochs), model)
+
+
+@register_binary("recu_tau085", conv=ReCUConv2d, act="hardtanh", about="ReCU, tau fixed at 0.85")
+def _tau_085(model: nn.Module, epoch: int, epochs: float) -> None:
+    _set_buffer("tau", TAU_MIN, model)
+
+
+@register_binary("recu_tau099", conv=ReCUConv2d, act="hardtanh", about="ReCU, tau fixed at 0.99")
+def _tau_099(model: nn.Module, epoch: int, epochs: float) -> None:
+    _set_buffer("tau", TAU_MAX, model)
+
+
+@register_binary("siman", conv=SiManConv2d, act="prelu", about="SiMaN as its code: balanced 2B-1, clip 15(1-e/E)")
+def _clip_schedule(model: nn.Module, epoch: int, epochs: float) -> None:
+    _set_buffer("percent", siman_percent(epoch, epochs), model)
+
+
+@register_binary("siman_wd", conv=SiManWDConv2d, act="prelu", about="SiMaN with weight decay on latent weights")
+def _clip_schedule_wd(model: nn.Module, epoch: int, epochs: float) -> None:
+    _clip_schedule(model, epoch, epochs)
+
+
+@register_binary("siman_noclip", conv=SiManConv2d, act="prelu", about="SiMaN without the percentile clip")
+def _no_clip(model: nn.Module, epoch: int, epochs: float) -> None:
+    _set_buffer("percent", 0.0, model)
+
+
+@register_binary("siman01", conv=SiManZeroOneConv2d, act="prelu", about="SiMaN with the paper's {0,+1} weights")
+def _clip_schedule_01(model: nn.Module, epoch: int, epochs: float) -> None:
+    _clip_schedule(model, epoch, epochs)
 
 
 def build_model(name: str, *, width_mult: float = 1.0, in_chans: int = 1, num_classes: int = 10) -> BinaryResNet:

@@ -27,25 +27,18 @@ from torch import nn
 from .. import runs
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..seeding import derive_seed
-from ..train.config import (
-    Config,
-    ConfigError,
-    from_dict,
-    load_config,
-    load_yaml,
-    read_config_file,
-)
+from ..train.config import Config, ConfigError, load_config_with_section
 from ..train.data import eval_loader, load_split
 from ..train.model import ModelTrainer
 from .layers import BinaryConv2d
-from .methods import METHODS, build_model, method, model_spec
+from .methods import binary_method_names, build_model, method, model_spec
 
 MODEL_FILE = "model.pt"
 
 
 @dataclass
 class BinaryConfig:
-    """The ``binary:`` section: ``method`` (a name of :data:`~dynaslice.binary.methods.METHODS`)
+    """The ``binary:`` section: ``method`` (a name registered by :func:`~dynaslice.binary.methods.register_binary`)
     and ``width_mult`` of the small ResNet (widths 16/32/64/128 times it)."""
 
     method: str = "recu"
@@ -63,25 +56,7 @@ def load_binary_config(
 ) -> tuple[Config, BinaryConfig]:
     """The training config and the ``binary:`` section of the file at ``path`` (a path or preset
     name), each ``binary.KEY=VALUE`` override applied to the latter, every other to the former."""
-    data = read_config_file(path) if path is not None else {}
-    section = data.get("binary") or {}
-    try:
-        bcfg = from_dict(section, BinaryConfig, "binary.")
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    rest = []
-    for assignment in overrides:
-        key, sep, text = assignment.partition("=")
-        if not key.strip().startswith("binary."):
-            rest.append(assignment)
-            continue
-        name = key.strip().removeprefix("binary.")
-        if not sep or name not in {f.name for f in dataclasses.fields(BinaryConfig)}:
-            fields = ", ".join(f"binary.{f.name}" for f in dataclasses.fields(BinaryConfig))
-            raise ConfigError(f"unknown config key {key.strip()!r}: the binary section has {fields}")
-        value = load_yaml(text, f"the value of override {key.strip()}")
-        bcfg = from_dict({**dataclasses.asdict(bcfg), name: value}, BinaryConfig, "binary.")
-    cfg = load_config(path, rest, ignore=("binary",))
+    cfg, bcfg = load_config_with_section(path, overrides, "binary", BinaryConfig)
     return cfg, bcfg.validate()
 
 
@@ -121,9 +96,7 @@ class BinaryTrainer(ModelTrainer):
         super().__init__(model, cfg, run_dir)
 
     def on_epoch_start(self, epoch: int) -> None:
-        hook = method(self.bcfg.method).epoch_hook
-        if hook is not None:
-            hook(self.model, epoch, self.epochs)
+        method(self.bcfg.method).epoch_hook(self.model, epoch, self.epochs)
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "binary": dataclasses.asdict(self.bcfg)}
@@ -177,7 +150,7 @@ def load_binary_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The trained binary network of a ``model.pt`` (tensors and plain data only), in eval mode."""
     data = torch.load(path, map_location="cpu", weights_only=True)
     spec = data["spec"]
-    if spec.get("method") not in METHODS:
+    if spec.get("method") not in binary_method_names():
         raise ValueError(f"{path} names no known binary method ({spec.get('method')!r})")
     model = build_model(
         spec["method"], width_mult=spec["width_mult"], in_chans=spec["in_chans"], num_classes=spec["num_classes"]
