@@ -334,12 +334,16 @@ def test_overrides_parse_yaml_values_and_round_trip(tmp_path):
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))))
 def test_presets_load(name):
     path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
-    with open(path) as f:
-        is_pipeline_preset = "run" in (yaml.safe_load(f) or {})
-    if is_pipeline_preset:  # a training config plus the `dynaslice run` section
-        from dynaslice.pipeline import load_run_config
+    from dynaslice.binary.train import load_binary_config
+    from dynaslice.pipeline import load_run_config
 
+    with open(path) as f:
+        sections = set(yaml.safe_load(f) or {})
+    # a training config, plus the section of the command the preset is for, read by its loader
+    if "run" in sections:  # dynaslice run
         load_run_config(path, [])
+    elif "binary" in sections:  # dynaslice binarize
+        load_binary_config(path)
     else:
         load_config(path)
 
