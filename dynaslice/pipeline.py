@@ -43,6 +43,7 @@ import torch
 import yaml
 
 from . import runs, safejson
+from .archspec import uniform_archs
 from .atomic import atomic_write_bytes, atomic_write_json
 from .data import InMemoryDataset
 from .dynamic import DynamicNet
@@ -53,7 +54,7 @@ from .profile import count_macs, measure_latency
 from .progress import Progress, heartbeat
 from .report import write_report
 from .serve import resolve_runtime, serve_gated, serve_subnet
-from .train import evaluate, evaluate_gated, train, train_gate, uniform_archs
+from .train import evaluate, evaluate_gated, train, train_gate
 from .train.config import (
     Config,
     ConfigError,

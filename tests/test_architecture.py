@@ -447,3 +447,41 @@ def test_the_call_scan_sees_methods_and_their_owner(tmp_path):
                     "def g(h):\n    return run_grouped(h)\n")  # fmt: skip
     assert calls_of(path, {"run"}, on="session") == [("A.f", 3, "run")]
     assert sorted(calls_of(path, {"unique", "run_grouped"})) == [("A.f", 3, "unique"), ("g", 5, "run_grouped")]
+
+
+# --------------------------------------------------------------------------- names that say what they are
+
+ARCH_PARSER = "dynaslice/archspec.py"
+ARCH_WORDS = {"largest", "smallest"}  # ("uniform" and "routes" are also row kinds and manifest keys)
+
+
+def arch_string_reading(path: Path) -> list[str]:
+    """Where ``path`` reads an arch string itself: a comparison with an arch word (``t == "largest"``,
+    ``t in ("largest", "smallest")``) or a ratio's ``x`` stripped (``removeprefix("x")``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            sides = [e for c in node.comparators for e in (c.elts if isinstance(c, ast.Tuple | ast.Set) else [c])]
+            consts = [c for c in sides if isinstance(c, ast.Constant)]
+            if any(c.value in ARCH_WORDS for c in consts if isinstance(c.value, str)):
+                found.append(f"{path.name}:{node.lineno}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            args = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            if node.func.attr in ("removeprefix", "lstrip") and args == ["x"]:
+                found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_arch_strings_are_parsed_by_one_function():
+    """Only ``archspec`` reads an arch named in text; the commands and ``serve.load`` call it."""
+    files = sorted(p for p in ROOT.rglob("*.py") if str(p.relative_to(ROOT.parent)) != ARCH_PARSER)
+    assert [hit for p in files for hit in arch_string_reading(p)] == []
+    assert arch_string_reading(ROOT.parent / ARCH_PARSER) != []
+    callers = _callers(sorted(str(p.relative_to(ROOT.parent)) for p in ROOT.rglob("*.py")), {"parse_arch", "parse_archs"})
+    assert {f for f, _ in callers} >= {"dynaslice/cli/export.py", "dynaslice/cli/train.py", "dynaslice/serve/__init__.py"}
+
+
+def test_the_arch_scan_sees_a_second_parser(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text('def f(t):\n    if t in ("largest", "smallest"):\n        return t\n    return float(t.removeprefix("x"))\n')
+    assert arch_string_reading(path) == ["m.py:2", "m.py:4"]

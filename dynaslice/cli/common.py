@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from .. import runs, safejson
-from ..gate import GatedSupernet
+from .. import runs
 from ..modelfile import load_supernet, resolve_model_file
 from ..models.base import Supernet
 from ..onnx_export import check_package_target
-from ..space import Arch
 from ..train.config import Config, from_dict
-from ..train.evaluate import uniform_archs
 
 
 class UserError(Exception):
@@ -105,97 +100,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
-
-
-ARCHS_FORMS = "uniform, largest, smallest, routes, a width ratio like x0.5 or 0.5, or an archs .json file"
-ARCH_FORMS = "largest, smallest, a width ratio like x0.5 or 0.5, routeN, or a JSON arch (inline or a file)"
-
-
-def parse_archs(
-    tokens: list[str], net: Supernet, default_widths: list[float], flag: str = "--archs"
-) -> dict[str, Arch]:
-    """``uniform`` (the config's eval widths), ``largest``, ``smallest``, ``routes`` (a gated
-    net's routes), a ratio like ``x0.5`` or ``0.5``, or a JSON file holding a list of archs or a
-    ``{name: arch}`` mapping. ``flag`` names the option in messages."""
-    archs: dict[str, Arch] = {}
-    for token in tokens:
-        if token == "routes":
-            if not isinstance(net, GatedSupernet):
-                raise UserError("--archs routes needs a gated checkpoint (trained with model.gate.enabled=true)")
-            archs.update(net.named_routes())
-        elif token == "uniform":
-            archs.update(uniform_archs(net, default_widths))
-        elif token in ("largest", "smallest"):
-            archs[token] = getattr(net.space, token)()
-        elif token.endswith(".json"):
-            archs.update(_archs_from_json(token, net))
-        else:
-            archs.update(uniform_archs(net, [_ratio(token, net, flag)]))
-    return archs
-
-
-def _archs_from_json(token: str, net: Supernet) -> dict[str, Arch]:
-    try:
-        data = safejson.loads(Path(token).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read archs from {token}: {e}") from None
-    if not isinstance(data, dict | list):
-        raise UserError(f"{token} must hold a list of archs or a {{name: arch}} mapping")
-    items = data.items() if isinstance(data, dict) else ((f"arch{i}", a) for i, a in enumerate(data))
-    try:
-        return {str(name): net.space.validate(a) for name, a in items}
-    except TypeError as e:  # an entry that is no arch at all (a number, a list)
-        raise UserError(f"{token} must hold a list of archs or a {{name: arch}} mapping: {e}") from None
-
-
-def _ratio(token: str, net: Supernet, flag: str) -> float:
-    """A uniform width ratio (``x0.5`` or ``0.5``) this net has, or one line naming the accepted forms
-    and the ratios there are (the ones :meth:`SearchSpace.uniform` takes)."""
-    forms = ARCHS_FORMS if flag == "--archs" else ARCH_FORMS
-    try:
-        ratio = float(token.removeprefix("x"))
-    except ValueError:
-        raise UserError(f"{flag} {token!r}: use {forms}") from None
-    lowest, narrowest = net.space.lowest_ratio(), net.space.narrowest_ratio()
-    if not lowest <= ratio <= 1:
-        shown = math.ceil(round(lowest * 100, 6)) / 100  # a ratio the message names is accepted
-        raise UserError(
-            f"{flag} {token!r}: width ratio {ratio:g} is outside {shown:.2f}..1, the ratios this network has "
-            f"(x{shown:.2f} to x{narrowest:.2f} round to its narrowest widths, {narrowest:.2f} of the widest)"
-            "; "
-            f"use {forms}"
-        )
-    return ratio
-
-
-def parse_arch(token: str, net: Supernet) -> Arch:
-    """One arch: ``largest``, ``smallest``, ``x0.5``, ``routeN``, inline JSON or a JSON file."""
-    text = token.strip()
-    if text.startswith("{"):
-        try:
-            return net.space.validate(safejson.loads(text))
-        except json.JSONDecodeError as e:
-            raise UserError(f"--arch {token!r} is not valid JSON: {e}") from None
-    if text.startswith("route") and text[5:].isdigit():
-        if not isinstance(net, GatedSupernet):
-            raise UserError(f"--arch {token}: routes belong to gated checkpoints; this one is not gated")
-        r = int(text[5:])
-        if r >= len(net.routes):
-            raise UserError(f"--arch {token}: the gate has {len(net.routes)} routes (route0..route{len(net.routes) - 1})")
-        return net.routes[r]
-    if text.endswith(".json"):
-        try:
-            data = safejson.loads(Path(text).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read an arch from {text}: {e}") from None
-        if isinstance(data, dict) and all(isinstance(v, int) for v in data.values()):
-            return net.space.validate(data)
-    if text in ("uniform", "routes"):
-        raise UserError(f"--arch {token!r} names several subnets (that is --archs of eval); use {ARCH_FORMS}")
-    archs = parse_archs([text], net, [], flag="--arch")
-    if len(archs) != 1:
-        raise UserError(f"--arch {token!r} names {len(archs)} subnets; give exactly one")
-    return next(iter(archs.values()))
 
 
 def load_checkpoint(path: str, weights: str = "model") -> tuple[Supernet, dict[str, Any], Config, Path]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import runs
+from ..archspec import parse_arch
 from ..budget import BudgetNet
 from ..data import DatasetError
 from ..export import extract_subnet, save_torch_model
@@ -54,7 +55,6 @@ from .common import (
     budget_source,
     load_checkpoint,
     parse_amount,
-    parse_arch,
     parse_macs,
     refuse_existing,
     refuse_existing_package,

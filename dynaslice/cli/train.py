@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import runs
+from ..archspec import parse_archs
 from ..atomic import atomic_write_json
 from ..gate import GatedSupernet
 from ..modelfile import CheckpointError, load_model_file, prefixed, save_model_file
@@ -22,7 +23,6 @@ from .common import (
     add_set,
     default_run_dir,
     load_checkpoint,
-    parse_archs,
     parse_share,
     positive_int,
     refuse_existing,

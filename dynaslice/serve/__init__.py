@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .. import runs
+from ..archspec import parse_arch
 from ..binary.packed import BinaryRunner, is_binary_package
 from ..budget import BudgetEntry, BudgetNet
 from ..gate import GatedSupernet
@@ -54,7 +55,8 @@ def load(
     """An artifact ready to serve: an ``.onnx`` subnet, a gated or budget ONNX package, a 1-bit
     binary package (``dynaslice.binary.packed``, on its own CPU kernel), a PSS run
     (or its ``budget.safetensors``), a gated checkpoint, or a supernet model file with ``arch``
-    (an Arch, a dict, or a uniform ratio like ``"x0.5"`` / ``0.5``).
+    (any form of :func:`dynaslice.archspec.parse_arch`, the one reading of ``dynaslice export --arch``:
+    an Arch or dict, ``"largest"``, ``"x0.5"`` / ``0.5``, ``"routeN"``, inline JSON or a ``.json`` file).
 
     ONNX artifacts run on onnxruntime only (``runtime`` ``auto`` or ``onnxruntime``); PyTorch
     artifacts on any runtime of :func:`available_runtimes`.
@@ -76,7 +78,7 @@ def load(
         return serve_gated(net, runtime, device)
     if arch is None:
         raise ValueError(f"{path} is a supernet: pass arch= (e.g. 'x0.5', 'largest' or a dict) to serve one subnet")
-    return serve_subnet(net, _arch(net, arch), runtime, device)
+    return serve_subnet(net, parse_arch(arch, net, flag="arch="), runtime, device)
 
 
 def _load_binary(path: Path, runtime: str, device: torch.device) -> ServedSubnet:
@@ -89,14 +91,6 @@ def _load_binary(path: Path, runtime: str, device: torch.device) -> ServedSubnet
     runner = BinaryRunner(path)
     piece = lambda x: torch.from_numpy(runner(to_numpy(x)))  # noqa: E731
     return ServedSubnet(piece, "binary", None, None, device)
-
-
-def _arch(net: Any, arch: Any) -> Any:
-    if isinstance(arch, str) and arch in ("largest", "smallest"):
-        return getattr(net.space, arch)()
-    if isinstance(arch, str | float | int):
-        return net.space.uniform(float(str(arch).removeprefix("x")))
-    return arch
 
 
 def _load_onnx(path: Path, runtime: str, device: torch.device) -> Served:

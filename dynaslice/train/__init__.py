@@ -21,7 +21,7 @@ from .config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, T
 from .distributed import DistEnv, init_distributed
 from .ema import ema_decay_for, make_ema
 from .engine import Callback, Trainer, TrainingDiverged
-from .evaluate import evaluate, evaluate_gated, format_gated, format_rows, uniform_archs
+from .evaluate import evaluate, evaluate_gated, format_gated, format_rows
 from .ffsd import OnlineDistillTrainer, train_online
 from .model import ModelTrainer
 from .optim import build_optimizer, build_scheduler, param_groups
@@ -94,5 +94,4 @@ __all__ = [
     "train_gate",
     "train_online",
     "train_static",
-    "uniform_archs",
 ]

@@ -15,11 +15,6 @@ from ..progress import Progress
 from ..space import Arch
 
 
-def uniform_archs(net: Supernet, widths: Sequence[float]) -> dict[str, Arch]:
-    """``{"x0.5": arch, ...}``: the uniform-width subnets (every width dimension at ratio ``w``)."""
-    return {f"x{w:g}": net.space.uniform(w) for w in widths}
-
-
 @torch.no_grad()
 def evaluate(
     net: Supernet,

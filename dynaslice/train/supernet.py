@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import runs
+from ..archspec import uniform_archs
 from ..atomic import atomic_write_json
 from ..gate import GatedSupernet
 from ..modelfile import CheckpointError, model_spec, prefixed, save_model_file
@@ -41,7 +42,7 @@ from .data import FolderBatches, eval_loader, folder_loader, folder_recal_batche
 from .distributed import DistEnv
 from .ema import ema_decay_for, half_life_steps, make_ema
 from .engine import Trainer
-from .evaluate import evaluate, format_rows, uniform_archs
+from .evaluate import evaluate, format_rows
 from .init import frozen_copy, init_from, zero_init_last_bn
 from .optim import build_optimizer, build_scheduler
 from .samplers import ArchSampler, FixedSampler, build_sampler
