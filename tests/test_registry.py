@@ -32,7 +32,7 @@ TINY = [
 @pytest.fixture
 def own_registry(monkeypatch):
     """The pruning registry as a copy for one test: a toy method registered here is gone after it."""
-    monkeypatch.setattr(registry, "_PRUNERS", dict(registry._PRUNERS))
+    monkeypatch.setattr(registry, "_PRUNERS", registry._PRUNERS.copy())
 
 
 def _register_toy(seen: list[PruneContext], **declared) -> None:
@@ -112,8 +112,8 @@ def test_registering_one_name_twice_or_an_unknown_budget_is_refused(own_registry
 
 @pytest.fixture
 def own_train_registries(monkeypatch):
-    monkeypatch.setattr(samplers, "_SAMPLERS", dict(samplers._SAMPLERS))
-    monkeypatch.setattr(targets, "_TARGETS", dict(targets._TARGETS))
+    monkeypatch.setattr(samplers, "_SAMPLERS", samplers._SAMPLERS.copy())
+    monkeypatch.setattr(targets, "_TARGETS", targets._TARGETS.copy())
 
 
 def test_a_sampler_brings_its_own_config_rules(own_train_registries):

@@ -31,6 +31,7 @@ from typing import Any
 
 from torch import nn
 
+from ..registry import Registry
 from .layers import (
     BinaryConv2d,
     PlainBinaryConv2d,
@@ -79,7 +80,7 @@ class Method:
     check: Callable[[Any], None] | None = field(default=None, compare=False)
 
 
-_METHODS: dict[str, Method] = {}
+_METHODS: Registry[Method] = Registry("binary method")
 
 
 def register_binary(
@@ -91,23 +92,19 @@ def register_binary(
     the method's own rules on the ``binary:`` section, if any."""
 
     def register(hook: EpochHook) -> EpochHook:
-        if name in _METHODS:
-            raise ValueError(f"binary method {name!r} registered twice")
-        _METHODS[name] = Method(conv, act, hook, about, check)
+        _METHODS.add(name, Method(conv, act, hook, about, check))
         return hook
 
     return register
 
 
 def binary_method_names() -> tuple[str, ...]:
-    return tuple(_METHODS)
+    return _METHODS.names()
 
 
 def method(name: str) -> Method:
     """The registered method ``name``, or a one-line ValueError listing them."""
-    if name not in _METHODS:
-        raise ValueError(f"unknown binary method {name!r}: choose one of {', '.join(_METHODS)}")
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 @register_binary("fp", conv=None, act="hardtanh", about="full precision, the same graph")

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
+from ..registry import Registry
 from ..train.config import ConfigCheck, ConfigError, register_check
 from .common import PruneResult
 
@@ -83,7 +84,7 @@ class PruningMethod:
     note: Callable[[Config], str | None] | None = None
 
 
-_PRUNERS: dict[str, PruningMethod] = {}
+_PRUNERS: Registry[PruningMethod] = Registry("pruning method")
 
 
 def register_pruner(
@@ -107,9 +108,7 @@ def register_pruner(
         raise ValueError(f"pruning method {name!r}: targets must be some of {TARGET_KINDS}, got {targets!r}")
 
     def register(run: PruneFn) -> PruneFn:
-        if name in _PRUNERS:
-            raise ValueError(f"pruning method {name!r} registered twice")
-        _PRUNERS[name] = PruningMethod(name, run, budget, trains_base, include, tuple(targets), check, note)
+        _PRUNERS.add(name, PruningMethod(name, run, budget, trains_base, include, tuple(targets), check, note))
         return run
 
     return register
@@ -117,14 +116,12 @@ def register_pruner(
 
 def pruner_names() -> tuple[str, ...]:
     """The registered methods' names, in registration order (the CLI's METHOD choices)."""
-    return tuple(_PRUNERS)
+    return _PRUNERS.names()
 
 
 def pruner(name: str) -> PruningMethod:
     """The method registered as ``name``, or a ConfigError naming the registered ones."""
-    if name not in _PRUNERS:
-        raise ConfigError(f"prune.method={name!r} is not one of {', '.join(_PRUNERS)}")
-    return _PRUNERS[name]
+    return _PRUNERS.get(name, ConfigError, "prune.method")
 
 
 @register_check

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ..registry import Registry
 from ..seeding import derive_seed
 from ..space import Arch, SearchSpace
 from .config import Config, ConfigCheck, ConfigError, register_check
@@ -113,7 +114,7 @@ class _Sampler:
     check: ConfigCheck | None
 
 
-_SAMPLERS: dict[str, _Sampler] = {}
+_SAMPLERS: Registry[_Sampler] = Registry("sampler")
 
 
 def register_sampler(name: str, *, check: ConfigCheck | None = None) -> Callable[[SamplerBuilder], SamplerBuilder]:
@@ -128,31 +129,25 @@ def register_sampler(name: str, *, check: ConfigCheck | None = None) -> Callable
     """
 
     def register(builder: SamplerBuilder) -> SamplerBuilder:
-        if name in _SAMPLERS:
-            raise ValueError(f"sampler {name!r} registered twice")
-        _SAMPLERS[name] = _Sampler(builder, check)
+        _SAMPLERS.add(name, _Sampler(builder, check))
         return builder
 
     return register
 
 
 def sampler_names() -> tuple[str, ...]:
-    return tuple(_SAMPLERS)
+    return _SAMPLERS.names()
 
 
 def build_sampler(name: str, trainer: SupernetTrainer) -> ArchSampler:
-    if name not in _SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(_SAMPLERS)}")
-    return _SAMPLERS[name].build(trainer)
+    return _SAMPLERS.get(name).build(trainer)
 
 
 @register_check
 def _check_sampler(cfg: Config) -> None:
     """``train.sampler`` names a registered sampler, and the config meets that sampler's rules."""
     name = cfg.train.sampler
-    if name not in _SAMPLERS:
-        raise ConfigError(f"train.sampler={name!r} is not one of {', '.join(_SAMPLERS)}")
-    check = _SAMPLERS[name].check
+    check = _SAMPLERS.get(name, ConfigError, "train.sampler").check
     if check is not None:
         check(cfg)
 

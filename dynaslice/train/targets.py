@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from ..registry import Registry
 from ..space import Arch, SearchSpace
 from .config import Config, ConfigCheck, ConfigError, register_check
 
@@ -105,7 +106,7 @@ class _Target:
     check: ConfigCheck | None
 
 
-_TARGETS: dict[str, _Target] = {}
+_TARGETS: Registry[_Target] = Registry("target")
 
 
 def register_target(name: str, *, check: ConfigCheck | None = None) -> Callable[[T], T]:
@@ -116,22 +117,20 @@ def register_target(name: str, *, check: ConfigCheck | None = None) -> Callable[
     """
 
     def register(cls: T) -> T:
-        if name in _TARGETS:
-            raise ValueError(f"target {name!r} registered twice")
+        _TARGETS.add(name, _Target(cls, check))
         cls.name = name
-        _TARGETS[name] = _Target(cls, check)
         return cls
 
     return register
 
 
 def target_names() -> tuple[str, ...]:
-    return tuple(_TARGETS)
+    return _TARGETS.names()
 
 
 def target_run(name: str) -> Callable[..., Any] | None:
     """The whole-run function of target ``name`` (:attr:`Target.run`); None: the supernet trains."""
-    entry = _TARGETS.get(name)
+    entry = _TARGETS.get(name) if name in _TARGETS else None
     return entry.cls.run if entry is not None else None
 
 
@@ -139,9 +138,7 @@ def target_run(name: str) -> Callable[..., Any] | None:
 def _check_target(cfg: Config) -> None:
     """``train.target`` names a registered target, and the config meets that target's rules."""
     name = cfg.train.target
-    if name not in _TARGETS:
-        raise ConfigError(f"train.target={name!r} is not one of {', '.join(_TARGETS)}")
-    check = _TARGETS[name].check
+    check = _TARGETS.get(name, ConfigError, "train.target").check
     if check is not None:
         check(cfg)
 
@@ -333,6 +330,4 @@ class FrozenTeacherTarget(Target):
 
 
 def make_target(name: str, space: SearchSpace, **kwargs) -> Target:
-    if name not in _TARGETS:
-        raise ValueError(f"unknown target {name!r}: choose one of {', '.join(_TARGETS)}")
-    return _TARGETS[name].cls(space, **kwargs)
+    return _TARGETS.get(name).cls(space, **kwargs)
