@@ -19,7 +19,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynaslice as ds
-from dynaslice.lm import LMSupernet, count_macs, count_params, export_hf, make_lm_supernet
+from dynaslice.lm import (
+    LMSupernet,
+    activation_importance,
+    count_macs,
+    count_params,
+    export_hf,
+    make_lm_supernet,
+    reorder_by_importance,
+)
 
 VOCAB, TOKENS = 96, 10
 
@@ -224,3 +232,36 @@ def test_refusals_are_one_line(built, tmp_path) -> None:
 
 def test_make_supernet_still_needs_an_example_input_for_a_torch_model() -> None:
     _one_line_error(TypeError, lambda: ds.make_supernet(nn.Sequential(nn.Linear(4, 4))), "example_input")
+
+
+def _calibration() -> list[torch.Tensor]:
+    return [_ids(10 + k) for k in range(2)]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_reorder_by_importance_keeps_the_model_and_puts_important_units_first(built, family: str) -> None:
+    model, net = built[family]
+    net = copy.deepcopy(net)
+    ids = _ids(4)
+    with torch.no_grad():
+        before_out = net(ids, net.space.largest())
+    before = reorder_by_importance(net, _calibration())
+    with torch.no_grad():
+        assert _close(net(ids, net.space.largest()), before_out)  # the largest subnet's function is kept
+    after = activation_importance(net, _calibration())
+    per_kv = net.heads_per_kv
+    for i in range(net.n_stages):
+        ffn = after[f"layers.{i}.ffn"]
+        want = before[f"layers.{i}.ffn"].sort(descending=True).values
+        assert torch.allclose(ffn, want, rtol=1e-4, atol=1e-6)  # units sorted, most important first
+        heads = after[f"layers.{i}.heads"].view(-1, per_kv)
+        groups = heads.sum(1)
+        assert torch.all(groups[:-1] >= groups[1:] - 1e-6)  # KV groups by importance
+        assert torch.all(heads[:, :-1] >= heads[:, 1:] - 1e-6)  # query heads within their group
+        assert torch.allclose(heads.sum(), before[f"layers.{i}.heads"].sum(), rtol=1e-4)
+    assert not torch.equal(before["layers.0.ffn"], after["layers.0.ffn"])  # random init: it did move
+
+
+def test_reorder_needs_calibration_tokens(built) -> None:
+    _, net = built["gpt2"]
+    _one_line_error(ValueError, lambda: reorder_by_importance(copy.deepcopy(net), []), "no")

@@ -57,6 +57,9 @@ class LMSupernet(Supernet):
     LAYERS: str
     RULES: Mapping[str, Rule]
     HEAD: str | None = None  # the output projection's weight (a matrix product per token), if any
+    # the layer modules that read the FFN's hidden units and the heads' outputs (importance ordering)
+    FFN_OUT: str
+    ATTN_OUT: str
 
     def __init__(self, model: nn.Module, space: SearchSpace, seq_len: int, heads_per_kv: int):
         super().__init__()
@@ -205,6 +208,7 @@ class LlamaSupernet(LMSupernet):
         "mlp.up_proj.weight": ("ffn", 0), "mlp.up_proj.bias": ("ffn", 0),
         "mlp.down_proj.weight": ("ffn", 1),
     }  # fmt: skip
+    FFN_OUT, ATTN_OUT = "mlp.down_proj", "self_attn.o_proj"
     HEAD = "lm_head.weight"
 
     def _out_features(self) -> int:
@@ -247,6 +251,7 @@ class GPT2Supernet(LMSupernet):
         "mlp.c_fc.weight": ("ffn", 1), "mlp.c_fc.bias": ("ffn", 0),
         "mlp.c_proj.weight": ("ffn", 0),
     }  # fmt: skip
+    FFN_OUT, ATTN_OUT = "mlp.c_proj", "attn.c_proj"
     HEAD = "lm_head.weight"
 
     def _out_features(self) -> int:
@@ -293,6 +298,7 @@ class BertSupernet(LMSupernet):
         "intermediate.dense.weight": ("ffn", 0), "intermediate.dense.bias": ("ffn", 0),
         "output.dense.weight": ("ffn", 1),
     }  # fmt: skip
+    FFN_OUT, ATTN_OUT = "output.dense", "attention.output.dense"
 
     def _out_features(self) -> int:
         return self.config.hidden_size
