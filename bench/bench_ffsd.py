@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import yaml
-from common import QUICK, mean_se, quick_path, set_threads, test_split, write_results
+from common import QUICK, fmt_mean_se, goal_table, mean_se, quick_path, set_threads, test_split, write_results
 from torch import nn
 
 from dynaslice import runs
@@ -132,11 +132,6 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:
     return {"arms": arms, "goals": goals, "table": table(arms), "goal_table": goal_table(goals)}
 
 
-def _fmt(stat: dict[str, Any] | None, digits: int = 2) -> str:
-    if not stat:
-        return "-"
-    se = f" ± {stat['se']:.{digits}f}" if stat["n"] > 1 else ""
-    return f"{stat['mean']:.{digits}f}{se}"
 
 
 def table(arms: dict[str, dict]) -> str:
@@ -145,15 +140,10 @@ def table(arms: dict[str, dict]) -> str:
     for name, r in arms.items():
         minutes = {**r["seconds"], "mean": r["seconds"]["mean"] / 60, "se": (r["seconds"]["se"] or 0) / 60}
         lines.append(f"| {name} | {r['model']} | {r['epochs']} | {r['macs'] / 1e6:.1f} | {r['params'] / 1e3:.0f} | "
-                     f"{_fmt(r['val_accuracy'])} | {_fmt(r['test_accuracy'])} | {_fmt(minutes, 1)} |")  # fmt: skip
+                     f"{fmt_mean_se(r['val_accuracy'])} | {fmt_mean_se(r['test_accuracy'])} | {fmt_mean_se(minutes, digits=1)} |")  # fmt: skip
     return "\n".join(lines)
 
 
-def goal_table(goals: dict[str, dict]) -> str:
-    lines = ["| comparison | seeds | val gap (points) | test gap (points) |", "| --- | ---: | ---: | ---: |"]
-    for name, g in goals.items():
-        lines.append(f"| {name} | {len(g['seeds'])} | {_fmt(g['val'])} | {_fmt(g['test'])} |")
-    return "\n".join(lines)
 
 
 def main() -> None:

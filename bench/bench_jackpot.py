@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import QUICK, mean_se, quick_path, set_threads, test_split, write_results
+from common import QUICK, fmt_mean_se, goal_table, mean_se, quick_path, set_threads, test_split, write_results
 from torch import nn
 
 from dynaslice import runs
@@ -219,11 +219,6 @@ def summarise(per_seed: dict[int, dict[str, dict]], sparsities: list[str]) -> di
     }
 
 
-def _fmt(stat: dict[str, Any] | None, scale: float = 1.0, digits: int = 2) -> str:
-    if not stat:
-        return "-"
-    se = f" ± {stat['se'] * scale:.{digits}f}" if stat["n"] > 1 else ""
-    return f"{stat['mean'] * scale:.{digits}f}{se}"
 
 
 def table(arms: dict[str, dict]) -> str:
@@ -233,18 +228,13 @@ def table(arms: dict[str, dict]) -> str:
     ]  # fmt: skip
     for name, r in arms.items():
         lines.append(
-            f"| {name} | {_fmt(r.get('nonzero_params'), 1e-3, 1)} | {_fmt(r.get('overlap'), 1, 3)} | "
-            f"{_fmt(r.get('sparse_bytes'), 1e-3, 0)} | {_fmt(r.get('dense_float32_bytes'), 1e-3, 0)} | "
-            f"{_fmt(r.get('val_accuracy'))} | {_fmt(r.get('test_accuracy'))} |"
+            f"| {name} | {fmt_mean_se(r.get('nonzero_params'), 1e-3, 1)} | {fmt_mean_se(r.get('overlap'), 1, 3)} | "
+            f"{fmt_mean_se(r.get('sparse_bytes'), 1e-3, 0)} | {fmt_mean_se(r.get('dense_float32_bytes'), 1e-3, 0)} | "
+            f"{fmt_mean_se(r.get('val_accuracy'))} | {fmt_mean_se(r.get('test_accuracy'))} |"
         )
     return "\n".join(lines)
 
 
-def goal_table(goals: dict[str, dict]) -> str:
-    lines = ["| comparison | seeds | val gap (points) | test gap (points) |", "| --- | ---: | ---: | ---: |"]
-    for name, g in goals.items():
-        lines.append(f"| {name} | {len(g['seeds'])} | {_fmt(g['val'])} | {_fmt(g['test'])} |")
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import QUICK, mean_se, set_threads, test_split, write_results
+from common import QUICK, fmt_mean_se, goal_table, mean_se, set_threads, test_split, write_results
 
 import dynaslice as ds
 from dynaslice import runs
@@ -261,11 +261,6 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:
     return {"runs": runs, "goals": goals, "table": table(runs), "goal_table": goal_table(goals)}
 
 
-def _fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> str:
-    if not stat:
-        return "-"
-    se = f" ± {stat['se'] * scale:.{digits}f}" if stat["n"] > 1 else ""
-    return f"{stat['mean'] * scale:.{digits}f}{se}"
 
 
 def table(runs: dict[str, dict]) -> str:
@@ -275,19 +270,14 @@ def table(runs: dict[str, dict]) -> str:
     ]  # fmt: skip
     for name, r in runs.items():
         lines.append(
-            f"| {name} | {_fmt(r.get('macs'), 1e-6)} | {_fmt(r.get('nominal_macs'), 1e-6)} | "
-            f"{_fmt(r.get('params'), 1e-3, 1)} | {_fmt(r.get('nonzero_params'), 1e-3, 1)} | "
-            f"{_fmt(r.get('val_accuracy'))} | {_fmt(r.get('test_accuracy'))} | {_fmt(r.get('latency_ms'), 1, 3)} | "
-            f"{_fmt(r.get('speedup'))} |"
+            f"| {name} | {fmt_mean_se(r.get('macs'), 1e-6)} | {fmt_mean_se(r.get('nominal_macs'), 1e-6)} | "
+            f"{fmt_mean_se(r.get('params'), 1e-3, 1)} | {fmt_mean_se(r.get('nonzero_params'), 1e-3, 1)} | "
+            f"{fmt_mean_se(r.get('val_accuracy'))} | {fmt_mean_se(r.get('test_accuracy'))} | {fmt_mean_se(r.get('latency_ms'), 1, 3)} | "
+            f"{fmt_mean_se(r.get('speedup'))} |"
         )
     return "\n".join(lines)
 
 
-def goal_table(goals: dict[str, dict]) -> str:
-    lines = ["| part | comparison | seeds | val gap (points) | test gap (points) |", "| --- | --- | ---: | ---: | ---: |"]
-    for name, g in goals.items():
-        lines.append(f"| ({g['part']}) | {name} | {len(g['seeds'])} | {_fmt(g['val'])} | {_fmt(g['test'])} |")
-    return "\n".join(lines)
 
 
 def main() -> None:

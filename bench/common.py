@@ -88,6 +88,27 @@ def mean_se(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "se": se, "n": len(values)}
 
 
+def fmt_mean_se(stat: dict[str, Any] | None, scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± se`` of a :func:`mean_se` record (times ``scale``), ``-`` where there is none."""
+    if not stat:
+        return "-"
+    se = f" ± {stat['se'] * scale:.{digits}f}" if stat["n"] > 1 and stat["se"] is not None else ""
+    return f"{stat['mean'] * scale:.{digits}f}{se}"
+
+
+def goal_table(goals: dict[str, dict[str, Any]]) -> str:
+    """The Markdown table of paired gaps over seeds (``{name: {seeds, val, test[, part]}}``), with
+    the issue's part column where the goals name one."""
+    part = any("part" in g for g in goals.values())
+    head = ("| part " if part else "") + "| comparison | seeds | val gap (points) | test gap (points) |"
+    rule = ("| --- " if part else "") + "| --- | ---: | ---: | ---: |"
+    lines = [head, rule]
+    for name, g in goals.items():
+        first = f"| ({g['part']}) " if part else ""
+        lines.append(f"{first}| {name} | {len(g['seeds'])} | {fmt_mean_se(g['val'])} | {fmt_mean_se(g['test'])} |")
+    return "\n".join(lines)
+
+
 def machine() -> dict[str, Any]:
     """Where a figure was measured: recorded in every results file."""
     return {
