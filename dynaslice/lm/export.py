@@ -31,11 +31,12 @@ def subnet_config(net: LMSupernet, arch: Mapping[str, int]):
     ffn = {arch[f"layers.{i}.ffn"] for i in range(depth)}
     heads = {arch[f"layers.{i}.heads"] for i in range(depth)}
     if len(ffn) > 1 or len(heads) > 1:
+        field = "n_inner" if isinstance(net, GPT2Supernet) else "intermediate_size"
         what = "FFN widths" if len(ffn) > 1 else "head counts"
         raise ValueError(
-            f"{cfg_name} builds every layer with one intermediate size and one head count; this slice "
-            f"has per-layer {what} {sorted(ffn if len(ffn) > 1 else heads)}: export a slice that is uniform "
-            "over its layers"
+            f"{cfg_name} builds every layer from one {field} and one num_attention_heads (each an int in "
+            f"transformers {_version()}); this slice has per-layer {what} "
+            f"{sorted(ffn if len(ffn) > 1 else heads)}: export a slice that is uniform over its layers"
         )
     (ffn,), (heads,) = ffn, heads
     config = copy.deepcopy(net.config)
@@ -56,6 +57,12 @@ def subnet_config(net: LMSupernet, arch: Mapping[str, int]):
     if hasattr(config, "num_key_value_heads"):
         config.num_key_value_heads = heads // net.heads_per_kv
     return config
+
+
+def _version() -> str:
+    from transformers import __version__
+
+    return __version__
 
 
 def export_hf(net: LMSupernet, arch: Mapping[str, int], out: str | os.PathLike) -> Path:
