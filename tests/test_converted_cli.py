@@ -255,6 +255,17 @@ def test_model_file_of_a_user_factory_loads_when_trusted(factory_module, tmp_pat
         assert torch.equal(back.eval()(x, back.space.smallest()), net.eval()(x, net.space.smallest()))
 
 
+def test_commands_load_a_user_factory_s_run_only_with_trust_factory(factory_module, tmp_path):
+    """The run's model file names ``userzoo:tiny``: eval refuses it in one line unless the user
+    names that factory with ``--trust-factory``."""
+    config = write(tmp_path, model={"name": "userzoo:tiny", "kwargs": {"ratios": RATIOS}})
+    run = tmp_path / "run"
+    assert cli("train", config, "--out", run)[0] == 0
+    one_line_error(cli("eval", run, "--archs", "smallest"), "'userzoo:tiny'")
+    rc, out, err = cli("eval", run, "--archs", "smallest", "--trust-factory", "userzoo:tiny")
+    assert rc == 0 and "smallest" in out, err
+
+
 def test_model_file_reads_no_other_weights_it_names(tmp_path):
     pytest.importorskip("timm")
     elsewhere = tmp_path / "not-read.pth"  # absent: timm would fail reading it

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +103,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def load_checkpoint(path: str, weights: str = "model") -> tuple[Supernet, dict[str, Any], Config, Path]:
-    """``(net, metadata, config, file)`` of a run directory, checkpoint directory or model file."""
+def add_trust_factory(p: argparse.ArgumentParser) -> None:
+    """``--trust-factory NAME``: a model file whose converted net is built by the user's
+    ``package.module:factory`` loads only when the user names that factory (a shared file must
+    never choose which code dynaslice imports; see :func:`dynaslice.modelfile.build_model`)."""
+    p.add_argument(
+        "--trust-factory", action="append", default=[], metavar="PKG.MODULE:FACTORY",
+        help="import this factory to rebuild the model file's converted network (repeatable; "
+        "only factories you trust: importing runs their code)",
+    )  # fmt: skip
+
+
+def load_checkpoint(
+    path: str, weights: str = "model", trust: Collection[str] = ()
+) -> tuple[Supernet, dict[str, Any], Config, Path]:
+    """``(net, metadata, config, file)`` of a run directory, checkpoint directory or model file
+    (``trust``: the ``--trust-factory`` names)."""
     file = resolve_model_file(path)
-    net, meta = load_supernet(file, weights)
+    net, meta = load_supernet(file, weights, trust)
     if not isinstance(meta.get("config"), dict):
         raise UserError(f"{file} carries no training config; evaluate it from Python instead")
     return net, meta, from_dict(meta["config"]), file

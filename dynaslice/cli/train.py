@@ -21,6 +21,7 @@ from ..train.stage2 import needs_recalibration, recalibrate_routes
 from .common import (
     UserError,
     add_set,
+    add_trust_factory,
     default_run_dir,
     load_checkpoint,
     parse_share,
@@ -94,7 +95,7 @@ def _recalibrated_out(args: argparse.Namespace, net: Supernet, file: Path, archs
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
-    net, meta, cfg, file = load_checkpoint(args.ckpt, args.weights)
+    net, meta, cfg, file = load_checkpoint(args.ckpt, args.weights, args.trust_factory)
     cfg = trusted_data(cfg, args.data_dir)
     default = ["routes"] if isinstance(net, GatedSupernet) else ["uniform"]
     archs = parse_archs(args.archs or default, net, cfg.train.eval_widths)
@@ -113,7 +114,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    net, meta, cfg, file = load_checkpoint(args.ckpt, args.weights)
+    net, meta, cfg, file = load_checkpoint(args.ckpt, args.weights, args.trust_factory)
     cfg = trusted_data(cfg, args.data_dir)
     if cfg.data.name == "folder":
         raise UserError("evaluating folder datasets is not wired into the CLI yet; use dynaslice.train.evaluate")
@@ -163,7 +164,7 @@ def _eval_gated(args: argparse.Namespace, net: GatedSupernet, meta: dict[str, An
 
 
 def _train_gate(args: argparse.Namespace) -> int:
-    net, meta, cfg, file = load_checkpoint(args.ckpt, args.weights)
+    net, meta, cfg, file = load_checkpoint(args.ckpt, args.weights, args.trust_factory)
     cfg = trusted_data(cfg, args.data_dir)
     if not isinstance(net, GatedSupernet):
         raise UserError(
@@ -205,6 +206,7 @@ def _checkpoint_args(p: argparse.ArgumentParser, archs: str = "") -> None:
     if archs:
         p.add_argument("--archs", nargs="+", default=None, metavar="A", help=archs)
     p.add_argument("--weights", choices=("model", "ema"), default="model", help="student or EMA-teacher weights")
+    add_trust_factory(p)
     p.add_argument(
         "--data-dir", default=None, metavar="DIR",
         help="where the dataset the checkpoint names lives (default: that dataset's standard place; "
