@@ -108,7 +108,10 @@ def test_largest_subnet_is_the_model(built, family: str) -> None:
 
 def test_gqa_head_choices_keep_the_group_ratio(built) -> None:
     _, net = built["llama"]
-    assert net.space["layers.0.heads"].choices == (2, 4)  # query heads, 2 per KV head
+    # query heads, 2 per KV head: whole groups, or one head of the first group with its KV head
+    assert net.space["layers.0.heads"].choices == (1, 2, 4)
+    model, _ = built["llama"]
+    assert make_lm_supernet(model, heads=[2]).space["layers.0.heads"].choices == (2, 4)
     _, gpt2 = built["gpt2"]
     assert gpt2.space["layers.0.heads"].choices == (1, 2, 3, 4)
 
@@ -120,7 +123,7 @@ def _narrow(net: LMSupernet, heads: int, depth: int):
 
 
 @pytest.mark.parametrize(
-    "family,heads,depth", [("llama", 2, 2), ("llama", 4, 1), ("gpt2", 4, 1), ("bert", 4, 2)]
+    "family,heads,depth", [("llama", 2, 2), ("llama", 1, 2), ("llama", 4, 1), ("gpt2", 4, 1), ("bert", 4, 2)]
 )
 def test_exported_slice_loads_with_transformers_and_equals_the_slice(
     built, tmp_path, family, heads, depth
@@ -184,16 +187,16 @@ def _surgery(model: nn.Module, ffn: list[int], heads: list[int], depth: int) -> 
         mlp.gate_proj, mlp.up_proj = cut(mlp.gate_proj, rows=ffn[i]), cut(mlp.up_proj, rows=ffn[i])
         mlp.down_proj = cut(mlp.down_proj, cols=ffn[i])
         att.q_proj, att.o_proj = cut(att.q_proj, rows=heads[i] * hd), cut(att.o_proj, cols=heads[i] * hd)
-        att.k_proj, att.v_proj = (
-            cut(att.k_proj, rows=heads[i] // 2 * hd),
-            cut(att.v_proj, rows=heads[i] // 2 * hd),
-        )
+        kv = (heads[i] + 1) // 2 * hd  # the KV heads of the groups its query heads belong to
+        att.k_proj, att.v_proj = cut(att.k_proj, rows=kv), cut(att.v_proj, rows=kv)
     del ref.model.layers[depth:]
     ref.config.num_hidden_layers = depth
     return ref
 
 
-@pytest.mark.parametrize("ffn,heads,depth", [([48, 128], [4, 2], 2), ([64, 128], [2, 4], 1)])
+@pytest.mark.parametrize(
+    "ffn,heads,depth", [([48, 128], [4, 2], 2), ([64, 128], [2, 4], 1), ([128, 48], [1, 4], 2)]
+)
 def test_per_layer_widths_heads_and_depth_are_weight_prefixes(built, tmp_path, ffn, heads, depth) -> None:
     model, net = built["llama"]
     arch = {"layers.0.ffn": ffn[0], "layers.0.heads": heads[0], "layers.1.ffn": ffn[1], "layers.1.heads": heads[1],

@@ -55,7 +55,7 @@ def subnet_config(net: LMSupernet, arch: Mapping[str, int]):
     if hasattr(config, "head_dim"):
         config.head_dim = net.head_dim
     if hasattr(config, "num_key_value_heads"):
-        config.num_key_value_heads = heads // net.heads_per_kv
+        config.num_key_value_heads = net.kv_heads(heads)
     return config
 
 

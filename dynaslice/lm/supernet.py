@@ -8,8 +8,9 @@ Sorted LLaMA):
 - ``layers.{i}.ffn``: the FFN width of layer ``i`` (its first ``n`` hidden units; DS-Net's width
   grid rounded to multiples of 8 by default);
 - ``layers.{i}.heads``: the query heads of layer ``i`` (its first ``n`` heads). With grouped-query
-  attention the choices are multiples of the heads per KV head ``g``, and a slice keeps its
-  first ``n / g`` KV heads, so every query head keeps the KV head it was trained with;
+  attention the choices are multiples of the heads per KV head ``g`` (a slice keeps its first
+  ``n / g`` KV heads) or fewer than ``g`` (one KV head), so every query head keeps the KV head
+  it was trained with (multi-query attention slices any head count);
 - ``depth``: how many layers run (the first ``k``).
 
 The hidden size, embeddings, norms and the output head are never sliced. The largest subnet is
@@ -101,7 +102,12 @@ class LMSupernet(Supernet):
         if unit == "ffn":
             return arch[f"layers.{i}.ffn"]
         heads = arch[f"layers.{i}.heads"]
-        return (heads // self.heads_per_kv if unit == "kv" else heads) * self.head_dim
+        return (self.kv_heads(heads) if unit == "kv" else heads) * self.head_dim
+
+    def kv_heads(self, heads: int) -> int:
+        """The KV heads a slice with ``heads`` query heads keeps: the groups its heads belong to
+        (one KV head for fewer than a group's ``heads_per_kv`` query heads)."""
+        return -(-heads // self.heads_per_kv)
 
     # --- the one place where weights are sliced (forward, export and costs read it) ----------
     def _slice(self, tensor: torch.Tensor, unit: str, axis: int, n: int) -> torch.Tensor:
@@ -358,16 +364,19 @@ def _check_config(family: str, config) -> None:
 
 
 def _head_choices(family: str, heads: int, kv_heads: int, chosen: Sequence[int] | None) -> tuple[int, ...]:
+    """Query-head counts whose slice keeps each head's KV head: whole groups of ``g = heads /
+    kv_heads`` (then KV heads ``n / g``), or fewer than ``g`` heads of the first group (one KV head)."""
     group = heads // kv_heads
+    valid = [h for h in range(1, heads + 1) if h % group == 0 or h < group]
     if chosen is None:
-        return tuple(range(group, heads + 1, group))
-    bad = [h for h in chosen if not (0 < h <= heads and h % group == 0)]
+        return tuple(valid)
+    bad = [h for h in chosen if h not in valid]
     if bad:
         raise ValueError(
             f"head choices {bad} are not valid for {family}: its {heads} query heads share {kv_heads} KV "
-            f"head(s), so a slice keeps a multiple of {group} query heads, at most {heads}"
+            f"head(s), so a slice keeps a multiple of {group} query heads (or fewer than {group}), at most {heads}"
         )
-    return tuple(sorted(set(chosen)) | {heads})
+    return tuple(sorted(set(chosen) | {heads}))
 
 
 def make_lm_supernet(
