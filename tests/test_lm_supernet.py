@@ -234,7 +234,9 @@ def test_refusals_are_one_line(built, tmp_path) -> None:
 
 
 def test_make_supernet_still_needs_an_example_input_for_a_torch_model() -> None:
-    _one_line_error(TypeError, lambda: ds.make_supernet(nn.Sequential(nn.Linear(4, 4))), "example_input")
+    _one_line_error(
+        ValueError, lambda: ds.make_supernet(nn.Sequential(nn.Linear(4, 4))), "example_input must be a tensor"
+    )
 
 
 def _calibration() -> list[torch.Tensor]:

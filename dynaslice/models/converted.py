@@ -420,8 +420,6 @@ def make_supernet(
 
     if is_transformers_model(model):
         return make_lm_supernet(model, example_input, ratios=ratios, round_to=round_to)
-    if example_input is None:
-        raise TypeError("make_supernet needs an example_input for a torch model, e.g. torch.randn(1, 3, 224, 224)")
     ratios = _check_options(ratios, round_to)
     if not isinstance(model, nn.Module):
         raise TypeError(f"make_supernet takes a torch.nn.Module, got {type(model).__name__}")
