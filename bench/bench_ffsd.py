@@ -41,7 +41,7 @@ from torch import nn
 
 from dynaslice import runs
 from dynaslice.atomic import cached_json
-from dynaslice.prune import accuracy
+from dynaslice.prune import model_accuracy
 from dynaslice.train import load_config, train_online
 from dynaslice.train.data import eval_loader
 
@@ -89,7 +89,7 @@ class Bench:
             seconds = time.perf_counter() - t0
             row = {"name": name, "epochs": cfg.train.epochs, "model": cfg.model.name, **result, "seconds": seconds}
             row["val_accuracy"] = result["accuracy"]
-            row["test_accuracy"] = accuracy(load_plain(self.root / name), self.test)
+            row["test_accuracy"] = model_accuracy(load_plain(self.root / name), self.test)
             row["val_curve"] = val_curve(self.root / name)
             return row
 

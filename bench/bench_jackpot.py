@@ -55,7 +55,7 @@ from torch import nn
 
 from dynaslice import runs
 from dynaslice.atomic import cached_json
-from dynaslice.prune import PruneResult, accuracy, jackpot_prune, train_base
+from dynaslice.prune import PruneResult, jackpot_prune, model_accuracy, train_base
 from dynaslice.prune.common import finish
 from dynaslice.prune.run import full_network
 from dynaslice.train import load_config
@@ -124,10 +124,10 @@ class Bench:
             result = make(self.root / name)
             seconds = time.perf_counter() - t0
             row = {"name": name, **result.summary(), "seconds": seconds}
-            row["val_accuracy"] = accuracy(result.model, self.val)  # the final network, whatever trained it
-            row["test_accuracy"] = accuracy(result.model, self.test)
+            row["val_accuracy"] = model_accuracy(result.model, self.val)  # the final network, whatever trained it
+            row["test_accuracy"] = model_accuracy(result.model, self.test)
             if (self.root / name / runs.PRUNE_TRAIN / runs.METRICS).is_file():
-                start = accuracy(jackpot_prune(self.base, self.size, row["info"]["sparsity"],
+                start = model_accuracy(jackpot_prune(self.base, self.size, row["info"]["sparsity"],
                                                init=row["info"]["init"], seed=self.seed).model, self.val)  # fmt: skip
                 row["val_curve"] = [(0.0, start), *val_curve(self.root / name / runs.PRUNE_TRAIN)]
             return row

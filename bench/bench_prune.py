@@ -64,10 +64,10 @@ from dynaslice.atomic import cached_json
 from dynaslice.profile import count_module_macs
 from dynaslice.prune import (
     PruneResult,
-    accuracy,
     dcff_train,
-    export_onnx,
+    export_pruned_onnx,
     magnitude_prune,
+    model_accuracy,
     onexn_prune,
     prune_l1,
     prune_random,
@@ -128,12 +128,12 @@ class Bench:
             t0 = time.perf_counter()
             result: PruneResult = make(self.root / name)
             seconds = time.perf_counter() - t0
-            export_onnx(result, self.root / f"{name}.onnx")
+            export_pruned_onnx(result, self.root / f"{name}.onnx")
             row = {"name": name, **result.summary(), "train_seconds": seconds}
             row["info"] = {k: v for k, v in row["info"].items() if k != "scores"}  # in the run directory
             if row["val_accuracy"] is None:
-                row["val_accuracy"] = accuracy(result.model, self.val)
-            row["test_accuracy"] = accuracy(result.model, self.test)
+                row["val_accuracy"] = model_accuracy(result.model, self.val)
+            row["test_accuracy"] = model_accuracy(result.model, self.test)
             return row
 
         row = self.rows[name] = cached_json(self.root / f"{name}.json", compute)

@@ -51,7 +51,7 @@ from dynaslice.space import Arch
 from dynaslice.train import load_config, load_supernet, recalibrate_bn, train
 from dynaslice.train.config import save_config
 from dynaslice.train.data import eval_loader, load_split
-from dynaslice.train.evaluate import accuracy
+from dynaslice.train.evaluate import subnet_accuracy
 from dynaslice.train.pss import PSSSampler, macs_fn, select_budget_table
 
 COMMON = ["train.target=ib", "train.num_subnets=4"]  # --recipe ib; --recipe config keeps the config's
@@ -149,7 +149,7 @@ def main() -> None:
                 "arch": e.arch.to_dict(),
                 "macs": e.macs,
                 "val_accuracy": e.val_accuracy,
-                "test_accuracy": accuracy(deployed.net, deployed.use(e), test),
+                "test_accuracy": subnet_accuracy(deployed.net, deployed.use(e), test),
             }
             for e in deployed.table.entries
         ]
@@ -164,7 +164,7 @@ def main() -> None:
         recalibrate_bn(
             net, list(dict.fromkeys(archs)), train_ds, t.recal_images, t.recal_batch_size, seed=t.seed
         )
-        return [accuracy(net, a, test) for a in archs]
+        return [subnet_accuracy(net, a, test) for a in archs]
 
     for row, acc in zip(
         pss, cached_json(runs["pss"] / "bench_shared_bn.json", shared_bn_accuracies), strict=True
@@ -199,7 +199,7 @@ def main() -> None:
                 "macs": e.macs,
                 "val_accuracy": e.val_accuracy,
                 "candidates": e.candidates,
-                "test_accuracy": accuracy(searched.net, searched.use(e), test),
+                "test_accuracy": subnet_accuracy(searched.net, searched.use(e), test),
             }
             for e in searched.table.entries
         ]

@@ -29,7 +29,14 @@ from typing import Any
 from common import mean_se, set_threads, test_split, write_results
 
 from dynaslice.atomic import cached_json
-from dynaslice.prune import accuracy, onexn_prune, prune_l1, train_base, train_from_scratch, whitebox_prune
+from dynaslice.prune import (
+    model_accuracy,
+    onexn_prune,
+    prune_l1,
+    train_base,
+    train_from_scratch,
+    whitebox_prune,
+)
 from dynaslice.prune.phases import pretrain_epochs
 from dynaslice.prune.run import full_network, resolve_targets
 from dynaslice.train import load_config
@@ -83,7 +90,7 @@ def run_method(method: str, seed: int, sets: list[str], root: Path, threads: int
     seconds = time.perf_counter() - t0
     row = {k: v for k, v in result.summary().items() if k not in ("info", "input_size")}
     row["seconds"] = round(seconds, 1)
-    row["test_accuracy"] = accuracy(result.model, eval_loader(test_split(cfg, 0)))
+    row["test_accuracy"] = model_accuracy(result.model, eval_loader(test_split(cfg, 0)))
     return row
 
 

@@ -436,11 +436,11 @@ def test_pruning_reads_the_same_engine_an_se_gate_is_tied_to_what_it_scales():
     """Pruning's groups come from the engine: an SE scale (once refused by pruning's own table,
     which did not know ``mul``) is tied to the channels it scales, and the pruned model keeps the
     function when the removed channels carry nothing."""
-    from dynaslice.prune.common import PruningError, channel_groups, prune_channels
+    from dynaslice.prune.common import PruningError, model_channel_groups, prune_channels
 
     torch.manual_seed(0)
     model = randomised(SqueezeExcite())
-    gm, groups = channel_groups(model, (1, 8, 8))
+    gm, groups = model_channel_groups(model, (1, 8, 8))
     assert groups["conv"].producers == ("conv", "expand") and groups["conv"].norms == ("bn",)
     assert groups["conv"].consumers == ("reduce", "fc") and not groups["conv"].internal
     with torch.no_grad():
@@ -452,7 +452,7 @@ def test_pruning_reads_the_same_engine_an_se_gate_is_tied_to_what_it_scales():
     with pytest.raises(
         PruningError, match="does not support the grouped conv grouped"
     ):  # engine: yes; surgery: no
-        channel_groups(Custom(), (3, 8, 8))
+        model_channel_groups(Custom(), (3, 8, 8))
 
 
 def test_channels_of_a_converted_net_are_ordered_by_importance(converted):

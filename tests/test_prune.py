@@ -20,11 +20,11 @@ from dynaslice.prune import (
     MaskedTrainer,
     PruningError,
     WhiteBoxTrainer,
-    channel_groups,
     check_compact,
     dcff_train,
-    export_onnx,
+    export_pruned_onnx,
     magnitude_prune,
+    model_channel_groups,
     onexn_prune,
     prune_channels,
     prune_l1,
@@ -100,7 +100,7 @@ X = torch.randn(4, *SIZE, generator=torch.Generator().manual_seed(1))
 
 
 def test_channel_groups_of_a_resnet():
-    gm, groups = channel_groups(plain_model(), SIZE)
+    gm, groups = model_channel_groups(plain_model(), SIZE)
     internal = [n for n, g in groups.items() if g.internal]
     assert internal == [f"layer{s}.{b}.conv1" for s in range(1, 5) for b in range(2)]
     stem = groups["conv1"]  # the stem feeds layer1's identity shortcuts: one tied group
@@ -122,14 +122,14 @@ def test_unknown_op_is_an_error_naming_it():
             return self.fc(torch.cumsum(self.conv(x), 1).mean((2, 3)))
 
     with pytest.raises(PruningError, match="cumsum"):
-        channel_groups(Odd(), SIZE)
+        model_channel_groups(Odd(), SIZE)
 
 
 @pytest.mark.parametrize("group", ["layer2.1.conv1", "conv1", "layer3.0.conv2"])
 def test_pruning_dead_channels_preserves_the_function(group):
     """Channels whose BN outputs are 0 carry nothing: removing them must not change the logits."""
     model = plain_model()
-    gm, groups = channel_groups(model, SIZE)
+    gm, groups = model_channel_groups(model, SIZE)
     dead = [0, 3, 5]
     with torch.no_grad():
         for norm in groups[group].norms:
@@ -144,7 +144,7 @@ def test_pruning_dead_channels_preserves_the_function(group):
 
 @pytest.mark.parametrize("group", ["layer1.0.conv1", "layer2.0.conv2"])
 def test_a_full_permutation_preserves_the_function(group):
-    gm, groups = channel_groups(plain_model(), SIZE)
+    gm, groups = model_channel_groups(plain_model(), SIZE)
     perm = torch.randperm(groups[group].size, generator=torch.Generator().manual_seed(0))
     permuted = prune_channels(gm, groups, {group: perm})
     torch.testing.assert_close(logits(permuted, X), logits(gm, X), rtol=0, atol=1e-5)
@@ -152,7 +152,7 @@ def test_a_full_permutation_preserves_the_function(group):
 
 
 def test_bad_keep_lists_are_errors():
-    gm, groups = channel_groups(plain_model(), SIZE)
+    gm, groups = model_channel_groups(plain_model(), SIZE)
     with pytest.raises(PruningError, match="distinct"):
         prune_channels(gm, groups, {"layer1.0.conv1": [0, 0]})
     with pytest.raises(PruningError, match="distinct"):
@@ -167,7 +167,7 @@ def test_bad_keep_lists_are_errors():
 
 
 def test_cost_model_equals_torch_counter_on_random_widths():
-    gm, groups = channel_groups(plain_model(), SIZE)
+    gm, groups = model_channel_groups(plain_model(), SIZE)
     costs = CostModel(gm, groups, SIZE)
     rng = np.random.default_rng(0)
     for _ in range(3):
@@ -178,7 +178,7 @@ def test_cost_model_equals_torch_counter_on_random_widths():
 
 @pytest.mark.parametrize("include", ["internal", "all"])
 def test_budget_is_the_widest_uniform_network_within_target(include):
-    gm, groups = channel_groups(plain_model(), SIZE)
+    gm, groups = model_channel_groups(plain_model(), SIZE)
     target = count_module_macs(gm, SIZE) // 2
     widths = resolve_widths(gm, groups, SIZE, include, target_macs=target)
     costs = CostModel(gm, groups, SIZE)
@@ -190,7 +190,7 @@ def test_budget_is_the_widest_uniform_network_within_target(include):
 
 def test_unreachable_targets_get_one_clear_error():
     model = plain_model()
-    gm, groups = channel_groups(model, SIZE)
+    gm, groups = model_channel_groups(model, SIZE)
     with pytest.raises(PruningError, match="below the .* one channel in every prunable group"):
         resolve_widths(gm, groups, SIZE, "internal", target_macs=1000)
     with pytest.raises(PruningError, match="below"):
@@ -277,7 +277,7 @@ def test_assign_slots_keeps_kept_filters_in_place():
 
 def test_fused_conv_trains_all_filters_and_compacts_exactly():
     model = plain_model().train()
-    gm, groups = channel_groups(model, SIZE)
+    gm, groups = model_channel_groups(model, SIZE)
     widths = resolve_widths(gm, groups, SIZE, "all", target_macs=count_module_macs(gm, SIZE) // 2)
     fused = fuse_model(gm, SIZE, widths)
     update_fusion(fused, 1.0)  # T = 1: soft fusion, every filter contributes
@@ -359,7 +359,7 @@ def test_whitebox_loss_adds_the_regulariser(tmp_path):
 
 
 def test_global_vote_meets_target_with_minimum_per_layer():
-    gm, groups = channel_groups(plain_model(), SIZE)
+    gm, groups = model_channel_groups(plain_model(), SIZE)
     names = prunable_groups(groups, "internal")
     g = torch.Generator().manual_seed(0)
     scores = {n: torch.rand(groups[n].size, generator=g) for n in names}
@@ -407,7 +407,7 @@ def test_block_mask_prunes_whole_blocks_of_smallest_norm():
 
 
 def test_rearrangement_preserves_the_function_and_sorts_filters():
-    gm, groups = channel_groups(plain_model(), SIZE)
+    gm, groups = model_channel_groups(plain_model(), SIZE)
     layers = sparse_layers(gm)
     assert "conv1" not in layers and "layer2.0.downsample.0" in layers
     rearranged, perms = rearrange_filters(gm, groups, layers)
@@ -448,7 +448,7 @@ def test_magnitude_baseline_matches_onexn_parameters():
 
 def test_check_compact_rejects_methods_internals():
     model = plain_model()
-    gm, groups = channel_groups(model, SIZE)
+    gm, groups = model_channel_groups(model, SIZE)
     fused = fuse_model(gm, SIZE, {"layer1.0.conv1": 8})
     with pytest.raises(TypeError, match="FusedConv2d"):
         check_compact(fused)
@@ -465,7 +465,7 @@ def test_pruned_network_exports_to_onnx_and_runs(tmp_path):
     model = plain_model()
     result = prune_l1(model, SIZE, target_macs=count_module_macs(model, SIZE) // 2)
     result.model.train()
-    path = export_onnx(result, tmp_path / "l1.onnx")
+    path = export_pruned_onnx(result, tmp_path / "l1.onnx")
     assert result.model.training  # the export works on a copy
     np.testing.assert_allclose(
         OnnxModel(path)(X.numpy()), logits(result.model, X).numpy(), rtol=1e-4, atol=1e-4
@@ -505,7 +505,7 @@ def _steps(trainer, n):
 
 def _fused():
     model = plain_model().train()
-    gm, groups = channel_groups(model, SIZE)
+    gm, groups = model_channel_groups(model, SIZE)
     return fuse_model(gm, SIZE, resolve_widths(gm, groups, SIZE, "all", target_macs=count_module_macs(gm, SIZE) // 2))
 
 

@@ -18,7 +18,7 @@ from dynaslice.prune import (
     register_pruner,
     registry,
 )
-from dynaslice.prune.common import channel_groups, finish, keep_first, prune_channels, resolve_widths
+from dynaslice.prune.common import finish, keep_first, model_channel_groups, prune_channels, resolve_widths
 from dynaslice.train import samplers, targets
 from dynaslice.train.config import Config, ConfigError, load_config
 
@@ -41,7 +41,7 @@ def _register_toy(seen: list[PruneContext], **declared) -> None:
     @register_pruner("toy", **declared)
     def toy(ctx: PruneContext) -> PruneResult:
         seen.append(ctx)
-        gm, groups = channel_groups(ctx.model, ctx.input_size)
+        gm, groups = model_channel_groups(ctx.model, ctx.input_size)
         widths = resolve_widths(gm, groups, ctx.input_size, ctx.include, None, ctx.target_macs, ctx.target_params)
         compact = prune_channels(gm, groups, keep_first(widths))
         return finish("toy", compact, ctx.input_size, widths, None, {"include": ctx.include})

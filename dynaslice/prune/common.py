@@ -52,10 +52,10 @@ __all__ = [
     "CostModel",
     "PruneResult",
     "PruningError",
-    "accuracy",
-    "channel_groups",
+    "model_accuracy",
+    "model_channel_groups",
     "check_compact",
-    "export_onnx",
+    "export_pruned_onnx",
     "finish",
     "prunable_groups",
     "prune_channels",
@@ -124,7 +124,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def channel_groups(
+def model_channel_groups(
     model: nn.Module, input_size: Sequence[int]
 ) -> tuple[fx.GraphModule, dict[str, ChannelGroup]]:
     """``model`` as an ``fx.GraphModule`` and its channel groups, keyed by name, in graph order.
@@ -522,7 +522,7 @@ def finish(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def model_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Top-1 accuracy (%) of a plain model over ``batches``, in eval mode (its mode is restored)."""
     device = next(model.parameters()).device
     correct = total = 0
@@ -535,7 +535,7 @@ def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return 100.0 * correct / total
 
 
-def export_onnx(result: PruneResult, path: str | os.PathLike, batch_dynamic: bool = True) -> Path:
+def export_pruned_onnx(result: PruneResult, path: str | os.PathLike, batch_dynamic: bool = True) -> Path:
     """Write a pruned network to ONNX (dense weights), runnable by :class:`dynaslice.onnx_package.OnnxModel`.
 
     The summary (method, dense and nominal MACs, widths) is stored in the ``dynaslice.prune``

@@ -65,8 +65,8 @@ from .common import (
     PruneResult,
     PruningError,
     _set_module,
-    channel_groups,
     finish,
+    model_channel_groups,
     prune_channels,
     resolve_widths,
 )
@@ -181,7 +181,7 @@ def update_fusion(model: nn.Module, temp: float) -> None:
 def fuse_model(model: nn.Module, input_size: Sequence[int], widths: Mapping[str, int]) -> fx.GraphModule:
     """A copy of ``model`` in which each pruned group's producers are :class:`FusedConv2d` with
     ``widths[g]`` outputs and every norm and consumer is already compact."""
-    gm, groups = channel_groups(model, input_size)
+    gm, groups = model_channel_groups(model, input_size)
     widths = resolve_widths(gm, groups, input_size, widths=widths)
     fused = prune_channels(gm, groups, {g: range(w) for g, w in widths.items()}, producers=False)
     for g, w in widths.items():
@@ -255,7 +255,7 @@ def dcff_train(
     over the groups in ``include``. Trains ``train.epochs`` epochs of ``cfg`` in ``RUN/train``
     (``model`` itself is not changed). Returns the plain compact network with the fused weights.
     """
-    gm, groups = channel_groups(model, input_size)
+    gm, groups = model_channel_groups(model, input_size)
     widths = resolve_widths(gm, groups, input_size, include, widths, target_macs, target_params)
     fused = fuse_model(gm, input_size, widths)
     trainer = DCFFTrainer(fused, cfg, Path(run_dir) / runs.PRUNE_TRAIN, t_start=t_start, t_end=t_end, k=k,

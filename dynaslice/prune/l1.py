@@ -31,9 +31,9 @@ from ..train.config import Config
 from .common import (
     ChannelGroup,
     PruneResult,
-    channel_groups,
     finish,
     keep_first,
+    model_channel_groups,
     prune_channels,
     reinitialize,
     resolve_widths,
@@ -89,7 +89,7 @@ def _run(
     resume: bool,
     scratch_seed: int | None = None,
 ) -> PruneResult:
-    gm, groups = channel_groups(model, input_size)
+    gm, groups = model_channel_groups(model, input_size)
     widths = resolve_widths(gm, groups, input_size, include, widths, *targets)
     compact = prune_channels(gm, groups, select(gm, groups, widths))
     if scratch_seed is None:

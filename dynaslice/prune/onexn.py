@@ -47,7 +47,7 @@ from torch import fx, nn
 
 from ..train.config import Config
 from ..train.model import ModelTrainer
-from .common import ChannelGroup, PruneResult, PruningError, channel_groups, finish, prune_channels
+from .common import ChannelGroup, PruneResult, PruningError, finish, model_channel_groups, prune_channels
 from .phases import finetune
 from .registry import PruneContext, register_pruner
 
@@ -164,7 +164,7 @@ def _sparse_run(
     resume: bool,
     info: dict,
 ) -> PruneResult:
-    gm, groups = channel_groups(model, input_size)
+    gm, groups = model_channel_groups(model, input_size)
     layers = list(layers) if layers is not None else sparse_layers(gm)
     unknown = [n for n in layers if not isinstance(dict(gm.named_modules()).get(n), nn.Conv2d)]
     if unknown:

@@ -28,7 +28,7 @@ from ..profile import count_module_macs, count_module_params
 from ..seeding import derive_seed
 from ..train.config import Config, ConfigError
 from ..train.data import load_split
-from .common import channel_groups, export_onnx, resolve_widths
+from .common import export_pruned_onnx, model_channel_groups, resolve_widths
 from .phases import train_base
 from .registry import TARGET_KINDS, PruneContext, pruner
 
@@ -99,7 +99,7 @@ def _context(cfg: Config, model: nn.Module, size: tuple[int, ...], classes: int,
     include = cfg.prune.include or method.include
     if method.trains_base:
         if method.budget == "channels":
-            gm, groups = channel_groups(model, size)
+            gm, groups = model_channel_groups(model, size)
             resolve_widths(gm, groups, size, include, None, macs, params)
         model = train_base(model, cfg, run_dir / runs.PRUNE_BASE, resume)
     return PruneContext(cfg, model, size, classes, run_dir, resume, macs, params, include)
@@ -125,7 +125,7 @@ def prune_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[st
     with runs.exclusive(run_dir):
         result = pruner(cfg.prune.method).run(_context(cfg, model, size, classes, run_dir, resume))
         save_torch_model(result.model, run_dir / runs.PRUNED_MODEL)
-        export_onnx(result, run_dir / runs.PRUNED_ONNX)
+        export_pruned_onnx(result, run_dir / runs.PRUNED_ONNX)
         out = {
             "method": cfg.prune.method, "accuracy": result.val_accuracy, "split": "val",
             "full_macs": count_module_macs(model, size), "full_params": count_module_params(model),

@@ -62,8 +62,8 @@ from .common import (
     CostModel,
     PruneResult,
     PruningError,
-    channel_groups,
     finish,
+    model_channel_groups,
     prunable_groups,
     prune_channels,
 )
@@ -119,7 +119,7 @@ def add_class_masks(
 
     Its forward is ``forward(x, targets)``. :func:`strip_class_masks` gives back the plain network.
     """
-    gm, groups = channel_groups(model, input_size)
+    gm, groups = model_channel_groups(model, input_size)
     masked = copy.deepcopy(gm)
     graph = masked.graph
     nodes = {n.target: n for n in graph.nodes if n.op == "call_module"}
@@ -184,7 +184,7 @@ class WhiteBoxTrainer(ModelTrainer):
         ce = F.cross_entropy(self.model(x, y).float(), y, label_smoothing=self.cfg.train.label_smoothing)
         return ce + self.lam * mask_regularizer(self.model) if self.lam else ce
 
-    def validate(self) -> None:
+    def evaluate_validation(self) -> None:
         return None
 
 
@@ -281,7 +281,7 @@ def whitebox_prune(
     ``model`` is not modified (the mask phase trains a copy). An unreachable target is an error
     before any training.
     """
-    gm, groups = channel_groups(model, input_size)
+    gm, groups = model_channel_groups(model, input_size)
     names = prunable_groups(groups, include)
     vote_floor(gm, groups, names, input_size, target_macs, min_keep)
     masked = add_class_masks(gm, input_size, num_classes, include)

@@ -69,7 +69,7 @@ class Trainer:
     A subclass's ``__init__`` calls ``super().__init__(cfg, run_dir, env)``, builds its data
     loader, modules and optimizer, then :meth:`setup_loop` with them. It implements
     :meth:`forward_backward` and :meth:`checkpoint_modules`, and may override :meth:`after_step`,
-    :meth:`extra_state`/:meth:`load_extra_state`, :meth:`validate`, :meth:`format_validation`,
+    :meth:`extra_state`/:meth:`load_extra_state`, :meth:`evaluate_validation`, :meth:`format_validation`,
     :meth:`finish` and :meth:`meta`.
     """
 
@@ -169,7 +169,7 @@ class Trainer:
         """Metadata of the checkpoints' model files (what rebuilds the net; the config)."""
         return {"config": self.cfg.to_dict(), "epoch": self.step / self.steps_per_epoch}
 
-    def validate(self) -> Any:
+    def evaluate_validation(self) -> Any:
         """Evaluate on the validation split (after some epochs); None: nothing to report."""
         return None
 
@@ -179,7 +179,7 @@ class Trainer:
 
     def finish(self) -> Any:
         """The end of training (final evaluation, files); returns what ``fit`` returns."""
-        return self.validate()
+        return self.evaluate_validation()
 
     # ------------------------------------------------------------------ one step
 
@@ -407,7 +407,7 @@ class Trainer:
             )
         every = t.eval_every_epochs
         if epoch + 1 < self.epochs and every and (epoch + 1) % every == 0:
-            self.report(self.validate(), epoch + 1)
+            self.report(self.evaluate_validation(), epoch + 1)
 
     def report(self, result: Any, epoch: float, final: bool = False) -> None:
         """Log and print a validation result (rank 0; nothing when there is none)."""

@@ -64,7 +64,7 @@ def evaluate(
     return rows
 
 
-def accuracy(net: Supernet, arch: Arch, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def subnet_accuracy(net: Supernet, arch: Arch, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Top-1 (%) of one subnet on ``batches`` (BN statistics as they are)."""
     return evaluate(net, {"subnet": arch}, batches)[0]["accuracy"]
 

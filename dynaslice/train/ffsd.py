@@ -456,7 +456,7 @@ class OnlineDistillTrainer(Trainer):
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def validate(self) -> dict[str, Any] | None:
+    def evaluate_validation(self) -> dict[str, Any] | None:
         """Top-1 (%) on the validation split of the kept network (``accuracy``), every student
         and the fusion module, in eval mode."""
         if self.val_ds is None:
@@ -496,7 +496,7 @@ class OnlineDistillTrainer(Trainer):
         """Validate, then write the kept network alone: ``model.pt`` (plain torch) and ``model.onnx``."""
         from ..onnx_export import export_module
 
-        result = self.validate() or {}
+        result = self.evaluate_validation() or {}
         self.report(result, self.total_steps / self.steps_per_epoch, final=True)
         plain = self.plain_model()
         save_torch_model(plain, self.run_dir / runs.PRUNED_MODEL)

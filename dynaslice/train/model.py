@@ -86,7 +86,7 @@ class ModelTrainer(Trainer):
         return {"model": self.model}
 
     @torch.no_grad()
-    def validate(self) -> dict[str, Any] | None:
+    def evaluate_validation(self) -> dict[str, Any] | None:
         """Top-1 (%) on the validation split, in eval mode."""
         if self.val_ds is None:
             return None
@@ -101,6 +101,6 @@ class ModelTrainer(Trainer):
         return f": top-1 {result['accuracy']:.2f}% on {result['images']} images"
 
     def finish(self) -> dict[str, Any]:
-        result = self.validate() or {}
+        result = self.evaluate_validation() or {}
         self.report(result, self.total_steps / self.steps_per_epoch, final=True)
         return result

@@ -53,7 +53,7 @@ from ..space import Arch, SearchSpace
 from .bn import bn_statistics, recalibrate_bn
 from .config import Config, ConfigError
 from .engine import Callback
-from .evaluate import accuracy
+from .evaluate import subnet_accuracy
 from .samplers import need_subnets, register_sampler
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -303,7 +303,7 @@ def build_pss_sampler(trainer: SupernetTrainer) -> PSSSampler:
 def val_accuracy(net: Supernet, arch: Arch, recal_data: Any, val_batches: Any, t: Any) -> float:
     """Top-1 (%) of ``arch`` on the validation batches after recalibrating BN for it alone."""
     recalibrate_bn(net, [arch], recal_data, t.recal_images, t.recal_batch_size, seed=t.seed)
-    return accuracy(net, arch, val_batches)
+    return subnet_accuracy(net, arch, val_batches)
 
 
 def select_budget_table(

@@ -152,7 +152,7 @@ class GateTrainer(Trainer):
             "stage2": {"target_macs": self.target_macs, "route_macs": self.route_macs.tolist()},
         }
 
-    def validate(self) -> dict[str, Any] | None:
+    def evaluate_validation(self) -> dict[str, Any] | None:
         if self.val_ds is None:
             return None
         return evaluate_gated(self.gated, eval_loader(self.val_ds), self.val_ds.num_classes)
@@ -173,7 +173,7 @@ class GateTrainer(Trainer):
             print(f"route bias calibrated on validation for <= {self.target_macs / 1e6:.2f} MMACs "
                   f"(logit shift {[round(b, 3) for b in shift.tolist()]})", flush=True)  # fmt: skip
             self.save()  # the final checkpoint holds the calibrated bias
-        result = self.validate() or {}
+        result = self.evaluate_validation() or {}
         self.report(result, self.epochs, final=True)
         return result
 

@@ -283,7 +283,7 @@ class SupernetTrainer(Trainer):
         return recalibrate_bn(net, list(archs.values()), self.recal_data(), t.recal_images,
                               t.recal_batch_size, seed=t.seed)  # fmt: skip
 
-    def validate(self, save_to: str | Path | None = None) -> list[dict[str, Any]]:
+    def evaluate_validation(self, save_to: str | Path | None = None) -> list[dict[str, Any]]:
         """Recalibrate a copy and evaluate the eval archs on the validation split (rank 0 only).
 
         ``save_to``: also write the recalibrated net there as a model file.
@@ -305,7 +305,7 @@ class SupernetTrainer(Trainer):
         return " (BN recalibrated):\n" + format_rows(result)
 
     def finish(self) -> list[dict[str, Any]]:
-        rows = self.validate(save_to=self.run_dir / runs.RECALIBRATED)
+        rows = self.evaluate_validation(save_to=self.run_dir / runs.RECALIBRATED)
         self.report(rows, self.epochs, final=True)
         return rows
 
