@@ -219,6 +219,7 @@ def test_refusals_are_one_line(built, tmp_path) -> None:
         ValueError, lambda: net(_ids(), net.space.largest().replace(**{"layers.0.heads": 3})), "heads=3"
     )
     _one_line_error(ValueError, lambda: net(_ids().float(), net.space.largest()), "token ids")
+    _one_line_error(ValueError, lambda: make_lm_supernet(llama, torch.zeros(1, 3, 8, 8)), "token ids")
     opt = hf.OPTForCausalLM(hf.OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                          num_attention_heads=2, word_embed_proj_dim=16))  # fmt: skip
     _one_line_error(ValueError, lambda: ds.make_supernet(opt), "OPTForCausalLM", "LlamaForCausalLM")

@@ -166,12 +166,7 @@ class LMSupernet(Supernet):
         return (f"layers.{i}.ffn", f"layers.{i}.heads", "depth")
 
     def forward(self, input_ids: torch.Tensor, arch: Mapping[str, int]) -> torch.Tensor:  # type: ignore[override]
-        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(
-                f"{self.family} supernet takes token ids [batch, tokens] (torch.long), got "
-                f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
-            )
-        return super().forward(input_ids, arch)
+        return super().forward(_token_ids(self.family, input_ids), arch)
 
     def forward_stage(self, i: int, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         return x if i >= arch["depth"] else self._block(i, x, arch)
@@ -334,6 +329,18 @@ _FAMILIES: dict[str, type[LMSupernet]] = {
 }
 
 
+def _token_ids(family: str, ids: object) -> torch.Tensor:
+    """``ids`` when it is a ``[batch, tokens]`` tensor of token ids, else a one-line ValueError."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+        got = (
+            f"{ids.dtype} of shape {tuple(ids.shape)}"
+            if isinstance(ids, torch.Tensor)
+            else type(ids).__name__
+        )
+        raise ValueError(f"{family} supernet takes token ids [batch, tokens] (torch.long), got {got}")
+    return ids
+
+
 def is_transformers_model(model: object) -> bool:
     """Whether ``model`` is a Hugging Face ``PreTrainedModel`` (without importing ``transformers``:
     a model of it exists only once it is imported)."""
@@ -417,7 +424,9 @@ def make_lm_supernet(
             (("ffn", ffn), ("heads", head_choices))]  # fmt: skip
     dims.append(Dim("depth", tuple(range(1, layers + 1)), kind="depth"))
     if example_input is None:
-        example_input = torch.arange(8).remainder(config.vocab_size)[None]
+        device = next(model.parameters()).device
+        example_input = torch.arange(8, device=device).remainder(config.vocab_size)[None]
+    example_input = _token_ids(family, example_input)
     net = _FAMILIES[family](
         copy.deepcopy(model), SearchSpace(tuple(dims)), example_input.shape[1], n_heads // kv_heads
     )
@@ -445,7 +454,7 @@ def _verify(net: LMSupernet, model: nn.Module, ids: torch.Tensor) -> None:
     if got.shape != want.shape or not torch.allclose(
         got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())
     ):
-        raise RuntimeError(
+        raise ValueError(
             f"the largest subnet of {net.family} differs from the model by "
             f"{float((got - want).abs().max()):.3g}: make_supernet does not run this model's variant correctly"
         )
@@ -464,8 +473,8 @@ def count_macs(net: LMSupernet, arch: Mapping[str, int], context: int = 0) -> in
     """MACs per token of subnet ``arch``: its matrix products with weights (each layer's
     projections and the output head; embeddings are lookups), plus, with ``context`` > 0, the
     attention products of one query over ``context`` keys (``2 * heads * head_dim * context``
-    per layer). Torch's FLOP counter over ``T`` tokens gives ``count_macs(..., context=T)`` per
-    token: SDPA is counted as the full ``T x T`` products, causal or not."""
+    per layer). Over ``T`` tokens with eager attention (the full ``T x T`` products, causal or
+    not), torch's FLOP counter gives ``T * count_macs(..., context=T)``."""
     arch = net.space.validate(arch)
     total = 0.0
     for name, p in net.model.named_parameters():
