@@ -108,7 +108,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def macs(model: nn.Module, size: tuple[int, ...]) -> int:
-    """MACs per image, counted like dynaslice.profile.module_macs (FLOPs / 2 of convs and matmuls),
+    """MACs per image, counted like dynaslice.counting.module_macs (FLOPs / 2 of convs and matmuls),
     on a real batch of 1 (the peers' modules need not run on the meta device)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, *size))
@@ -140,10 +140,10 @@ def engine_state() -> dict[str, str]:
 def run_dynaslice(model: nn.Module, x: torch.Tensor, size: tuple[int, ...], row: dict[str, Any]) -> None:
     """make_supernet; largest == model; narrowest MACs / full; extracted == slice; ONNX == torch."""
     import dynaslice as ds
+    from dynaslice.counting import count_module_macs
     from dynaslice.graph import GraphError
     from dynaslice.onnx_export import export_module
     from dynaslice.onnx_package import open_session
-    from dynaslice.profile import count_module_macs
 
     row["engine"] = engine_state()
     t = time.perf_counter()

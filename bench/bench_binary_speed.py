@@ -16,7 +16,7 @@ QDQ-quantized, so it too quantizes its float input and dequantizes its output). 
 float stream and give it back: the binary layer packs its signs inside the call.
 
 Timing: every candidate of a comparison is called in turn within each round, ratios are medians
-of per-round paired ratios (:func:`dynaslice.profile.paired_ratio`), of wall-clock and (``cpu_``)
+of per-round paired ratios (:func:`dynaslice.latency.paired_ratio`), of wall-clock and (``cpu_``)
 of the process's CPU time: on a shared core a long call (batch 64) is descheduled for other
 processes' turns, which the wall-clock counts and the CPU time does not. One thread everywhere: onnxruntime sessions with one
 intra-op thread, torch and the BLAS under numpy (the runner's stem and classifier matmuls) set to
@@ -53,9 +53,9 @@ from dynaslice.binary import kernel  # noqa: E402
 from dynaslice.binary.layers import PlainBinaryConv2d  # noqa: E402
 from dynaslice.binary.models import binary_resnet_small  # noqa: E402
 from dynaslice.binary.packed import BinaryRunner, export_binary  # noqa: E402
+from dynaslice.latency import paired_ratio  # noqa: E402
 from dynaslice.onnx_export import export_module  # noqa: E402
 from dynaslice.onnx_package import open_session  # noqa: E402
-from dynaslice.profile import paired_ratio  # noqa: E402
 from dynaslice.quant import quantize_artifact  # noqa: E402
 
 SHAPE = (1, 28, 28)
@@ -80,7 +80,7 @@ def session_fn(session: Any, x: np.ndarray):
 
 def timed(fns: dict[str, Any], repeats: int, warmup: int = 3) -> dict[str, Any]:
     """Wall-clock and CPU seconds of each call, the candidates interleaved round by round (as
-    :func:`dynaslice.profile.measure_latency`, which records wall-clock only). The process's CPU time
+    :func:`dynaslice.latency.measure_latency`, which records wall-clock only). The process's CPU time
     (every thread of it, so a runtime's own threads would count too) is what a call costs the
     core; on a shared core the wall-clock also holds the time other processes ran."""
     for fn in fns.values():

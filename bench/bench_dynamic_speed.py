@@ -30,7 +30,7 @@ from common import output_args, set_threads, write_results
 import dynaslice as ds
 from dynaslice.dynamic import DynamicNet
 from dynaslice.gate import GatedSupernet
-from dynaslice.profile import measure_latency, paired_ratio
+from dynaslice.latency import measure_latency, paired_ratio
 
 
 def workload(dyn: DynamicNet, batch: int) -> tuple[dict[str, Callable[[], object]], torch.Tensor]:

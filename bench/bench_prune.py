@@ -61,7 +61,7 @@ from common import QUICK, fmt_mean_se, goal_table, mean_se, set_threads, test_sp
 import dynaslice as ds
 from dynaslice import runs
 from dynaslice.atomic import cached_json
-from dynaslice.profile import count_module_macs
+from dynaslice.counting import count_module_macs
 from dynaslice.prune import (
     PruneResult,
     dcff_train,
@@ -222,8 +222,8 @@ def latency_rows(root: Path, repeats: int) -> dict[str, float]:
     each in a session as dynaslice makes them (:func:`dynaslice.onnx_package.open_session`)."""
     import numpy as np
 
+    from dynaslice.latency import measure_latency
     from dynaslice.onnx_package import open_session
-    from dynaslice.profile import measure_latency
 
     sessions = {p.stem: open_session(p, threads=1) for p in sorted(root.glob("*.onnx"))}
     x = {k: np.zeros([1, *s.get_inputs()[0].shape[1:]], dtype=np.float32) for k, s in sessions.items()}

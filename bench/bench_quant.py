@@ -126,7 +126,7 @@ def int8_accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 
 
 def latency_pair(f: Path, q: Path, shape: tuple[int, ...], batch: int, repeats: int, threads: int) -> dict:
-    from dynaslice.profile import measure_latency, paired_ratio
+    from dynaslice.latency import measure_latency, paired_ratio
 
     x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
     sessions = {"float": open_session(f, threads=threads), "int8": open_session(q, threads=threads)}
@@ -272,7 +272,7 @@ def package_latency(float_pkg: Path, int8_pkg: Path, args: argparse.Namespace) -
     onnxruntime, batch by batch: all 2 x routes calls interleaved round by round. Per route the
     int8 / float paired ratio and each runtime's speed-up over its own widest route."""
     from dynaslice import serve
-    from dynaslice.profile import measure_latency, paired_ratio
+    from dynaslice.latency import measure_latency, paired_ratio
 
     served = {k: serve.load(p, runtime="onnxruntime") for k, p in (("float", float_pkg), ("int8", int8_pkg))}
     gated = isinstance(served["float"], serve.ServedGated)

@@ -35,8 +35,9 @@ from common import output_args, set_threads, write_results
 
 from dynaslice import create_supernet, serve
 from dynaslice.budget import BudgetEntry, BudgetNet, BudgetTable
+from dynaslice.counting import count_macs
 from dynaslice.gate import GatedSupernet
-from dynaslice.profile import count_macs, measure_latency, paired_ratio
+from dynaslice.latency import measure_latency, paired_ratio
 from dynaslice.serve.speed import compare_runtimes
 from dynaslice.train.bn import bn_statistics
 

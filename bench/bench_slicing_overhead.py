@@ -18,7 +18,7 @@ import torch
 from common import output_args, set_threads, write_results
 
 import dynaslice as ds
-from dynaslice.profile import measure_latency, paired_ratio
+from dynaslice.latency import measure_latency, paired_ratio
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from common import output_args, set_threads, write_results
 
 import dynaslice as ds
 from dynaslice.export import extract_subnet
-from dynaslice.profile import measure_latency, paired_ratio
+from dynaslice.latency import measure_latency, paired_ratio
 
 
 def frozen(net: torch.nn.Module, arch: ds.Arch, size: tuple[int, ...]) -> torch.jit.ScriptModule:

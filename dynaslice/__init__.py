@@ -13,6 +13,7 @@ budget = ds.BudgetNet.load("runs/pss")    # PSS-Net: budget(x, max_macs=12e6) sw
 """
 
 from .budget import BudgetNet, BudgetTable
+from .counting import count_macs, count_params
 from .dynamic import DynamicNet
 from .export import extract_subnet
 from .gate import GatedSupernet
@@ -26,7 +27,6 @@ from .models import (
     make_supernet,
     register_supernet,
 )
-from .profile import count_macs, count_params
 from .space import Arch, Dim, SearchSpace, make_divisible, width_grid
 from .version import __version__ as __version__
 

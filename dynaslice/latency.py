@@ -1,4 +1,11 @@
-"""Per-block latency lookup tables, measured on the machine that will run the subnets.
+"""Timing: everything dynaslice measures in seconds lives here (counting MACs and parameters is
+:mod:`dynaslice.counting`; served runtimes side by side is :mod:`dynaslice.serve.speed`, built on
+:func:`measure_latency` and :func:`paired_ratio` below).
+
+- :func:`measure_latency` times callables interleaved round by round, :func:`paired_ratio` is the
+  median of per-round ratios: what every benchmark and the run report time with;
+- per-block latency lookup tables, measured on the machine that will run the subnets.
+
 
 MACs are a poor proxy for latency on real hardware (narrow layers under-use SIMD lanes, fixed
 per-layer overheads, memory-bound depthwise convs), so PSS-Net can bucket subnets by *measured*
@@ -21,7 +28,7 @@ timed end to end.
 
 builds one (with progress) and reports predicted vs measured end-to-end latency of held-out
 random archs. Measured times (blocks and end to end alike) are the *minimum* over ``repeats``
-interleaved rounds (:func:`dynaslice.profile.measure_latency`), on CPU with the current
+interleaved rounds (:func:`measure_latency`), on CPU with the current
 ``torch`` thread count: on a shared machine, load only ever adds time, so the minimum is the
 stable estimate of what the code itself costs (a median still jumps with bursts of load).
 """
@@ -33,7 +40,8 @@ import json
 import platform
 import random
 import statistics
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,13 +51,58 @@ import numpy as np
 import torch
 
 from . import safejson
+from .counting import meta_copy
 from .models.base import Supernet
-from .profile import measure_latency, meta_copy
 from .progress import Progress
 from .space import Arch, SearchSpace
 
 FORMAT = "dynaslice-latency-table"
 CHUNK = 8  # grid points timed interleaved together (fewer than the slice cache holds)
+
+
+def measure_latency(
+    fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, desc: str | None = None
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of each zero-argument callable, *interleaved* round by round.
+
+    Interleaving means a burst of load on a shared machine hits every candidate alike, so the
+    ratios of medians stay meaningful even when absolute times drift.
+
+    When CUDA is in use in this process, the device is synchronised before and after each call:
+    CUDA kernels run asynchronously, so without it a call's time would be the time to *launch*
+    its work, not to do it.
+
+    ``desc``: show progress under that name (:mod:`dynaslice.progress`; counts calls, warm-up
+    included), for measurements that take minutes.
+    """
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    bar = Progress(len(fns) * (warmup + repeats), desc or "", unit="call", enabled=desc is not None)
+    with bar:
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+                bar.update()
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        with torch.inference_mode():
+            for _ in range(repeats):
+                for name, fn in fns.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    times[name].append(time.perf_counter() - t0)
+                    bar.update()
+    return times
+
+
+def paired_ratio(times: Mapping[str, Sequence[float]], num: str, den: str) -> float:
+    """Median over rounds of ``times[num][i] / times[den][i]``.
+
+    Each round measures both candidates back to back, so a load burst on a shared machine
+    inflates both terms of the same ratio; the median of these paired ratios is far steadier
+    than the ratio of two medians taken over a drifting background.
+    """
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
 def subsample(values: Sequence[int], max_values: int) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ Steps (each reuses the library's own function for it; nothing here trains or eva
                   widest and narrowest routes as plain PyTorch (``.pt``) and ONNX -> ``RUN/export``;
 6. ``latency``    latency per image of the routes, the uniform subnets and the gated models on this
                   machine at batch 1 and ``run.latency_batch``, every model timed the same way
-                  (:func:`~dynaslice.profile.measure_latency`) -> ``RUN/latency.json``;
+                  (:func:`~dynaslice.latency.measure_latency`) -> ``RUN/latency.json``;
 7. ``report``     ``RUN/report.md`` with plots, and ``RUN/report.json`` (:mod:`dynaslice.report`).
 
 A step is finished when its marker ``RUN/done/<step>.json`` exists (written last, atomically); a
@@ -45,12 +45,13 @@ import yaml
 from . import runs, safejson
 from .archspec import uniform_archs
 from .atomic import atomic_write_bytes, atomic_write_json
+from .counting import count_macs
 from .data import InMemoryDataset
 from .dynamic import DynamicNet
 from .export import extract_subnet, save_torch_model
+from .latency import measure_latency
 from .modelfile import load_supernet, prefixed, resolve_model_file, save_model_file
 from .onnx_export import export_gated, export_onnx
-from .profile import count_macs, measure_latency
 from .progress import Progress, heartbeat
 from .report import write_report
 from .serve import resolve_runtime, serve_gated, serve_subnet

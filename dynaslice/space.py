@@ -119,7 +119,7 @@ class Dim:
 
     ``kind`` says how generic code treats it: ``width`` dimensions (channels, heads, MLP units)
     scale under :meth:`SearchSpace.uniform`; ``kernel`` and ``depth`` stay at their maximum
-    there. MAC counting treats ``depth`` as categorical (see :mod:`dynaslice.profile`).
+    there. MAC counting treats ``depth`` as categorical (see :mod:`dynaslice.counting`).
     """
 
     name: str

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynaslice as ds
-from dynaslice.profile import meta_copy, resource_model
+from dynaslice.counting import meta_copy, resource_model
 
 
 def small_net(seed: int = 0) -> ds.Supernet:

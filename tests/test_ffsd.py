@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from test_reliability import cli, one_line_error, write_config
 
 from dynaslice import runs, serve
-from dynaslice.profile import count_module_params
+from dynaslice.counting import count_module_params
 from dynaslice.train import SupernetTrainer, load_config
 from dynaslice.train.ffsd import (
     Decoder,

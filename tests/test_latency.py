@@ -91,7 +91,7 @@ def test_profile_cli_builds_a_latency_table(tmp_path, capsys):
 def test_measure_latency_waits_for_cuda_work(monkeypatch):
     """CUDA kernels run asynchronously: each timed call must sit between two synchronisations,
     or the time measured is only the launch. Simulated here (CI has no GPU)."""
-    from dynaslice.profile import measure_latency
+    from dynaslice.latency import measure_latency
 
     events: list[str] = []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
@@ -109,7 +109,7 @@ def test_measure_latency_waits_for_cuda_work(monkeypatch):
 def test_latency_measurements_report_progress_in_a_log_file(capsys, monkeypatch):
     """Timing takes minutes on a real model: with a description, every call counts towards a
     progress line (here every update, interval 0); without one (benchmarks) nothing is printed."""
-    from dynaslice.profile import measure_latency
+    from dynaslice.latency import measure_latency
 
     monkeypatch.setenv("DYNASLICE_PROGRESS_SECONDS", "0")
     measure_latency({"a": lambda: None, "b": lambda: None}, repeats=2, warmup=1, desc="latency")

@@ -18,8 +18,8 @@ import torchvision
 from torch import fx, nn
 
 import dynaslice as ds
+from dynaslice.counting import count_module_macs
 from dynaslice.graph import GraphError, analyze, trace
-from dynaslice.profile import count_module_macs
 
 SIDE = 32
 

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynaslice as ds
 from dynaslice.cli import main
-from dynaslice.profile import count_module_macs, count_module_params
+from dynaslice.counting import count_module_macs, count_module_params
 from dynaslice.prune import (
     DCFFTrainer,
     MaskedTrainer,

@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from dynaslice.cli import main
+from dynaslice.counting import count_macs
 from dynaslice.models import create_supernet
-from dynaslice.profile import count_macs
 from dynaslice.train import (
     CheckpointError,
     SupernetTrainer,

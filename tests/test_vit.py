@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynaslice as ds
+from dynaslice.counting import meta_copy
 from dynaslice.nn import SlicedLinear
-from dynaslice.profile import meta_copy
 
 
 def build(name: str, **kwargs) -> ds.Supernet:

@@ -40,13 +40,13 @@ from typing import Any
 from .. import runs
 from ..archspec import parse_arch
 from ..budget import BudgetNet
+from ..counting import count_macs
 from ..data import DatasetError
 from ..export import extract_subnet, save_torch_model
 from ..gate import GatedSupernet
 from ..modelfile import load_model_file
 from ..models.base import Supernet
 from ..onnx_export import export_budget, export_gated, export_onnx
-from ..profile import count_macs
 from ..space import Arch
 from ..train.config import from_dict
 from ..train.data import load_split

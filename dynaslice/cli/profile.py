@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_json
+from ..counting import resource_model
 from ..latency import build_latency_table, check_table
 from ..models import Supernet, create_supernet
-from ..profile import resource_model
 from ..serve import available_runtimes, resolve_runtime
 from ..serve.speed import compare_runtimes, fastest, format_speed
 from ..space import Arch

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from ..counting import count_macs
 from ..data import EvalTransform, InMemoryDataset
 from ..export import extract_subnet
-from ..profile import count_macs
 from ..quant import (
     FDDAConfig,
     NoiseImages,

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..counting import count_macs, meta_copy
 from ..models.base import Supernet
 from ..onnx_package import run_grouped
-from ..profile import count_macs, meta_copy
 from ..space import Arch, Dim, SearchSpace
 from .module import DynamicGate
 from .routes import ArchLike, routes_even, validate_routes

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from ..counting import count_macs
 from ..models.base import Supernet
-from ..profile import count_macs
 from ..space import Arch
 
 ArchLike = Mapping[str, int]

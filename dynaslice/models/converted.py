@@ -101,7 +101,7 @@ class ConvertedSupernet(Supernet):
     stage: ``forward_stem`` and ``forward_head`` are identities until gate cuts come.
     ``analytic_costs`` is false when a layer reads a concatenation of sliced groups: its MACs
     are then a sum (``out * (w_a + w_b)``), so :func:`~dynaslice.count_macs` counts each arch on
-    its extracted subnet instead of by formula (:class:`~dynaslice.profile.ExtractedCosts`).
+    its extracted subnet instead of by formula (:class:`~dynaslice.counting.ExtractedCosts`).
     """
 
     n_stages = 1

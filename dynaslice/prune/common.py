@@ -17,8 +17,8 @@ the selected rows/columns; the ``fx`` graph itself is unchanged and keeps workin
 that keeps every channel in another order *permutes* them (1xN's filter rearrangement), which
 leaves the function unchanged.
 
-**Costs.** :func:`dynaslice.profile.count_module_macs` and
-:func:`~dynaslice.profile.count_module_params` count any plain model with
+**Costs.** :func:`dynaslice.counting.count_module_macs` and
+:func:`~dynaslice.counting.count_module_params` count any plain model with
 ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2 of convolutions and matmuls, on a
 meta-device copy), the counter :func:`dynaslice.count_macs` is checked against, so a pruned
 network and a supernet subnet are measured alike. :class:`CostModel` derives the costs of any
@@ -43,9 +43,9 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..counting import count_module_macs, count_module_params, meta_copy, module_macs
 from ..graph import ChannelGroup as EngineGroup
 from ..graph import Tracer, analyze
-from ..profile import count_module_macs, count_module_params, meta_copy, module_macs
 
 __all__ = [
     "ChannelGroup",

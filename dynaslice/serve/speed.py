@@ -2,8 +2,8 @@
 the serving benchmark measure.
 
 All candidates of one batch size are timed *interleaved*, round by round
-(:func:`dynaslice.profile.measure_latency`), and ratios are medians of per-round paired ratios
-(:func:`dynaslice.profile.paired_ratio`): a burst of load hits both terms of a ratio alike.
+(:func:`dynaslice.latency.measure_latency`), and ratios are medians of per-round paired ratios
+(:func:`dynaslice.latency.paired_ratio`): a burst of load hits both terms of a ratio alike.
 
 - ``speedup``: the largest subnet's time over this one's, in the same runtime and batch size;
 - ``efficiency``: ``speedup / (MACs of the largest / MACs of this one)``: 1.0 means every saved
@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from ..counting import resource_model
 from ..export import extract_subnet
+from ..latency import measure_latency, paired_ratio
 from ..models.base import Supernet
-from ..profile import measure_latency, paired_ratio, resource_model
 from ..progress import Progress
 from ..space import Arch
 from .runtimes import Piece, example_input, prepare

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
+from ..counting import count_macs
 from ..dynamic import DynamicNet
 from ..gate import GatedSupernet, sgs_targets
 from ..models.base import Supernet
-from ..profile import count_macs
 from ..progress import Progress
 from ..space import Arch
 

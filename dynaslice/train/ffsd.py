@@ -56,11 +56,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import runs
+from ..counting import count_module_macs, count_module_params
 from ..export import extract_subnet, save_torch_model
 from ..modelfile import CheckpointError, model_spec
 from ..models import create_supernet
 from ..models.base import Supernet
-from ..profile import count_module_macs, count_module_params
 from ..seeding import derive_seed
 from .checkpoint import latest_checkpoint
 from .config import Config, ConfigError

@@ -38,11 +38,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import runs
+from ..counting import count_params
 from ..gate import GatedSupernet
 from ..modelfile import FORMAT, CheckpointError, load_model_file, resolve_model_file
 from ..models.base import Supernet, load_pretrained
 from ..nn import SlicedBatchNorm2d
-from ..profile import count_params
 
 TORCHVISION = "torchvision:"
 TORCH_FILES = (".pt", ".pth")

@@ -45,9 +45,9 @@ import torch
 
 from .. import runs
 from ..budget import BudgetEntry, BudgetTable, save_budget_file
+from ..counting import count_macs, resource_model
 from ..latency import LatencyTable
 from ..models.base import Supernet
-from ..profile import count_macs, resource_model
 from ..seeding import derive_seed
 from ..space import Arch, SearchSpace
 from .bn import bn_statistics, recalibrate_bn
@@ -265,7 +265,7 @@ class PSSSampler:
 
 
 def macs_fn(net: Supernet) -> ResourceFn:
-    """MMACs per image of many archs at once (the analytic :class:`~dynaslice.profile.ResourceModel`)."""
+    """MMACs per image of many archs at once (the analytic :class:`~dynaslice.counting.ResourceModel`)."""
     rm = resource_model(net)
     return lambda archs: rm.macs(archs) / 1e6
 

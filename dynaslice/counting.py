@@ -25,9 +25,8 @@ import copy
 import itertools
 import math
 import random
-import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +35,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .models.base import Supernet
 from .nn import SlicedModule
-from .progress import Progress
 from .space import Arch, SearchSpace
 
 ArchLike = Mapping[str, int]
@@ -204,7 +202,7 @@ class ExtractedCosts:
         self._memo: dict[Arch, tuple[int, int]] = {}
 
     def _costs(self, arch: ArchLike) -> tuple[int, int]:
-        from .export import extract_subnet  # export needs the models; profile sits below them
+        from .export import extract_subnet  # export needs the models; counting sits below them
 
         arch = self.space.validate(arch)
         if arch not in self._memo:
@@ -300,50 +298,3 @@ def count_module_params(model: nn.Module, nonzero: bool = False) -> int:
     counts only the non-zero entries (unstructured or 1xN sparsity)."""
     # parameters() yields a shared tensor once
     return sum(int(torch.count_nonzero(p)) if nonzero else p.numel() for p in model.parameters())
-
-
-def measure_latency(
-    fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, desc: str | None = None
-) -> dict[str, list[float]]:
-    """Wall-clock seconds of each zero-argument callable, *interleaved* round by round.
-
-    Interleaving means a burst of load on a shared machine hits every candidate alike, so the
-    ratios of medians stay meaningful even when absolute times drift.
-
-    When CUDA is in use in this process, the device is synchronised before and after each call:
-    CUDA kernels run asynchronously, so without it a call's time would be the time to *launch*
-    its work, not to do it.
-
-    ``desc``: show progress under that name (:mod:`dynaslice.progress`; counts calls, warm-up
-    included), for measurements that take minutes.
-    """
-    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
-    bar = Progress(len(fns) * (warmup + repeats), desc or "", unit="call", enabled=desc is not None)
-    with bar:
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-                bar.update()
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        with torch.inference_mode():
-            for _ in range(repeats):
-                for name, fn in fns.items():
-                    sync()
-                    t0 = time.perf_counter()
-                    fn()
-                    sync()
-                    times[name].append(time.perf_counter() - t0)
-                    bar.update()
-    return times
-
-
-def paired_ratio(times: Mapping[str, Sequence[float]], num: str, den: str) -> float:
-    """Median over rounds of ``times[num][i] / times[den][i]``.
-
-    Each round measures both candidates back to back, so a load burst on a shared machine
-    inflates both terms of the same ratio; the median of these paired ratios is far steadier
-    than the ratio of two medians taken over a drifting background.
-    """
-    import statistics
-
-    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
