@@ -132,10 +132,10 @@ def channel_groups(net: Supernet, input_size: tuple[int, ...] | None = None) -> 
 
     probe = meta_copy(net)  # the traces need shapes only: no arithmetic, and the net is untouched
     base = _trace(probe, net.space.largest(), input_size)
+    analysis = analyze(base, parameters=True)  # a converted net's layer scales, class tokens, ...
     for node in base.graph.nodes:
-        if node.op == "get_attr":
+        if node.op == "get_attr" and str(node.target) not in analysis.parameters:
             raise refuse(f"it reads {node.target!r} outside a leaf module")
-    analysis = analyze(base)
     if analysis.stops:
         raise refuse(f"it does not know how channels flow through {analysis.stops[0]}")
     layouts = {n.name: analysis.layout(n) for n in base.graph.nodes}
@@ -174,7 +174,10 @@ def _checked(net: Supernet, group: EngineGroup, dim: str, refuse) -> ChannelGrou
     tensor that holds exactly the group's channels (what a permutation can move)."""
     if group.step != 1:
         raise refuse(f"{group.name} is a grouped conv's channels (sliced in whole conv groups)")
-    members = [replace(m, module=m.module.removeprefix("net.")) for m in group.members]
+    # the supernet is traced as ``net``: its own parameters (a class token) belong to module "net"
+    members = [
+        replace(m, module="" if m.module == "net" else m.module.removeprefix("net.")) for m in group.members
+    ]
     for mem in members:
         if mem.offset or mem.repeat != 1:
             raise refuse(f"{mem.module} reads the channels of {group.name} concatenated or repeated")

@@ -712,3 +712,20 @@ def test_torchvision_convnext_and_vit_convert_exactly():
     assert set(net.space.names) == {f"encoder.layers.encoder_layer_{i}.mlp.0" for i in (0, 1)}
     assert "reshapes (2, 32, 4, 4) to (2, 32, 16)" in net.kept["conv_proj"]
     _check_exact(vit, net, x)
+
+
+def test_channels_of_a_net_reading_parameters_outside_layers_are_ordered():
+    """Ordering follows the parameters too: a layer scale and a class token are permuted with their
+    channels, so the largest subnet is still the model and the narrowest extracts exactly."""
+    from dynaslice.ordering import reorder_channels
+
+    for model in (_randomised_norms(LayerScaleNet()), _randomised_norms(TokenNet())):
+        x = torch.randn(2, 3, 16, 16)
+        net = convert(model, x)
+        reorder_channels(net)
+        _check_exact(model, net, x)
+        moved = net.gamma if hasattr(net, "gamma") else net.class_token
+        kept = model.gamma if hasattr(model, "gamma") else model.class_token
+        assert not torch.equal(moved, kept) and torch.equal(
+            moved.flatten().sort()[0], kept.flatten().sort()[0]
+        )
