@@ -264,6 +264,9 @@ def test_commands_load_a_user_factory_s_run_only_with_trust_factory(factory_modu
     one_line_error(cli("eval", run, "--archs", "smallest"), "'userzoo:tiny'")
     rc, out, err = cli("eval", run, "--archs", "smallest", "--trust-factory", "userzoo:tiny")
     assert rc == 0 and "smallest" in out, err
+    export = ("export", run, "--arch", "smallest", "--out", tmp_path / "small.pt")
+    one_line_error(cli(*export), "'userzoo:tiny'")
+    assert cli(*export, "--trust-factory", "userzoo:tiny")[0] == 0 and (tmp_path / "small.pt").is_file()
 
 
 def test_model_file_reads_no_other_weights_it_names(tmp_path):

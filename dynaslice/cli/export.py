@@ -42,7 +42,7 @@ from ..archspec import parse_arch
 from ..budget import BudgetNet
 from ..counting import count_macs
 from ..data import DatasetError
-from ..export import extract_subnet, save_torch_model
+from ..torch_export import extract_subnet, save_torch_model
 from ..gate import GatedSupernet
 from ..modelfile import load_model_file
 from ..models.base import Supernet
@@ -52,6 +52,7 @@ from ..train.config import from_dict
 from ..train.data import load_split
 from .common import (
     UserError,
+    add_trust_factory,
     budget_source,
     load_checkpoint,
     parse_amount,
@@ -86,7 +87,7 @@ def _export(args: argparse.Namespace) -> int:
     fmt = args.format or ("onnx" if out.suffix == ".onnx" else "torch")
     refuse_existing(out, "export", force=args.force)
     if args.arch is not None:
-        net, meta, _, _ = load_checkpoint(str(ckpt))
+        net, meta, _, _ = load_checkpoint(str(ckpt), trust=args.trust_factory)
         arch = parse_arch(args.arch, net)
         how = f"--arch {args.arch}"
         recal = {Arch(a) for a in (meta.get("recalibrated") or {}).values()}
@@ -186,6 +187,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("torch", "onnx"), default=None, help="default: onnx if --out ends in .onnx")
     p.add_argument("--out", required=True, metavar="PATH", help="output file (a directory with --gated)")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="packages: the dataset, for the manifest's normalisation")
+    add_trust_factory(p)  # --arch: a model file built by the user's own factory
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out (a file, or a folder holding a dynaslice package and nothing else)")  # fmt: skip
     p.set_defaults(func=_export)
