@@ -152,7 +152,7 @@ def build_model(spec: Mapping[str, Any], trust: Collection[str] = ()) -> Superne
     if imports_code(name) and name not in trust:
         raise UntrustedFactory(
             f"the model is built by {name!r}, code this file names: dynaslice imports none; if you trust "
-            f"it, load the file in Python with load_supernet(path, trust=[{name!r}])"
+            f"it, pass --trust-factory {name} to the command (in Python: load_supernet(path, trust=[{name!r}]))"
         )
     kwargs = dict(spec["kwargs"])
     if ":" in name:  # the file's tensors replace every weight: fetch or read no others
