@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from common import output_args, set_threads, write_results
 
 from dynaslice.counting import count_macs
-from dynaslice.export import extract_subnet
+from dynaslice.torch_export import extract_subnet
 from dynaslice.train import FixedSampler, SandwichSampler, SupernetTrainer, load_config
 
 

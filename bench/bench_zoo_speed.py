@@ -30,8 +30,8 @@ import torch
 from common import output_args, set_threads, write_results
 
 import dynaslice as ds
-from dynaslice.export import extract_subnet
 from dynaslice.latency import measure_latency, paired_ratio
+from dynaslice.torch_export import extract_subnet
 
 
 def frozen(net: torch.nn.Module, arch: ds.Arch, size: tuple[int, ...]) -> torch.jit.ScriptModule:

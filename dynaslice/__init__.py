@@ -15,7 +15,6 @@ budget = ds.BudgetNet.load("runs/pss")    # PSS-Net: budget(x, max_macs=12e6) sw
 from .budget import BudgetNet, BudgetTable
 from .counting import count_macs, count_params
 from .dynamic import DynamicNet
-from .export import extract_subnet
 from .gate import GatedSupernet
 from .modelfile import load_supernet
 from .models import (
@@ -28,6 +27,7 @@ from .models import (
     register_supernet,
 )
 from .space import Arch, Dim, SearchSpace, make_divisible, width_grid
+from .torch_export import extract_subnet
 from .version import __version__ as __version__
 
 __all__ = [

@@ -33,12 +33,12 @@ from torch import nn
 
 from . import runs, safejson
 from .atomic import atomic_write_json
-from .export import extract_subnet
 from .modelfile import CheckpointError, load_model_file, net_from_tensors, prefixed, save_model_file
 from .models.base import Supernet
 from .nn import SlicedBatchNorm2d
 from .onnx_package import pick_entry
 from .space import Arch
+from .torch_export import extract_subnet
 
 TABLE_FILE, WEIGHTS_FILE = runs.BUDGET_TABLE, runs.BUDGET_WEIGHTS
 
@@ -210,7 +210,7 @@ class BudgetNet(nn.Module):
     @torch.no_grad()
     def use(self, entry: BudgetEntry) -> Arch:
         """Give ``self.net`` the BN statistics of ``entry`` (one of ``self.table.entries``); returns
-        its arch, for ``self.net(x, arch)``, :func:`~dynaslice.export.extract_subnet` or ONNX export."""
+        its arch, for ``self.net(x, arch)``, :func:`~dynaslice.torch_export.extract_subnet` or ONNX export."""
         i = self.table.entries.index(entry)
         targets = [getattr(bn, k) for _, bn in self._bns for k in ("running_mean", "running_var")]
         torch._foreach_copy_(targets, list(self.stats[i].buffers(recurse=False)))

@@ -202,7 +202,7 @@ class ExtractedCosts:
         self._memo: dict[Arch, tuple[int, int]] = {}
 
     def _costs(self, arch: ArchLike) -> tuple[int, int]:
-        from .export import extract_subnet  # export needs the models; counting sits below them
+        from .torch_export import extract_subnet  # export needs the models; counting sits below them
 
         arch = self.space.validate(arch)
         if arch not in self._memo:

@@ -39,7 +39,6 @@ from torch import fx, nn
 from . import runs
 from .atomic import atomic_dir, atomic_path
 from .budget import BudgetNet
-from .export import extract_subnet
 from .gate import GatedSupernet
 from .models.base import Supernet
 from .onnx_package import (
@@ -51,6 +50,7 @@ from .onnx_package import (
     package_members,
     read_manifest,
 )
+from .torch_export import extract_subnet
 from .version import __version__
 
 Exporter = Literal["torchscript", "dynamo"]

@@ -39,11 +39,11 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .counting import meta_copy
-from .export import _Bound, _Tracer
 from .graph import ChannelGroup as EngineGroup
 from .graph import Layout, Member, analyze
 from .models.base import Supernet
 from .space import Arch
+from .torch_export import _Bound, _Tracer
 
 
 class OrderingError(ValueError):

@@ -48,13 +48,13 @@ from .atomic import atomic_write_bytes, atomic_write_json
 from .counting import count_macs
 from .data import InMemoryDataset
 from .dynamic import DynamicNet
-from .export import extract_subnet, save_torch_model
 from .latency import measure_latency
 from .modelfile import load_supernet, prefixed, resolve_model_file, save_model_file
 from .onnx_export import export_gated, export_onnx
 from .progress import Progress, heartbeat
 from .report import write_report
 from .serve import resolve_runtime, serve_gated, serve_subnet
+from .torch_export import extract_subnet, save_torch_model
 from .train import evaluate, evaluate_gated, train, train_gate
 from .train.config import (
     Config,

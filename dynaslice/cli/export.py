@@ -42,12 +42,12 @@ from ..archspec import parse_arch
 from ..budget import BudgetNet
 from ..counting import count_macs
 from ..data import DatasetError
-from ..torch_export import extract_subnet, save_torch_model
 from ..gate import GatedSupernet
 from ..modelfile import load_model_file
 from ..models.base import Supernet
 from ..onnx_export import export_budget, export_gated, export_onnx
 from ..space import Arch
+from ..torch_export import extract_subnet, save_torch_model
 from ..train.config import from_dict
 from ..train.data import load_split
 from .common import (

@@ -40,7 +40,6 @@ import numpy as np
 
 from ..counting import count_macs
 from ..data import EvalTransform, InMemoryDataset
-from ..export import extract_subnet
 from ..quant import (
     FDDAConfig,
     NoiseImages,
@@ -55,6 +54,7 @@ from ..quant import (
     compare_artifacts,
     quantize_artifact,
 )
+from ..torch_export import extract_subnet
 from ..train.data import load_split
 from .common import (
     UserError,

@@ -28,12 +28,12 @@ import torch
 
 from ..budget import BudgetEntry, BudgetNet
 from ..counting import count_macs
-from ..export import extract_subnet
 from ..gate import GatedSupernet
 from ..gate.gated import check_route_index
 from ..models.base import Supernet
 from ..onnx_export import extract_route, extract_trunk
 from ..onnx_package import pick_entry, run_gated, run_grouped
+from ..torch_export import extract_subnet
 from .runtimes import OrtPiece, Piece, example_input, prepare, resolve_runtime, to_numpy
 
 Input = torch.Tensor | np.ndarray

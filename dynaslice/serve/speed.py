@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from ..counting import resource_model
-from ..export import extract_subnet
 from ..latency import measure_latency, paired_ratio
 from ..models.base import Supernet
 from ..progress import Progress
 from ..space import Arch
+from ..torch_export import extract_subnet
 from .runtimes import Piece, example_input, prepare
 
 

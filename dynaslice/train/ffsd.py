@@ -57,11 +57,11 @@ from torch import nn
 
 from .. import runs
 from ..counting import count_module_macs, count_module_params
-from ..export import extract_subnet, save_torch_model
 from ..modelfile import CheckpointError, model_spec
 from ..models import create_supernet
 from ..models.base import Supernet
 from ..seeding import derive_seed
+from ..torch_export import extract_subnet, save_torch_model
 from .checkpoint import latest_checkpoint
 from .config import Config, ConfigError
 from .data import eval_loader, load_split, train_loader
