@@ -78,7 +78,10 @@ def run_method(method: str, seed: int, sets: list[str], root: Path, threads: int
         length = pretrain_epochs(cfg)
         # (the candidate's overrides but the method's and fine-tuning's, which the base does not see)
         kept = [s for s in sets if not s.startswith("prune.") or s.startswith("prune.finetune_epochs=")]
-        base_cfg = load_config("prune", [f"train.seed={seed}", f"train.threads={threads}", *kept])
+        # finetune_lr pinned at the value the first bases were trained under (the base never reads
+        # it; the engine refuses to resume a run whose config differs in any key)
+        pinned = [f"train.seed={seed}", f"train.threads={threads}", "prune.finetune_lr=0.01", *kept]
+        base_cfg = load_config("prune", pinned)
         base = train_base(model, base_cfg, root.parent / f"base-{length:g}", resume=True)
         if method == "l1":
             result = prune_l1(base, size, target_macs=macs, target_params=params, include=p.include or "internal",
