@@ -485,3 +485,56 @@ def test_the_arch_scan_sees_a_second_parser(tmp_path):
     path = tmp_path / "m.py"
     path.write_text('def f(t):\n    if t in ("largest", "smallest"):\n        return t\n    return float(t.removeprefix("x"))\n')
     assert arch_string_reading(path) == ["m.py:2", "m.py:4"]
+
+
+# One name, one meaning: a public module-level function name is defined in one module of
+# dynaslice/, except where every definition means the same thing for its own kind of object.
+SAME_MEANING = {
+    "register": "a command module's hook that adds its subcommand to the parser (dynaslice/cli/*)",
+    "count_macs": "MACs per input of a subnet: counting.py for image supernets, lm/ for LM supernets",
+    "count_params": "parameters of a subnet: counting.py for image supernets, lm/ for LM supernets",
+}
+# ``validate`` checks a value against its rules and returns it (a config, an arch), nothing else:
+# the trainers' hook that evaluates on the validation split is ``evaluate_validation``.
+VALIDATORS = {"dynaslice/train/config.py:Config", "dynaslice/binary/train.py:BinaryConfig", "dynaslice/space.py:SearchSpace"}
+
+
+def public_functions(root: Path = ROOT) -> dict[str, list[str]]:
+    """``{name: [file, ...]}`` of every public module-level function under ``root``."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_"):
+                found.setdefault(node.name, []).append(str(path.relative_to(root.parent)))
+    return found
+
+
+def methods_named(name: str, root: Path = ROOT) -> set[str]:
+    return {
+        f"{path.relative_to(root.parent)}:{cls.name}"
+        for path in sorted(root.rglob("*.py"))
+        for cls in ast.walk(ast.parse(path.read_text()))
+        if isinstance(cls, ast.ClassDef)
+        for node in cls.body
+        if isinstance(node, ast.FunctionDef) and node.name == name
+    }
+
+
+def test_one_public_function_name_means_one_thing():
+    shared = {name: files for name, files in public_functions().items() if len(files) > 1}
+    assert {n: f for n, f in shared.items() if n not in SAME_MEANING} == {}
+    assert set(SAME_MEANING) <= set(shared)  # no stale entries
+
+
+def test_validate_only_checks_a_value():
+    assert methods_named("validate") == VALIDATORS
+
+
+def test_the_name_scan_sees_a_duplicate(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("def accuracy(m, b):\n    pass\ndef _private():\n    pass\n")
+    (pkg / "sub" / "b.py").write_text("def accuracy(net, arch, b):\n    pass\nclass T:\n    def validate(self):\n        pass\n")
+    assert public_functions(pkg)["accuracy"] == ["pkg/a.py", "pkg/sub/b.py"]
+    assert "_private" not in public_functions(pkg)
+    assert methods_named("validate", pkg) == {"pkg/sub/b.py:T"}

@@ -23,7 +23,7 @@ from dynaslice.binary.layers import (
     binarize,
     center_per_sample,
 )
-from dynaslice.binary.methods import binary_method_names, build_model, method, recu_tau, siman_percent
+from dynaslice.binary.methods import binary_method_names, build_binary_model, method, recu_tau, siman_percent
 from dynaslice.binary.train import MODEL_FILE, load_binary_model
 from dynaslice.train.config import OptimConfig
 from dynaslice.train.optim import build_optimizer
@@ -132,13 +132,13 @@ def test_tau_and_percentile_schedules_at_the_first_and_last_epoch():
     assert recu_tau(5, 5) == pytest.approx(0.99)  # reached after the last epoch, as the official cpt_tau
     assert 0.85 < recu_tau(4, 5) < 0.99
     assert siman_percent(0, 5) == 15.0 and siman_percent(4, 5) == pytest.approx(3.0)
-    model = build_model("recu", width_mult=0.125)
+    model = build_binary_model("recu", width_mult=0.125)
     for name, first, last in (("recu", 0.85, recu_tau(2, 3)), ("recu_tau085", 0.85, 0.85), ("recu_tau099", 0.99, 0.99)):
         for epoch, want in ((0, first), (2, last)):
             method(name).epoch_hook(model, epoch, 3)
             taus = [float(m.tau) for m in model.modules() if isinstance(m, ReCUConv2d)]
             assert taus and taus == pytest.approx([want] * len(taus)), (name, epoch)
-    model = build_model("siman", width_mult=0.125)
+    model = build_binary_model("siman", width_mult=0.125)
     for name, first, last in (("siman", 15.0, 5.0), ("siman_noclip", 0.0, 0.0)):
         for epoch, want in ((0, first), (2, last)):
             method(name).epoch_hook(model, epoch, 3)
@@ -161,7 +161,7 @@ BINARY_CONV = r"layer\d\.\d\.conv\d\."
     ],
 )
 def test_weight_decay_groups_follow_each_methods_rule(name, decayed):
-    model = build_model(name, width_mult=0.125)
+    model = build_binary_model(name, width_mult=0.125)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = build_optimizer(model, OptimConfig(weight_decay=5e-4)).param_groups
     got = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in groups}

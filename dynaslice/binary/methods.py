@@ -152,12 +152,12 @@ def _clip_schedule_01(model: nn.Module, epoch: int, epochs: float) -> None:
     _clip_schedule(model, epoch, epochs)
 
 
-def build_model(name: str, *, width_mult: float = 1.0, in_chans: int = 1, num_classes: int = 10) -> BinaryResNet:
+def build_binary_model(name: str, *, width_mult: float = 1.0, in_chans: int = 1, num_classes: int = 10) -> BinaryResNet:
     """The binary small ResNet of method ``name`` (what ``dynaslice binarize`` trains and saves)."""
     m = method(name)
     return binary_resnet_small(m.conv, width_mult=width_mult, act=m.act, in_chans=in_chans, num_classes=num_classes)
 
 
-def model_spec(name: str, width_mult: float, in_chans: int, num_classes: int) -> dict[str, Any]:
-    """The keywords of :func:`build_model` as saved in a binary run's ``model.pt``."""
+def binary_model_spec(name: str, width_mult: float, in_chans: int, num_classes: int) -> dict[str, Any]:
+    """The keywords of :func:`build_binary_model` as saved in a binary run's ``model.pt``."""
     return {"method": name, "width_mult": width_mult, "in_chans": in_chans, "num_classes": num_classes}

@@ -31,7 +31,7 @@ from ..train.config import Config, ConfigError, load_config_with_section
 from ..train.data import eval_loader, load_split
 from ..train.model import ModelTrainer
 from .layers import BinaryConv2d
-from .methods import binary_method_names, build_model, method, model_spec
+from .methods import binary_method_names, binary_model_spec, build_binary_model, method
 
 MODEL_FILE = "model.pt"
 
@@ -103,7 +103,7 @@ class BinaryTrainer(ModelTrainer):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, dataset: Any) -> float:
+def dataset_accuracy(model: nn.Module, dataset: Any) -> float:
     """Top-1 (%) of ``model`` in eval mode on an in-memory dataset."""
     model.eval()
     correct = total = 0
@@ -127,20 +127,20 @@ def binarize_run(cfg: Config, bcfg: BinaryConfig, run_dir: str | Path, test: boo
     test_ds = load_split(cfg.data, "test", cfg.train.seed)  # a missing dataset fails before any training
     in_chans, size, classes = int(test_ds.images.shape[1]), int(test_ds.images.shape[-1]), test_ds.num_classes
     torch.manual_seed(derive_seed("init", cfg.train.seed))  # the initial weights (and ReCU's random alpha)
-    model = build_model(bcfg.method, width_mult=bcfg.width_mult, in_chans=in_chans, num_classes=classes)
+    model = build_binary_model(bcfg.method, width_mult=bcfg.width_mult, in_chans=in_chans, num_classes=classes)
     trainer = BinaryTrainer(model, cfg, bcfg, run_dir)
     result = dict(trainer.fit())
     model.eval()
     result.update(method=bcfg.method, width_mult=bcfg.width_mult, split="val", **count_ops(model, (in_chans, size, size)))
     if test:
-        result.update(test_accuracy=accuracy(model, test_ds), test_images=len(test_ds))
-    save_binary_model(model, model_spec(bcfg.method, bcfg.width_mult, in_chans, classes), run_dir / MODEL_FILE)
+        result.update(test_accuracy=dataset_accuracy(model, test_ds), test_images=len(test_ds))
+    save_binary_model(model, binary_model_spec(bcfg.method, bcfg.width_mult, in_chans, classes), run_dir / MODEL_FILE)
     atomic_write_json(run_dir / runs.FINAL_EVAL, result, indent=1)
     return result
 
 
 def save_binary_model(model: nn.Module, spec: dict[str, Any], path: str | Path) -> None:
-    """``model.pt``: ``{"spec": build_model's keywords, "state_dict": ...}``, written atomically."""
+    """``model.pt``: ``{"spec": build_binary_model's keywords, "state_dict": ...}``, written atomically."""
     buf = io.BytesIO()
     torch.save({"spec": spec, "state_dict": model.state_dict()}, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -152,7 +152,7 @@ def load_binary_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     spec = data["spec"]
     if spec.get("method") not in binary_method_names():
         raise ValueError(f"{path} names no known binary method ({spec.get('method')!r})")
-    model = build_model(
+    model = build_binary_model(
         spec["method"], width_mult=spec["width_mult"], in_chans=spec["in_chans"], num_classes=spec["num_classes"]
     )
     model.load_state_dict(data["state_dict"])

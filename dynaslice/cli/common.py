@@ -114,7 +114,7 @@ def add_trust_factory(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def load_checkpoint(
+def load_run_model(
     path: str, weights: str = "model", trust: Collection[str] = ()
 ) -> tuple[Supernet, dict[str, Any], Config, Path]:
     """``(net, metadata, config, file)`` of a run directory, checkpoint directory or model file

@@ -54,7 +54,7 @@ from .common import (
     UserError,
     add_trust_factory,
     budget_source,
-    load_checkpoint,
+    load_run_model,
     parse_amount,
     parse_macs,
     refuse_existing,
@@ -87,7 +87,7 @@ def _export(args: argparse.Namespace) -> int:
     fmt = args.format or ("onnx" if out.suffix == ".onnx" else "torch")
     refuse_existing(out, "export", force=args.force)
     if args.arch is not None:
-        net, meta, _, _ = load_checkpoint(str(ckpt), trust=args.trust_factory)
+        net, meta, _, _ = load_run_model(str(ckpt), trust=args.trust_factory)
         arch = parse_arch(args.arch, net)
         how = f"--arch {args.arch}"
         recal = {Arch(a) for a in (meta.get("recalibrated") or {}).values()}
@@ -131,7 +131,7 @@ def _export_binary(ckpt: Path, out: Path, force: bool) -> int:
 
 
 def _export_gated(ckpt: Path, out: Path, data_dir: str | None) -> int:
-    net, meta, cfg, _ = load_checkpoint(str(ckpt))
+    net, meta, cfg, _ = load_run_model(str(ckpt))
     if not isinstance(net, GatedSupernet):
         raise UserError(f"{ckpt} is not a gated checkpoint: use --arch to export one subnet")
     if meta.get("stage") != 2:

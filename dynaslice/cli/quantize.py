@@ -58,7 +58,7 @@ from ..torch_export import extract_subnet
 from ..train.data import load_split
 from .common import (
     UserError,
-    load_checkpoint,
+    load_run_model,
     positive_int,
     refuse_existing,
     refuse_existing_package,
@@ -69,7 +69,7 @@ from .common import (
 def _datasets(run: str, data_dir: str | None) -> tuple[Any, InMemoryDataset, InMemoryDataset]:
     """``(net, train split, test split)`` of the run (split as the run split it: its own seed); the
     data from ``data_dir`` or its standard place."""
-    net, _, cfg, _ = load_checkpoint(run)
+    net, _, cfg, _ = load_run_model(run)
     cfg = trusted_data(cfg, data_dir)
     return net, load_split(cfg.data, "train", cfg.train.seed), load_split(cfg.data, "test", cfg.train.seed)
 

@@ -23,7 +23,7 @@ from .common import (
     add_set,
     add_trust_factory,
     default_run_dir,
-    load_checkpoint,
+    load_run_model,
     parse_share,
     positive_int,
     refuse_existing,
@@ -95,7 +95,7 @@ def _recalibrated_out(args: argparse.Namespace, net: Supernet, file: Path, archs
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
-    net, meta, cfg, file = load_checkpoint(args.ckpt, args.weights, args.trust_factory)
+    net, meta, cfg, file = load_run_model(args.ckpt, args.weights, args.trust_factory)
     cfg = trusted_data(cfg, args.data_dir)
     default = ["routes"] if isinstance(net, GatedSupernet) else ["uniform"]
     archs = parse_archs(args.archs or default, net, cfg.train.eval_widths)
@@ -114,7 +114,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    net, meta, cfg, file = load_checkpoint(args.ckpt, args.weights, args.trust_factory)
+    net, meta, cfg, file = load_run_model(args.ckpt, args.weights, args.trust_factory)
     cfg = trusted_data(cfg, args.data_dir)
     if cfg.data.name == "folder":
         raise UserError("evaluating folder datasets is not wired into the CLI yet; use dynaslice.train.evaluate")
@@ -164,7 +164,7 @@ def _eval_gated(args: argparse.Namespace, net: GatedSupernet, meta: dict[str, An
 
 
 def _train_gate(args: argparse.Namespace) -> int:
-    net, meta, cfg, file = load_checkpoint(args.ckpt, args.weights, args.trust_factory)
+    net, meta, cfg, file = load_run_model(args.ckpt, args.weights, args.trust_factory)
     cfg = trusted_data(cfg, args.data_dir)
     if not isinstance(net, GatedSupernet):
         raise UserError(
