@@ -283,13 +283,13 @@ def cmd_ordering(args: argparse.Namespace) -> None:
 
 def cmd_routes(args: argparse.Namespace) -> None:
     """Each route of a gated Stage-I run after BN recalibration for the routes (the demo's goal)."""
-    from dynaslice.train.stage2 import recalibrate_routes, route_archs
+    from dynaslice.train.stage2 import recalibrate_routes
 
     for run in args.run_dirs:
         net, meta = load_supernet(run)
         cfg = from_dict(meta["config"])
         recalibrate_routes(net, cfg)
-        archs = route_archs(net)
+        archs = net.named_routes()  # {route0: arch, ...}
         cells = []
         for split in ("val", "test"):
             rows = evaluate(
