@@ -212,7 +212,7 @@ def main() -> None:
         layers = [] if args.skip_layers else per_layer(work, batches, args.repeats, path)
     affinity = sorted(os.sched_getaffinity(0))
     write_results(args.out, {
-        "command": "taskset -c 0 " + shlex.join([".venv/bin/python", "bench/bench_binary_speed.py", *sys.argv[1:]]),
+        "command": shlex.join(["taskset", "-c", ",".join(map(str, sorted(os.sched_getaffinity(0)))), ".venv/bin/python", "bench/bench_binary_speed.py", *sys.argv[1:]]),  # fmt: skip
         "cpu": cpu_model(), "kernel_path": path, "supported_paths": kernel.supported_paths(),
         "cpu_affinity": affinity, "load_average_at_end": os.getloadavg(), "note": args.note,
         "threads": 1, "input": list(SHAPE), "network": network, "layers": layers, "sizes": sizes,
