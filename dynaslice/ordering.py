@@ -36,14 +36,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .counting import meta_copy
 from .graph import ChannelGroup as EngineGroup
 from .graph import Layout, Member, analyze
 from .models.base import Supernet
 from .space import Arch
-from .torch_export import _Bound, _Tracer
+from .torch_export import trace_subnet
 
 
 class OrderingError(ValueError):
@@ -76,19 +75,7 @@ _UNSUPPORTED = (
 
 def _trace(net: Supernet, arch: Arch, input_size: tuple[int, ...]) -> fx.GraphModule:
     """``net(x, arch)`` traced with sliced leaves, every node annotated with its output shape."""
-    bound = _Bound(net, arch)
-    traced = fx.GraphModule(bound, _Tracer().trace(bound))
-    param = next(net.parameters())
-    example = torch.zeros(2, *input_size, dtype=param.dtype, device=param.device)
-    modes = {m: m.training for m in net.modules()}
-    net.eval()  # shape propagation must not touch BN statistics
-    try:
-        with torch.no_grad():
-            ShapeProp(traced).propagate(example)
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    return traced
+    return trace_subnet(net, arch, input_size, batch=2)
 
 
 def _width(node: fx.Node, layout: Layout | None) -> int | None:

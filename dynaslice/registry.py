@@ -8,7 +8,7 @@ this is only the table they share.
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 E = TypeVar("E")
 
@@ -46,3 +46,10 @@ class Registry(Generic[E]):
                 raise error(f"{key}={name!r} is not one of {choices}")
             raise error(f"unknown {self.kind} {name!r}: choose one of {choices}")
         return self._entries[name]
+
+    def check_config(self, cfg: Any, name: str, key: str, error: type[Exception]) -> None:
+        """The config ``cfg`` chooses ``name`` at ``key``: it must be registered (else ``error``),
+        and the config must meet the entry's own ``check(cfg)`` rules, if it has any."""
+        check = getattr(self.get(name, error, key), "check", None)
+        if check is not None:
+            check(cfg)

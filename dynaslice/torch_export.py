@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -44,6 +44,25 @@ class _Bound(nn.Module):
         return self.net(x, self.arch)
 
 
+def trace_subnet(net: nn.Module, arch: Mapping[str, int], input_size: Sequence[int], batch: int = 1) -> fx.GraphModule:
+    """``net(x, arch)`` traced with the sliced layers as leaves, every node annotated with its
+    output shape (one shape-propagation pass on zeros of ``(batch, *input_size)``, in eval mode so
+    BatchNorm statistics stay untouched; each module's mode restored after, as modes may be mixed)."""
+    bound = _Bound(net, arch)
+    traced = fx.GraphModule(bound, _Tracer().trace(bound))
+    param = next(net.parameters())
+    example = torch.zeros(batch, *input_size, dtype=param.dtype, device=param.device)
+    modes = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(traced).propagate(example)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return traced
+
+
 def extract_subnet(
     net: Supernet, arch: Mapping[str, int], input_size: tuple[int, ...] | None = None
 ) -> fx.GraphModule:
@@ -55,19 +74,8 @@ def extract_subnet(
     """
     arch = net.space.validate(arch)
     input_size = tuple(input_size or net.input_size)
-    bound = _Bound(net, arch)
-    graph = _Tracer().trace(bound)
-    traced = fx.GraphModule(bound, graph)
-    param = next(net.parameters())
-    example = torch.zeros(1, *input_size, dtype=param.dtype, device=param.device)
-    modes = {m: m.training for m in net.modules()}  # restored one by one: modes may be mixed
-    net.eval()  # shape propagation must not touch BN statistics
-    try:
-        with torch.no_grad():
-            ShapeProp(traced).propagate(example)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    traced = trace_subnet(net, arch, input_size)
+    graph = traced.graph
 
     modules: dict[str, nn.Module] = {}
     signatures: dict[str, tuple] = {}

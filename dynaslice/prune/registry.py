@@ -127,6 +127,4 @@ def pruner(name: str) -> PruningMethod:
 @register_check
 def _check_method(cfg: Config) -> None:
     """``prune.method`` names a registered method, and the config meets that method's rules."""
-    check = pruner(cfg.prune.method).check
-    if check is not None:
-        check(cfg)
+    _PRUNERS.check_config(cfg, cfg.prune.method, "prune.method", ConfigError)

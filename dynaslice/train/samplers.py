@@ -146,10 +146,7 @@ def build_sampler(name: str, trainer: SupernetTrainer) -> ArchSampler:
 @register_check
 def _check_sampler(cfg: Config) -> None:
     """``train.sampler`` names a registered sampler, and the config meets that sampler's rules."""
-    name = cfg.train.sampler
-    check = _SAMPLERS.get(name, ConfigError, "train.sampler").check
-    if check is not None:
-        check(cfg)
+    _SAMPLERS.check_config(cfg, cfg.train.sampler, "train.sampler", ConfigError)
 
 
 def need_subnets(cfg: Config, n: int, which: str) -> None:

@@ -137,10 +137,7 @@ def target_run(name: str) -> Callable[..., Any] | None:
 @register_check
 def _check_target(cfg: Config) -> None:
     """``train.target`` names a registered target, and the config meets that target's rules."""
-    name = cfg.train.target
-    check = _TARGETS.get(name, ConfigError, "train.target").check
-    if check is not None:
-        check(cfg)
+    _TARGETS.check_config(cfg, cfg.train.target, "train.target", ConfigError)
 
 
 def _check_teacher(cfg: Config) -> None:
