@@ -22,6 +22,7 @@ Batch 64 at 224 px takes seconds per call on one thread, so it runs fewer rounds
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import statistics
@@ -70,6 +71,21 @@ def convert(name: str, size: int) -> ds.Supernet:
         return ds.make_supernet(model, torch.randn(1, 3, size, size)).eval()
 
 
+def markdown(data: dict[str, Any]) -> str:
+    """docs/RESULTS.md's table, from a result of this script."""
+    lines = [
+        "| model | batch | subnet | GMACs | ms | speed-up | MAC reduction | speed-up / MAC reduction | goal >= 0.8 |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in data["rows"]:
+        met = "-" if r["met"] is None else ("met" if r["met"] else "**missed**")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['subnet']} | {r['gmacs']:.3f} | {r['ms']:.1f} | {r['speedup']:.2f} "
+            f"| {r['mac_reduction']:.2f} | {r['efficiency']:.2f} | {met} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet50,mobilenet_v3_large,efficientnet_b0,convnext_tiny")
@@ -78,8 +94,12 @@ def main() -> None:
     p.add_argument("--repeats-large", type=int, default=5, help="interleaved rounds at batch >= 8")
     p.add_argument("--size", type=int, default=224, help="input side in pixels (small: a smoke run)")
     p.add_argument("--note", default="", help="how the machine was loaded while this ran")
+    p.add_argument("--table", metavar="JSON", help="only print the Markdown table of a result file")
     output_args(p, out="bench/out/converted_speed.json", threads=1)
     args = p.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return
     set_threads(args.threads)
     load = os.getloadavg()[0]
     facts = cpu_facts()
@@ -133,7 +153,7 @@ def main() -> None:
         f"load average {load:.2f} at the start: another process shared the machine" if load > 1.2 else ""
     )
     affinity = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    write_results(args.out, {
+    data = {
         "benchmark": "converted_speed",
         "command": shlex.join(["taskset", "-c", affinity, ".venv/bin/python", "bench/bench_converted_speed.py",
                                *sys.argv[1:]]),
@@ -145,7 +165,9 @@ def main() -> None:
         "goal": f"speed-up / MAC reduction >= {GOAL} for x0.5 and smallest at every batch size",
         "goal_met": all(r["met"] for r in narrower),
         "rows": rows,
-    })  # fmt: skip
+    }  # fmt: skip
+    write_results(args.out, data)
+    print(markdown(data))
 
 
 if __name__ == "__main__":
