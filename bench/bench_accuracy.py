@@ -54,10 +54,11 @@ from common import mean_se, set_threads, write_results
 
 from dynaslice import count_macs, create_supernet, runs
 from dynaslice.archspec import uniform_archs
+from dynaslice.config_base import ConfigError
 from dynaslice.modelfile import CheckpointError
 from dynaslice.ordering import reorder_channels
 from dynaslice.train import evaluate, load_config, load_supernet, recalibrate_bn, train
-from dynaslice.train.config import ConfigError, from_dict
+from dynaslice.train.config import from_dict
 from dynaslice.train.data import eval_loader, load_split
 
 WIDTHS = [0.35, 0.5, 0.75, 1.0]

@@ -45,6 +45,7 @@ import yaml
 from . import runs, safejson
 from .archspec import uniform_archs
 from .atomic import atomic_write_bytes, atomic_write_json
+from .config_base import ConfigError
 from .counting import count_macs
 from .data import InMemoryDataset
 from .dynamic import DynamicNet
@@ -56,17 +57,10 @@ from .report import write_report
 from .serve import resolve_runtime, serve_gated, serve_subnet
 from .torch_export import extract_subnet, save_torch_model
 from .train import evaluate, evaluate_gated, train, train_gate
-from .train.config import (
-    Config,
-    ConfigError,
-    Stage2Config,
-    flatten,
-    from_dict,
-    load_config_with_section,
-    read_config_file,
-)
+from .train.config import Config, flatten, from_dict, load_config_with_section, read_config_file
 from .train.data import eval_loader, load_split
 from .train.stage2 import recalibrate_routes
+from .train.stage2_settings import Stage2Config
 
 
 @dataclass

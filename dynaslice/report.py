@@ -30,7 +30,7 @@ from typing import Any
 
 from . import runs
 from .atomic import atomic_write_bytes
-from .train.config import load_yaml
+from .config_base import load_yaml
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

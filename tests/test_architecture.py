@@ -132,6 +132,19 @@ def test_layers_point_down(layer, forbidden):
     assert {m: d for m, d in bad.items() if d} == {}
 
 
+CONFIG_SECTIONS = ("dynaslice.train.stage2_settings", "dynaslice.train.ffsd_settings")
+"""Config sections defined next to the code that uses them, aggregated by ``train.config.Config``."""
+
+
+def test_config_sections_import_only_the_config_base():
+    """The aggregate ``Config`` imports every section, so a section may import only the bottom of
+    the config machinery (``dynaslice.config_base``), which imports no dynaslice module: else the
+    section's package pulls the training code back into ``train.config`` (an import cycle)."""
+    graph = import_graph()
+    assert graph["dynaslice.config_base"] == set()
+    assert {s: sorted(graph[s] - {"dynaslice.config_base"}) for s in CONFIG_SECTIONS} == {s: [] for s in CONFIG_SECTIONS}
+
+
 def test_the_checker_sees_cycles_through_function_level_imports(tmp_path):
     """The checker itself, on a tiny package: a cycle hidden in a function body is found, one
     under TYPE_CHECKING is not (it never runs)."""

@@ -9,6 +9,7 @@ import pytest
 
 import dynaslice as ds
 from dynaslice.cli import build_parser, main
+from dynaslice.config_base import ConfigError
 from dynaslice.prune import (
     PruneContext,
     PruneResult,
@@ -20,7 +21,7 @@ from dynaslice.prune import (
 )
 from dynaslice.prune.common import finish, keep_first, model_channel_groups, prune_channels, resolve_widths
 from dynaslice.train import samplers, targets
-from dynaslice.train.config import Config, ConfigError, load_config
+from dynaslice.train.config import Config, load_config
 
 TINY = [
     "data.name=synthetic", "data.image_size=8", "data.batch_size=16", "data.val_size=16",

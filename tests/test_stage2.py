@@ -15,8 +15,9 @@ from dynaslice.train import (
     load_model_file,
     load_supernet,
 )
-from dynaslice.train.config import Stage2Config, from_dict
+from dynaslice.train.config import from_dict
 from dynaslice.train.stage2 import train_gate
+from dynaslice.train.stage2_settings import Stage2Config
 
 SETTINGS = [
     "data.name=synthetic",

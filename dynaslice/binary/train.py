@@ -26,8 +26,9 @@ from torch import nn
 
 from .. import runs
 from ..atomic import atomic_write_bytes, atomic_write_json
+from ..config_base import ConfigError
 from ..seeding import derive_seed
-from ..train.config import Config, ConfigError, load_config_with_section
+from ..train.config import Config, load_config_with_section
 from ..train.data import eval_loader, load_split
 from ..train.model import ModelTrainer
 from .layers import BinaryConv2d

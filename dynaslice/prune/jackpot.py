@@ -62,8 +62,9 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from .. import runs
+from ..config_base import ConfigError
 from ..seeding import derive_seed
-from ..train.config import Config, ConfigError
+from ..train.config import Config
 from ..train.model import ModelTrainer
 from .common import PruneResult, PruningError, _as_graph, finish
 from .onexn import MaskedTrainer

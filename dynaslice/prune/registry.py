@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
+from ..config_base import ConfigError
 from ..registry import Registry
-from ..train.config import ConfigCheck, ConfigError, register_check
+from ..train.config import ConfigCheck, register_check
 from .common import PruneResult
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -21,12 +21,13 @@ from torch import nn
 
 from .. import runs, safejson
 from ..atomic import atomic_write_json
+from ..config_base import ConfigError
 from ..counting import count_module_macs, count_module_params
 from ..modelfile import CheckpointError
 from ..models import create_supernet
 from ..seeding import derive_seed
 from ..torch_export import extract_subnet, save_torch_model
-from ..train.config import Config, ConfigError
+from ..train.config import Config
 from ..train.data import load_split
 from .common import export_pruned_onnx, model_channel_groups, resolve_widths
 from .phases import train_base

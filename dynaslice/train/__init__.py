@@ -13,11 +13,12 @@ MvCo via ``views``), :func:`make_ema`, :func:`param_groups`, :func:`recalibrate_
 :func:`evaluate`.
 """
 
+from ..config_base import ConfigError
 from ..modelfile import CheckpointError, load_model_file, load_supernet, save_model_file
 from ..seeding import derive_seed
 from .bn import recalibrate_bn
 from .checkpoint import latest_checkpoint
-from .config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+from .config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
 from .distributed import DistEnv, init_distributed
 from .ema import ema_decay_for, make_ema
 from .engine import Callback, Trainer, TrainingDiverged

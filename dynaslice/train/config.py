@@ -3,8 +3,10 @@
 A run is described by one :class:`Config` (model, data, optim, train sections). Presets live in
 ``configs/*.yaml`` and only list what differs from the defaults here. Overrides use dotted keys
 (``--set optim.lr=0.1 --set train.static_widths=[0.35,0.5]``); values are parsed as YAML, so
-lists, ``null`` and booleans work (by :func:`load_yaml`, the one reader of a user's YAML: no
-aliases, bounded depth and size). An unknown key is an error naming the closest valid one:
+lists, ``null`` and booleans work (by :func:`~dynaslice.config_base.load_yaml`, the one reader
+of a user's YAML: no aliases, bounded depth and size). Sections owned by one part of the code are
+defined next to it and aggregated here (:class:`~dynaslice.train.stage2_settings.Stage2Config`,
+:class:`~dynaslice.train.ffsd_settings.FFSDConfig`). An unknown key is an error naming the closest valid one:
 a typo must never be silently ignored, or the run trains something else than you think.
 """
 
@@ -24,83 +26,16 @@ from typing import Any, TypeVar
 import yaml
 
 from ..atomic import atomic_write_bytes
+from ..config_base import ConfigError, load_yaml
+from .ffsd_settings import FFSDConfig
+from .stage2_settings import Stage2Config
 
-
-class ConfigError(ValueError):
-    """A config file or override the user has to fix (printed as one line by the CLI)."""
-
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is kilobytes; a larger file is refused unread (it is something else)."""
 
 C = TypeVar("C")
 """A config dataclass: :class:`Config` or a command's own section."""
 S = TypeVar("S")
-
-
-# --------------------------------------------------------------------------- reading YAML
-
-MAX_CONFIG_BYTES = 1 << 20
-"""A config file is kilobytes; a larger file is refused unread (it is something else)."""
-MAX_YAML_DEPTH = 32
-"""Deeper than any config (``model.gate.routes`` is 4 levels); PyYAML overflows its recursion near 300."""
-MAX_YAML_VALUES = 10_000
-"""More values than any config holds (a few hundred); PyYAML composes some 30k a second."""
-
-
-class _Refused(Exception):
-    """A YAML document refused while it is composed (the message follows the document's name)."""
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses aliases, and documents nested deeper than
-    :data:`MAX_YAML_DEPTH` or holding more than :data:`MAX_YAML_VALUES` values, node by node
-    while it composes them: before anything is built from the document or validated."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.depth, self.values = 0, 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        where = f"line {event.start_mark.line + 1}"
-        if isinstance(event, yaml.AliasEvent):
-            raise _Refused(
-                f"uses the YAML alias *{event.anchor} ({where}): anchors and aliases are not accepted "
-                "in configs; write the value out"
-            )
-        self.values += 1
-        if self.values > MAX_YAML_VALUES:
-            raise _Refused(f"holds more than {MAX_YAML_VALUES} values ({where}); a config holds a few hundred")
-        if self.depth >= MAX_YAML_DEPTH:
-            raise _Refused(f"nests deeper than {MAX_YAML_DEPTH} levels ({where})")
-        self.depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-
-def load_yaml(text: str, source: str) -> Any:
-    """The value of YAML a user wrote (a config file, a ``--set`` value), or one ConfigError
-    line that starts with ``source`` (what the text is, e.g. the file's name).
-
-    The one reader of such YAML in dynaslice. It refuses aliases, because 800 bytes of nested
-    aliases (``&a [*a, *a, ...]``, 8 levels of 10) stand for 1e9 values that the config checks
-    then walk one by one (a hang), and a self-referencing one (``&a [*a]``) is a list that
-    contains itself; depth and size are capped, because a 100k-deep document overflows PyYAML's
-    recursion (a ``RecursionError``, not a ``YAMLError``) and one too large takes minutes.
-    """
-    loader = _BoundedLoader(text)
-    try:
-        return loader.get_single_data()
-    except _Refused as e:
-        raise ConfigError(f"{source} {e}") from None
-    except yaml.MarkedYAMLError as e:
-        line = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
-        what = e.problem or e.context or str(e).splitlines()[0]
-        raise ConfigError(f"{source} is not valid YAML: {what}{line}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
-    finally:
-        loader.dispose()
 
 
 RESUMABLE_CHANGES = frozenset({"optim.lr", "optim.clip_grad_norm"})
@@ -212,27 +147,6 @@ class PSSConfig:
 
 
 @dataclass
-class FFSDConfig:
-    """FFSD and DML (``train.target: ffsd`` / ``dml``, :mod:`dynaslice.train.ffsd`).
-
-    ``students``: the common students m (DML: the students; 1 = the network alone). The
-    official code's weights: ``lambda_fusion`` (the leader's feature terms), ``lambda_diversity``
-    (student diversity and self-distillation), ``lambda_decoder`` (the decoders' own loss), each
-    times ``exp(-5 (1 - e / warmup_epochs)^2)`` in epoch e <= ``warmup_epochs``. The fusion module
-    decays its weights by ``fusion_weight_decay``; the decoders learn with Adam at ``decoder_lr``.
-    The temperature is ``train.temperature`` (the official 2 in configs/ffsd.yaml).
-    """
-
-    students: int = 2
-    lambda_fusion: float = 10.0
-    lambda_diversity: float = 1e-5
-    lambda_decoder: float = 1000.0
-    warmup_epochs: int = 5
-    fusion_weight_decay: float = 1e-5
-    decoder_lr: float = 1e-3
-
-
-@dataclass
 class TrainConfig:
     """The Stage-I recipe: which subnets each step runs and what each of them learns from.
 
@@ -299,42 +213,6 @@ class TrainConfig:
     phase1_lr: float | None = None
     pss: PSSConfig = field(default_factory=PSSConfig)
     ffsd: FFSDConfig = field(default_factory=FFSDConfig)
-
-
-@dataclass
-class Stage2Config:
-    """Stage II (``dynaslice train-gate``): only the gate's slimming head learns.
-
-    ``target_macs``: the average MACs per image the complexity penalty pulls toward -- a
-    fraction (<= 1) of the widest route's MACs or absolute MACs; ``null`` switches the penalty
-    off (plain SGS). The Gumbel temperature anneals exponentially from ``tau_start`` to
-    ``tau_end`` over the run. ``drop_hopeless``: samples even the widest route gets wrong get
-    no gate target. ``train_gate_trunk``: the gate's shared 1x1 conv learns too (from the
-    route logits only; the attention scale the backbone was trained with changes with it).
-    ``calibrate``: after training, shift the slimming head's bias on the validation split so that
-    argmax routing spends at most ``target_macs`` on average
-    (:func:`dynaslice.gate.calibrate_route_bias`); without it the raw argmax can miss the
-    target widely (every image on one route).
-    SGD with momentum and a cosine schedule; the batch size is ``data.batch_size``.
-    """
-
-    epochs: int = 3
-    lr: float = 0.05
-    momentum: float = 0.9
-    target_macs: float | None = 0.6
-    drop_hopeless: bool = False
-    train_gate_trunk: bool = False
-    calibrate: bool = True
-    tau_start: float = 1.0
-    tau_end: float = 0.1
-    gate_weight: float = 1.0
-    task_weight: float = 1.0
-    macs_weight: float = 10.0
-
-    def check(self, cfg: Config) -> None:
-        """The section's rules between its keys (``cfg``: the whole config; see :meth:`Config.validate`)."""
-        if not 0 < self.tau_end <= self.tau_start:
-            raise ConfigError(f"stage2 needs 0 < tau_end <= tau_start, got {self.tau_end} and {self.tau_start}")
 
 
 @dataclass

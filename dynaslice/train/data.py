@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..config_base import ConfigError
 from ..data import (
     BatchLoader,
     EvalTransform,
@@ -19,7 +20,7 @@ from ..data import (
     split_train_val,
 )
 from ..seeding import derive_seed
-from .config import ConfigError, DataConfig
+from .config import DataConfig
 
 
 def synthetic_dataset(

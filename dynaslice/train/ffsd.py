@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import runs
+from ..config_base import ConfigError
 from ..counting import count_module_macs, count_module_params
 from ..modelfile import CheckpointError, model_spec
 from ..models import create_supernet
@@ -63,7 +64,7 @@ from ..models.base import Supernet
 from ..seeding import derive_seed
 from ..torch_export import extract_subnet, save_torch_model
 from .checkpoint import latest_checkpoint
-from .config import Config, ConfigError
+from .config import Config
 from .data import eval_loader, load_split, train_loader
 from .distributed import DistEnv
 from .engine import Trainer, total_steps

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, ConfigError
+from ..config_base import ConfigError
+from .config import Config
 from .data import eval_loader, load_split, train_loader
 from .engine import Trainer, total_steps
 from .optim import build_optimizer, build_scheduler

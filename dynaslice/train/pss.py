@@ -45,13 +45,14 @@ import torch
 
 from .. import runs
 from ..budget import BudgetEntry, BudgetTable, save_budget_file
+from ..config_base import ConfigError
 from ..counting import count_macs, resource_model
 from ..latency import LatencyTable
 from ..models.base import Supernet
 from ..seeding import derive_seed
 from ..space import Arch, SearchSpace
 from .bn import bn_statistics, recalibrate_bn
-from .config import Config, ConfigError
+from .config import Config
 from .engine import Callback
 from .evaluate import subnet_accuracy
 from .samplers import need_subnets, register_sampler

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ..config_base import ConfigError
 from ..registry import Registry
 from ..seeding import derive_seed
 from ..space import Arch, SearchSpace
-from .config import Config, ConfigCheck, ConfigError, register_check
+from .config import Config, ConfigCheck, register_check
 
 if TYPE_CHECKING:  # pragma: no cover
     from .supernet import SupernetTrainer

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config_base import ConfigError
 from ..gate import (
     GatedSupernet,
     anneal_tau,
@@ -41,7 +42,7 @@ from ..modelfile import CheckpointError
 from ..space import Arch
 from .bn import recalibrate_bn
 from .checkpoint import latest_checkpoint
-from .config import Config, ConfigError
+from .config import Config
 from .data import InMemoryDataset, eval_loader, load_split, train_loader
 from .engine import Trainer
 from .evaluate import evaluate_gated

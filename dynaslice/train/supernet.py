@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import runs
 from ..archspec import uniform_archs
 from ..atomic import atomic_write_json
+from ..config_base import ConfigError
 from ..gate import GatedSupernet
 from ..modelfile import CheckpointError, model_spec, prefixed, save_model_file
 from ..models import create_supernet
@@ -37,7 +38,7 @@ from ..seeding import derive_seed
 from ..space import Arch
 from .bn import recalibrate_bn
 from .checkpoint import latest_checkpoint
-from .config import Config, ConfigError
+from .config import Config
 from .data import FolderBatches, eval_loader, folder_loader, folder_recal_batches, load_split, train_loader
 from .distributed import DistEnv
 from .ema import ema_decay_for, half_life_steps, make_ema

@@ -36,9 +36,10 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from ..config_base import ConfigError
 from ..registry import Registry
 from ..space import Arch, SearchSpace
-from .config import Config, ConfigCheck, ConfigError, register_check
+from .config import Config, ConfigCheck, register_check
 
 Teacher = Callable[[torch.Tensor, Arch], torch.Tensor]
 """``teacher(x, arch) -> logits``; called under ``torch.no_grad()``."""
