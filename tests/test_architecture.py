@@ -132,7 +132,7 @@ def test_layers_point_down(layer, forbidden):
     assert {m: d for m, d in bad.items() if d} == {}
 
 
-CONFIG_SECTIONS = ("dynaslice.train.stage2_settings", "dynaslice.train.ffsd_settings")
+CONFIG_SECTIONS = ("dynaslice.train.stage2_settings", "dynaslice.train.ffsd_settings", "dynaslice.prune_settings")
 """Config sections defined next to the code that uses them, aggregated by ``train.config.Config``."""
 
 

@@ -4,7 +4,7 @@ A method's phases (``RUN/train``: its own training; ``RUN/finetune``: the pruned
 :class:`~dynaslice.train.ModelTrainer` runs, or subclasses that add the method's piece (a loss
 term, a fusion update, a fixed mask), so they get the engine's checkpoints, exact resume, metrics
 and run lock. The lengths come from one budget, ``train.epochs`` (see
-:class:`~dynaslice.train.config.PruneConfig`): what prunes a trained network spends
+:class:`~dynaslice.prune_settings.PruneConfig`): what prunes a trained network spends
 ``train.epochs - prune.finetune_epochs`` on it and ``prune.finetune_epochs`` fine-tuning.
 """
 

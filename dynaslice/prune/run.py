@@ -2,7 +2,7 @@
 
 The config names the model (its largest subnet, as a plain network, is what gets pruned), the
 data, the optimizer, the budget (``train.epochs``, ``prune.finetune_epochs``) and the method's
-settings (``prune.*``, see :class:`~dynaslice.train.config.PruneConfig`). The run directory gets
+settings (``prune.*``, see :class:`~dynaslice.prune_settings.PruneConfig`). The run directory gets
 ``base/`` (the full network, for methods that prune a trained one), the method's own phases
 (``train/``, ``finetune/``), then the compact network as ``model.pt`` (``torch.save`` of the
 plain model) and ``model.onnx``, and ``final_eval.json`` (validation accuracy, dense and nominal
