@@ -1,5 +1,5 @@
-"""The bottom of the config machinery: :class:`ConfigError` and :func:`load_yaml`, the one reader
-of YAML a user wrote.
+"""The bottom of the config machinery: :class:`ConfigError`, :func:`load_yaml` (the one reader
+of YAML a user wrote) and the value ranges a section's keys are checked against (:data:`Rule`).
 
 It imports nothing from dynaslice, so that every package can define its own config section
 next to the code that uses it (``dynaslice.train.stage2_settings``, ...) and the aggregate
@@ -8,6 +8,7 @@ next to the code that uses it (``dynaslice.train.stage2_settings``, ...) and the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -82,3 +83,27 @@ def load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
     finally:
         loader.dispose()
+
+
+# --------------------------------------------------------------------------- value ranges
+
+Rule = tuple[Callable[[Any], bool], str]
+"""The range of one config key: ``(ok(value), the rule said to the user when not ok)``."""
+
+
+def whole(lo: int, note: str = "") -> Rule:
+    """A whole number >= ``lo`` (``note``: what the smallest value means, shown with the rule)."""
+    return (lambda v: v >= lo), f"use a whole number >= {lo}{note}"
+
+
+def between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    """A value in ``[lo, hi]``, either end open on request."""
+
+    def ok(v: float) -> bool:
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return ok, f"use a value in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+POSITIVE: Rule = ((lambda v: v > 0), "use a value > 0")
+NON_NEGATIVE: Rule = ((lambda v: v >= 0), "use a value >= 0")

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import yaml
 
 from ..atomic import atomic_write_bytes
-from ..config_base import ConfigError, load_yaml
+from ..config_base import NON_NEGATIVE, POSITIVE, ConfigError, Rule, between, load_yaml, whole
 from ..prune_settings import PruneConfig
 from .ffsd_settings import FFSDConfig
 from .stage2_settings import Stage2Config
@@ -244,7 +244,7 @@ class Config:
                     f"{key}={value!r} holds a number that is not finite (nan, inf, or beyond float32's "
                     f"{FLOAT32_MAX:.3g}); give a finite value"
                 )
-        for key, (ok, rule) in _RULES.items():
+        for key, (ok, rule) in self._ranges():
             value = _get(self, key)
             if value is not None and not ok(value):
                 raise ConfigError(f"{key}={value!r} is out of range: {rule}")
@@ -257,6 +257,15 @@ class Config:
         for check in _CHECKS:
             check(self)
         return self
+
+    def _ranges(self) -> list[tuple[str, Rule]]:
+        """The ranges of this module's keys, then those each section defined elsewhere lists as
+        its ``RANGES``, under the section's name."""
+        ranges = list(_RULES.items())
+        for f in dataclasses.fields(self):
+            section_ranges = getattr(getattr(self, f.name), "RANGES", {})
+            ranges += [(f"{f.name}.{key}", rule) for key, rule in section_ranges.items()]
+        return ranges
 
     def _check_choices(self) -> None:
         t, o, d = self.train, self.optim, self.data
@@ -330,86 +339,62 @@ MAX_THREADS = 1024
 """More CPU threads than any machine has (torch crashes on some huge counts instead of refusing)."""
 
 
-def _whole(lo: int, note: str = "") -> tuple[Any, str]:
-    return (lambda v: v >= lo), f"use a whole number >= {lo}{note}"
-
-
-def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> tuple[Any, str]:
-    def ok(v: float) -> bool:
-        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-
-    return ok, f"use a value in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-
-
-_POSITIVE = ((lambda v: v > 0), "use a value > 0")
-_BN_BATCH = _whole(2, " (BatchNorm statistics need two or more images per batch)")
-_NON_NEGATIVE = ((lambda v: v >= 0), "use a value >= 0")
+_BN_BATCH = whole(2, " (BatchNorm statistics need two or more images per batch)")
 _RATIOS = ((lambda ws: all(0 < w <= 1 for w in ws)), "use width ratios in (0, 1]")
 _PAIR = ((lambda v: len(v) == 2 and min(v) > 0), "use [start, end], both > 0")
 
-_RULES: dict[str, tuple[Any, str]] = {
-    "model.gate.cut": _whole(0),
-    "model.gate.reduction": _whole(1),
+_RULES: dict[str, Rule] = {
+    "model.gate.cut": whole(0),
+    "model.gate.reduction": whole(1),
     "model.gate.pre_gate": ((lambda v: all(w >= 1 for w in v.values())), "use widths >= 1"),
     "data.batch_size": _BN_BATCH,
-    "data.val_size": _whole(0, " (0: no validation split)"),
-    "data.train_size": _whole(0, " (0: all remaining training images)"),
-    "data.crop_padding": _whole(0),
-    "data.image_size": _whole(1),
-    "data.workers": _whole(0),
-    "data.synthetic_classes": _whole(1),
-    "data.synthetic_channels": _whole(1),
-    "data.synthetic_train": _whole(1),
-    "data.synthetic_test": _whole(1),
-    "optim.lr": _POSITIVE,
-    "optim.momentum": _between(0, 1, hi_open=True),
+    "data.val_size": whole(0, " (0: no validation split)"),
+    "data.train_size": whole(0, " (0: all remaining training images)"),
+    "data.crop_padding": whole(0),
+    "data.image_size": whole(1),
+    "data.workers": whole(0),
+    "data.synthetic_classes": whole(1),
+    "data.synthetic_channels": whole(1),
+    "data.synthetic_train": whole(1),
+    "data.synthetic_test": whole(1),
+    "optim.lr": POSITIVE,
+    "optim.momentum": between(0, 1, hi_open=True),
     "optim.betas": ((lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)), "use [beta1, beta2], each in [0, 1)"),
-    "optim.weight_decay": _NON_NEGATIVE,
-    "optim.warmup_epochs": _NON_NEGATIVE,
-    "optim.warmup_start_factor": _between(0, 1, lo_open=True),
-    "optim.min_lr": _NON_NEGATIVE,
-    "optim.clip_grad_norm": (_POSITIVE[0], "use a value > 0, or null for no clipping"),
-    "train.epochs": _whole(1),
-    "train.phase1_epochs": _whole(0, " (0: no first phase)"),
-    "train.phase1_lr": (_POSITIVE[0], "use a value > 0, or null for optim.lr"),
-    "train.kd_ramp_epochs": _NON_NEGATIVE,
-    "optim.clip_grad_value": (_POSITIVE[0], "use a value > 0, or null for no clipping"),
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "optim.warmup_start_factor": between(0, 1, lo_open=True),
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.clip_grad_norm": (POSITIVE[0], "use a value > 0, or null for no clipping"),
+    "train.epochs": whole(1),
+    "train.phase1_epochs": whole(0, " (0: no first phase)"),
+    "train.phase1_lr": (POSITIVE[0], "use a value > 0, or null for optim.lr"),
+    "train.kd_ramp_epochs": NON_NEGATIVE,
+    "optim.clip_grad_value": (POSITIVE[0], "use a value > 0, or null for no clipping"),
     "train.threads": ((lambda v: 1 <= v <= MAX_THREADS), f"use a whole number in [1, {MAX_THREADS}], or null for torch's default"),
     "train.num_subnets": ((lambda v: 1 <= v <= MAX_SUBNETS), f"use a whole number in [1, {MAX_SUBNETS}]"),
-    "train.fixed_width": _between(0, 1, lo_open=True),
-    "train.label_smoothing": _between(0, 1, hi_open=True),
-    "train.temperature": _POSITIVE,
-    "train.mvco_weight": _between(0, 1),
-    "train.ema_decay": _between(0, 1),
-    "train.ema_half_life_epochs": (_NON_NEGATIVE[0], "use a value >= 0 (0: train.ema_decay per step)"),
-    "train.ckpt_every_steps": _whole(0, " (0: only at the end of each epoch)"),
-    "train.keep_checkpoints": _whole(1),
-    "train.log_every_steps": _whole(1),
-    "train.eval_every_epochs": _whole(0, " (0: only after the last epoch)"),
+    "train.fixed_width": between(0, 1, lo_open=True),
+    "train.label_smoothing": between(0, 1, hi_open=True),
+    "train.temperature": POSITIVE,
+    "train.mvco_weight": between(0, 1),
+    "train.ema_decay": between(0, 1),
+    "train.ema_half_life_epochs": (NON_NEGATIVE[0], "use a value >= 0 (0: train.ema_decay per step)"),
+    "train.ckpt_every_steps": whole(0, " (0: only at the end of each epoch)"),
+    "train.keep_checkpoints": whole(1),
+    "train.log_every_steps": whole(1),
+    "train.eval_every_epochs": whole(0, " (0: only after the last epoch)"),
     "train.eval_widths": _RATIOS,
     "train.recal_images": _BN_BATCH,
     "train.recal_batch_size": _BN_BATCH,
     "train.static_widths": _RATIOS,
-    "train.pss.bucket_step": _POSITIVE,
-    "train.pss.pool_size": _whole(1),
+    "train.pss.bucket_step": POSITIVE,
+    "train.pss.pool_size": whole(1),
     "train.pss.p_e": _PAIR,
     "train.pss.t_e": _PAIR,
-    "train.pss.estimate_samples": _whole(1),
-    "train.pss.select_top_k": _whole(1),
-    "stage2.epochs": _whole(1),
-    "stage2.lr": _POSITIVE,
-    "stage2.momentum": _between(0, 1, hi_open=True),
-    "stage2.target_macs": (
-        (lambda v: 0 < v <= 1 or v >= 1000),
-        "use a fraction in (0, 1] of the widest route, or MACs like 12e6 (or null for no target)",
-    ),
-    "stage2.tau_start": _POSITIVE,
-    "stage2.tau_end": _POSITIVE,
-    "stage2.gate_weight": _NON_NEGATIVE,
-    "stage2.task_weight": _NON_NEGATIVE,
-    "stage2.macs_weight": _NON_NEGATIVE,
+    "train.pss.estimate_samples": whole(1),
+    "train.pss.select_top_k": whole(1),
 }
-"""Ranges of single keys (``None``, where allowed, is never checked): ``key -> (ok, the rule)``."""
+"""Ranges of single keys (``None``, where allowed, is never checked): ``key -> (ok, the rule)``.
+A section defined outside this module lists its own as ``RANGES`` (keys within the section)."""
 
 
 def _get(config: Any, key: str) -> Any:

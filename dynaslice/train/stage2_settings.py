@@ -8,9 +8,9 @@ the aggregate can import it without an import cycle.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
-from ..config_base import ConfigError
+from ..config_base import NON_NEGATIVE, POSITIVE, ConfigError, Rule, between, whole
 
 if TYPE_CHECKING:
     from .config import Config
@@ -45,6 +45,22 @@ class Stage2Config:
     gate_weight: float = 1.0
     task_weight: float = 1.0
     macs_weight: float = 10.0
+
+    RANGES: ClassVar[dict[str, Rule]] = {
+        "epochs": whole(1),
+        "lr": POSITIVE,
+        "momentum": between(0, 1, hi_open=True),
+        "target_macs": (
+            (lambda v: 0 < v <= 1 or v >= 1000),
+            "use a fraction in (0, 1] of the widest route, or MACs like 12e6 (or null for no target)",
+        ),
+        "tau_start": POSITIVE,
+        "tau_end": POSITIVE,
+        "gate_weight": NON_NEGATIVE,
+        "task_weight": NON_NEGATIVE,
+        "macs_weight": NON_NEGATIVE,
+    }
+    """Each key's range (checked by :meth:`Config.validate` with every other key's)."""
 
     def check(self, cfg: Config) -> None:
         """The section's rules between its keys (``cfg``: the whole config; see :meth:`Config.validate`)."""
