@@ -81,7 +81,7 @@ def markdown(data: dict[str, Any]) -> str:
         met = "-" if r["met"] is None else ("met" if r["met"] else "**missed**")
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['subnet']} | {r['gmacs']:.3f} | {r['ms']:.1f} | {r['speedup']:.2f} "
-            f"| {r['mac_reduction']:.2f} | {r['efficiency']:.2f} | {met} |"
+            f"| {r['mac_reduction']:.2f} | {r['efficiency']:.3f} | {met} |"
         )
     return "\n".join(lines)
 
