@@ -937,3 +937,34 @@ def test_config_fuzz(tmp_path):
         assert saved[key] == expected, (key, value, saved[key])
         assert {k: v for k, v in saved.items() if k != key} == {k: v for k, v in base.items() if k != key}
     assert outcomes[2] > outcomes[0] > 0, outcomes  # the generator reaches both outcomes
+
+
+# --------------------------------------------------------------------------- this round's new commands and keys
+
+NEW_COMMAND_MISTAKES = [
+    # (command and arguments after the config, what the one line must say)
+    (["binarize", "nope"], "unknown binary method 'nope'"),
+    (["binarize", "siman", "--set", "binary.width_mult=0"], "binary.width_mult"),
+    (["binarize", "siman", "--set", "binary.width_mult=abc"], "binary.width_mult"),
+    (["binarize", "siman", "--set", "binary.nope=1"], "binary.nope"),
+    (["prune", "jackpot", "--set", "prune.sparsity=1.5"], "prune.sparsity"),
+    (["prune", "jackpot", "--set", "prune.sparsity=0"], "prune.sparsity"),
+    (["prune", "jackpot", "--set", "prune.score_init=nope"], "prune.score_init"),
+    (["prune", "jackpot", "--set", "prune.tune_epochs=-1"], "prune.tune_epochs"),
+    (["train", "--set", "train.target=ffsd", "--set", "train.ffsd.students=0"], "train.ffsd.students"),
+    (["train", "--set", "train.target=ffsd", "--set", "train.ffsd.students=x"], "train.ffsd.students"),
+]
+
+
+@pytest.mark.parametrize("args,needle", NEW_COMMAND_MISTAKES, ids=[" ".join(a) for a, _ in NEW_COMMAND_MISTAKES])
+def test_new_commands_refuse_bad_values_in_one_line_before_any_work(tmp_path, args, needle):
+    """binarize (issue 30), prune jackpot and train.target=ffsd (issue 31): a bad method or
+    value is one line, and nothing is written."""
+    out = tmp_path / "run"
+    command, rest = args[0], args[1:]
+    if command == "train":
+        argv = [command, write_config(tmp_path), *rest, "--out", out]
+    else:
+        argv = [command, *rest[:1], "--config", write_config(tmp_path), *rest[1:], "--out", out]
+    one_line_error(cli(*argv), needle)
+    assert not out.exists()
