@@ -37,7 +37,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -46,7 +45,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import write_results  # noqa: E402
+from common import cpu_facts, write_results  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dynaslice.binary import kernel  # noqa: E402
@@ -189,11 +188,6 @@ def fmt(ms: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/out/binary_speed.json")
@@ -213,7 +207,7 @@ def main() -> None:
     affinity = sorted(os.sched_getaffinity(0))
     write_results(args.out, {
         "command": shlex.join(["taskset", "-c", ",".join(map(str, sorted(os.sched_getaffinity(0)))), ".venv/bin/python", "bench/bench_binary_speed.py", *sys.argv[1:]]),  # fmt: skip
-        "cpu": cpu_model(), "kernel_path": path, "supported_paths": kernel.supported_paths(),
+        "cpu": cpu_facts()["cpu"], "kernel_path": path, "supported_paths": kernel.supported_paths(),
         "cpu_affinity": affinity, "load_average_at_end": os.getloadavg(), "note": args.note,
         "threads": 1, "input": list(SHAPE), "network": network, "layers": layers, "sizes": sizes,
     })  # fmt: skip

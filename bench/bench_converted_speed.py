@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
-from common import output_args, set_threads, write_results
+from common import cpu_facts, output_args, set_threads, write_results
 
 import dynaslice as ds
 from dynaslice.latency import measure_latency, paired_ratio
@@ -44,24 +44,6 @@ from dynaslice.onnx_export import export_onnx
 from dynaslice.onnx_package import open_session
 
 GOAL = 0.8  # issue 28: speed-up / MAC reduction
-FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
-
-
-def cpu_facts() -> dict[str, Any]:
-    """The CPU's name and the vector-instruction flags that decide onnxruntime's kernels, from
-    /proc/cpuinfo (empty where there is none): a speed-up holds for the CPU it was measured on."""
-    name, flags = "", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not name:
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    return {"cpu": name, "cpu_flags": [f for f in FLAGS if f in flags]}
-
-
 def convert(name: str, size: int) -> ds.Supernet:
     """torchvision's ``name`` with random weights (seeded), as a supernet traced at ``size`` px."""
     torch.manual_seed(0)

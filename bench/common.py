@@ -109,6 +109,26 @@ def goal_table(goals: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_vpopcntdq", "amx_tile", "amx_int8")
+"""The instruction sets that decide which kernels onnxruntime, oneDNN and our 1-bit kernel run."""
+
+
+def cpu_facts() -> dict[str, Any]:
+    """The CPU's name and which of :data:`CPU_FLAGS` it has, from /proc/cpuinfo (the platform's
+    processor name and no flags where there is none): a timing holds for the CPU it was taken on."""
+    name, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not name:
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": name or platform.processor() or platform.machine(), "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
+
+
 def machine() -> dict[str, Any]:
     """Where a figure was measured: recorded in every results file."""
     return {

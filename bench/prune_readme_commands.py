@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import write_results
+from common import cpu_facts, write_results
 
 # name -> the command as README.md / docs/PRUNING.md show it (without the leading `dynaslice`)
 COMMANDS = {
@@ -34,17 +34,6 @@ COMMANDS = {
     "onexn": "prune onexn --set prune.n=8 --set prune.sparsity=0.5",
     "l1": "prune l1 --target-params 0.5 --out runs/l1",
 }
-
-
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo ('' where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def run_one(command: str, threads: int, cwd: Path) -> dict:
@@ -119,7 +108,7 @@ def main() -> None:
         rows[name] = {**run_one(COMMANDS[name], args.threads, cwd), "date": datetime.date.today().isoformat()}
         said = [line for line in rows[name]["printed"] if "val top-1" in line] or rows[name]["stderr_tail"]
         print(f"  {' | '.join(said)} ({rows[name]['seconds']:.0f} s)", flush=True)
-        write_results(out, {"cpu": cpu_model(), "threads": args.threads, "rows": rows})
+        write_results(out, {"cpu": cpu_facts()["cpu"], "threads": args.threads, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import write_results
+from common import cpu_facts, write_results
 
 DETERMINISM = (
     "accuracies: identical to the last digit when the same command runs again on this machine "
@@ -41,14 +41,7 @@ DETERMINISM = (
 
 def cpu() -> dict[str, Any]:
     """The CPU the run trained on: model name (Linux) and the cores this process may use."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_facts()["cpu"]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": model, "cores": cores, "os": platform.platform()}
 
