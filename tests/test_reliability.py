@@ -968,3 +968,16 @@ def test_new_commands_refuse_bad_values_in_one_line_before_any_work(tmp_path, ar
         argv = [command, *rest[:1], "--config", write_config(tmp_path), *rest[1:], "--out", out]
     one_line_error(cli(*argv), needle)
     assert not out.exists()
+
+
+def test_export_binary_refuses_what_is_not_a_binary_run_in_one_line(tmp_path):
+    """``dynaslice export RUN --binary`` (issue 30): a missing path, a folder without a binary
+    network, and a damaged model.pt are one line each, and no package is written."""
+    out = tmp_path / "pkg"
+    one_line_error(cli("export", tmp_path / "nope", "--binary", "--out", out), "not found")
+    (tmp_path / "empty").mkdir()
+    one_line_error(cli("export", tmp_path / "empty", "--binary", "--out", out), "holds no model.pt")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.pt").write_bytes(b"not a torch file")
+    one_line_error(cli("export", tmp_path / "bad", "--binary", "--out", out), "model.pt")
+    assert not out.exists()

@@ -149,12 +149,19 @@ def save_binary_model(model: nn.Module, spec: dict[str, Any], path: str | Path) 
 
 def load_binary_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The trained binary network of a ``model.pt`` (tensors and plain data only), in eval mode."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    spec = data["spec"]
-    if spec.get("method") not in binary_method_names():
-        raise ValueError(f"{path} names no known binary method ({spec.get('method')!r})")
-    model = build_binary_model(
-        spec["method"], width_mult=spec["width_mult"], in_chans=spec["in_chans"], num_classes=spec["num_classes"]
-    )
-    model.load_state_dict(data["state_dict"])
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        spec = data["spec"]
+        method_name = spec.get("method")
+    except Exception as e:  # a damaged or foreign file: pickle, zip and key errors alike
+        raise ValueError(f"{path} is not a binary network of dynaslice binarize ({type(e).__name__})") from None
+    if method_name not in binary_method_names():
+        raise ValueError(f"{path} names no known binary method ({method_name!r})")
+    try:
+        model = build_binary_model(
+            method_name, width_mult=spec["width_mult"], in_chans=spec["in_chans"], num_classes=spec["num_classes"]
+        )
+        model.load_state_dict(data["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as e:  # a spec or weights that do not fit the network
+        raise ValueError(f"{path} does not hold a consistent binary network ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model.eval(), spec
