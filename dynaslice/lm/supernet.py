@@ -22,6 +22,10 @@ Families: Llama-style causal LMs (``LlamaForCausalLM``), GPT-2 (``GPT2LMHeadMode
 encoders (``BertModel``, whose output is the last hidden state). Inputs are token ids
 ``[batch, tokens]`` without padding (no attention mask yet); ``input_size`` is ``(tokens,)``.
 
+Incremental decoding (causal families): :meth:`LMSupernet.forward_cached` runs new tokens after
+those held in a :class:`KVCache` of the same arch (the keys and values of each layer's sliced
+heads), with the logits of running the whole sequence at once.
+
 Costs are per token and analytic (:func:`count_params`, :func:`count_macs`): a slice's parameters
 are those of its exported checkpoint, its MACs those of its matrix products.
 """
@@ -45,6 +49,39 @@ from ..space import Arch, Dim, SearchSpace, dsnet_ratios, width_grid
 Rule = tuple[str, int]
 
 
+class KVCache:
+    """The keys and values of the tokens one subnet ``arch`` has decoded so far, per layer
+    (``[batch, kv heads, tokens, head_dim]``, the slice's own heads), for
+    :meth:`LMSupernet.forward_cached`.
+
+    Each subnet decodes with a cache of its own: a narrower slice's layers see other hidden
+    states, so its keys are other tensors, and the arch it was made for is checked on every use.
+    ``truncate`` drops rejected tokens (speculative decoding). ``transformers``' ``DynamicCache``
+    would do the same bookkeeping, but it knows nothing of the arch, and building one needs
+    ``transformers`` imported, which this module leaves to the model.
+    """
+
+    def __init__(self, arch: Arch):
+        self.arch = arch
+        self.length = 0  # tokens held
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s keys and values with the new ones (``k``, ``v``) appended."""
+        if i in self.layers:
+            past_k, past_v = self.layers[i]
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        self.layers[i] = (k, v)
+        return k, v
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens (views: no copy)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of {self.length} tokens to {length}")
+        self.layers = {i: (k[:, :, :length], v[:, :, :length]) for i, (k, v) in self.layers.items()}
+        self.length = length
+
+
 class LMSupernet(Supernet):
     """A Hugging Face transformer as a supernet (build it with :func:`make_lm_supernet`).
 
@@ -61,6 +98,7 @@ class LMSupernet(Supernet):
     # the layer modules that read the FFN's hidden units and the heads' outputs (importance ordering)
     FFN_OUT: str
     ATTN_OUT: str
+    CAUSAL = True  # decodes token by token (forward_cached)
 
     def __init__(self, model: nn.Module, space: SearchSpace, seq_len: int, heads_per_kv: int):
         super().__init__()
@@ -171,8 +209,27 @@ class LMSupernet(Supernet):
     def forward_stage(self, i: int, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         return x if i >= arch["depth"] else self._block(i, x, arch)
 
-    def _block(self, i: int, x: torch.Tensor, arch: Arch) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def _block(self, i: int, x: torch.Tensor, arch: Arch, cache: KVCache | None = None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def forward_cached(self, input_ids: torch.Tensor, arch: Mapping[str, int], cache: KVCache) -> torch.Tensor:
+        """Logits ``[batch, new, vocab]`` of the new tokens ``input_ids`` following those whose keys
+        and values ``cache`` holds (empty: a prompt), appending theirs to ``cache``.
+
+        Equal to the last ``new`` positions of ``self(all tokens, arch)``. A cache belongs to the
+        arch it was made for (``KVCache(arch)``): another arch's keys would be other
+        tensors, so a mismatch is a ValueError rather than wrong logits.
+        """
+        if not self.CAUSAL:
+            raise ValueError(f"{self.family} is an encoder: it has no incremental decoding")
+        arch = self.space.validate(arch)
+        if cache.arch != arch:
+            raise ValueError(f"this KV cache was filled by another subnet ({cache.arch}), not {arch}")
+        x = self.forward_stem(_token_ids(self.family, input_ids), arch, start=cache.length)
+        for i in range(arch["depth"]):
+            x = self._block(i, x, arch, cache)
+        cache.length += input_ids.shape[1]
+        return self.forward_head(x, arch)
 
     def _linear(self, x: torch.Tensor, i: int, module: str, arch: Arch) -> torch.Tensor:
         """``nn.Linear`` ``module`` of layer ``i`` on its sliced weight (and bias, where it has one)."""
@@ -189,9 +246,13 @@ class LMSupernet(Supernet):
         """Attention as the model's default ``sdpa`` runs it (torch's SDPA; KV heads shared by
         groups of query heads), back to ``[batch, tokens, heads * head_dim]``."""
         b, _, t, _ = q.shape
+        s = k.shape[2]
+        # t new queries after s - t cached keys: query j sees the cache and new keys up to j (SDPA's
+        # is_causal aligns the mask top-left, right only when nothing is cached)
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t) if causal and 1 < t < s else None
         out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=p if self.training else 0.0, is_causal=causal and t > 1, scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1],
+            q, k, v, attn_mask=mask, dropout_p=p if self.training else 0.0,
+            is_causal=causal and t > 1 and mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
         )  # fmt: skip
         return out.transpose(1, 2).reshape(b, t, -1)
 
@@ -215,22 +276,32 @@ class LlamaSupernet(LMSupernet):
     def _out_features(self) -> int:
         return self.config.vocab_size
 
-    def forward_stem(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
-        return self.model.model.embed_tokens(x)
+    def forward_stem(self, x: torch.Tensor, arch: Arch, start: int = 0) -> torch.Tensor:
+        return self.model.model.embed_tokens(x)  # positions are rotary, in the attention
 
-    def _block(self, i: int, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, arch: Arch, cache: KVCache | None = None) -> torch.Tensor:
         layer = self.model.model.layers[i]
-        attn, mlp = layer.self_attn, layer.mlp
-        positions = torch.arange(x.shape[1], device=x.device)[None]
-        cos, sin = self.model.model.rotary_emb(x, positions)
-        h = layer.input_layernorm(x)
+        x = x + self._attention(i, layer.input_layernorm(x), arch, cache)
+        return x + self._ffn(i, layer.post_attention_layernorm(x), arch)
+
+    def _attention(self, i: int, h: torch.Tensor, arch: Arch, cache: KVCache | None = None) -> torch.Tensor:
+        """Layer ``i``'s attention on the normed input ``h`` (its keys and values appended to ``cache``)."""
+        attn = self.model.model.layers[i].self_attn
+        start = 0 if cache is None else cache.length
+        positions = torch.arange(start, start + h.shape[1], device=h.device)[None]
+        cos, sin = self.model.model.rotary_emb(h, positions)
         q, k, v = (self._heads(self._linear(h, i, f"self_attn.{n}_proj", arch)) for n in "qkv")
         q, k = _rotate(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(i, k, v)
         a = self._sdpa(q, k, v, attn.scaling, attn.attention_dropout, causal=True)
-        x = x + self._linear(a, i, "self_attn.o_proj", arch)
-        h = layer.post_attention_layernorm(x)
-        h = mlp.act_fn(self._linear(h, i, "mlp.gate_proj", arch)) * self._linear(h, i, "mlp.up_proj", arch)
-        return x + self._linear(h, i, "mlp.down_proj", arch)
+        return self._linear(a, i, "self_attn.o_proj", arch)
+
+    def _ffn(self, i: int, h: torch.Tensor, arch: Arch) -> torch.Tensor:
+        """Layer ``i``'s gated FFN on the normed input ``h``."""
+        act = self.model.model.layers[i].mlp.act_fn
+        h = act(self._linear(h, i, "mlp.gate_proj", arch)) * self._linear(h, i, "mlp.up_proj", arch)
+        return self._linear(h, i, "mlp.down_proj", arch)
 
     def forward_head(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(x))
@@ -258,24 +329,31 @@ class GPT2Supernet(LMSupernet):
     def _out_features(self) -> int:
         return self.config.vocab_size
 
-    def forward_stem(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+    def forward_stem(self, x: torch.Tensor, arch: Arch, start: int = 0) -> torch.Tensor:
         t = self.model.transformer
-        positions = torch.arange(x.shape[1], device=x.device)[None]
+        positions = torch.arange(start, start + x.shape[1], device=x.device)[None]
         return t.drop(t.wte(x) + t.wpe(positions))
 
-    def _block(self, i: int, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, arch: Arch, cache: KVCache | None = None) -> torch.Tensor:
         block = self.model.transformer.h[i]
-        attn, mlp = block.attn, block.mlp
-        qkv = _conv1d(
-            block.ln_1(x), self._w(i, "attn.c_attn.weight", arch), self._w(i, "attn.c_attn.bias", arch)
-        )
+        x = x + self._attention(i, block.ln_1(x), arch, cache)
+        return x + self._ffn(i, block.ln_2(x), arch)
+
+    def _attention(self, i: int, h: torch.Tensor, arch: Arch, cache: KVCache | None = None) -> torch.Tensor:
+        """Layer ``i``'s attention on the normed input ``h`` (its keys and values appended to ``cache``)."""
+        attn = self.model.transformer.h[i].attn
+        qkv = _conv1d(h, self._w(i, "attn.c_attn.weight", arch), self._w(i, "attn.c_attn.bias", arch))
         q, k, v = (self._heads(z) for z in qkv.chunk(3, dim=-1))
+        if cache is not None:
+            k, v = cache.update(i, k, v)
         a = self._sdpa(q, k, v, attn.scaling, attn.attn_dropout.p, causal=True)
-        x = x + attn.resid_dropout(_conv1d(a, self._w(i, "attn.c_proj.weight", arch), attn.c_proj.bias))
-        h = mlp.act(
-            _conv1d(block.ln_2(x), self._w(i, "mlp.c_fc.weight", arch), self._w(i, "mlp.c_fc.bias", arch))
-        )
-        return x + mlp.dropout(_conv1d(h, self._w(i, "mlp.c_proj.weight", arch), mlp.c_proj.bias))
+        return attn.resid_dropout(_conv1d(a, self._w(i, "attn.c_proj.weight", arch), attn.c_proj.bias))
+
+    def _ffn(self, i: int, h: torch.Tensor, arch: Arch) -> torch.Tensor:
+        """Layer ``i``'s FFN on the normed input ``h``."""
+        mlp = self.model.transformer.h[i].mlp
+        h = mlp.act(_conv1d(h, self._w(i, "mlp.c_fc.weight", arch), self._w(i, "mlp.c_fc.bias", arch)))
+        return mlp.dropout(_conv1d(h, self._w(i, "mlp.c_proj.weight", arch), mlp.c_proj.bias))
 
     def forward_head(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         return self.model.lm_head(self.model.transformer.ln_f(x))
@@ -300,6 +378,7 @@ class BertSupernet(LMSupernet):
         "output.dense.weight": ("ffn", 1),
     }  # fmt: skip
     FFN_OUT, ATTN_OUT = "output.dense", "attention.output.dense"
+    CAUSAL = False
 
     def _out_features(self) -> int:
         return self.config.hidden_size
@@ -307,7 +386,7 @@ class BertSupernet(LMSupernet):
     def forward_stem(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         return self.model.embeddings(input_ids=x)
 
-    def _block(self, i: int, x: torch.Tensor, arch: Arch) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, arch: Arch, cache: KVCache | None = None) -> torch.Tensor:
         layer = self.model.encoder.layer[i]
         att, out = layer.attention, layer.output
         q, k, v = (
