@@ -1,0 +1,371 @@
+"""Mix'n'Match search on measured latency: per-layer FFN widths, heads and depth (issue 32, item 3).
+
+MatFormer's Mix'n'Match takes each layer's FFN width independently; counting MACs is a poor guide
+to which mixes are fast (small matrix products are overhead-bound on a CPU), so the search ranks
+slices by a **latency table measured on this machine**, as ``dynaslice profile --latency-table``
+does for CNNs (:mod:`dynaslice.latency`: the same timing, table and file format).
+
+What is timed is one **decode step**: one new token per sequence (``batch_size`` sequences)
+after ``context`` tokens held in the KV cache -- what a served model repeats for every token it
+generates. Every layer of a transformer has the same shapes, so each *kind* of piece is timed
+once per width on layer 0 and stands for every layer:
+
+- ``attention``, per head count (the query heads and their KV heads over the cached keys);
+- ``ffn``, per FFN width;
+- ``rest``: the rest of a layer (norms, residual adds): the whole layer at its largest minus its
+  largest attention and FFN;
+- ``ends``: the embedding, the final norm and the output head.
+
+Layer ``i``'s pieces count only when it runs: its blocks depend on ``depth`` with a grid of
+``(i, i + 1)`` whose first row is 0 ms (a depth of ``i`` stops before layer ``i``). A
+constant ``overhead_ms`` (validation and dispatch of the step) is calibrated on the smallest,
+the largest and a random slice timed end to end; :func:`check_decode_table` compares the
+prediction with held-out slices timed end to end.
+
+The search (:func:`search`) evaluates uniform slices and random Mix'n'Match slices on
+validation batches, then mutates the Pareto front (predicted latency vs. perplexity) for a few
+rounds. :func:`budget_table` times the front's slices end to end and writes a budget table in
+PSS's format (:mod:`dynaslice.budget`: ``bucket``, ``arch``, ``macs``, ``val_accuracy``,
+``latency_ms``) whose entries also carry ``params``, ``val_perplexity`` and
+``predicted_latency_ms``; :class:`dynaslice.lm.serve.ElasticLM` serves it. ``val_accuracy`` is
+the next-token top-1 accuracy (%); the front and the serving choice rank by perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..latency import LatencyBlock, LatencyTable, measure_latency, subsample
+from ..space import Arch
+from .supernet import KVCache, LMSupernet, count_macs, count_params
+
+TABLE_FORMAT = "dynaslice-budget-table"
+
+
+# ---------------------------------------------------------------------------- quality
+
+
+@torch.inference_mode()
+def score_slice(
+    net: LMSupernet, arch: Mapping[str, int], batches: Iterable[torch.Tensor]
+) -> tuple[float, float]:
+    """``(perplexity, top-1 %)`` of subnet ``arch`` predicting each next token of ``batches``
+    (token ids ``[batch, tokens]``): ``exp`` of the mean negative log-likelihood over every
+    predicted token, and how often its most likely token was the next one."""
+    arch = net.space.validate(arch)
+    nll = correct = count = 0.0
+    was = net.training
+    net.eval()
+    try:
+        for ids in batches:
+            logits = net(ids, arch)[:, :-1].flatten(0, 1).float()
+            target = ids[:, 1:].flatten()
+            nll += float(F.cross_entropy(logits, target, reduction="sum"))
+            correct += float((logits.argmax(-1) == target).sum())
+            count += target.numel()
+    finally:
+        net.train(was)
+    if count == 0:
+        raise ValueError("evaluating a language model needs batches of at least 2 tokens; got none")
+    return math.exp(nll / count), 100.0 * correct / count
+
+
+# ---------------------------------------------------------------------------- latency
+
+
+def _decode_cache(
+    net: LMSupernet, arch: Arch, layers: Iterable[int], context: int, batch_size: int
+) -> KVCache:
+    """A KV cache of ``arch`` holding ``context`` tokens (random keys and values) for ``layers``."""
+    cache = KVCache(arch)
+    param = next(net.parameters())
+    for i in layers:
+        shape = (batch_size, net.kv_heads(arch[f"layers.{i}.heads"]), context, net.head_dim)
+        cache.layers[i] = tuple(torch.randn(shape, dtype=param.dtype, device=param.device) for _ in "kv")
+    cache.length = context
+    return cache
+
+
+def _step(fn: Callable[[], object], cache: KVCache, context: int) -> None:
+    """One timed decode call, then its token dropped from ``cache`` (every round times the same step)."""
+    fn()
+    cache.truncate(context)
+
+
+def _time(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
+    """Milliseconds of each callable: the minimum over interleaved rounds (as :mod:`dynaslice.latency`)."""
+    times = measure_latency(fns, repeats=repeats, warmup=warmup)
+    return {k: 1e3 * min(v) for k, v in times.items()}
+
+
+@torch.inference_mode()
+def measure_decode(
+    net: LMSupernet,
+    archs: Sequence[Mapping[str, int]],
+    context: int = 128,
+    batch_size: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> list[float]:
+    """Milliseconds of one decode step (:meth:`LMSupernet.forward_cached` of one token per
+    sequence after ``context`` cached ones) of each arch, timed interleaved (minimum over rounds)."""
+    net.eval()
+    token = torch.zeros(batch_size, 1, dtype=torch.long, device=next(net.parameters()).device)
+    fns = {}
+    for j, a in enumerate(archs):
+        a = net.space.validate(a)
+        cache = _decode_cache(net, a, range(a["depth"]), context, batch_size)
+        fns[str(j)] = partial(_step, partial(net.forward_cached, token, a, cache), cache, context)
+    ms = _time(fns, repeats, warmup)
+    return [ms[str(j)] for j in range(len(archs))]
+
+
+def _depth_block(
+    name: str, i: int, dim: str | None, grid: Sequence[int], ms: Sequence[float]
+) -> LatencyBlock:
+    """Layer ``i``'s piece: ``ms`` over ``dim``'s ``grid`` when ``depth > i``, 0 when not."""
+    if dim is None:
+        return LatencyBlock(name, ("depth",), ((i, i + 1),), np.array([0.0, ms[0]]))
+    values = np.array([np.zeros(len(grid)), np.asarray(ms, dtype=np.float64)])  # [depth row, dim]
+    return LatencyBlock(name, (dim, "depth"), (tuple(grid), (i, i + 1)), values.T)
+
+
+@torch.inference_mode()
+def decode_latency_table(
+    net: LMSupernet,
+    context: int = 128,
+    batch_size: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+    max_values: int = 6,
+    calibration: int = 3,
+    seed: int = 0,
+) -> LatencyTable:
+    """The latency table of one decode step of ``net`` on this machine (see the module docstring).
+
+    ``max_values``: widths timed per kind (evenly spread, ends included; the rest interpolated).
+    """
+    if not net.CAUSAL:
+        raise ValueError(f"{net.family} is an encoder: it has no decode step to time")
+    net.eval()
+    largest = net.space.largest()
+    param = next(net.parameters())
+    x = torch.randn(batch_size, 1, net.config.hidden_size, dtype=param.dtype, device=param.device)
+    token = torch.zeros(batch_size, 1, dtype=torch.long, device=param.device)
+    heads = subsample(net.space["layers.0.heads"].choices, max_values)
+    ffn = subsample(net.space["layers.0.ffn"].choices, max_values)
+
+    attention = {}
+    for h in heads:
+        a = largest.replace(**{"layers.0.heads": h})
+        cache = _decode_cache(net, a, [0], context, batch_size)
+        attention[str(h)] = partial(_step, partial(net._attention, 0, x, a, cache), cache, context)
+    attn_ms = _time(attention, repeats, warmup)
+    ffn_ms = _time({str(w): partial(net._ffn, 0, x, largest.replace(**{"layers.0.ffn": w})) for w in ffn},
+                   repeats, warmup)  # fmt: skip
+    cache = _decode_cache(net, largest, [0], context, batch_size)
+    layer = partial(_step, partial(net._block, 0, x, largest, cache), cache, context)
+
+    def ends() -> torch.Tensor:
+        return net.forward_head(net.forward_stem(token, largest), largest)
+
+    whole = _time({"layer": layer, "ends": ends}, repeats, warmup)
+    rest = whole["layer"] - attn_ms[str(heads[-1])] - ffn_ms[str(ffn[-1])]
+
+    blocks = [LatencyBlock("ends", (), (), np.array(whole["ends"]))]
+    for i in range(net.n_stages):
+        blocks += [
+            _depth_block(f"layers.{i}.attention", i, f"layers.{i}.heads", heads, [attn_ms[str(h)] for h in heads]),
+            _depth_block(f"layers.{i}.ffn", i, f"layers.{i}.ffn", ffn, [ffn_ms[str(w)] for w in ffn]),
+            _depth_block(f"layers.{i}.rest", i, None, (), [rest]),
+        ]  # fmt: skip
+    table = LatencyTable(blocks, 0.0)
+    rng = random.Random(seed)
+    calib = [net.space.smallest(), largest] + [net.space.sample(rng) for _ in range(max(0, calibration - 2))]
+    measured = measure_decode(net, calib, context, batch_size, repeats, warmup)
+    table.overhead_ms = float(
+        statistics.median(m - table.predict(a) for a, m in zip(calib, measured, strict=True))
+    )
+    table.meta = {
+        "model": net.family,
+        "what": "one decode step: one new token per sequence after `context` cached tokens",
+        "context": context,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "max_values": max_values,
+        "device": param.device.type,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    return table
+
+
+def check_decode_table(
+    table: LatencyTable, net: LMSupernet, n: int = 20, seed: int = 1, repeats: int = 20
+) -> dict[str, Any]:
+    """Predicted vs measured decode-step latency of ``n`` random slices (held out: not calibrated on)."""
+    rng = random.Random(seed + 12345)
+    archs = [net.space.sample(rng) for _ in range(n)]
+    meta = table.meta or {}
+    measured = measure_decode(net, archs, meta.get("context", 128), meta.get("batch_size", 1), repeats)
+    rows = [{"arch": a.to_dict(), "predicted_ms": table.predict(a), "measured_ms": m}
+            for a, m in zip(archs, measured, strict=True)]  # fmt: skip
+    errs = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] * 100 for r in rows]
+    return {"archs": rows, "median_abs_pct_error": statistics.median(errs), "max_abs_pct_error": max(errs)}
+
+
+# ---------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated slice: its predicted decode-step latency, validation perplexity and top-1 (%)."""
+
+    arch: Arch
+    latency_ms: float
+    val_perplexity: float
+    val_accuracy: float
+
+
+def pareto(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """The candidates no other one beats on both latency and perplexity, fastest first."""
+    front: list[Candidate] = []
+    for c in sorted(candidates, key=lambda c: (c.latency_ms, c.val_perplexity)):
+        if not front or c.val_perplexity < front[-1].val_perplexity:
+            front.append(c)
+    return front
+
+
+def aligned_choices(net: LMSupernet, align: int) -> dict[str, tuple[int, ...]]:
+    """Every dimension's choices, FFN widths only those that are multiples of ``align`` (and the
+    full width): widths that map onto whole SIMD registers, or FLOPs drop but time does not."""
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    out = {}
+    for d in net.space.dims:
+        keep = d.choices
+        if d.name.endswith(".ffn"):
+            keep = tuple(c for c in d.choices if c % align == 0 or c == d.max)
+        out[d.name] = keep
+    return out
+
+
+def canonical(net: LMSupernet, arch: Mapping[str, int]) -> Arch:
+    """``arch`` validated, with the layers past its depth at their largest: slices that differ
+    only there compute the same function, so the search evaluates one of them."""
+    arch = net.space.validate(arch)
+    unused = {f"layers.{i}.{k}": net.space[f"layers.{i}.{k}"].max
+              for i in range(arch["depth"], net.n_stages) for k in ("ffn", "heads")}  # fmt: skip
+    return arch.replace(**unused)
+
+
+def uniform_slices(net: LMSupernet, choices: Mapping[str, Sequence[int]]) -> list[Arch]:
+    """Slices with the same FFN width and head count in every layer, at every depth."""
+    layers = net.n_stages
+    out = []
+    for w in choices["layers.0.ffn"]:
+        for h in choices["layers.0.heads"]:
+            for depth in choices["depth"]:
+                values = {f"layers.{i}.{k}": v for i in range(layers) for k, v in (("ffn", w), ("heads", h))}
+                out.append(net.space.validate({**values, "depth": depth}))
+    return out
+
+
+def _mutate(arch: Arch, choices: Mapping[str, Sequence[int]], rng: random.Random) -> Arch:
+    """``arch`` with one dimension moved one step along its choices."""
+    name = rng.choice([n for n, c in choices.items() if len(c) > 1])
+    values = list(choices[name])
+    j = values.index(arch[name]) if arch[name] in values else 0
+    j = min(max(j + rng.choice((-1, 1)), 0), len(values) - 1)
+    return arch.replace(**{name: values[j]})
+
+
+def search(
+    net: LMSupernet,
+    table: LatencyTable,
+    batches: Sequence[torch.Tensor],
+    samples: int = 100,
+    rounds: int = 4,
+    children: int = 25,
+    align: int = 8,
+    seed: int = 0,
+) -> tuple[list[Candidate], list[Candidate]]:
+    """Mix'n'Match search: returns ``(front, evaluated)``, the Pareto front (table-predicted
+    latency vs. perplexity on ``batches``) and every candidate evaluated.
+
+    Starts from every uniform slice and ``samples`` random per-layer slices (FFN widths aligned
+    to ``align``), then ``rounds`` times evaluates ``children`` one-step mutations of front members.
+    """
+    rng = random.Random(seed)
+    choices = aligned_choices(net, align)
+    seen: dict[Arch, Candidate] = {}
+
+    def add(arch: Arch) -> None:
+        arch = canonical(net, arch)
+        if arch not in seen:
+            ppl, top1 = score_slice(net, arch, batches)
+            seen[arch] = Candidate(arch, table.predict(arch), ppl, top1)
+
+    for a in uniform_slices(net, choices):
+        add(a)
+    for _ in range(samples):
+        add(Arch({n: rng.choice(c) for n, c in choices.items()}))
+    for _ in range(rounds):
+        front = pareto(seen.values())
+        for _ in range(children):
+            add(_mutate(rng.choice(front).arch, choices, rng))
+    return pareto(seen.values()), list(seen.values())
+
+
+def budget_table(
+    net: LMSupernet,
+    front: Sequence[Candidate],
+    table: LatencyTable,
+    repeats: int = 20,
+    candidates: int = 1,
+) -> dict[str, Any]:
+    """The budget table (PSS's format, see the module docstring) of the slices of ``front``
+    that stay Pareto-optimal once each is timed end to end: measured decode-step latency and
+    validation perplexity, fastest first. ``candidates``: how many slices the search evaluated."""
+    meta = table.meta or {}
+    context, batch = meta.get("context", 128), meta.get("batch_size", 1)
+    measured = measure_decode(net, [c.arch for c in front], context, batch, repeats)
+    timed = [
+        Candidate(c.arch, m, c.val_perplexity, c.val_accuracy) for c, m in zip(front, measured, strict=True)
+    ]
+    predicted = {c.arch: c.latency_ms for c in front}
+    entries = [
+        {
+            "bucket": round(c.latency_ms, 4),
+            "arch": c.arch.to_dict(),
+            "macs": count_macs(net, c.arch, context=context),
+            "val_accuracy": c.val_accuracy,
+            "candidates": candidates,
+            "latency_ms": c.latency_ms,
+            "predicted_latency_ms": predicted[c.arch],
+            "params": count_params(net, c.arch),
+            "val_perplexity": c.val_perplexity,
+        }
+        for c in pareto(timed)
+    ]
+    return {
+        "format": TABLE_FORMAT,
+        "version": 2,
+        "metric": "latency",
+        "latency": f"ms of one decode step after {context} cached tokens, batch {batch}, measured here",
+        "macs": f"MACs per token at context {context}",
+        "val_accuracy": "next-token top-1 (%) on the validation batches",
+        "entries": entries,
+    }
