@@ -14,6 +14,11 @@ entry, or a gated checkpoint as an ONNX package.
 
 Every package and ``.onnx`` file also loads with :func:`dynaslice.serve.load`.
 
+``--format hf`` with ``--arch``: a language-model run's subnet (``dynaslice train`` of an ``hf:``
+model) as a Hugging Face checkpoint directory, which ``transformers`` alone loads
+(:func:`dynaslice.lm.export_hf`); a slice whose layers differ in width or heads has no standard
+config and is refused in one line.
+
 An existing ``--out`` is refused unless ``--force``; with it, a file is replaced, and a folder
 only when it holds a dynaslice package and nothing else (a user's results beside a package are
 never deleted). A package's ``--out`` is a folder: a name ending in ``.onnx`` is refused.
@@ -43,6 +48,8 @@ from ..budget import BudgetNet
 from ..counting import count_macs
 from ..data import DatasetError
 from ..gate import GatedSupernet
+from ..lm import count_params, export_hf
+from ..lm.train import load_lm_run
 from ..modelfile import load_model_file
 from ..models.base import Supernet
 from ..onnx_export import export_budget, export_gated, export_onnx
@@ -84,6 +91,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.gated or args.budget_table:
         refuse_existing_package(out, "package", args.force)
         return (_export_gated if args.gated else _export_budget)(ckpt, out, args.data_dir)
+    if args.format == "hf":
+        return _export_hf(ckpt, out, args)
     fmt = args.format or ("onnx" if out.suffix == ".onnx" else "torch")
     refuse_existing(out, "export", force=args.force)
     if args.arch is not None:
@@ -106,6 +115,22 @@ def _export(args: argparse.Namespace) -> int:
     macs = count_macs(net, arch)
     load = write_subnet(net, arch, out, fmt)
     print(f"exported {arch.to_json()} ({macs / 1e6:.2f} MMACs, {how}) to {out}; {load}")
+    return 0
+
+
+def _export_hf(ckpt: Path, out: Path, args: argparse.Namespace) -> int:
+    """A language-model run's subnet ``--arch`` as a Hugging Face checkpoint directory."""
+    if args.arch is None:
+        raise UserError("--format hf exports one subnet named by --arch (language-model runs have no budget table yet)")
+    if args.force:
+        raise UserError("--format hf writes a new directory and replaces none: remove it or choose another --out")
+    net, _, _, file = load_lm_run(ckpt)
+    arch = parse_arch(args.arch, net)
+    export_hf(net, arch, out)
+    print(
+        f"exported {arch.to_json()} of {file} ({count_params(net, arch) / 1e6:.2f} M parameters) to {out}/; "
+        "load it with transformers.AutoModelForCausalLM.from_pretrained, no dynaslice needed"
+    )
     return 0
 
 
@@ -184,7 +209,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--budget-table", action="store_true", help="a PSS run's budget table as an ONNX package (--out DIR)")
     which.add_argument("--binary", action="store_true",
                        help="a 'dynaslice binarize' run as a 1-bit package on the CPU kernel (--out DIR)")  # fmt: skip
-    p.add_argument("--format", choices=("torch", "onnx"), default=None, help="default: onnx if --out ends in .onnx")
+    p.add_argument(
+        "--format", choices=("torch", "onnx", "hf"), default=None,
+        help="default: onnx if --out ends in .onnx; hf: a language-model run's subnet as a Hugging Face directory",
+    )  # fmt: skip
     p.add_argument("--out", required=True, metavar="PATH", help="output file (a directory with --gated)")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="packages: the dataset, for the manifest's normalisation")
     add_trust_factory(p)  # --arch: a model file built by the user's own factory

@@ -11,6 +11,7 @@ from .. import runs
 from ..archspec import parse_archs
 from ..atomic import atomic_write_json
 from ..gate import GatedSupernet
+from ..lm.train import is_lm_config, train_lm
 from ..modelfile import CheckpointError, load_model_file, prefixed, save_model_file
 from ..models.base import Supernet
 from ..space import Arch
@@ -47,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     cfg = load_config(args.config, args.set + args.allow_change, ignore=("run",))
     out = run_dir_arg(Path(args.out) if args.out else default_run_dir(args.config))
-    train(cfg, out, resume=args.resume, allow_changes=changes)
+    (train_lm if is_lm_config(cfg) else train)(cfg, out, resume=args.resume, allow_changes=changes)
     return 0
 
 

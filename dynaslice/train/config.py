@@ -84,7 +84,9 @@ class DataConfig:
     """The dataset and its batches.
 
     ``name``: fashion_mnist, cifar10, cifar100 (in memory, exact resume), ``synthetic`` (random
-    class patterns, for tests and smoke runs) or ``folder`` (ImageNet layout under ``root``).
+    class patterns, for tests and smoke runs), ``folder`` (ImageNet layout under ``root``) or
+    ``text`` (a corpus of documents in fortune's format under ``root``, byte tokens in blocks of
+    ``seq_len``, for ``hf:`` language models: :mod:`dynaslice.lm.data`).
     ``val_size`` images are held out of the training split (stratified, seeded) for every
     decision made during development; ``train_size`` > 0 trains on a stratified subset of the
     rest. ``batch_size`` is per process: the global batch is ``batch_size * world_size``.
@@ -103,6 +105,7 @@ class DataConfig:
     synthetic_channels: int = 1
     synthetic_train: int = 512
     synthetic_test: int = 256
+    seq_len: int = 128  # text: tokens per training block
 
 
 @dataclass
@@ -272,7 +275,7 @@ class Config:
         choices = {
             "train.device": (t.device, ("auto", "cpu", "cuda")),
             "optim.name": (o.name, ("sgd", "adamw")),
-            "data.name": (d.name, ("fashion_mnist", "cifar10", "cifar100", "synthetic", "folder")),
+            "data.name": (d.name, ("fashion_mnist", "cifar10", "cifar100", "synthetic", "folder", "text")),
             "train.pss.metric": (t.pss.metric, ("macs", "latency")),
         }
         for key, (value, allowed) in choices.items():
@@ -357,6 +360,7 @@ _RULES: dict[str, Rule] = {
     "data.synthetic_channels": whole(1),
     "data.synthetic_train": whole(1),
     "data.synthetic_test": whole(1),
+    "data.seq_len": whole(1),
     "optim.lr": POSITIVE,
     "optim.momentum": between(0, 1, hi_open=True),
     "optim.betas": ((lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)), "use [beta1, beta2], each in [0, 1)"),
