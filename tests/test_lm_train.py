@@ -75,11 +75,15 @@ def test_bytes_documents_and_splits(corpus) -> None:
     assert {split_of(d) for d in docs} == {"train", "val", "test"}
     assert sum(s.documents for s in splits.values()) == 300
     train = splits["train"]
-    assert train.blocks.shape[1] == 17 and torch.equal(train.blocks[0, -1], train.blocks[1, 0])  # overlap by one
+    assert train.blocks.shape[1] == 17 and torch.equal(
+        train.blocks[0, -1], train.blocks[1, 0]
+    )  # overlap by one
     batches = BlockBatches(train, 8, seed=0, train_size=40)
     x, y = next(batches.epoch_batches(0))
     assert x.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])
-    fewer = BlockBatches(train, 8, seed=0, train_size=16)  # a shorter run trains on a prefix of the same blocks
+    fewer = BlockBatches(
+        train, 8, seed=0, train_size=16
+    )  # a shorter run trains on a prefix of the same blocks
     assert {tuple(b.tolist()) for b in fewer.blocks} <= {tuple(b.tolist()) for b in batches.blocks}
     again = list(batches.epoch_batches(1))  # the same batches for the same epoch; a resume starts mid-epoch
     assert all(torch.equal(a[0], b[0]) for a, b in zip(again[2:], batches.epoch_batches(1, 2), strict=True))
@@ -123,7 +127,9 @@ def test_resume_continues_bit_for_bit(tmp_path, trained) -> None:
     rc, _, err = cli("train", run / runs.CONFIG, "--out", run, "--resume")
     assert rc == 0, err
     got, want = (json.loads((r / runs.FINAL_EVAL).read_text()) for r in (run, trained))
-    assert got.pop("train_seconds") > 0 and want.pop("train_seconds") > 0  # wall-clock, the one thing that differs
+    assert (
+        got.pop("train_seconds") > 0 and want.pop("train_seconds") > 0
+    )  # wall-clock, the one thing that differs
     assert got == want
     want, _ = load_model_file(runs.checkpoint_steps(trained)[-1] / runs.MODEL_FILE)
     got, _ = load_model_file(runs.checkpoint_steps(run)[-1] / runs.MODEL_FILE)
@@ -138,7 +144,9 @@ def test_nested_run_starts_from_a_trained_model_with_sorted_units(tmp_path, corp
 
 
 def test_alone_trains_one_width_on_the_labels(tmp_path, corpus) -> None:
-    cfg = load_config(write(tmp_path, corpus), ["train.sampler=fixed", "train.fixed_width=0.5", "train.target=labels"])
+    cfg = load_config(
+        write(tmp_path, corpus), ["train.sampler=fixed", "train.fixed_width=0.5", "train.target=labels"]
+    )
     trainer = LMTrainer(cfg, tmp_path / "alone")
     assert list(trainer.archs) == ["x0.5"] and trainer.step_archs(7) == [trainer.net.space.uniform(0.5)]
 
@@ -160,10 +168,44 @@ def test_mistakes_are_one_line(tmp_path, corpus, trained) -> None:
                    "data.name: text")  # fmt: skip
     bad_field = write(tmp_path, corpus, model={"kwargs": {**TINY["model"]["kwargs"], "hiden_size": 8}})
     one_line_error(cli("train", bad_field, "--out", tmp_path / "b"), "hiden_size", "LlamaConfig")
-    one_line_error(cli("train", write(tmp_path, corpus, train={"target": "ib"}), "--out", tmp_path / "c"), "train.target")
+    one_line_error(
+        cli("train", write(tmp_path, corpus, train={"target": "ib"}), "--out", tmp_path / "c"), "train.target"
+    )
     one_line_error(cli("train", write(tmp_path, corpus, train={"eval_widths": [0.1, 1.0]}), "--out", tmp_path / "d"),
                    "train.eval_widths")  # fmt: skip
-    mixed = json.dumps({"layers.0.ffn": 16, "layers.0.heads": 4, "layers.1.ffn": 64, "layers.1.heads": 4, "depth": 2})
-    one_line_error(cli("export", trained, "--format", "hf", "--arch", mixed, "--out", tmp_path / "e"), "per-layer FFN widths")
-    one_line_error(cli("export", trained, "--format", "hf", "--budget-macs", "1M", "--out", tmp_path / "f"), "--arch")
+    mixed = json.dumps(
+        {"layers.0.ffn": 16, "layers.0.heads": 4, "layers.1.ffn": 64, "layers.1.heads": 4, "depth": 2}
+    )
+    one_line_error(
+        cli("export", trained, "--format", "hf", "--arch", mixed, "--out", tmp_path / "e"),
+        "per-layer FFN widths",
+    )
+    one_line_error(
+        cli("export", trained, "--format", "hf", "--budget-macs", "1M", "--out", tmp_path / "f"),
+        "no budget table",
+    )
     assert not any((tmp_path / n).exists() for n in "abcdef")
+
+
+def test_export_hf_by_budget_picks_the_lowest_perplexity_within_it(tmp_path, trained) -> None:
+    net, *_ = load_lm_run(trained)
+    half, whole = net.space.uniform(0.5), net.space.largest()
+    entries = [  # dynaslice.lm.search's format (PSS's, plus params and val_perplexity)
+        {"bucket": 1.0, "arch": half.to_dict(), "macs": 1000, "val_accuracy": 10.0, "latency_ms": 1.0,
+         "val_perplexity": 9.0},
+        {"bucket": 2.0, "arch": whole.to_dict(), "macs": 2000, "val_accuracy": 12.0, "latency_ms": 2.0,
+         "val_perplexity": 8.0},
+    ]  # fmt: skip
+    (trained / runs.BUDGET_TABLE).write_text(
+        json.dumps({"format": "dynaslice-budget-table", "entries": entries})
+    )
+    try:
+        rc, out, err = cli(
+            "export", trained, "--format", "hf", "--budget-ms", "1.5", "--out", tmp_path / "hf"
+        )
+        assert rc == 0, err
+        assert hf.AutoConfig.from_pretrained(tmp_path / "hf").intermediate_size == half["layers.0.ffn"]
+        one_line_error(cli("export", trained, "--format", "hf", "--budget-ms", "0.5", "--out", tmp_path / "no"),
+                       "cheapest costs")  # fmt: skip
+    finally:
+        (trained / runs.BUDGET_TABLE).unlink()

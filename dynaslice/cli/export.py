@@ -14,10 +14,12 @@ entry, or a gated checkpoint as an ONNX package.
 
 Every package and ``.onnx`` file also loads with :func:`dynaslice.serve.load`.
 
-``--format hf`` with ``--arch``: a language-model run's subnet (``dynaslice train`` of an ``hf:``
-model) as a Hugging Face checkpoint directory, which ``transformers`` alone loads
-(:func:`dynaslice.lm.export_hf`); a slice whose layers differ in width or heads has no standard
-config and is refused in one line.
+``--format hf``: a language-model run's subnet (``dynaslice train`` of an ``hf:`` model) as a
+Hugging Face checkpoint directory, which ``transformers`` alone loads
+(:func:`dynaslice.lm.export_hf`): ``--arch A``, or with ``--budget-ms X`` / ``--budget-macs X``
+the entry of the run's budget table (``RUN/budget_table.json``, :mod:`dynaslice.lm.search`'s
+format) with the lowest validation perplexity within the budget. A slice whose layers differ in
+width or heads has no standard config and is refused in one line.
 
 An existing ``--out`` is refused unless ``--force``; with it, a file is replaced, and a folder
 only when it holds a dynaslice package and nothing else (a user's results beside a package are
@@ -42,9 +44,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import runs
+from .. import runs, safejson
 from ..archspec import parse_arch
-from ..budget import BudgetNet
+from ..budget import BudgetNet, BudgetTable
 from ..counting import count_macs
 from ..data import DatasetError
 from ..gate import GatedSupernet
@@ -90,7 +92,9 @@ def _export(args: argparse.Namespace) -> int:
         return _export_binary(ckpt, out, args.force)
     if args.gated or args.budget_table:
         refuse_existing_package(out, "package", args.force)
-        return (_export_gated if args.gated else _export_budget)(ckpt, out, args.data_dir)
+        if args.gated:  # a gated converted network of the user's own factory needs --trust-factory
+            return _export_gated(ckpt, out, args.data_dir, args.trust_factory)
+        return _export_budget(ckpt, out, args.data_dir)
     if args.format == "hf":
         return _export_hf(ckpt, out, args)
     fmt = args.format or ("onnx" if out.suffix == ".onnx" else "torch")
@@ -120,18 +124,50 @@ def _export(args: argparse.Namespace) -> int:
 
 def _export_hf(ckpt: Path, out: Path, args: argparse.Namespace) -> int:
     """A language-model run's subnet ``--arch`` as a Hugging Face checkpoint directory."""
-    if args.arch is None:
-        raise UserError("--format hf exports one subnet named by --arch (language-model runs have no budget table yet)")
+    if args.arch is None and args.budget_ms is None and args.budget_macs is None:
+        raise UserError("--format hf exports one subnet: name it with --arch, --budget-ms or --budget-macs")
     if args.force:
         raise UserError("--format hf writes a new directory and replaces none: remove it or choose another --out")
     net, _, _, file = load_lm_run(ckpt)
-    arch = parse_arch(args.arch, net)
-    export_hf(net, arch, out)
+    if args.arch is not None:
+        arch, how = parse_arch(args.arch, net), f"--arch {args.arch}"
+    else:
+        arch, how = _lm_budget_entry(ckpt if ckpt.is_dir() else file.parent, args.budget_macs, args.budget_ms)
+    export_hf(net, net.space.validate(arch), out)
     print(
-        f"exported {arch.to_json()} of {file} ({count_params(net, arch) / 1e6:.2f} M parameters) to {out}/; "
-        "load it with transformers.AutoModelForCausalLM.from_pretrained, no dynaslice needed"
+        f"exported {arch.to_json()} of {file} ({count_params(net, arch) / 1e6:.2f} M parameters, {how}) to "
+        f"{out}/; load it with transformers.AutoModelForCausalLM.from_pretrained, no dynaslice needed"
     )
     return 0
+
+
+def _lm_budget_entry(run: Path, max_macs: float | None, max_ms: float | None) -> tuple[Arch, str]:
+    """The arch of the lowest-perplexity entry of a language-model run's budget table within the budget."""
+    path = run / runs.BUDGET_TABLE
+    if not path.is_file():
+        raise UserError(f"{run} has no budget table ({runs.BUDGET_TABLE}, written by dynaslice.lm.search): use --arch")
+    BudgetTable.load(path)  # a file that is no budget table is refused in one line
+    entries = safejson.loads(path.read_text())["entries"]
+    if not entries or any("val_perplexity" not in e for e in entries):
+        raise UserError(f"{path} is not a language model's budget table (entries without val_perplexity)")
+    if max_ms is not None and any(e.get("latency_ms") is None for e in entries):
+        raise UserError(f"{path} has entries without a measured latency: use --budget-macs or --arch")
+
+    def cost(e: dict[str, Any]) -> float:
+        return e["latency_ms"] if max_ms is not None else e["macs"]
+
+    fits = [
+        e for e in entries
+        if (max_macs is None or e["macs"] <= max_macs) and (max_ms is None or e["latency_ms"] <= max_ms)
+    ]  # fmt: skip
+    if not fits:
+        cheapest = min(entries, key=cost)
+        raise UserError(
+            f"no entry of {path} fits the budget: the cheapest costs {cheapest['macs'] / 1e6:.2f} MMACs"
+            + (f", {cheapest['latency_ms']:.3f} ms" if cheapest.get("latency_ms") is not None else "")
+        )
+    best = min(fits, key=lambda e: (e["val_perplexity"], e["macs"]))
+    return Arch(best["arch"]), f"budget entry {best['bucket']:g} (val perplexity {best['val_perplexity']:.3f})"
 
 
 def _export_binary(ckpt: Path, out: Path, force: bool) -> int:
@@ -155,8 +191,8 @@ def _export_binary(ckpt: Path, out: Path, force: bool) -> int:
     return 0
 
 
-def _export_gated(ckpt: Path, out: Path, data_dir: str | None) -> int:
-    net, meta, cfg, _ = load_run_model(str(ckpt))
+def _export_gated(ckpt: Path, out: Path, data_dir: str | None, trust: list[str] | tuple[str, ...] = ()) -> int:
+    net, meta, cfg, _ = load_run_model(str(ckpt), trust=trust)
     if not isinstance(net, GatedSupernet):
         raise UserError(f"{ckpt} is not a gated checkpoint: use --arch to export one subnet")
     if meta.get("stage") != 2:

@@ -56,7 +56,9 @@ def read_documents(root: str | os.PathLike) -> list[bytes]:
     elif root.is_dir():
         files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix not in SKIPPED_SUFFIXES)
     else:
-        raise FileNotFoundError(f"text corpus {root} not found: give data.root a folder of fortune-format files")
+        raise FileNotFoundError(
+            f"text corpus {root} not found: give data.root a folder of fortune-format files"
+        )
     docs = []
     for f in files:
         for doc in f.read_bytes().replace(b"\r\n", b"\n").split(b"\n%\n"):
@@ -64,7 +66,9 @@ def read_documents(root: str | os.PathLike) -> list[bytes]:
             if doc and doc != b"%":
                 docs.append(doc + b"\n")
     if not docs:
-        raise FileNotFoundError(f"text corpus {root} holds no documents (files of text separated by lines of '%')")
+        raise FileNotFoundError(
+            f"text corpus {root} holds no documents (files of text separated by lines of '%')"
+        )
     return docs
 
 

@@ -98,14 +98,18 @@ def check_lm_config(cfg: Config) -> None:
     if t.target not in TARGETS:
         raise ConfigError(f"train.target={t.target!r}: a language model trains with {' or '.join(TARGETS)}")
     if t.sampler not in SAMPLERS:
-        raise ConfigError(f"train.sampler={t.sampler!r}: a language model trains with {' or '.join(SAMPLERS)}")
+        raise ConfigError(
+            f"train.sampler={t.sampler!r}: a language model trains with {' or '.join(SAMPLERS)}"
+        )
     if t.sampler == "sandwich" and t.num_subnets < len(t.eval_widths):
         raise ConfigError(
             f"train.num_subnets={t.num_subnets} is below the {len(t.eval_widths)} widths of train.eval_widths, "
             "which every step trains: raise it (more adds random Mix'n'Match subnets)"
         )
     if t.sampler == "sandwich" and t.target == "inplace" and 1.0 not in t.eval_widths:
-        raise ConfigError("train.target=inplace distils from the largest subnet: train.eval_widths must hold 1.0")
+        raise ConfigError(
+            "train.target=inplace distils from the largest subnet: train.eval_widths must hold 1.0"
+        )
     unsupported = {
         "train.static_widths": t.static_widths, "train.mvco": t.mvco, "train.phase1_epochs": t.phase1_epochs,
         "model.gate.enabled": cfg.model.gate.enabled,
@@ -134,13 +138,19 @@ def build_lm(name: str, kwargs: Mapping[str, Any], seq_len: int, seed: int) -> L
     known = set(inspect.signature(config_cls.__init__).parameters) - {"self", "kwargs"}
     unknown = sorted(set(fields) - known)
     if unknown:  # a config class keeps unknown keywords as attributes: a typo would be ignored
-        raise ConfigError(f"model.kwargs {unknown} are not fields of {config_cls.__name__} (nor {', '.join(SUPERNET_KEYS)})")
+        raise ConfigError(
+            f"model.kwargs {unknown} are not fields of {config_cls.__name__} (nor {', '.join(SUPERNET_KEYS)})"
+        )
     if fields.get("vocab_size", VOCAB_SIZE) != VOCAB_SIZE:
-        raise ConfigError(f"model.kwargs.vocab_size={fields['vocab_size']}: the byte tokenizer has {VOCAB_SIZE} tokens; leave it out")
+        raise ConfigError(
+            f"model.kwargs.vocab_size={fields['vocab_size']}: the byte tokenizer has {VOCAB_SIZE} tokens; leave it out"
+        )
     try:
         config = config_cls(**{**fields, "vocab_size": VOCAB_SIZE})
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"model.kwargs do not make a {config_cls.__name__}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"model.kwargs do not make a {config_cls.__name__}: {str(e).splitlines()[0]}"
+        ) from None
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is not None and positions < seq_len:
         raise ConfigError(f"data.seq_len={seq_len} is longer than the model's {positions} positions")
@@ -177,7 +187,9 @@ def load_lm_weights(net: LMSupernet, source: str | Path) -> str:
     try:
         missing, unexpected = net.model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise CheckpointError(f"train.init_from {source} does not fit the model: {str(e).splitlines()[-1].strip()}") from None
+        raise CheckpointError(
+            f"train.init_from {source} does not fit the model: {str(e).splitlines()[-1].strip()}"
+        ) from None
     if unexpected or [k for k in missing if k != net.HEAD or not net.model.config.tie_word_embeddings]:
         raise CheckpointError(
             f"train.init_from {source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
@@ -215,7 +227,9 @@ def load_lm_run(path: str | Path) -> tuple[LMSupernet, dict[str, Any], Config, P
 
 
 @torch.no_grad()
-def perplexity(net: LMSupernet, arch: Mapping[str, int], data: TextBlocks, batch_size: int = EVAL_BATCH) -> dict[str, float]:
+def perplexity(
+    net: LMSupernet, arch: Mapping[str, int], data: TextBlocks, batch_size: int = EVAL_BATCH
+) -> dict[str, float]:
     """Subnet ``arch``'s next-token loss on every block of ``data``: ``nll`` (mean over tokens, in
     nats), ``ppl`` (``exp(nll)``) and ``tokens``. The net runs in eval mode; its mode is restored."""
     was, device = net.training, next(net.parameters()).device
@@ -224,7 +238,9 @@ def perplexity(net: LMSupernet, arch: Mapping[str, int], data: TextBlocks, batch
     try:
         for x, y in eval_batches(data, batch_size):
             logits = net(x.to(device), arch)
-            total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum"))
+            total += float(
+                F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
+            )
             count += y.numel()
     finally:
         net.train(was)
@@ -246,7 +262,9 @@ class LMTrainer(Trainer):
             raise ConfigError("language-model training runs in one process (no torchrun) for now")
         t, d = cfg.train, cfg.data
         if not d.root:
-            raise ConfigError("data.root: give the folder of the text corpus (e.g. /usr/share/games/fortunes)")
+            raise ConfigError(
+                "data.root: give the folder of the text corpus (e.g. /usr/share/games/fortunes)"
+            )
         try:
             train_data = load_text_split(d.root, "train", d.seq_len)
             self.val_data = load_text_split(d.root, "val", d.seq_len)
@@ -265,7 +283,9 @@ class LMTrainer(Trainer):
         optimizer = build_optimizer(self.net, cfg.optim)
         spe = len(loader)
         scheduler = build_scheduler(optimizer, cfg.optim, t.epochs * spe, spe)
-        self.setup_loop(loader, t.epochs, optimizer, scheduler, cfg.optim.clip_grad_norm, cfg.optim.clip_grad_value)
+        self.setup_loop(
+            loader, t.epochs, optimizer, scheduler, cfg.optim.clip_grad_norm, cfg.optim.clip_grad_value
+        )
         self.setup_amp(t.amp)
         self.net.train()
         self.train_seconds = 0.0  # wall-clock of the training steps, over resumes (final_eval.json's)
@@ -279,7 +299,9 @@ class LMTrainer(Trainer):
         except ValueError as e:
             key = "train.fixed_width" if t.sampler == "fixed" else "train.eval_widths"
             ffn = self.space["layers.0.ffn"].choices
-            raise ConfigError(f"{key}={widths}: {e} (FFN widths {list(ffn)}; set model.kwargs.ratios)") from None
+            raise ConfigError(
+                f"{key}={widths}: {e} (FFN widths {list(ffn)}; set model.kwargs.ratios)"
+            ) from None
 
     def step_archs(self, step: int) -> list[Arch]:
         """The subnets of ``step``: the named ones, then random Mix'n'Match ones (seeded by the step)."""
@@ -288,7 +310,9 @@ class LMTrainer(Trainer):
             return archs
         rng = random.Random(derive_seed("lm-mix", self.seed, step))
         for _ in range(self.cfg.train.num_subnets - len(archs)):
-            archs.append(Arch({d.name: rng.choice(d.choices) if d.kind == "width" else d.max for d in self.space.dims}))
+            archs.append(
+                Arch({d.name: rng.choice(d.choices) if d.kind == "width" else d.max for d in self.space.dims})
+            )
         return archs
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -318,7 +342,9 @@ class LMTrainer(Trainer):
                 teacher = F.log_softmax(logits.detach(), -1)
             self.scaler.scale(loss).backward()
             losses.append(loss.detach())
-        names = [next((n for n, a in self.archs.items() if a == arch), f"mix{i}") for i, arch in enumerate(archs)]
+        names = [
+            next((n for n, a in self.archs.items() if a == arch), f"mix{i}") for i, arch in enumerate(archs)
+        ]
         return losses, {"names": names, "log": {"subnets": names}}
 
     def checkpoint_modules(self) -> dict[str, nn.Module]:
@@ -355,8 +381,14 @@ class LMTrainer(Trainer):
         rows = self.evaluate_validation()
         self.report(rows, self.epochs, final=True)
         tokens = self.train_loader.tokens_per_step * self.step
-        return {"subnets": rows, "train_tokens": tokens, "train_flops": self.train_flops(), "steps": self.step,
-                "train_seconds": self.train_seconds, "threads": torch.get_num_threads()}
+        return {
+            "subnets": rows,
+            "train_tokens": tokens,
+            "train_flops": self.train_flops(),
+            "steps": self.step,
+            "train_seconds": self.train_seconds,
+            "threads": torch.get_num_threads(),
+        }
 
 
 def train_lm(
