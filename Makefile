@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test lint setup data device-data
+.PHONY: demo test lint setup data device-data lm-demo
 
 setup: $(STAMP) data
 
@@ -32,6 +32,19 @@ lint: setup
 
 demo: setup
 	$(PY) -m dynaslice.cli run configs/demo.yaml --out runs/demo
+
+# Issue 32's language-model demo (docs/LM.md): Debian's fortunes corpus, pinned by version, then
+# the user's model, the widths alone and nested training, one thread on core 0 (about 40 min)
+FORTUNES_VERSION := 1:1.99.1-7.3
+lm-demo: setup
+	@if [ "$$(dpkg-query -W -f='$${Version}' fortunes 2>/dev/null)" != "$(FORTUNES_VERSION)" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq fortunes=$(FORTUNES_VERSION)) >/dev/null || exit 1; \
+	  else \
+	    echo "the corpus is missing: run 'sudo apt-get install -y fortunes=$(FORTUNES_VERSION)'"; exit 1; \
+	  fi; \
+	fi
+	taskset -c 0 $(PY) bench/bench_lm_nested.py
 
 # Fashion-MNIST copied into the checkout for a device machine, which gets only the checkout
 # (git-ignored; name it in the device tool's carry: bench/gpu_check.sh)
