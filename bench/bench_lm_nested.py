@@ -65,17 +65,17 @@ def markdown(data: dict[str, Any]) -> str:
             f"{100 * r['val_gap']:+.1f} % | {r['nested_test_ppl']:.3f} | {r['alone_test_ppl']:.3f} | "
             f"{100 * r['test_gap']:+.1f} % |"
         )
-    lines += ["", "| run | tokens (M) | training PFLOPs | wall-clock (min) |", "| --- | ---: | ---: | ---: |"]
+    lines += ["", "| run | tokens | training PFLOPs | wall-clock (min) |", "| --- | ---: | ---: | ---: |"]
     for name, c in data["runs"].items():
         lines.append(
-            f"| {name} | {c['train_tokens'] / 1e6:.3f} | {c['train_flops'] / 1e15:.3f} | {c['train_seconds'] / 60:.1f} |"
+            f"| {name} | {c['train_tokens']} | {c['train_pflops']:.3f} | {c['train_seconds'] / 60:.1f} |"
         )
     f = data["family"]
     lines += [
         "",
-        f"Family (user's model + nested): {f['tokens'] / 1e6:.3f} M tokens, {f['flops'] / 1e15:.3f} PFLOPs, "
-        f"{f['seconds'] / 60:.1f} min; three sizes separately: {f['separate_tokens'] / 1e6:.3f} M tokens, "
-        f"{f['separate_flops'] / 1e15:.3f} PFLOPs, {f['separate_seconds'] / 60:.1f} min: "
+        f"Family (user's model + nested): {f['tokens']} tokens, {f['pflops']:.3f} PFLOPs, "
+        f"{f['seconds'] / 60:.1f} min; the three sizes separately: {f['separate_tokens']} tokens, "
+        f"{f['separate_pflops']:.3f} PFLOPs, {f['separate_seconds'] / 60:.1f} min: "
         f"{f['token_ratio']:.2f}x the tokens, {f['flops_ratio']:.2f}x the FLOPs, {f['seconds_ratio']:.2f}x the time.",
     ]
     return "\n".join(lines)
@@ -84,8 +84,14 @@ def markdown(data: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="runs/lm_demo", help="where the four runs are trained (resumable)")
-    ap.add_argument("--tokens-blocks", type=int, default=5120, help="training blocks of the user's model and of each alone run")
+    ap.add_argument(
+        "--tokens-blocks",
+        type=int,
+        default=5120,
+        help="training blocks of the user's model and of each alone run",
+    )
     ap.add_argument("--out", default="bench/out/lm_nested.json")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides of every run (smoke runs)")
     args = ap.parse_args()
     root = Path(args.runs)
     plan = {
@@ -96,8 +102,12 @@ def main() -> None:
     }
     results: dict[str, Any] = {}
     for name, overrides in plan.items():
-        print(f"== {name}: dynaslice train {CONFIG} --out {root / name} " + " ".join(f"--set {o}" for o in overrides), flush=True)
-        results[name] = train_lm(load_config(CONFIG, overrides), root / name, resume=True)
+        print(
+            f"== {name}: dynaslice train {CONFIG} --out {root / name} "
+            + " ".join(f"--set {o}" for o in overrides),
+            flush=True,
+        )
+        results[name] = train_lm(load_config(CONFIG, args.set + overrides), root / name, resume=True)
     alone_runs = {"x1": "user", "x0.5": "alone-x0.5", "x0.25": "alone-x0.25"}
     nested_test = test_ppl(root / "nested", list(alone_runs))
     rows = []
@@ -114,7 +124,10 @@ def main() -> None:
         })  # fmt: skip
         print(rows[-1], flush=True)
     keys = ("train_tokens", "train_flops", "train_seconds", "steps")
-    run_costs = {name: {k: r[k] for k in keys} for name, r in results.items()}
+    run_costs = {
+        name: {**{k: r[k] for k in keys}, "train_pflops": r["train_flops"] / 1e15}
+        for name, r in results.items()
+    }
 
     def total(names: list[str], key: str) -> float:
         return sum(run_costs[n][key] for n in names)
@@ -126,6 +139,8 @@ def main() -> None:
         "separate_flops": total(separate, "train_flops"), "separate_seconds": total(separate, "train_seconds"),
     }  # fmt: skip
     fam.update(
+        pflops=fam["flops"] / 1e15,
+        separate_pflops=fam["separate_flops"] / 1e15,
         token_ratio=fam["tokens"] / fam["separate_tokens"],
         flops_ratio=fam["flops"] / fam["separate_flops"],
         seconds_ratio=fam["seconds"] / fam["separate_seconds"],
