@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -112,6 +113,9 @@ def extract_subnet(
         elif name not in modules:  # plain torch module (ReLU, pooling, a fixed layer): copy it
             modules[name] = copy.deepcopy(module)
         node.target = name
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is F.linear:
+            _as_linear_module(node, modules)
     for node in graph.nodes:  # traced annotations are strings here; TorchScript can't read them
         node.type = None
     graph._tracer_cls = None  # else pickles of the subnet would import dynaslice's tracer
@@ -137,6 +141,32 @@ def _store_slice(node: fx.Node, traced: fx.GraphModule, store: dict) -> None:
     node.op, node.target, node.args, node.kwargs = "get_attr", name, (), {}
     if not read.users:
         node.graph.erase_node(read)
+
+
+def _as_linear_module(node: fx.Node, store: dict) -> None:
+    """``F.linear(x, owner.weight, owner.bias)`` on parameters read outside a layer (timm's
+    ``Linear`` traced through its own forward) becomes a call of an ``nn.Linear`` named ``owner``:
+    the extracted subnet is then made of layers, which pruning and channel ordering cut and
+    torch's tools recognise. Any other functional linear is left as it is."""
+    args = dict(zip(("input", "weight", "bias"), node.args, strict=False)) | node.kwargs
+    weight, bias = args.get("weight"), args.get("bias")
+    reads = [n for n in (weight, bias) if n is not None]
+    if not all(isinstance(n, fx.Node) and n.op == "get_attr" and len(n.users) == 1 for n in reads):
+        return
+    owner, _, attr = str(weight.target).rpartition(".")
+    held = {k for k in store if k.startswith(f"{owner}.")}
+    if not owner or owner in store or attr != "weight" or held != {str(n.target) for n in reads}:
+        return
+    if bias is not None and str(bias.target) != f"{owner}.bias":
+        return
+    layer = nn.Linear(store[str(weight.target)].shape[1], store[str(weight.target)].shape[0], bias=bias is not None)
+    layer.weight = store.pop(str(weight.target))
+    if bias is not None:
+        layer.bias = store.pop(str(bias.target))
+    store[owner] = layer
+    node.op, node.target, node.args, node.kwargs = "call_module", owner, (args["input"],), {}
+    for n in reads:
+        node.graph.erase_node(n)
 
 
 def save_torch_model(module: nn.Module, path: str | os.PathLike) -> None:

@@ -451,14 +451,15 @@ def resolve_widths(
 
 
 def check_compact(model: nn.Module) -> nn.Module:
-    """Raise :class:`TypeError` unless ``model`` is made of plain torch modules only.
+    """Raise :class:`TypeError` unless ``model`` is made of plain modules only.
 
     No dynaslice layers, no pruning masks or parametrizations, no hooks: what torch and ONNX
-    see is the whole model.
+    see is the whole model. The layers of the user's own model library stay (a converted timm
+    network keeps its ``BatchNormAct2d``, a BatchNorm that pruning cuts like any other).
     """
     for name, m in model.named_modules():
         where = name or "the model"
-        if not type(m).__module__.startswith("torch."):
+        if type(m).__module__.split(".")[0] == "dynaslice":
             raise TypeError(f"{where} is a {type(m).__module__}.{type(m).__name__}, not a plain torch module")
         if m._forward_pre_hooks or m._forward_hooks or getattr(m, "parametrizations", None):
             raise TypeError(
