@@ -287,9 +287,10 @@ def test_model_file_reads_no_other_weights_it_names(tmp_path):
 # --------------------------------------------------------------------------- gates
 
 
-@pytest.mark.parametrize("cut", [None, 0])
-def test_gate_on_a_converted_net_is_one_line(tmp_path, cut):
-    gate = {"enabled": True, "routes": 2, **({"cut": cut} if cut is not None else {})}
+def test_gate_on_a_converted_net_at_a_stage_number_is_one_line(tmp_path):
+    """A converted net's gate sits at a module path (tests/test_converted_gate.py); a stage
+    number names none of its places: one line listing them."""
+    gate = {"enabled": True, "routes": 2, "cut": 0}
     cfg = write(tmp_path, model={"name": TV, "kwargs": {"ratios": RATIOS}, "gate": gate})
-    line = one_line_error(cli("run", cfg, "--out", tmp_path / "run"), "converted")
-    assert "not supported yet" in line and "train without model.gate" in line
+    line = one_line_error(cli("run", cfg, "--out", tmp_path / "run"), "model.gate.cut=0", "converted")
+    assert "the cuts there are: conv1, bn1, relu, maxpool, layer1.0, layer1," in line

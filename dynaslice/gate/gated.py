@@ -34,20 +34,23 @@ class GatedSupernet(Supernet):
       sample's route, so the task loss trains the slimming head.
 
     ``routes``: an int ``k`` (:func:`routes_even`, with ``pre_gate``) or an explicit list of archs
-    (:func:`validate_routes`). ``cut`` defaults to the family's :meth:`Supernet.default_gate_cut`.
+    (:func:`validate_routes`). ``cut``: a stage number, defaulting to the family's
+    :meth:`Supernet.default_gate_cut`; for a network converted by ``make_supernet``, a module path
+    (``"layer2"``) or its default cut (:meth:`Supernet.gate_split`): ``self.net`` is then the
+    network split there, ``self.cut`` 1 and ``self.cut_spec`` the path a model file records.
     """
 
     def __init__(
         self,
         net: Supernet,
-        cut: int | None = None,
+        cut: int | str | None = None,
         routes: int | Sequence[ArchLike] = 4,
         pre_gate: Mapping[str, int] | None = None,
         reduction: int = 4,
         hidden: int | None = None,
     ):
         super().__init__()
-        cut = net.default_gate_cut() if cut is None else cut
+        net, cut, self.cut_spec = net.gate_split(cut)
         if isinstance(routes, int):
             archs = routes_even(net, routes, cut, pre_gate)
         else:
@@ -56,6 +59,7 @@ class GatedSupernet(Supernet):
             archs = validate_routes(net, routes, cut)
         self.net, self.cut, self.routes = net, cut, tuple(archs)
         self.num_classes, self.n_stages, self.input_size = net.num_classes, net.n_stages, net.input_size
+        self.analytic_costs = getattr(net, "analytic_costs", True)  # how count_macs counts (counting.py)
         fixed = {d: archs[0][d] for d in net.dims_before(cut)}
         self.space = _pinned_space(net.space, fixed)
 
@@ -99,7 +103,7 @@ class GatedSupernet(Supernet):
         under ``model.gate``. Routes are written out, never recomputed on load, so a later change
         to :func:`routes_even` cannot change a trained gate."""
         return {
-            "cut": self.cut,
+            "cut": self.cut_spec,
             "routes": [a.to_dict() for a in self.routes],
             "reduction": round(self.gate.channels / self.gate.hidden),
             "hidden": self.gate.hidden,

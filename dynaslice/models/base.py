@@ -45,6 +45,19 @@ class Supernet(nn.Module):
         another place is better override it (DS-MBNet: before its first sliced stage)."""
         return self.n_stages // 2
 
+    def gate_split(self, cut: int | str | None) -> tuple[Supernet, int, int | str]:
+        """Where a DS-Net gate goes for ``model.gate.cut``: ``(the net it wraps, the stage it sits
+        before, the cut as a model file records it)``. A zoo family is cut at a stage number
+        (``None``: :meth:`default_gate_cut`); a converted network at a module path, which splits it."""
+        if cut is None:
+            cut = self.default_gate_cut()
+        if isinstance(cut, str):
+            raise ValueError(
+                f"gate cut {cut!r}: {type(self).__name__} is cut at a stage number (0..{self.n_stages - 1}); "
+                "module paths name the cuts of networks converted by make_supernet"
+            )
+        return self, cut, cut
+
     def dims_before(self, cut: int) -> tuple[str, ...]:
         """Dimensions that the stem and stages ``0..cut-1`` read (fixed for all routes of a gate at ``cut``)."""
         names = [n for i in range(-1, cut) for n in self.stage_dims(i)]

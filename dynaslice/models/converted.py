@@ -40,9 +40,16 @@ channels the arch keeps), and a subnet extracts the slice as its own parameter. 
 in ``F.layer_norm`` / ``F.group_norm`` calls follow the width. A forward's extra inputs with
 defaults (timm's ViT) are traced at their defaults.
 
-Not yet (issue 28): gate cuts (a converted net is one stage; ``model.gate.cut`` comes later),
-attention heads (``nn.MultiheadAttention`` and reshapes that write the head size keep a
-transformer's embedding whole; its MLP widths are sliced).
+A DS-Net gate (:class:`~dynaslice.gate.GatedSupernet`) sits at a module's output, named by its
+path (``model.gate.cut: layer2``): the program is split there in two stages, the trunk before it
+and the routed rest after it (:meth:`ConvertedSupernet.split`). The cut must be a point every
+value crosses (not inside a residual block or a branch) with features ``[B, C, H, W]`` or tokens
+``[B, N, C]``, before the classifier. Without a path the gate sits at the default cut
+(:meth:`ConvertedSupernet.default_gate_path`): among the last cuts at each spatial size, the one
+whose trunk costs nearest half of the network's MACs at full width, as the zoo's ResNets place it.
+
+Not yet (issue 28): attention heads (``nn.MultiheadAttention`` and reshapes that write the head
+size keep a transformer's embedding whole; its MLP widths are sliced).
 """
 
 from __future__ import annotations
@@ -53,10 +60,12 @@ import math
 import operator
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..graph import Analysis, GraphError, Layout, analyze, modes_kept, rules, trace
 from ..nn import SlicedBatchNorm2d, SlicedModule
@@ -98,7 +107,8 @@ class ConvertedSupernet(Supernet):
 
     Its submodules keep the model's names (``layer1.0.conv1``), so state dicts read like the
     model's. ``kept`` maps each channel group that keeps its full width to the reason. One
-    stage: ``forward_stem`` and ``forward_head`` are identities until gate cuts come.
+    stage (``forward_stem`` and ``forward_head`` are identities), or two when split at a gate
+    cut (``split_at``, a module path; ``outputs`` lists where each module's output sits).
     ``analytic_costs`` is false when a layer reads a concatenation of sliced groups: its MACs
     are then a sum (``out * (w_a + w_b)``), so :func:`~dynaslice.count_macs` counts each arch on
     its extracted subnet instead of by formula (:class:`~dynaslice.counting.ExtractedCosts`).
@@ -117,6 +127,8 @@ class ConvertedSupernet(Supernet):
         family: str,
         analytic_costs: bool = True,
         tensors: Mapping[str, torch.Tensor] | None = None,
+        outputs: Mapping[str, CutPoint] | None = None,
+        split_at: str | None = None,
     ):
         super().__init__()
         for name, module in modules.items():
@@ -129,56 +141,251 @@ class ConvertedSupernet(Supernet):
         self.graph, self.space, self.kept = graph, space, dict(kept)
         self.input_size, self.num_classes, self.family = tuple(input_size), num_classes, family
         self.analytic_costs = analytic_costs
+        self.outputs, self.split_at = dict(outputs or {}), split_at
+        self.stage_graphs = (graph,) if split_at is None else self._split_graph(split_at)
+        self.n_stages = len(self.stage_graphs)
 
     def extra_repr(self) -> str:
         return f"family={self.family}, sliced groups={len(self.space.dims)}, kept={len(self.kept)}"
 
-    def _program(self):
-        """The Python function generated from :attr:`graph`: ``fn(self, x, widths)``.
+    def _program(self, i: int = 0):
+        """The Python function generated from stage ``i``'s graph: ``fn(self, x, widths)``.
 
         A memo (like the code of an ``fx.GraphModule``): regenerated after unpickling, shared by
         deep copies (it reads everything from the ``self`` it is given).
         """
-        fn = self.__dict__.get("_fn")
-        if fn is None:
-            code = self.graph.python_code(root_module="self")
+        fns = self.__dict__.setdefault("_fns", {})
+        if i not in fns:
+            code = self.stage_graphs[i].python_code(root_module="self")
             namespace = dict(code.globals)
             exec(compile(code.src, f"<{self.family} supernet>", "exec"), namespace)  # noqa: S102 - fx's codegen
-            fn = self.__dict__["_fn"] = namespace["forward"]
-        return fn
+            fns[i] = namespace["forward"]
+        return fns[i]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.pop("_fn", None)
+        state.pop("_fns", None)
         return state
 
     def forward_stem(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         return x
 
     def forward_stage(self, i: int, x: torch.Tensor, arch: Arch) -> torch.Tensor:
-        if i != 0:
-            raise IndexError(f"a converted network has one stage, not stage {i}")
-        return self._program()(self, x, dict(arch))
+        if not 0 <= i < self.n_stages:
+            raise IndexError(f"this converted network has {self.n_stages} stage(s), not stage {i}")
+        return self._program(i)(self, x, dict(arch))
 
     def forward_head(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         return x
 
     def stage_dims(self, i: int) -> tuple[str, ...]:
-        return self.space.names if i == 0 else ()
+        """The dims stage ``i``'s program reads (``arch[name]``); none for the identity stem and head."""
+        if not 0 <= i < self.n_stages:
+            return ()
+        arch = [n for n in self.stage_graphs[i].nodes if n.op == "placeholder"][1]
+        return tuple(dict.fromkeys(u.args[1] for u in arch.users if u.target is operator.getitem))
+
+    # --- gate cuts -------------------------------------------------------------------------
+    def split(self, path: str) -> ConvertedSupernet:
+        """This network in two stages split at module ``path``'s output: the same modules and
+        parameters (like a zoo net wrapped by a gate), the trunk as stage 0, the rest as stage 1.
+        A cut that is not a module's output, inside a residual block or a branch, or at or after
+        the classifier is refused in one line that lists the cuts there are."""
+        tensors = {**self._parameters, **self._buffers}
+        net = ConvertedSupernet(
+            dict(self.named_children()), self.graph, self.space, self.kept, self.input_size,
+            self.num_classes, self.family, self.analytic_costs, tensors, self.outputs, path,
+        )  # fmt: skip
+        net.training = self.training
+        return net
+
+    def gate_split(self, cut: int | str | None) -> tuple[Supernet, int, int | str]:
+        """A converted network's gate cut is a module path (``None``: :meth:`default_gate_path`):
+        the network split there, stage 1 and the path. A stage number is refused (its one stage
+        has no inside boundary) except ``1`` on a network already split."""
+        if cut is None:
+            cut = self.split_at or self.default_gate_path()
+        if isinstance(cut, str):
+            return (self if cut == self.split_at else self.split(cut)), 1, cut
+        if cut == 1 and self.split_at is not None:
+            return self, 1, self.split_at
+        raise GraphError(
+            f"model.gate.cut={cut}: the gate of a network converted by make_supernet sits at a module's "
+            f"output, named by its path: {self._candidate_list()}"
+        )
 
     def default_gate_cut(self) -> int:
-        raise GraphError(
-            f"{self.family} converted by make_supernet has no gate cut yet (one stage): gates on converted "
-            "networks are not supported yet; train without model.gate (dynaslice train)"
-        )
+        """Stage 1 of a network split at a cut; a network in one stage has none (use
+        :meth:`gate_split`, which finds the default path)."""
+        if self.split_at is None:
+            raise GraphError(
+                f"{self.family} converted by make_supernet is one stage: place a gate at a module path "
+                f"(GatedSupernet(net, cut=PATH), model.gate.cut: PATH): {self._candidate_list()}"
+            )
+        return 1
 
-    def dims_before(self, cut: int) -> tuple[str, ...]:
-        """Refused: a gate at the input or after the logits is no DS-Net gate (an explicit
-        ``model.gate.cut`` reaches here; the default cut is refused by :meth:`default_gate_cut`)."""
-        raise GraphError(
-            f"model.gate.cut={cut}: gate cuts on networks converted by make_supernet ({self.family}) "
-            "are not supported yet; train without model.gate (dynaslice train)"
-        )
+    def default_gate_path(self) -> str:
+        """The default gate cut: after each spatial size's last cut (where a stage ends), the one
+        whose trunk costs nearest half of the network's MACs at full width (the zoo's ResNets
+        route after their middle stage); ties go to the earlier. A network whose feature maps
+        never change size (a transformer's tokens) has no default: refused, naming the cuts."""
+        ends: list[tuple[str, CutPoint]] = []
+        for path, point in self._candidates():
+            if len(point.shape) != 4:
+                continue
+            if ends and ends[-1][1].shape[2:] == point.shape[2:]:
+                ends[-1] = (path, point)
+            else:
+                ends.append((path, point))
+        splits = {path: self.split(path) for path, _ in ends}
+        # a cut after which every width is pinned by the trunk leaves nothing to route
+        splits = {p: net for p, net in splits.items() if set(net.stage_dims(1)) - set(net.stage_dims(0))}
+        if len(ends) < 2 or not splits:
+            raise GraphError(
+                f"{self.family} has no default gate cut (its features never change spatial size, or nothing "
+                f"sliced follows where they do); set model.gate.cut to a module path: {self._candidate_list()}"
+            )
+        param = next(self.parameters())
+        x = torch.zeros(1, *self.input_size, dtype=param.dtype, device=param.device)
+        largest, trunk = self.space.largest(), {}
+        with modes_kept(self), torch.no_grad():  # eval mode: BatchNorm statistics stay untouched
+            self.eval()
+            with FlopCounterMode(display=False) as counter:
+                self(x, largest)
+            total = counter.get_total_flops()
+            for path, net in splits.items():
+                with FlopCounterMode(display=False) as counter:
+                    net.forward_to(x, largest, 1)
+                trunk[path] = counter.get_total_flops()
+        return min(trunk, key=lambda p: abs(trunk[p] - total / 2))  # dicts keep order: ties go first
+
+    def _candidates(self) -> list[tuple[str, CutPoint]]:
+        """Every valid gate cut, in program order, each node once under its outermost path."""
+        order = {n.name: i for i, n in enumerate(self.graph.nodes)}
+        by_node: dict[str, tuple[str, CutPoint]] = {}
+        for path, point in self.outputs.items():
+            if _cut_refusal(self.graph, point) is None:
+                known = by_node.get(point.node)
+                if known is None or path.count(".") < known[0].count("."):
+                    by_node[point.node] = (path, point)
+        return sorted(by_node.values(), key=lambda item: order[item[1].node])
+
+    def _candidate_list(self, limit: int = 10) -> str:
+        paths = [p for p, _ in self._candidates()]
+        if not paths:
+            return "it has none (no module output that every value crosses before the classifier)"
+        more = f", ... ({len(paths)} in all)" if len(paths) > limit else ""
+        return f"the cuts there are: {', '.join(paths[:limit])}{more}"
+
+    def _split_graph(self, path: str) -> tuple[fx.Graph, fx.Graph]:
+        """The program as two graphs, before and after ``path``'s output (see :meth:`split`)."""
+        point = self.outputs.get(path)
+        if point is None:
+            what = "is not a module of" if path not in dict(self.named_modules()) else "has no tensor output in"
+            raise GraphError(f"model.gate.cut={path!r} {what} {self.family}; {self._candidate_list()}")
+        why = _cut_refusal(self.graph, point)
+        if why is not None:
+            raise GraphError(f"model.gate.cut={path!r} {why}; {self._candidate_list()}")
+        return _split_program(self.graph, point.node)
+
+
+class CutPoint(NamedTuple):
+    """Where a module's output sits in a converted program: a gate cut candidate."""
+
+    node: str
+    """The name of the program node holding it."""
+    shape: tuple[int, ...]
+    """Its shape on the example input."""
+    scores: bool
+    """It carries the model's output channels: the classifier's output or after it."""
+
+
+def _module_outputs(gm: fx.GraphModule, analysis: Analysis, graph: fx.Graph) -> dict[str, CutPoint]:
+    """Each module's output in the program ``graph`` made from ``gm``: fx inlines the modules a
+    model calls and records where each node was traced (``nn_module_stack``), so a module's output
+    is the last node traced inside it."""
+    last: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            last[path] = node
+    result = analysis.layout(gm.graph.output_node().args[0])
+    scores = {s.group for s in result.segments} if result is not None else set()
+    program = {n.name: n for n in graph.nodes}
+    outputs = {}
+    for path, node in last.items():
+        twin, shape = program.get(node.name), getattr(node.meta.get("tensor_meta"), "shape", None)
+        if twin is None or (twin.op, twin.target) != (node.op, node.target) or shape is None:
+            continue  # renamed in the program (a name its width reads took), or no tensor
+        layout = analysis.layout(node)
+        reads = {s.group for s in layout.segments} if layout is not None else set()
+        outputs[path] = CutPoint(node.name, tuple(shape), bool(reads & scores))
+    return outputs
+
+
+def _flows(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes computed from the input (the first placeholder); the rest read only the arch
+    and parameters, and can be recomputed on either side of a cut."""
+    nodes = iter(graph.nodes)
+    flows = {next(nodes)}
+    for node in nodes:
+        if any(a in flows for a in node.all_input_nodes):
+            flows.add(node)
+    return flows
+
+
+def _cut_refusal(graph: fx.Graph, point: CutPoint) -> str | None:
+    """Why the program cannot be split at ``point`` (one clause), or None."""
+    if len(point.shape) not in (3, 4):
+        if point.scores or len(point.shape) == 2:
+            return f"is the classifier or after it (its output has shape {list(point.shape)})"
+        return f"has shape {list(point.shape)}; the gate reads features [B, C, H, W] or tokens [B, N, C]"
+    if point.scores:
+        return f"carries the class scores (shape {list(point.shape)}): the classifier or after it"
+    nodes = list(graph.nodes)
+    flows = _flows(graph)
+    cut = next(n for n in nodes if n.name == point.node)
+    if cut not in flows:
+        return "is not computed from the input"
+    before = set(nodes[: nodes.index(cut) + 1])
+    for node in nodes:
+        if node in before and node in flows and node is not cut:
+            later = [u for u in node.users if u not in before]
+            if later:
+                return (
+                    f"is inside a residual block or a branch: {node.name}, computed before it, is still used "
+                    f"after it (by {later[0].name}); cut at a block's output"
+                )
+    return None
+
+
+def _split_program(graph: fx.Graph, at: str) -> tuple[fx.Graph, fx.Graph]:
+    """``graph`` (inputs ``x, arch``) as two graphs: ``x, arch -> node at`` and ``h, arch -> output``.
+
+    Nodes computed from the input run on their side of the cut only (:func:`_cut_refusal` has
+    checked that none but the cut crosses it); those reading only the arch or the parameters
+    (width reads, sliced parameters) are copied to each side that uses them."""
+    nodes = list(graph.nodes)
+    flows = _flows(graph)
+    x, arch = nodes[:2]
+    cut = next(n for n in nodes if n.name == at)
+    pos = nodes.index(cut)
+
+    def part(inputs: Sequence[fx.Node], body: Sequence[fx.Node], result: fx.Node) -> fx.Graph:
+        g, env = fx.Graph(), {}
+        for node in inputs:
+            env[node] = g.placeholder(node.name)
+        for node in body:
+            env[node] = g.node_copy(node, env.__getitem__)
+        g.output(env[result])
+        for node in reversed(body):  # the arch and parameter reads only the other side uses
+            if node not in flows and not env[node].users:
+                g.erase_node(env[node])
+        g.lint()
+        return g
+
+    before = nodes[2 : pos + 1]
+    after = [n for i, n in enumerate(nodes[2:-1], 2) if i > pos or n not in flows]
+    return part([x, arch], before, cut), part([cut, arch], after, nodes[-1].args[0])
 
 
 # --------------------------------------------------------------------------- make_supernet
@@ -455,7 +662,7 @@ def make_supernet(
         raise GraphError(f"{family} has submodules named {clash}, which ConvertedSupernet uses; rename them")
     net = ConvertedSupernet(
         modules, graph, space, kept, tuple(example_input.shape[1:]), num_classes, family,
-        _analytic(analysis, space, calls), tensors,
+        _analytic(analysis, space, calls), tensors, _module_outputs(gm, analysis, graph),
     )  # fmt: skip
     net.training = original.training
     _verify(net, original, example_input)

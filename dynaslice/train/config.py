@@ -50,13 +50,16 @@ class GateConfig:
 
     Stage I then trains the gated supernet: the gate's attention head is part of it, and the
     dims before the gate are pinned to the routes' one value. ``cut``: the stage the gate sits
-    before (``null``: the family default). ``routes``: a number k of evenly spread uniform-width
-    routes, or a list of arch dicts (narrowest first). ``pre_gate``: widths of the dims before
-    the gate (only with ``routes: k``; the rest stay at their largest).
+    before (``null``: the family default); for a converted network (``model.name`` with a ``:``),
+    the module path whose output the gate reads (``layer2``; ``null``: its default cut, see
+    :meth:`~dynaslice.models.converted.ConvertedSupernet.default_gate_path`). ``routes``: a
+    number k of evenly spread uniform-width routes, or a list of arch dicts (narrowest first).
+    ``pre_gate``: widths of the dims before the gate (only with ``routes: k``; the rest stay at
+    their largest).
     """
 
     enabled: bool = False
-    cut: int | None = None
+    cut: int | str | None = None
     routes: int | list[dict[str, int]] = 4
     pre_gate: dict[str, int] = field(default_factory=dict)
     reduction: int = 4
@@ -71,7 +74,7 @@ class ModelConfig:
     (:mod:`dynaslice.models.named`): ``torchvision:resnet34``, ``timm:efficientnet_b0`` or your
     own ``package.module:factory``. Its ``kwargs`` then hold ``ratios`` and ``round_to`` (the
     width grid, make_supernet's) and the factory's own keywords; ``input_size`` sizes the example
-    input it is traced on. A converted network takes no gate yet (``gate.enabled`` is refused).
+    input it is traced on. Its gate (``gate.enabled``) sits at a module path (``gate.cut``).
     """
 
     name: str = "resnet_small"
@@ -347,7 +350,10 @@ _RATIOS = ((lambda ws: all(0 < w <= 1 for w in ws)), "use width ratios in (0, 1]
 _PAIR = ((lambda v: len(v) == 2 and min(v) > 0), "use [start, end], both > 0")
 
 _RULES: dict[str, Rule] = {
-    "model.gate.cut": whole(0),
+    "model.gate.cut": (
+        (lambda v: isinstance(v, str) or v >= 0),
+        "use a stage number >= 0, or a module path for a converted network",
+    ),
     "model.gate.reduction": whole(1),
     "model.gate.pre_gate": ((lambda v: all(w >= 1 for w in v.values())), "use widths >= 1"),
     "data.batch_size": _BN_BATCH,
