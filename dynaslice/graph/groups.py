@@ -159,6 +159,8 @@ class _Walk:
         self.members: list[list[Member]] = []
         self.layout: dict[fx.Node, Layout | None] = {}
         self.calls: dict[str, list[fx.Node]] = defaultdict(list)
+        self.heads: dict[str, int] = {}  # attention layer -> the group of its heads' channels
+        self.tuples: set[fx.Node] = set()  # attention calls returning (output, weights)
         self.stops: list[str] = []  # where the walk could not follow channels, in graph order
         for node in gm.graph.nodes:
             self._used = set()
@@ -292,6 +294,9 @@ class _Walk:
         if layout is None or extra:
             return self.opaque(node, f"{name} ({type(m).__name__}) takes several tensors")
         ndim = len(_shape(x))
+        spec = rules.attention_spec(m)
+        if spec is not None:
+            return self._attention(node, m, name, spec, layout)
         if isinstance(m, rules.CONVS) and getattr(m, "padding_mode", "zeros") == "zeros":
             return self._conv(node, m, name, layout)
         if isinstance(m, rules.LINEARS) and getattr(m, "chunks", 1) == 1:
@@ -320,6 +325,46 @@ class _Walk:
         if isinstance(m, nn.Flatten):
             return self._flatten(node, x, m.start_dim, m.end_dim)
         return self.opaque(node, f"{name} ({type(m).__name__})")
+
+    def _attention(
+        self, node: fx.Node, m: nn.Module, name: str, spec: rules.AttentionSpec, layout: Layout
+    ) -> None:
+        """A self-attention layer: it reads its input's channels (the q/k/v projection's columns),
+        writes a new group (the output projection's rows), and its heads are a group of their own,
+        sliced in whole heads (``step`` = the head size): the q, k and v rows of the first heads
+        (three ranges of the projection, at offsets 0, ``width``, 2 ``width``) and the output
+        projection's matching columns. Attention weights that are read would change with the
+        heads: such a call, and any :func:`~dynaslice.graph.rules.attention_refusal`, stays whole."""
+        why = rules.attention_refusal(m, node.args, node.kwargs)
+        if why is None and layout.axis != len(_shape(node.args[0])) - 1:
+            why = "its input's channels are not on the last axis"
+        if (
+            why is None
+            and spec.tuple_out
+            and any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in node.users)
+        ):
+            why = "its attention weights are read"
+        if why is not None:
+            return self.opaque(node, f"{name} ({type(m).__name__}): {why}")
+        qkv = f"{name}.{spec.qkv}" if spec.qkv else name
+        proj = f"{name}.{spec.proj}"
+        self.add(layout, qkv, spec.qkv_weight, 1, "consumer")
+        heads = self.new(spec.width, producer=f"{name}.heads")
+        self.step[heads] = spec.head_dim
+        attrs = [spec.qkv_weight] + (
+            [spec.qkv_bias] if getattr(self.gm.get_submodule(qkv), spec.qkv_bias) is not None else []
+        )
+        for attr in attrs:
+            self.members[heads] += [Member(qkv, attr, 0, "producer", i * spec.width) for i in range(3)]
+        self.members[heads].append(Member(proj, "weight", 1, "consumer"))
+        self.heads[name] = heads
+        meta = node.meta.get("tensor_meta")
+        shape = tuple((meta if hasattr(meta, "shape") else meta[0]).shape)  # a tensor's, or the tuple's first
+        self.fresh(node, shape[-1], len(shape) - 1, producer=proj)
+        self._produce(node, self.gm.get_submodule(proj), proj)
+        if spec.tuple_out:
+            self.tuples.add(node)
+        return None
 
     def _produce(self, node: fx.Node, m: nn.Module, name: str) -> None:
         layout = self.layout[node]
@@ -360,6 +405,9 @@ class _Walk:
         op, target = node.op, node.target
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         layout = self.layout.get(x) if x is not None else None
+        if x in self.tuples and op == "call_function" and target is operator.getitem:
+            self.layout[node] = layout if node.args[1] == 0 else None  # (output, unread weights)
+            return None
         if rules.matches(op, target, (rules.JOIN_FUNCTIONS, rules.JOIN_METHODS)):
             return self._join(node)
         if op == "call_function" and target in rules.CONCAT_FUNCTIONS:
@@ -681,7 +729,7 @@ class _Walk:
     def _shared_modules(self) -> None:
         """A layer called more than once would need one width per call: keep it whole."""
         for name, nodes in self.calls.items():
-            if len(nodes) > 1 and any(True for _ in self.gm.get_submodule(name).parameters(recurse=False)):
+            if len(nodes) > 1 and any(True for _ in self.gm.get_submodule(name).parameters()):
                 for node in nodes:
                     self.stop(self.layout.get(node), f"{name} is called {len(nodes)} times")
                     for a in node.all_input_nodes:
@@ -712,6 +760,8 @@ class Analysis:
                 root, walk.name[root] or f"group{root}", walk.size[root], walk.step[root],
                 tuple(dict.fromkeys(walk.members[root])), fixed, walk.residual[root],
             )  # fmt: skip
+        # attention layer -> the group of its heads' channels (not on any tensor's axis: inside the layer)
+        self.heads: dict[str, int] = {name: walk.find(g) for name, g in walk.heads.items()}
         self.parameters: dict[str, dict[int, Layout]] = {}
         for (name, dim), layout in walk.param_ties.items():
             self.parameters.setdefault(name, {})[dim] = self._final(layout)

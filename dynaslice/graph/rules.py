@@ -10,6 +10,7 @@ how a new network becomes sliceable.
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -17,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import SlicedBatchNorm2d, SlicedConv2d, SlicedLayerNorm, SlicedLinear
-from ..nn.converted import ConvertedConv, ConvertedLinear, ConvertedNorm, slice_parameter
+from ..nn.converted import (
+    AttentionSpec,
+    ConvertedAttention,
+    ConvertedConv,
+    ConvertedLinear,
+    ConvertedNorm,
+    slice_parameter,
+)
 
 # Elementwise on each value: the channel layout is unchanged, on whichever axis it lies.
 POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
@@ -165,3 +173,66 @@ def matches(node_op: str, target: object, table: tuple[set, set]) -> bool:
     return (node_op == "call_function" and target in functions) or (
         node_op == "call_method" and target in methods
     )
+
+
+# Self-attention layers sliced by whole heads (one node each: the walk knows their weights'
+# layout, :class:`~dynaslice.nn.converted.AttentionSpec`). Library layers are named by class, as
+# above; their code is not traced, so each name here is a promise that its forward is
+# ``AttentionSpec``'s computation: timm's ViT ``Attention`` (fused qkv Linear, then ``proj``).
+ATTENTION_LIBRARY_MODULES = {"timm.layers.attention.Attention"}
+
+
+def attention_spec(m: nn.Module) -> AttentionSpec | None:
+    """The head layout of a self-attention layer the walk can slice by heads, or None.
+
+    torch's ``nn.MultiheadAttention`` with one fused input projection and no extra key/value
+    biases or zero attention; timm's ``Attention`` (:data:`ATTENTION_LIBRARY_MODULES`) without a
+    norm before ``proj`` or an output gate (they would need the heads' channels in other layers),
+    with ``q_norm`` / ``k_norm`` over the head size only; a converted one. Others stay whole (an
+    ``nn.MultiheadAttention``) or are traced through (timm's variants).
+    """
+    if isinstance(m, ConvertedAttention):
+        return m.spec
+    if isinstance(m, nn.MultiheadAttention):
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            return None
+        return AttentionSpec(
+            "", "in_proj_weight", "in_proj_bias", "out_proj", m.num_heads, m.head_dim, "dropout",
+            batch_first=m.batch_first, tuple_out=True,
+        )  # fmt: skip
+    if class_name(m) not in ATTENTION_LIBRARY_MODULES:
+        return None
+    per_head = all(
+        isinstance(n, nn.Identity) or tuple(getattr(n, "normalized_shape", ())) == (m.head_dim,)
+        for n in (m.q_norm, m.k_norm)
+    )
+    if not (isinstance(m.norm, nn.Identity) and getattr(m, "gate", None) is None and per_head):
+        return None
+    if not (isinstance(m.qkv, nn.Linear) and isinstance(m.proj, nn.Linear)):
+        return None
+    return AttentionSpec(
+        "qkv", "weight", "bias", "proj", m.num_heads, m.head_dim, "attn_drop", ("q_norm", "k_norm"), ("proj_drop",),
+    )  # fmt: skip
+
+
+def attention_refusal(m: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """Why a call of the attention layer ``m`` (:func:`attention_spec`) cannot be sliced by heads,
+    or None: attention over another tensor (keys or values not the queries), a mask or causal
+    attention (not carried by the converted layer yet)."""
+    if isinstance(m, ConvertedAttention):
+        return None
+    try:
+        bound = inspect.signature(m.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        return f"its call does not match its forward ({e})"
+    values = bound.arguments
+    first = next(iter(values.values()))
+    for name in ("key", "value"):
+        if name in values and values[name] is not first:
+            return "its keys or values are not its queries (cross-attention)"
+    for name in ("attn_mask", "key_padding_mask"):
+        if values.get(name) is not None:
+            return f"it takes {name}"
+    if values.get("is_causal", False):
+        return "it is causal"
+    return None

@@ -24,7 +24,7 @@ from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..nn import SlicedModule
-from .rules import POINTWISE_LIBRARY_MODULES, class_name, norm_act_parts, norm_act_refusal
+from .rules import POINTWISE_LIBRARY_MODULES, attention_spec, class_name, norm_act_parts, norm_act_refusal
 
 
 class GraphError(ValueError):
@@ -32,8 +32,9 @@ class GraphError(ValueError):
 
 
 class Tracer(fx.Tracer):
-    """torch.nn layers, dynaslice's sliced leaves, a few known library layers and norm+activation
-    layers (timm's BatchNormAct2d, see :func:`~dynaslice.graph.rules.norm_act_parts`) stay one
+    """torch.nn layers, dynaslice's sliced leaves, a few known library layers, norm+activation
+    layers (timm's BatchNormAct2d, see :func:`~dynaslice.graph.rules.norm_act_parts`) and the
+    attention layers sliced by heads (:func:`~dynaslice.graph.rules.attention_spec`) stay one
     node each; everything else is traced through. Remembers the module it was inside when tracing failed."""
 
     def __init__(self) -> None:
@@ -42,7 +43,7 @@ class Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         leaf = isinstance(m, SlicedModule) or class_name(m) in POINTWISE_LIBRARY_MODULES
-        leaf = leaf or norm_act_parts(m) is not None
+        leaf = leaf or norm_act_parts(m) is not None or attention_spec(m) is not None
         return leaf or super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):  # noqa: ANN001 - fx's signature

@@ -70,6 +70,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..graph import Analysis, GraphError, Layout, analyze, modes_kept, rules, trace
 from ..nn import SlicedBatchNorm2d, SlicedModule
 from ..nn.converted import (
+    ConvertedAttention,
     ConvertedBatchNormAct,
     ConvertedConv,
     ConvertedLinear,
@@ -446,7 +447,8 @@ def _segments(analysis: Analysis, layout: Layout) -> Segments:
 
 def _convert_layers(gm: fx.GraphModule, analysis: Analysis, space: SearchSpace) -> dict[fx.Node, str]:
     """Replace, in ``gm``, each layer touching a sliced group by its sliced leaf; return the
-    nodes whose calls need widths, and which (``"out+ins"``, ``"ins"`` or ``""``)."""
+    nodes whose calls need widths, and which (``"out+ins"``, ``"ins"``, ``"attention"``: out, ins
+    and heads, or ``""``)."""
     sliced = {g.id: g.name for g in analysis.groups.values() if g.name in space.names}
     calls: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
@@ -455,11 +457,15 @@ def _convert_layers(gm: fx.GraphModule, analysis: Analysis, space: SearchSpace) 
         m = gm.get_submodule(str(node.target))
         before, after = analysis.layout(node.args[0]), analysis.layout(node)
         touched = {s.group for layout in (before, after) if layout for s in layout.segments}
+        heads = analysis.heads.get(str(node.target))
+        touched |= {heads} if heads is not None else set()
         if not touched & set(sliced) or before is None:
             continue
         segments = _segments(analysis, before)
         parts = rules.norm_act_parts(m)  # timm's BatchNormAct2d: a BatchNorm, then pointwise parts
-        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        if heads is not None:  # self-attention: its heads are a group of their own
+            new, calls[node] = ConvertedAttention(m, rules.attention_spec(m), segments), "attention"
+        elif isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             new = ConvertedConv(m, None if m.groups > 1 else segments)
             calls[node] = "" if m.groups > 1 else "out+ins"
         elif isinstance(m, nn.Linear):
@@ -534,6 +540,15 @@ def _program_graph(
             env[node] = new
             new.meta = {}
             continue
+        if calls.get(node) == "attention":  # the one input, then the widths (keys and values are the input)
+            ins = tuple(width(s.group) for s in analysis.layout(node.args[0]).segments)
+            out = width(analysis.layout(node).segments[0].group)
+            heads = width(analysis.heads[str(node.target)])
+            new = graph.node_copy(node, lambda n: env[n])
+            new.args, new.kwargs = (env[node.args[0]], out, ins, heads), {}
+            env[node] = new
+            new.meta = {}
+            continue
         if node in calls and calls[node]:
             ins = tuple(width(s.group) for s in analysis.layout(node.args[0]).segments)
             extra = (
@@ -568,13 +583,19 @@ def _functional_size(node: fx.Node, analysis: Analysis, space: SearchSpace) -> t
 
 def _analytic(analysis: Analysis, space: SearchSpace, calls: dict[fx.Node, str]) -> bool:
     """Whether every cost is a monomial in the widths: no layer reads a concatenation of sliced
-    groups, and no parameter is read outside a layer (the formula counts the parameters of the
-    layers called; each arch is then counted on its extracted subnet)."""
+    groups, no attention layer reads or writes sliced channels (its MACs, counted as one item,
+    are the projections' ``tokens * heads * (3 in + out)`` plus ``2 tokens^2 * heads``), and no
+    parameter is read outside a layer (the formula counts the parameters of the layers called;
+    each arch is then counted on its extracted subnet)."""
     if any(node.op == "get_attr" for node in analysis.gm.graph.nodes):
         return False
-    for node in calls:
+    for node, kind in calls.items():
         segments = analysis.layout(node.args[0]).segments
         if len(segments) > 1 and any(analysis.groups[s.group].name in space.names for s in segments):
+            return False
+        if kind == "attention" and any(
+            analysis.groups[s.group].name in space.names for s in segments + analysis.layout(node).segments
+        ):
             return False
     return True
 

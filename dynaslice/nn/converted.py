@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from .base import SlicedModule, as_parameter
 from .norm import SlicedBatchNorm2d
@@ -275,3 +276,165 @@ class ConvertedNormAct(_PartsAfter, ConvertedNorm):
         super().__init__(layer, in_segments)
         self.norm_type = next(c for c in type(layer).__mro__ if c in _BATCH_NORMS)  # what to_static builds
         self._take_parts(layer, parts)
+
+
+# --------------------------------------------------------------------------- attention heads
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Where a self-attention layer keeps its weights, named as the layer names them (so a
+    converted layer's state dict reads as the model's), and its head layout.
+
+    ``qkv`` owns the fused q/k/v projection (``""``: the layer itself, as torch's
+    ``nn.MultiheadAttention`` keeps ``in_proj_weight``); its rows are q, k and v one after
+    another, each ``heads`` heads of ``head_dim`` rows (timm's ``qkv`` Linear has the same
+    layout). ``proj`` is the output projection (a Linear). ``norms``: the layers applied to q and
+    k per head (timm's ``q_norm``, ``k_norm``); ``dropout``: the dropout layer on the attention
+    weights; ``after``: pointwise layers after ``proj`` (timm's ``proj_drop``). ``tuple_out``:
+    the layer returns ``(output, weights)`` (``nn.MultiheadAttention``; converted only where the
+    weights are not read, so they are ``None``). ``batch_first=False``: tokens come first.
+    """
+
+    qkv: str
+    qkv_weight: str
+    qkv_bias: str
+    proj: str
+    heads: int
+    head_dim: int
+    dropout: str
+    norms: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    batch_first: bool = True
+    tuple_out: bool = False
+
+    @property
+    def width(self) -> int:
+        """Channels of all heads: the width of each of q, k and v."""
+        return self.heads * self.head_dim
+
+
+def _attend(
+    qkv: torch.Tensor, heads: int, head_dim: int, norms: Sequence[nn.Module], drop: nn.Module
+) -> torch.Tensor:
+    """Attention of ``heads`` heads from the fused projection ``qkv`` (``[B, N, 3*heads*head_dim]``,
+    rows q, k, v): ``[B, N, heads*head_dim]``. Written out (softmax, the dropout layer, ``@ v``)
+    rather than with ``F.scaled_dot_product_attention``, whose dropout rate is a number: traced
+    into an extracted subnet it would keep the mode it was traced in, the layer keeps following it."""
+    b, n = qkv.shape[0], qkv.shape[1]
+    q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if norms:
+        q, k = norms[0](q), norms[1](k)
+    weights = drop(((q * head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1))
+    return (weights @ v).transpose(1, 2).reshape(b, n, heads * head_dim)
+
+
+class _AttentionLayout(nn.Module):
+    """What the sliced attention leaf and its static subnet layer share: the layer's weights under
+    its own names (``spec``) and the computation around :func:`_attend`."""
+
+    spec: AttentionSpec
+
+    def _qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        owner = self.get_submodule(self.spec.qkv)
+        return getattr(owner, self.spec.qkv_weight), getattr(owner, self.spec.qkv_bias)
+
+    def _run(self, x: torch.Tensor, w_qkv, b_qkv, w_proj, b_proj, heads: int):  # noqa: ANN001, ANN202
+        spec = self.spec
+        if not spec.batch_first:
+            x = x.transpose(0, 1)
+        norms = [self.get_submodule(n) for n in spec.norms]
+        y = _attend(F.linear(x, w_qkv, b_qkv), heads, spec.head_dim, norms, self.get_submodule(spec.dropout))
+        y = F.linear(y, w_proj, b_proj)
+        for name in spec.after:
+            y = self.get_submodule(name)(y)
+        if not spec.batch_first:
+            y = y.transpose(0, 1)
+        return (y, None) if spec.tuple_out else y
+
+
+class _StaticAttention(_AttentionLayout):
+    """One subnet's attention layer, traced by :meth:`ConvertedAttention.to_static` into a
+    ``torch.fx.GraphModule`` of torch modules and ops (an extracted subnet loads and exports
+    without dynaslice)."""
+
+    def __init__(
+        self, spec: AttentionSpec, heads: int, parts: dict[str, nn.Module], tensors: dict[str, torch.Tensor]
+    ):
+        super().__init__()
+        self.spec, self.heads = spec, heads  # heads: how many this subnet keeps (a constant when traced)
+        for name, part in parts.items():
+            self.add_module(name, part)
+        for path, t in tensors.items():
+            owner, _, attr = path.rpartition(".")
+            setattr(self.get_submodule(owner), attr, as_parameter(t))
+
+    def forward(self, x: torch.Tensor):  # noqa: ANN201 - a tensor, or (tensor, None) as the layer returned
+        w_qkv, b_qkv = self._qkv()
+        proj = self.get_submodule(self.spec.proj)
+        return self._run(x, w_qkv, b_qkv, proj.weight, proj.bias, self.heads)
+
+
+class ConvertedAttention(_AttentionLayout, SlicedModule):
+    """A self-attention layer of a converted model (torch's ``nn.MultiheadAttention`` on one
+    input, timm's ViT ``Attention``; see :func:`dynaslice.graph.rules.attention_spec`), sliced by
+    whole heads.
+
+    ``forward(x, out, ins, heads)``: the first ``heads`` channels of q, k and v (``heads`` is a
+    multiple of the head size, which stays fixed: the first ``heads / head_dim`` heads), the
+    output projection's rows ``[:out]`` and columns ``[:heads]``, the input columns of the first
+    ``ins[i]`` channels of each input segment. The layer's own submodules and parameters are kept
+    under their names (``in_proj_weight``, ``out_proj``; ``qkv``, ``q_norm``, ``proj``, ...).
+    ``to_static`` gives a ``torch.fx.GraphModule`` of the same submodules with the sliced weights
+    (a ``nn.MultiheadAttention`` of fewer heads cannot be built: it ties the heads' width to the
+    embedding's).
+    """
+
+    def __init__(self, layer: nn.Module, spec: AttentionSpec, in_segments: Segments):
+        super().__init__()
+        self.spec, self.in_segments = spec, in_segments
+        for name, p in layer.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        if not hasattr(self, spec.dropout):  # nn.MultiheadAttention keeps its rate as a number
+            self.add_module(spec.dropout, nn.Dropout(layer.dropout))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.spec.heads}, head_dim={self.spec.head_dim}"
+
+    def _slice(self, in_f: int, out: int, ins: tuple[int, ...], heads: int) -> tuple:
+        spec = self.spec
+        if heads % spec.head_dim or not 0 < heads <= spec.width:
+            raise ValueError(f"{heads} channels are not 1 to {spec.heads} heads of {spec.head_dim}")
+        w, b = self._qkv()
+        index = channel_index(self.in_segments, ins, w.device)
+        if _width(index) != in_f:
+            raise ValueError(f"the arch gives {_width(index)} input features, the input has {in_f}")
+        rows = channel_index(((spec.width, 1),) * 3, (heads,) * 3, w.device)  # of q, of k, of v
+        proj = self.get_submodule(spec.proj)
+        return (
+            take(take(w, 0, rows), 1, index), take(b, 0, rows),
+            proj.weight[:out, :heads], take(proj.bias, 0, out),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor, out: int, ins: tuple[int, ...], heads: int):  # noqa: ANN201
+        w_qkv, b_qkv, w_proj, b_proj = self._slice(x.shape[-1], out, ins, heads)
+        return self._run(x, w_qkv, b_qkv, w_proj, b_proj, heads // self.spec.head_dim)
+
+    def to_static(self, in_shape: torch.Size, out: int, ins: tuple[int, ...], heads: int) -> fx.GraphModule:
+        spec = self.spec
+        w_qkv, b_qkv, w_proj, b_proj = self._slice(in_shape[-1], out, ins, heads)
+        parts = {n: copy.deepcopy(c) for n, c in self.named_children() if n not in (spec.qkv, spec.proj)}
+        parts[spec.proj] = nn.Linear(w_proj.shape[1], w_proj.shape[0], bias=b_proj is not None, device="meta")
+        tensors = {f"{spec.proj}.weight": w_proj, f"{spec.proj}.bias": b_proj}
+        if spec.qkv:
+            parts[spec.qkv] = nn.Linear(w_qkv.shape[1], w_qkv.shape[0], bias=b_qkv is not None, device="meta")
+        tensors.update({f"{spec.qkv}.{spec.qkv_weight}".lstrip("."): w_qkv,
+                        f"{spec.qkv}.{spec.qkv_bias}".lstrip("."): b_qkv})  # fmt: skip
+        static = _StaticAttention(
+            spec, heads // spec.head_dim, parts, {k: t for k, t in tensors.items() if t is not None}
+        )
+        if not spec.qkv and b_qkv is None:
+            static.register_parameter(spec.qkv_bias, None)
+        return fx.symbolic_trace(static).train(self.training)
