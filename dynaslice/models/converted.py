@@ -46,7 +46,8 @@ and the routed rest after it (:meth:`ConvertedSupernet.split`). The cut must be 
 value crosses (not inside a residual block or a branch) with features ``[B, C, H, W]`` or tokens
 ``[B, N, C]``, before the classifier. Without a path the gate sits at the default cut
 (:meth:`ConvertedSupernet.default_gate_path`): among the last cuts at each spatial size, the one
-whose trunk costs nearest half of the network's MACs at full width, as the zoo's ResNets place it.
+whose trunk costs nearest half of the network's MACs at full width, as the zoo's ResNets place it
+(a network of tokens: the token cut nearest a quarter, as the zoo's ViTs).
 
 Not yet (issue 28): attention heads (``nn.MultiheadAttention`` and reshapes that write the head
 size keep a transformer's embedding whole; its MLP widths are sliced).
@@ -228,8 +229,10 @@ class ConvertedSupernet(Supernet):
     def default_gate_path(self) -> str:
         """The default gate cut: after each spatial size's last cut (where a stage ends), the one
         whose trunk costs nearest half of the network's MACs at full width (the zoo's ResNets
-        route after their middle stage); ties go to the earlier. A network whose feature maps
-        never change size (a transformer's tokens) has no default: refused, naming the cuts."""
+        route after their middle stage); in a network of tokens (``[B, N, C]`` features, no
+        stages), the token cut nearest a quarter (the zoo's ViTs route after their first quarter
+        of blocks). Cuts after which nothing sliced is left to route are skipped; ties go to the
+        earlier. A network with no such cut is refused in one line naming the cuts there are."""
         ends: list[tuple[str, CutPoint]] = []
         for path, point in self._candidates():
             if len(point.shape) != 4:
@@ -238,13 +241,16 @@ class ConvertedSupernet(Supernet):
                 ends[-1] = (path, point)
             else:
                 ends.append((path, point))
+        share = 1 / 2
+        if len(ends) < 2:  # no stages: tokens, or feature maps of one size
+            ends, share = [(p, point) for p, point in self._candidates() if len(point.shape) == 3], 1 / 4
         splits = {path: self.split(path) for path, _ in ends}
         # a cut after which every width is pinned by the trunk leaves nothing to route
         splits = {p: net for p, net in splits.items() if set(net.stage_dims(1)) - set(net.stage_dims(0))}
-        if len(ends) < 2 or not splits:
+        if not splits:
             raise GraphError(
-                f"{self.family} has no default gate cut (its features never change spatial size, or nothing "
-                f"sliced follows where they do); set model.gate.cut to a module path: {self._candidate_list()}"
+                f"{self.family} has no default gate cut (no stage end or token cut with sliced layers after "
+                f"it); set model.gate.cut to a module path: {self._candidate_list()}"
             )
         param = next(self.parameters())
         x = torch.zeros(1, *self.input_size, dtype=param.dtype, device=param.device)
@@ -258,7 +264,7 @@ class ConvertedSupernet(Supernet):
                 with FlopCounterMode(display=False) as counter:
                     net.forward_to(x, largest, 1)
                 trunk[path] = counter.get_total_flops()
-        return min(trunk, key=lambda p: abs(trunk[p] - total / 2))  # dicts keep order: ties go first
+        return min(trunk, key=lambda p: abs(trunk[p] - share * total))  # dicts keep order: ties go first
 
     def _candidates(self) -> list[tuple[str, CutPoint]]:
         """Every valid gate cut, in program order, each node once under its outermost path."""
