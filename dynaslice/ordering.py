@@ -22,8 +22,10 @@ ModelOpt do), so a layer with larger weights does not outvote the others.
 Supported: ResNet (basic and bottleneck), MobileNetV1/V2 and DS-MBNet (SE). Transformers (ViT:
 token layout, fused q/k/v, heads) and grouped convs are refused with a clear error, as is any
 operation the tracer does not know how channels flow through. In a converted network the heads
-of an attention layer (:class:`~dynaslice.nn.converted.ConvertedAttention`) keep their order,
-said in a warning: its input and output channels are ordered like any layer's.
+of an attention layer (:class:`~dynaslice.nn.converted.ConvertedAttention`) are ordered as whole
+heads (``step`` = the head size): a head's importance is the summed importance of its channels
+(the output projection's columns), and each head's q, k and v rows and output columns move
+together, within the head in their order.
 
 Per-width BatchNorm statistics move with their channels (every row is permuted as a whole). Only
 the largest width's row stays exact: a narrower row now describes different channels, so
@@ -33,7 +35,6 @@ Reorder *before* building an optimizer or an EMA copy: their buffers are not per
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -41,8 +42,8 @@ import torch
 from torch import fx, nn
 
 from .counting import meta_copy
+from .graph import Analysis, Layout, Member, analyze
 from .graph import ChannelGroup as EngineGroup
-from .graph import Layout, Member, analyze
 from .models.base import Supernet
 from .space import Arch
 from .torch_export import trace_subnet
@@ -59,12 +60,15 @@ class ChannelGroup:
     ``members`` are the engine's :class:`~dynaslice.graph.Member` records, with module names
     relative to the supernet: ``producer`` rows, ``consumer`` columns (their L1 norms are the
     importance), ``norm`` entries (BatchNorm parameters and per-width statistics) and
-    ``channelwise`` filters (depthwise convs).
+    ``channelwise`` filters (depthwise convs). ``step > 1``: the channels move in blocks of
+    ``step`` (an attention layer's heads), and a member may hold them at an ``offset`` of its
+    axis (q, k and v rows one after another in one projection).
     """
 
     dim: str
     size: int
     members: list[Member] = field(default_factory=list)
+    step: int = 1
 
     def consumers(self) -> list[Member]:
         return [m for m in self.members if m.role == "consumer"]
@@ -150,13 +154,8 @@ def channel_groups(net: Supernet, input_size: tuple[int, ...] | None = None) -> 
                     f"cannot order the channels of {family}: one channel group is sliced by both "
                     f"{sliced[group]} and {label}"
                 )
-    if analysis.heads:  # inside their layers, no tensor shows them: nothing above finds them
-        warnings.warn(
-            f"channel ordering keeps the heads of {len(analysis.heads)} attention layer(s) in their order "
-            "(ordering whole heads is not supported yet); their input and output channels are ordered",
-            stacklevel=2,
-        )
     groups = [_checked(net, g, sliced[g.id], refuse) for g in analysis.groups.values() if g.id in sliced]
+    groups += _head_groups(net, analysis)
     owner: dict[tuple[str, str, int], int] = {}
     for i, group in enumerate(groups):
         for mem in group.members:
@@ -186,6 +185,19 @@ def _checked(net: Supernet, group: EngineGroup, dim: str, refuse) -> ChannelGrou
     return ChannelGroup(dim, group.size, members)
 
 
+def _head_groups(net: Supernet, analysis: Analysis) -> list[ChannelGroup]:
+    """The heads of each attention layer whose ``<layer>.heads`` dimension the space has: inside
+    the layer, no tensor's width shows them, so the shape probes above cannot find them."""
+    out = []
+    for layer, gid in analysis.heads.items():
+        dim = f"{layer.removeprefix('net.')}.heads"
+        if dim in net.space.names:
+            group = analysis.groups[gid]
+            members = [replace(m, module=m.module.removeprefix("net.")) for m in group.members]
+            out.append(ChannelGroup(dim, group.size, members, group.step))
+    return out
+
+
 def _l1(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t.detach().abs().transpose(0, axis).flatten(1).sum(1).float()
 
@@ -202,19 +214,23 @@ def channel_importance(net: nn.Module, group: ChannelGroup) -> torch.Tensor:
     total = torch.zeros(group.size)
     for m in members:
         imp = _l1(getattr(net.get_submodule(m.module), m.attr), m.axis).cpu()
+        imp = imp[m.offset : m.offset + group.size]
         total += imp / imp.sum().clamp_min(1e-12)
     return total
 
 
 @torch.no_grad()
 def permute_group(net: nn.Module, group: ChannelGroup, perm: torch.Tensor) -> None:
-    """Apply ``perm`` (new position -> old channel) to every tensor axis of ``group``, in place.
+    """Apply ``perm`` (new position -> old channel) to every tensor axis of ``group``, in place
+    (to the ``group.size`` positions from each member's ``offset``; the rest stay).
 
     The tensors keep their identity (``copy_``), so references held elsewhere stay valid.
     """
     for m in group.members:
         t = getattr(net.get_submodule(m.module), m.attr)
-        t.copy_(t.index_select(m.axis, perm.to(t.device)))
+        index = torch.arange(t.shape[m.axis])
+        index[m.offset : m.offset + group.size] = m.offset + perm.cpu()
+        t.copy_(t.index_select(m.axis, index.to(t.device)))
 
 
 def reorder_channels(
@@ -228,7 +244,12 @@ def reorder_channels(
     """
     out = []
     for group in channel_groups(net, input_size):
-        perm = torch.argsort(channel_importance(net, group), descending=True, stable=True)
+        importance = channel_importance(net, group)
+        if group.step == 1:
+            perm = torch.argsort(importance, descending=True, stable=True)
+        else:  # whole blocks (heads) by their summed importance, each block's channels in order
+            blocks = torch.argsort(importance.view(-1, group.step).sum(1), descending=True, stable=True)
+            perm = (blocks[:, None] * group.step + torch.arange(group.step)).flatten()
         permute_group(net, group, perm)
         out.append((group, perm))
     return out

@@ -181,18 +181,27 @@ def test_attention_whose_weights_are_read_or_that_attends_to_another_tensor_stay
         assert rel_err(net(x, net.space.largest()), model(x)) <= 1e-5
 
 
-def test_channel_ordering_keeps_heads_in_their_order_and_says_so():
+def test_channel_ordering_sorts_whole_heads_by_importance():
+    """Heads move as blocks: each head's q, k, v rows and output columns together, the most
+    important head (by its output-projection columns) first; the largest subnet stays the model."""
     from dynaslice.ordering import reorder_channels
 
     torch.manual_seed(0)
     model = randomised_norms(TokensFirst())
+    with torch.no_grad():
+        model.attn.out_proj.weight[:, 24:32] *= 10  # head 3 matters most
     x = torch.randn(2, 3, 4, 4)
     net = convert(model, x)
-    with pytest.warns(UserWarning, match=r"keeps the heads of 1 attention layer\(s\) in their order"):
-        perms = reorder_channels(net)
-    assert sorted(g.dim for g, _ in perms) == ["embed", "fc1"]
+    perms = dict((g.dim, p) for g, p in reorder_channels(net))
+    assert sorted(perms) == ["attn.heads", "embed", "fc1"]
+    heads = perms["attn.heads"].view(4, 8)
+    assert heads[0].tolist() == list(range(24, 32))  # whole heads, in order inside
+    assert all(h.tolist() == list(range(h[0], h[0] + 8)) and h[0] % 8 == 0 for h in heads)
     with torch.no_grad():
         assert rel_err(net(x, net.space.largest()), model(x)) <= 1e-5
+        # the k rows of the new first head are head 3's (their columns follow the embedding's order)
+        moved, source = net.attn.in_proj_weight[32:40], model.attn.in_proj_weight[56:64]
+        assert torch.equal(moved.sort(1)[0], source.sort(1)[0])
 
 
 def test_timm_vit_attention_slices_heads_and_the_embedding(tmp_path):
@@ -216,3 +225,9 @@ def test_timm_vit_attention_slices_heads_and_the_embedding(tmp_path):
         net.space["patch_embed.proj"].min,
     )
     assert set(net.state_dict()) == set(vit.state_dict())
+    # ordered too: its patch embedding reads the input's channel count, which stays whole anyway
+    from dynaslice.ordering import reorder_channels
+
+    assert {"patch_embed.proj", "blocks.0.attn.heads"} <= {g.dim for g, _ in reorder_channels(net)}
+    with torch.no_grad():
+        assert rel_err(net(x, net.space.largest()), vit(x)) <= 1e-5

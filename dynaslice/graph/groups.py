@@ -556,8 +556,12 @@ class _Walk:
         return None
 
     def _size(self, node: fx.Node, x: fx.Node, layout: Layout) -> None:
-        """Code that reads a channel count would not see the sliced width coming: keep them fixed."""
+        """Code that reads a channel count would not see the sliced width coming: keep them fixed.
+        Channels already fixed (the model's input: ``B, C, H, W = x.shape`` in a patch embedding)
+        keep their count anyway, and are no stop for the callers that refuse at one."""
         self.layout[node] = None
+        if all(self.fixed[self.find(s.group)] for s in layout.segments):
+            return
         if node.op == "call_function" and node.args[1] != "shape":
             return
         dim = _arg(node, 1, "dim") if node.op == "call_method" else None

@@ -30,7 +30,7 @@ The largest subnet *is* the original model: :func:`make_supernet` checks it on t
 input (and that the narrowest subnet runs) before returning.
 
 Channels can be ordered by importance with :func:`dynaslice.ordering.reorder_channels` (except
-across concatenations and grouped convs, refused in one line).
+across concatenations and grouped convs, refused in one line); attention heads as whole heads.
 
 A parameter read outside a layer (ConvNeXt's layer scale, ViT's class token and position
 embedding, the weights of a LayerNorm subclass or timm's ``Linear`` whose own forward calls
@@ -49,8 +49,16 @@ value crosses (not inside a residual block or a branch) with features ``[B, C, H
 whose trunk costs nearest half of the network's MACs at full width, as the zoo's ResNets place it
 (a network of tokens: the token cut nearest a quarter, as the zoo's ViTs).
 
-Not yet (issue 28): attention heads (``nn.MultiheadAttention`` and reshapes that write the head
-size keep a transformer's embedding whole; its MLP widths are sliced).
+Attention heads: a self-attention layer the engine knows (torch's ``nn.MultiheadAttention`` over
+one input, timm's ViT ``Attention``; :func:`dynaslice.graph.rules.attention_spec`) becomes one
+:class:`~dynaslice.nn.converted.ConvertedAttention` leaf, and its heads one width dimension
+(``<layer>.heads``, in channels: whole heads of a fixed head size, at least one). The channels
+around it are sliced like a linear layer's where nothing else writes their size (timm's ViT;
+torchvision's writes its hidden size in a reshape, so there only heads and MLP widths are
+sliced). A subnet extracts the layer as a small traced torch module (``nn.MultiheadAttention``
+ties its heads' width to its embedding's). Not yet: masks, cross-attention and read attention
+weights (those layers stay whole, named), other attention classes (traced through; a reshape
+that writes the head size keeps them whole). Channel ordering sorts whole heads by importance.
 """
 
 from __future__ import annotations
