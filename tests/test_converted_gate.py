@@ -159,12 +159,19 @@ def test_default_cut_is_the_stage_end_nearest_half_the_macs(net):
     assert net.default_gate_path() == "block1"
 
 
-def test_default_cut_of_a_torchvision_resnet_is_the_zoo_s():
+@pytest.mark.parametrize(
+    ("name", "cut"),
+    [
+        ("resnet18", "layer2"),  # where the zoo's ResNets route: after their second stage
+        ("mobilenet_v2", "features.6"),  # the end of the 32-channel stage, not block 7's expansion after it
+    ],
+)
+def test_default_cut_of_torchvision_networks(name, cut):
     torchvision = pytest.importorskip("torchvision")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        net = ds.make_supernet(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 64, 64))
-    assert net.default_gate_path() == "layer2"  # the zoo's ResNets route after their second stage
+        net = ds.make_supernet(getattr(torchvision.models, name)(num_classes=10), torch.randn(1, 3, 64, 64))
+    assert net.default_gate_path() == cut
 
 
 @pytest.mark.parametrize(

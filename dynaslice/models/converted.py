@@ -235,20 +235,21 @@ class ConvertedSupernet(Supernet):
         return 1
 
     def default_gate_path(self) -> str:
-        """The default gate cut: after each spatial size's last cut (where a stage ends), the one
+        """The default gate cut: of each spatial size's last cut (where a stage ends; the last of
+        the outermost modules' cuts, not the expansion inside the next stage's first block), the one
         whose trunk costs nearest half of the network's MACs at full width (the zoo's ResNets
         route after their middle stage); in a network of tokens (``[B, N, C]`` features, no
         stages), the token cut nearest a quarter (the zoo's ViTs route after their first quarter
         of blocks). Cuts after which nothing sliced is left to route are skipped; ties go to the
         earlier. A network with no such cut is refused in one line naming the cuts there are."""
         ends: list[tuple[str, CutPoint]] = []
-        for path, point in self._candidates():
+        for path, point in self._candidates():  # per spatial size, the last of the outermost cuts
             if len(point.shape) != 4:
                 continue
-            if ends and ends[-1][1].shape[2:] == point.shape[2:]:
-                ends[-1] = (path, point)
-            else:
+            if not ends or ends[-1][1].shape[2:] != point.shape[2:]:
                 ends.append((path, point))
+            elif path.count(".") <= ends[-1][0].count("."):  # not inside the next stage's first block
+                ends[-1] = (path, point)
         share = 1 / 2
         if len(ends) < 2:  # no stages: tokens, or feature maps of one size
             ends, share = [(p, point) for p, point in self._candidates() if len(point.shape) == 3], 1 / 4
