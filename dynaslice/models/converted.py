@@ -52,13 +52,16 @@ whose trunk costs nearest half of the network's MACs at full width, as the zoo's
 Attention heads: a self-attention layer the engine knows (torch's ``nn.MultiheadAttention`` over
 one input, timm's ViT ``Attention``; :func:`dynaslice.graph.rules.attention_spec`) becomes one
 :class:`~dynaslice.nn.converted.ConvertedAttention` leaf, and its heads one width dimension
-(``<layer>.heads``, in channels: whole heads of a fixed head size, at least one). The channels
-around it are sliced like a linear layer's where nothing else writes their size (timm's ViT;
-torchvision's writes its hidden size in a reshape, so there only heads and MLP widths are
-sliced). A subnet extracts the layer as a small traced torch module (``nn.MultiheadAttention``
-ties its heads' width to its embedding's). Not yet: masks, cross-attention and read attention
-weights (those layers stay whole, named), other attention classes (traced through; a reshape
-that writes the head size keeps them whole). Channel ordering sorts whole heads by importance.
+(``<layer>.heads``, in channels: whole heads of a fixed head size, at least one, on DS-Net's
+grid in multiples of ``lcm(round_to, head size)`` channels, so every head count for heads of
+64). The channels around it are sliced like a linear layer's where nothing else writes their
+size (timm's ViT; torchvision's writes its hidden size in a reshape, so there only heads and
+MLP widths are sliced). A subnet extracts the layer as a small traced torch module
+(``nn.MultiheadAttention`` ties its heads' width to its embedding's). Not yet: masks,
+cross-attention and read attention weights (those layers stay whole, named), other attention
+classes (traced through; a reshape that writes the head size keeps them whole), torch's
+``nn.TransformerEncoderLayer`` (one torch layer fx cannot trace into: kept whole). Channel
+ordering sorts whole heads by importance.
 """
 
 from __future__ import annotations
