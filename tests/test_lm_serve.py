@@ -195,12 +195,15 @@ def test_search_writes_a_pareto_budget_table_that_serves(nets, tmp_path) -> None
     assert abs(front[-1].val_perplexity - score_slice(net, front[-1].arch, val)[0]) < 1e-9
 
     written = budget_table(net, front, table, repeats=2, candidates=len(seen))
-    path = tmp_path / "table.json"
+    path = tmp_path / "budget_table.json"  # where a run keeps its table
     path.write_text(json.dumps(written))
     entries = written["entries"]
     assert entries and [e["latency_ms"] for e in entries] == sorted(e["latency_ms"] for e in entries)
     ppl = [e["val_perplexity"] for e in entries]
     assert ppl == sorted(ppl, reverse=True)  # Pareto on measured latency: slower means better
     assert len(BudgetTable.load(path).entries) == len(entries)  # PSS's reader takes it
-    lm = ElasticLM(net, path)
+    lm = ElasticLM(net, tmp_path)  # the run directory
     assert lm.arch(max_latency_ms=entries[0]["latency_ms"]) == net.space.validate(entries[0]["arch"])
+    (tmp_path / "other.json").write_text(json.dumps({"entries": []}))
+    with pytest.raises(ValueError, match="not a dynaslice budget table"):
+        ElasticLM(net, tmp_path / "other.json")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .. import safejson
+from .. import runs, safejson
 from ..onnx_package import pick_entry
 from ..space import Arch
 from .search import TABLE_FORMAT
@@ -54,9 +54,12 @@ class SpeculativeStats:
 
 
 def load_table(path: str | Path) -> list[dict[str, Any]]:
-    """The entries of an LM budget table: a ``dynaslice-budget-table`` JSON file, or a JSON file
-    holding one under ``"budget_table"`` (what ``bench/bench_lm_search.py`` writes)."""
+    """The entries of an LM budget table: a ``dynaslice-budget-table`` JSON file, a run directory
+    holding one (``budget_table.json``, where a PSS run keeps its own), or a JSON file holding one
+    under ``"budget_table"`` (what ``bench/bench_lm_search.py`` writes)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / runs.BUDGET_TABLE
     try:
         d = safejson.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
