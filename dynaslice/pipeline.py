@@ -161,7 +161,14 @@ def check_settings(run_dir: Path, cfg: Config, run: RunConfig) -> None:
 _LOADED: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
 
 
-def _read_only(path: Path) -> tuple[Any, dict[str, Any]]:
+def _own_model(cfg: Config) -> tuple[str]:
+    """The model names a run's steps trust to rebuild its nets: the one its config names (the user
+    chose it; a ``package.module:factory`` is then imported, as ``dynaslice train`` does). A file in
+    the run naming any other is refused, as everywhere (:func:`dynaslice.modelfile.build_model`)."""
+    return (cfg.model.name,)
+
+
+def _read_only(path: Path, cfg: Config) -> tuple[Any, dict[str, Any]]:
     """``load_supernet(path)``, once per file and process, for steps that only read the model.
 
     Building a gated net derives its MAC model (a few seconds per instance), so the evaluation,
@@ -170,7 +177,7 @@ def _read_only(path: Path) -> tuple[Any, dict[str, Any]]:
     file = resolve_model_file(path)
     key = (str(file.resolve()), file.stat().st_mtime_ns)
     if key not in _LOADED:
-        net, meta = load_supernet(file)
+        net, meta = load_supernet(file, trust=_own_model(cfg))
         _LOADED[key] = (net.eval(), meta)
     return _LOADED[key]
 
@@ -192,7 +199,7 @@ def step_stage1(run_dir: Path, cfg: Config, run: RunConfig) -> None:
 
 
 def step_recalibrate(run_dir: Path, cfg: Config, run: RunConfig) -> None:
-    net, meta = load_supernet(run_dir / runs.STAGE1)
+    net, meta = load_supernet(run_dir / runs.STAGE1, trust=_own_model(cfg))
     recalibrate_routes(net, from_dict(meta["config"]))
     meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
     meta["recalibrated"] = {k: a.to_dict() for k, a in net.named_routes().items()}
@@ -201,7 +208,7 @@ def step_recalibrate(run_dir: Path, cfg: Config, run: RunConfig) -> None:
 
 def step_gate(target: float) -> Callable[[Path, Config, RunConfig], None]:
     def run_gate(run_dir: Path, cfg: Config, run: RunConfig) -> None:
-        net, meta = load_supernet(run_dir / runs.ROUTES_RECALIBRATED)
+        net, meta = load_supernet(run_dir / runs.ROUTES_RECALIBRATED, trust=_own_model(cfg))
         cfg2 = dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, target_macs=target))
         # an interrupted Stage II resumes from its latest checkpoint, like Stage I
         train_gate(net, cfg2, run_dir / runs.gate_name(target), meta, recalibrate=False, resume=True)
@@ -212,18 +219,18 @@ def step_gate(target: float) -> Callable[[Path, Config, RunConfig], None]:
 def step_eval(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     test = test_split(cfg, run.test_images)
     # the supernet's uniform subnets, with the BN statistics Stage I recalibrated for them
-    net, _ = _read_only(run_dir / runs.STAGE1 / runs.RECALIBRATED)
+    net, _ = _read_only(run_dir / runs.STAGE1 / runs.RECALIBRATED, cfg)
     rows = evaluate(net, uniform_archs(net, cfg.train.eval_widths), eval_loader(test), net.input_size,
                     desc="eval: uniform subnets")  # fmt: skip
     atomic_write_json(run_dir / runs.EVAL / "supernet.json", {"split": "test", "images": len(test), "rows": rows})
     for target in run.gate_targets:
-        gated, _ = _read_only(run_dir / runs.gate_name(target))
+        gated, _ = _read_only(run_dir / runs.gate_name(target), cfg)
         result = evaluate_gated(gated, eval_loader(test), test.num_classes, gated.input_size,
                                 desc=f"eval: {runs.gate_name(target)}")  # fmt: skip
         val = read_json(run_dir / runs.gate_name(target) / runs.FINAL_EVAL)
         result = {
             "target": target,
-            "cut": gated.cut,
+            "cut": gated.cut_spec,  # a stage number, or a converted network's module path
             "val_accuracy": val.get("accuracy"),
             "split": "test",
             **result,
@@ -254,12 +261,12 @@ def step_export(run_dir: Path, cfg: Config, run: RunConfig) -> None:
     out = run_dir / runs.EXPORT
     out.mkdir(parents=True, exist_ok=True)
     target = best_target(run_dir, run)
-    gated, _ = _read_only(run_dir / runs.gate_name(target))
+    gated, _ = _read_only(run_dir / runs.gate_name(target), cfg)
     test = test_split(cfg, 1)
     bar = Progress(3, "export", unit="model")  # an ONNX export takes seconds
     export_gated(gated.eval(), out / "gated", mean=test.mean, std=test.std)
     bar.update()
-    routes, _ = _read_only(run_dir / runs.ROUTES_RECALIBRATED)
+    routes, _ = _read_only(run_dir / runs.ROUTES_RECALIBRATED, cfg)
     files = {"gated": {"dir": "gated", "target": target, "stage2_run": runs.gate_name(target)}}
     for name, arch in (("largest", routes.routes[-1]), ("smallest", routes.routes[0])):
         save_torch_model(extract_subnet(routes, arch).eval(), out / f"{name}.pt")
@@ -318,8 +325,8 @@ def _latency_models(
     models: dict[tuple[str, str], Any] = {}
     macs: dict[str, float] = {}
     kinds: dict[str, str] = {}
-    sup, _ = _read_only(run_dir / runs.STAGE1 / runs.RECALIBRATED)
-    routes, _ = _read_only(run_dir / runs.ROUTES_RECALIBRATED)
+    sup, _ = _read_only(run_dir / runs.STAGE1 / runs.RECALIBRATED, cfg)
+    routes, _ = _read_only(run_dir / runs.ROUTES_RECALIBRATED, cfg)
     subnets = [(n, a, sup, "uniform") for n, a in uniform_archs(sup, cfg.train.eval_widths).items()]
     subnets += [(n, a, routes, "route") for n, a in routes.named_routes().items()]
     bar = Progress((len(subnets) + len(run.gate_targets)) * len(runtimes), "latency: preparing", unit="model")
@@ -329,7 +336,7 @@ def _latency_models(
             bar.update()
         macs[name], kinds[name] = count_macs(net, arch), kind
     for target in run.gate_targets:
-        gated, _ = _read_only(run_dir / runs.gate_name(target))
+        gated, _ = _read_only(run_dir / runs.gate_name(target), cfg)
         name = runs.gate_name(target)
         for rt in runtimes:
             models[name, rt] = serve_gated(gated, rt)

@@ -359,10 +359,11 @@ def _latency_text(lat: dict[str, Any]) -> list[str]:
 
 def render(r: dict[str, Any]) -> str:
     cut = r["gated"][0]["cut"] if r["gated"] else r["gate"]["cut"]
+    where = f"at the output of {cut}" if isinstance(cut, str) else f"before stage {cut}"  # str: a module path
     lines = [
         f"# dynaslice run: {r['model']} on {r['dataset']}",
         "",
-        f"Gated supernet (gate before stage {cut}, {_routes_used(r)}), Stage II at targets "
+        f"Gated supernet (gate {where}, {_routes_used(r)}), Stage II at targets "
         f"{', '.join(f'{t:g}' for t in r['gate_targets'])} of the widest route's MACs. Test split: "
         f"{r['test_images']} images. BN statistics recalibrated (uniform subnets: for the uniform widths; "
         "routes and gated models: for the routes).",

@@ -263,11 +263,24 @@ def test_stage1_stage2_export_and_serve_through_the_commands(tmp_path):
     np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-4)
 
 
-def test_default_cut_through_the_commands(tmp_path):
-    rc, _, err = cli("train", write(tmp_path), "--out", tmp_path / "run")
+def test_dynaslice_run_on_a_user_factory_at_the_default_cut(tmp_path):
+    """``dynaslice run`` imports the factory its config names (the user chose it) and places the
+    gate at the default cut; the eval JSON, the model files and the exported package record it."""
+    cfg = write(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    cfg.write_text(yaml.safe_dump({**data, "run": {"gate_targets": [0.9]}}))
+    run = tmp_path / "run"
+    rc, _, err = cli("run", cfg, "--out", run, "--until", "export")
     assert rc == 0, err
-    _, meta = ds.load_supernet(tmp_path / "run", trust=[FACTORY])
+    gated, meta = ds.load_supernet(run / "gate-t0.9", trust=[FACTORY])
     assert meta["model"]["gate"]["cut"] == "block1"  # recorded: a later rule cannot move a trained gate
+    assert yaml.safe_load((run / "eval" / "gate-t0.9.json").read_text())["cut"] == "block1"
+    x = x_batch(8)
+    with torch.no_grad():
+        want, want_routes = DynamicNet(gated.eval()).forward_with_routes(x)
+    got, got_routes = serve.load(run / "export" / "gated").forward_with_routes(x.numpy())
+    np.testing.assert_array_equal(got_routes, want_routes.numpy())
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize(
