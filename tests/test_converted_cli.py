@@ -292,5 +292,5 @@ def test_gate_on_a_converted_net_at_a_stage_number_is_one_line(tmp_path):
     number names none of its places: one line listing them."""
     gate = {"enabled": True, "routes": 2, "cut": 0}
     cfg = write(tmp_path, model={"name": TV, "kwargs": {"ratios": RATIOS}, "gate": gate})
-    line = one_line_error(cli("run", cfg, "--out", tmp_path / "run"), "model.gate.cut=0", "converted")
+    line = one_line_error(cli("run", cfg, "--out", tmp_path / "run"), "model.gate: gate cut 0", "converted")
     assert "the cuts there are: conv1, bn1, relu, maxpool, layer1.0, layer1," in line

@@ -295,4 +295,6 @@ def test_dynaslice_run_on_a_user_factory_at_the_default_cut(tmp_path):
 )
 def test_bad_cuts_in_a_config_are_one_line(tmp_path, name, gate, needle):
     line = one_line_error(cli("train", write(tmp_path, name, **gate), "--out", tmp_path / "run"), needle)
+    assert line.startswith("dynaslice train: error: model.gate: gate cut") or "no default gate cut" in line
     assert "the cuts there are:" in line
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -223,7 +223,7 @@ class ConvertedSupernet(Supernet):
         if cut == 1 and self.split_at is not None:
             return self, 1, self.split_at
         raise GraphError(
-            f"model.gate.cut={cut}: the gate of a network converted by make_supernet sits at a module's "
+            f"gate cut {cut}: the gate of a network converted by make_supernet sits at a module's "
             f"output, named by its path: {self._candidate_list()}"
         )
 
@@ -301,10 +301,10 @@ class ConvertedSupernet(Supernet):
         point = self.outputs.get(path)
         if point is None:
             what = "is not a module of" if path not in dict(self.named_modules()) else "has no tensor output in"
-            raise GraphError(f"model.gate.cut={path!r} {what} {self.family}; {self._candidate_list()}")
+            raise GraphError(f"gate cut {path!r} {what} {self.family}; {self._candidate_list()}")
         why = _cut_refusal(self.graph, point)
         if why is not None:
-            raise GraphError(f"model.gate.cut={path!r} {why}; {self._candidate_list()}")
+            raise GraphError(f"gate cut {path!r} {why}; {self._candidate_list()}")
         return _split_program(self.graph, point.node)
 
 
