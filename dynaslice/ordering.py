@@ -126,7 +126,7 @@ def channel_groups(net: Supernet, input_size: tuple[int, ...] | None = None) -> 
 
     probe = meta_copy(net)  # the traces need shapes only: no arithmetic, and the net is untouched
     base = _trace(probe, net.space.largest(), input_size)
-    analysis = analyze(base, parameters=True)  # a converted net's layer scales, class tokens, ...
+    analysis = analyze(base, parameters=True, sizes=True)  # a converted net's layer scales, class tokens, ...
     for node in base.graph.nodes:
         if node.op == "get_attr" and str(node.target) not in analysis.parameters:
             raise refuse(f"it reads {node.target!r} outside a leaf module")

@@ -87,17 +87,55 @@ def test_torchvision_vit_heads_are_width_dimensions_in_whole_heads(tmp_path):
     for name in heads:  # 4 heads of 8: whole heads, at least one, the largest all of them
         choices = net.space[name].choices
         assert choices[-1] == 32 and all(c % 8 == 0 and c >= 8 for c in choices) and len(choices) > 1
-    # its hidden size stays whole: torchvision's _process_input writes it in a reshape
-    assert "reshapes (2, 32, 4, 4) to (2, 32, 16)" in net.kept["conv_proj"]
+    # its hidden size too: the reshape in _process_input that writes it writes the width instead
+    assert "conv_proj" in net.space.names and net.kept == {"heads.head": "the model's output"}
     sub = check_exact(vit, net, x, tmp_path)
     attn = sub.get_submodule("encoder.layers.encoder_layer_0.self_attention")
-    kept = net.space.smallest()[heads[0]]
-    assert attn.in_proj_weight.shape == (3 * kept, 32) and attn.out_proj.weight.shape == (32, kept)
+    kept, hidden = net.space.smallest()[heads[0]], net.space["conv_proj"].min
+    assert attn.in_proj_weight.shape == (3 * kept, hidden) and attn.out_proj.weight.shape == (hidden, kept)
     # the converted layer keeps the model's names: a state dict of the model loads as it is
     assert set(net.state_dict()) == set(vit.state_dict())
     narrowest = ds.count_macs(net, net.space.smallest()) / ds.count_macs(net, net.space.largest())
     mlp_only = net.space.largest().replace(**{n: net.space[n].min for n in net.space.names if n not in heads})
     assert narrowest < ds.count_macs(net, mlp_only) / ds.count_macs(net, net.space.largest())
+    # ordered: the hidden size, the MLP widths and the heads
+    from dynaslice.ordering import reorder_channels
+
+    assert {g.dim for g, _ in reorder_channels(net)} == set(net.space.names)
+    with torch.no_grad():
+        assert rel_err(net(x, net.space.largest()), vit(x)) <= 1e-5
+
+
+def test_a_reshape_writing_the_channel_count_is_followed_only_where_the_width_is_written():
+    """The engine follows ``x.reshape(n, 32, h * w)`` (the channel axis kept, its count written)
+    for make_supernet and ordering (``sizes=True``: the program writes the width there), and
+    keeps it whole for pruning, whose pruned model would keep the written 32."""
+    from torch import fx
+
+    from dynaslice.graph import analyze, trace
+
+    class Patches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc, self.head = nn.Conv2d(3, 32, 2, 2), nn.Linear(32, 32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = y.reshape(y.shape[0], 32, y.shape[2] * y.shape[3]).permute(0, 2, 1)
+            return self.head(self.fc(y).mean(1))
+
+    model = Patches().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm: fx.GraphModule = trace(model, x)
+    conv = next(g for g in analyze(gm).groups.values() if g.name == "conv")
+    assert "reshapes (2, 32, 4, 4) to (2, 32, 16)" in conv.fixed
+    assert next(g for g in analyze(gm, sizes=True).groups.values() if g.name == "conv").fixed is None
+    net = convert(model, x)
+    assert "conv" in net.space.names
+    with torch.no_grad():
+        sliced = net(x, net.space.smallest())
+        assert rel_err(ds.extract_subnet(net, net.space.smallest())(x), sliced) <= 1e-5
+        assert rel_err(net(x, net.space.largest()), model(x)) <= 1e-5
 
 
 class TokensFirst(nn.Module):

@@ -143,9 +143,10 @@ class _Walk:
     touches whole: it would be read at full width beside sliced channels.
     """
 
-    def __init__(self, gm: fx.GraphModule, parameters: bool = False):
+    def __init__(self, gm: fx.GraphModule, parameters: bool = False, sizes: bool = False):
         self.gm = gm
-        self.parameters = parameters
+        self.parameters, self.sizes = parameters, sizes
+        self.written: dict[fx.Node, int] = {}  # reshape -> the channel axis whose count it writes
         self.param_map: dict[fx.Node, tuple[str, tuple[int | None, ...]]] = {}  # node axis -> parameter dim
         self.param_ties: dict[tuple[str, int], Layout] = {}  # (parameter, dim) -> its channels
         self.param_bad: dict[str, str] = {}  # parameter -> the op the walk could not follow
@@ -531,7 +532,10 @@ class _Walk:
 
     def _reshape(self, node: fx.Node, x: fx.Node, layout: Layout) -> None:
         """Only reshapes that are a flatten from the channel axis on, with no size written in
-        the code (a literal size would break once the channels are sliced)."""
+        the code (a literal size would break once the channels are sliced). With ``sizes``, also
+        one that keeps every axis up to the channel axis and reshapes only those after it (a
+        patch embedding's ``x.reshape(n, hidden_dim, h * w)``) when the one size written at the
+        channel axis is the channel count: the caller writes the width there (``written``)."""
         before, after = _shape(x), _shape(node)
         sizes = node.args[1:]
         sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], tuple | list) else tuple(sizes)
@@ -541,6 +545,11 @@ class _Walk:
         flat = after[: layout.axis] == before[: layout.axis] and len(after) == layout.axis + 1
         if flat and not literal:
             return self._flatten(node, x, layout.axis, -1)
+        axis = layout.axis
+        kept = len(sizes) == len(after) and after[: axis + 1] == before[: axis + 1]
+        if self.sizes and kept and not node.kwargs and literal == [before[axis]] and sizes[axis] == before[axis]:
+            self.written[node] = axis
+            return self._same(node, x)
         return self.opaque(node, f"{describe(node)} reshapes {before} to {after}")
 
     def _reduce(self, node: fx.Node, x: fx.Node, layout: Layout) -> None:
@@ -747,10 +756,11 @@ class Analysis:
     (the groups around it are fixed): what a caller that must refuse instead names.
     ``parameters`` maps each parameter read outside a layer that holds channels to its dims and
     their layouts (the parameter's own axis, the groups along it); empty unless asked for.
+    ``written``: the reshapes that write a channel count (``sizes``), and the axis it is of.
     """
 
-    def __init__(self, gm: fx.GraphModule, parameters: bool = False):
-        walk = _Walk(gm, parameters)
+    def __init__(self, gm: fx.GraphModule, parameters: bool = False, sizes: bool = False):
+        walk = _Walk(gm, parameters, sizes)
         self.gm = gm
         self._walk = walk
         self.stops: tuple[str, ...] = tuple(dict.fromkeys(walk.stops))
@@ -766,6 +776,7 @@ class Analysis:
             )  # fmt: skip
         # attention layer -> the group of its heads' channels (not on any tensor's axis: inside the layer)
         self.heads: dict[str, int] = {name: walk.find(g) for name, g in walk.heads.items()}
+        self.written: dict[fx.Node, int] = dict(walk.written)  # reshape -> the axis whose count it writes
         self.parameters: dict[str, dict[int, Layout]] = {}
         for (name, dim), layout in walk.param_ties.items():
             self.parameters.setdefault(name, {})[dim] = self._final(layout)
@@ -781,11 +792,14 @@ class Analysis:
         return None if layout is None else self._final(layout)
 
 
-def analyze(gm: fx.GraphModule, *, parameters: bool = False) -> Analysis:
+def analyze(gm: fx.GraphModule, *, parameters: bool = False, sizes: bool = False) -> Analysis:
     """The channel groups of ``gm`` (nodes annotated with ``tensor_meta``; see :func:`trace`).
 
     ``parameters``: follow parameters read outside layers into the groups they meet
     (``Analysis.parameters``: each such parameter's dims and the channels along them). Off, they
     keep the groups they meet whole, as callers that only cut layers need (pruning).
+    ``sizes``: follow reshapes that write the channel count (``Analysis.written``), for callers
+    that write the width there (make_supernet's program) or keep it (ordering); off, a pruned
+    model would keep the old count, so they keep their channels whole.
     """
-    return Analysis(gm, parameters)
+    return Analysis(gm, parameters, sizes)

@@ -543,6 +543,19 @@ def _program_graph(
             kept = tuple(tuple(width(s.group) for s in dims[d].segments) for d in order)
             env[node] = graph.call_function(slice_parameter, (read, tuple(order), segments, kept))
             continue
+        if node in analysis.written and _sliced(analysis.layout(node), analysis, space):
+            # a reshape that writes the channel count (a patch embedding's): it writes the width
+            size, position = total(analysis.layout(node)), analysis.written[node]
+            new = graph.node_copy(node, lambda n: env[n])
+            if len(new.args) == 2 and isinstance(new.args[1], tuple | list):
+                shape = list(new.args[1])
+                shape[position] = size
+                new.args = (new.args[0], tuple(shape))
+            else:
+                new.args = tuple(size if i == position + 1 else a for i, a in enumerate(new.args))
+            env[node] = new
+            new.meta = {}
+            continue
         resize = _functional_size(node, analysis, space)
         if resize is not None:  # F.layer_norm / F.group_norm: the size written in the call follows the width
             new = graph.node_copy(node, lambda n: env[n])
@@ -581,6 +594,11 @@ def _program_graph(
         new.meta = {}  # the shapes served the analysis; torch.save (pickle protocol 2) cannot store them
     graph.lint()
     return graph
+
+
+def _sliced(layout: Layout | None, analysis: Analysis, space: SearchSpace) -> bool:
+    """Whether a channel axis holds a sliced group."""
+    return layout is not None and any(analysis.groups[s.group].name in space.names for s in layout.segments)
 
 
 def _functional_size(node: fx.Node, analysis: Analysis, space: SearchSpace) -> tuple[int, int | None] | None:
@@ -679,7 +697,7 @@ def make_supernet(
     model = copy.deepcopy(model)
     gm = trace(model, example_input)
     num_classes = _check_graph(gm, family)
-    analysis = analyze(gm, parameters=True)
+    analysis = analyze(gm, parameters=True, sizes=True)
     dims, kept = _dimensions(analysis, ratios, round_to)
     if not dims:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(kept.items())[:3])
