@@ -37,7 +37,8 @@ embedding, the weights of a LayerNorm subclass or timm's ``Linear`` whose own fo
 ``F.layer_norm`` / ``F.linear``) stays where the model keeps it, under its own name; where the
 analysis ties its axis to a sliced group the program reads ``slice_parameter(p, ...)`` (the
 channels the arch keeps), and a subnet extracts the slice as its own parameter. Sizes written
-in ``F.layer_norm`` / ``F.group_norm`` calls follow the width. A forward's extra inputs with
+in ``F.layer_norm`` / ``F.group_norm`` calls follow the width, and so does a channel count
+written in a reshape that keeps the channel axis (``x.reshape(n, hidden_dim, h * w)``). A forward's extra inputs with
 defaults (timm's ViT) are traced at their defaults.
 
 A DS-Net gate (:class:`~dynaslice.gate.GatedSupernet`) sits at a module's output, named by its
@@ -54,9 +55,8 @@ one input, timm's ViT ``Attention``; :func:`dynaslice.graph.rules.attention_spec
 :class:`~dynaslice.nn.converted.ConvertedAttention` leaf, and its heads one width dimension
 (``<layer>.heads``, in channels: whole heads of a fixed head size, at least one, on DS-Net's
 grid in multiples of ``lcm(round_to, head size)`` channels, so every head count for heads of
-64). The channels around it are sliced like a linear layer's where nothing else writes their
-size (timm's ViT; torchvision's writes its hidden size in a reshape, so there only heads and
-MLP widths are sliced). A subnet extracts the layer as a small traced torch module
+64). The channels around it are sliced like a linear layer's (a ViT's hidden size: timm's, and
+torchvision's, whose patch embedding writes it in a reshape that then writes the width). A subnet extracts the layer as a small traced torch module
 (``nn.MultiheadAttention`` ties its heads' width to its embedding's). Not yet: masks,
 cross-attention and read attention weights (those layers stay whole, named), other attention
 classes (traced through; a reshape that writes the head size keeps them whole), torch's
