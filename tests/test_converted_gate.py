@@ -298,3 +298,16 @@ def test_bad_cuts_in_a_config_are_one_line(tmp_path, name, gate, needle):
     assert line.startswith("dynaslice train: error: model.gate: gate cut") or "no default gate cut" in line
     assert "the cuts there are:" in line
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("cut", "needle"),
+    [
+        ("layer2", "model.gate: gate cut 'layer2': DSResNet is cut at a stage number (0..3)"),
+        (-1, "model.gate.cut=-1 is out of range: use a stage number >= 0, or a module path"),
+    ],
+)
+def test_a_zoo_net_s_bad_cut_in_a_config_is_one_line(tmp_path, cut, needle):
+    cfg = write(tmp_path, "resnet_small", cut=cut)
+    one_line_error(cli("train", cfg, "--out", tmp_path / "run"), needle)
+    assert not (tmp_path / "run").exists()
