@@ -365,9 +365,10 @@ def _cut_refusal(graph: fx.Graph, point: CutPoint) -> str | None:
     cut = next(n for n in nodes if n.name == point.node)
     if cut not in flows:
         return "is not computed from the input"
-    before = set(nodes[: nodes.index(cut) + 1])
-    for node in nodes:
-        if node in before and node in flows and node is not cut:
+    pos = nodes.index(cut)
+    before = set(nodes[: pos + 1])
+    for node in nodes[:pos]:
+        if node in flows:
             later = [u for u in node.users if u not in before]
             if later:
                 return (
