@@ -61,7 +61,11 @@ CHUNK = 8  # grid points timed interleaved together (fewer than the slice cache 
 
 
 def measure_latency(
-    fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, desc: str | None = None
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int = 20,
+    warmup: int = 3,
+    desc: str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Wall-clock seconds of each zero-argument callable, *interleaved* round by round.
 
@@ -74,6 +78,10 @@ def measure_latency(
 
     ``desc``: show progress under that name (:mod:`dynaslice.progress`; counts calls, warm-up
     included), for measurements that take minutes.
+
+    ``clock``: wall-clock by default; ``time.thread_time`` counts the calling thread's CPU
+    seconds only, which a core shared with other busy processes does not inflate by the time
+    this thread waits for it (one-thread CPU work only: other threads' work is not counted).
     """
     sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     bar = Progress(len(fns) * (warmup + repeats), desc or "", unit="call", enabled=desc is not None)
@@ -87,10 +95,10 @@ def measure_latency(
             for _ in range(repeats):
                 for name, fn in fns.items():
                     sync()
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     fn()
                     sync()
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(clock() - t0)
                     bar.update()
     return times
 

@@ -20,7 +20,10 @@ Layer ``i``'s pieces count only when it runs: its blocks depend on ``depth`` wit
 ``(i, i + 1)`` whose first row is 0 ms (a depth of ``i`` stops before layer ``i``). A
 constant ``overhead_ms`` (validation and dispatch of the step) is calibrated on the smallest,
 the largest and a random slice timed end to end; :func:`check_decode_table` compares the
-prediction with held-out slices timed end to end.
+prediction with held-out slices timed end to end. Times are wall-clock, or with
+``clock=time.thread_time`` the thread's CPU time: on a core other processes keep busy, a decode
+step longer than the scheduler's slice almost never runs unpreempted, so even the minimum
+over rounds of its wall-clock time counts other processes' work.
 
 The search (:func:`search`) evaluates uniform slices and random Mix'n'Match slices on
 validation batches, then mutates the Pareto front (predicted latency vs. perplexity) for a few
@@ -37,6 +40,7 @@ import math
 import platform
 import random
 import statistics
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -103,9 +107,11 @@ def _step(fn: Callable[[], object], cache: KVCache, context: int) -> None:
     cache.truncate(context)
 
 
-def _time(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
+def _time(
+    fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int, clock: Callable[[], float]
+) -> dict[str, float]:
     """Milliseconds of each callable: the minimum over interleaved rounds (as :mod:`dynaslice.latency`)."""
-    times = measure_latency(fns, repeats=repeats, warmup=warmup)
+    times = measure_latency(fns, repeats=repeats, warmup=warmup, clock=clock)
     return {k: 1e3 * min(v) for k, v in times.items()}
 
 
@@ -117,9 +123,11 @@ def measure_decode(
     batch_size: int = 1,
     repeats: int = 20,
     warmup: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[float]:
     """Milliseconds of one decode step (:meth:`LMSupernet.forward_cached` of one token per
-    sequence after ``context`` cached ones) of each arch, timed interleaved (minimum over rounds)."""
+    sequence after ``context`` cached ones) of each arch, timed interleaved (minimum over rounds;
+    ``clock``: :func:`~dynaslice.latency.measure_latency`'s)."""
     net.eval()
     token = torch.zeros(batch_size, 1, dtype=torch.long, device=next(net.parameters()).device)
     fns = {}
@@ -127,7 +135,7 @@ def measure_decode(
         a = net.space.validate(a)
         cache = _decode_cache(net, a, range(a["depth"]), context, batch_size)
         fns[str(j)] = partial(_step, partial(net.forward_cached, token, a, cache), cache, context)
-    ms = _time(fns, repeats, warmup)
+    ms = _time(fns, repeats, warmup, clock)
     return [ms[str(j)] for j in range(len(archs))]
 
 
@@ -151,10 +159,13 @@ def decode_latency_table(
     max_values: int = 6,
     calibration: int = 3,
     seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> LatencyTable:
     """The latency table of one decode step of ``net`` on this machine (see the module docstring).
 
-    ``max_values``: widths timed per kind (evenly spread, ends included; the rest interpolated).
+    ``max_values``: widths timed per kind (evenly spread, ends included; the rest interpolated);
+    ``clock``: wall-clock, or ``time.thread_time`` on a core other processes keep busy
+    (:func:`~dynaslice.latency.measure_latency`); the table records which, and its checks use it.
     """
     if not net.CAUSAL:
         raise ValueError(f"{net.family} is an encoder: it has no decode step to time")
@@ -171,16 +182,16 @@ def decode_latency_table(
         a = largest.replace(**{"layers.0.heads": h})
         cache = _decode_cache(net, a, [0], context, batch_size)
         attention[str(h)] = partial(_step, partial(net._attention, 0, x, a, cache), cache, context)
-    attn_ms = _time(attention, repeats, warmup)
+    attn_ms = _time(attention, repeats, warmup, clock)
     ffn_ms = _time({str(w): partial(net._ffn, 0, x, largest.replace(**{"layers.0.ffn": w})) for w in ffn},
-                   repeats, warmup)  # fmt: skip
+                   repeats, warmup, clock)  # fmt: skip
     cache = _decode_cache(net, largest, [0], context, batch_size)
     layer = partial(_step, partial(net._block, 0, x, largest, cache), cache, context)
 
     def ends() -> torch.Tensor:
         return net.forward_head(net.forward_stem(token, largest), largest)
 
-    whole = _time({"layer": layer, "ends": ends}, repeats, warmup)
+    whole = _time({"layer": layer, "ends": ends}, repeats, warmup, clock)
     rest = whole["layer"] - attn_ms[str(heads[-1])] - ffn_ms[str(ffn[-1])]
 
     blocks = [LatencyBlock("ends", (), (), np.array(whole["ends"]))]
@@ -193,7 +204,7 @@ def decode_latency_table(
     table = LatencyTable(blocks, 0.0)
     rng = random.Random(seed)
     calib = [net.space.smallest(), largest] + [net.space.sample(rng) for _ in range(max(0, calibration - 2))]
-    measured = measure_decode(net, calib, context, batch_size, repeats, warmup)
+    measured = measure_decode(net, calib, context, batch_size, repeats, warmup, clock)
     table.overhead_ms = float(
         statistics.median(m - table.predict(a) for a, m in zip(calib, measured, strict=True))
     )
@@ -202,6 +213,7 @@ def decode_latency_table(
         "what": "one decode step: one new token per sequence after `context` cached tokens",
         "context": context,
         "batch_size": batch_size,
+        "clock": clock.__name__,
         "repeats": repeats,
         "max_values": max_values,
         "device": param.device.type,
@@ -212,6 +224,11 @@ def decode_latency_table(
     return table
 
 
+def _clock(table: LatencyTable) -> Callable[[], float]:
+    """The clock ``table`` was measured with (its checks time with the same)."""
+    return getattr(time, (table.meta or {}).get("clock", "perf_counter"))
+
+
 def check_decode_table(
     table: LatencyTable, net: LMSupernet, n: int = 20, seed: int = 1, repeats: int = 20
 ) -> dict[str, Any]:
@@ -219,7 +236,9 @@ def check_decode_table(
     rng = random.Random(seed + 12345)
     archs = [net.space.sample(rng) for _ in range(n)]
     meta = table.meta or {}
-    measured = measure_decode(net, archs, meta.get("context", 128), meta.get("batch_size", 1), repeats)
+    measured = measure_decode(
+        net, archs, meta.get("context", 128), meta.get("batch_size", 1), repeats, clock=_clock(table)
+    )
     rows = [{"arch": a.to_dict(), "predicted_ms": table.predict(a), "measured_ms": m}
             for a, m in zip(archs, measured, strict=True)]  # fmt: skip
     errs = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] * 100 for r in rows]
@@ -341,7 +360,7 @@ def budget_table(
     validation perplexity, fastest first. ``candidates``: how many slices the search evaluated."""
     meta = table.meta or {}
     context, batch = meta.get("context", 128), meta.get("batch_size", 1)
-    measured = measure_decode(net, [c.arch for c in front], context, batch, repeats)
+    measured = measure_decode(net, [c.arch for c in front], context, batch, repeats, clock=_clock(table))
     timed = [
         Candidate(c.arch, m, c.val_perplexity, c.val_accuracy) for c, m in zip(front, measured, strict=True)
     ]
@@ -364,7 +383,8 @@ def budget_table(
         "format": TABLE_FORMAT,
         "version": 2,
         "metric": "latency",
-        "latency": f"ms of one decode step after {context} cached tokens, batch {batch}, measured here",
+        "latency": f"ms of one decode step after {context} cached tokens, batch {batch}, measured here "
+        f"({meta.get('clock', 'perf_counter')})",
         "macs": f"MACs per token at context {context}",
         "val_accuracy": "next-token top-1 (%) on the validation batches",
         "entries": entries,
