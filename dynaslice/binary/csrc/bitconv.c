@@ -2,8 +2,9 @@
  *
  * Layouts (dynaslice/binary/kernel.py builds and checks them; this file trusts the shapes it is
  * given only after checking every buffer's length against them):
- *   activations  uint64 [N][H][W][Cw]      bit c%64 of word c/64 is 1 where the input is >= 0 (+1);
- *                                          packed inside each call from the float32 NHWC input
+ *   activations  uint64 [N][H][W][Cw]      bit c%64 of word c/64 is 1 where the input is >= 0 (+1)
+ *                                          (pack_signs); a layer packs each sample of its float32
+ *                                          NHWC input into padded rows instead (conv_run)
  *   patches      uint64 [K]                bit-packed im2col: bit t*Cin + c of the patch is channel c
  *                                          of tap t = i*kw + j, K = ceil(kh*kw*Cin / 64), so 16
  *                                          channels x 9 taps take 3 words, not 9
@@ -13,15 +14,17 @@
  *   tap_ones     int32  [kh*kw][O]         the +1 weights of each tap and filter
  *   counts       int32  [N][Ho][Wo][O]     sum over the VALID taps of (+-1)*(+-1): a padded position
  *                                          contributes nothing, as in a zero-padded float conv
- * Bits past kh*kw*Cin are 0 in both operands, so they never mismatch. A padded tap is gathered as
- * zeros, whose mismatches against the weights are the tap's ones: they are subtracted again
- * (tap_ones), so count = nvalid*Cin - 2*(mismatches over valid taps).
+ * Bits past kh*kw*Cin are 0 in both operands, so they never mismatch. A padded tap is read as
+ * zeros, whose mismatches against the weights are the tap's ones (tap_ones): with them,
+ * count = base - 2*mismatches, base = nvalid*Cin + 2*(the padded taps' ones), one base per class
+ * of positions (interior, each edge) built once per layer (base_table).
  *
  * The fused form writes act(count*a[o] + b[o] + residual) in float32: the binary conv's scale and
  * the folded BatchNorm in (a, b), the shortcut added, then hardtanh or PReLU -- one pass over the
  * output instead of four.
  *
- * Three paths compute the mismatch sums, chosen at run time: AVX-512 VPOPCNTDQ, AVX2 (nibble
+ * Three paths compute the mismatch sums, chosen at run time: AVX-512 VPOPCNTDQ (four positions
+ * by 16 filters in registers, the epilogue fused when O is a multiple of 16), AVX2 (nibble
  * lookup with vpshufb), portable C. Each is a function compiled for its own target, so the file
  * builds with the default flags and runs on any x86-64 (or other) CPU.
  */
@@ -110,50 +113,39 @@ __attribute__((target("avx2"))) static void mismatch_avx2(const uint64_t *patch,
     }
 }
 
-/* 16 filters (2 vectors of 8 words) for two positions at a time, so each weight load serves two
- * patches; vpopcntq counts each 64-bit lane directly. */
+/* NP positions against 16 filters (2 vectors of 8 words): 2*NP accumulators, each weight vector
+ * loaded once per word serves NP patches; vpopcntq counts each 64-bit lane directly. Inlined with
+ * a constant NP, the accumulators stay in registers. */
+__attribute__((target("avx512f,avx512vpopcntdq"))) static inline __attribute__((always_inline)) void
+mismatch_block_avx512(const uint64_t *x, int NP, const uint64_t *w, int K, int Opad, int ob, int32_t *out) {
+    __m512i lo[4], hi[4];
+    for (int q = 0; q < NP; q++) lo[q] = hi[q] = _mm512_setzero_si512();
+    for (int k = 0; k < K; k++) {
+        const uint64_t *wk = w + (size_t)k * Opad + ob;
+        const __m512i w0 = _mm512_loadu_si512((const void *)wk), w1 = _mm512_loadu_si512((const void *)(wk + 8));
+        for (int q = 0; q < NP; q++) {
+            const __m512i xv = _mm512_set1_epi64((long long)x[(size_t)q * K + k]);
+            lo[q] = _mm512_add_epi64(lo[q], _mm512_popcnt_epi64(_mm512_xor_si512(xv, w0)));
+            hi[q] = _mm512_add_epi64(hi[q], _mm512_popcnt_epi64(_mm512_xor_si512(xv, w1)));
+        }
+    }
+    for (int q = 0; q < NP; q++) {
+        _mm256_storeu_si256((__m256i *)(out + (size_t)q * Opad + ob), _mm512_cvtepi64_epi32(lo[q]));
+        _mm256_storeu_si256((__m256i *)(out + (size_t)q * Opad + ob + 8), _mm512_cvtepi64_epi32(hi[q]));
+    }
+}
+
+/* Four positions at a time (a stride-1 row of 28 is 7 blocks), the rest one by one. */
 __attribute__((target("avx512f,avx512vpopcntdq"))) static void mismatch_avx512(const uint64_t *patch, int P,
                                                                                 const uint64_t *w, int K, int Opad,
                                                                                 int32_t *pc) {
     int p = 0;
-    for (; p + 1 < P; p += 2) {
-        const uint64_t *x0 = patch + (size_t)p * K, *x1 = x0 + K;
-        int32_t *out0 = pc + (size_t)p * Opad, *out1 = out0 + Opad;
-        for (int ob = 0; ob < Opad; ob += 16) {
-            __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-            __m512i c0 = _mm512_setzero_si512(), c1 = _mm512_setzero_si512();
-            for (int k = 0; k < K; k++) {
-                const uint64_t *wk = w + (size_t)k * Opad + ob;
-                const __m512i w0 = _mm512_loadu_si512((const void *)wk);
-                const __m512i w1 = _mm512_loadu_si512((const void *)(wk + 8));
-                const __m512i xv0 = _mm512_set1_epi64((long long)x0[k]);
-                const __m512i xv1 = _mm512_set1_epi64((long long)x1[k]);
-                a0 = _mm512_add_epi64(a0, _mm512_popcnt_epi64(_mm512_xor_si512(xv0, w0)));
-                a1 = _mm512_add_epi64(a1, _mm512_popcnt_epi64(_mm512_xor_si512(xv0, w1)));
-                c0 = _mm512_add_epi64(c0, _mm512_popcnt_epi64(_mm512_xor_si512(xv1, w0)));
-                c1 = _mm512_add_epi64(c1, _mm512_popcnt_epi64(_mm512_xor_si512(xv1, w1)));
-            }
-            _mm256_storeu_si256((__m256i *)(out0 + ob), _mm512_cvtepi64_epi32(a0));
-            _mm256_storeu_si256((__m256i *)(out0 + ob + 8), _mm512_cvtepi64_epi32(a1));
-            _mm256_storeu_si256((__m256i *)(out1 + ob), _mm512_cvtepi64_epi32(c0));
-            _mm256_storeu_si256((__m256i *)(out1 + ob + 8), _mm512_cvtepi64_epi32(c1));
-        }
-    }
-    for (; p < P; p++) {
-        const uint64_t *x0 = patch + (size_t)p * K;
-        int32_t *out0 = pc + (size_t)p * Opad;
-        for (int ob = 0; ob < Opad; ob += 16) {
-            __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-            for (int k = 0; k < K; k++) {
-                const uint64_t *wk = w + (size_t)k * Opad + ob;
-                const __m512i xv0 = _mm512_set1_epi64((long long)x0[k]);
-                a0 = _mm512_add_epi64(a0, _mm512_popcnt_epi64(_mm512_xor_si512(xv0, _mm512_loadu_si512((const void *)wk))));
-                a1 = _mm512_add_epi64(a1, _mm512_popcnt_epi64(_mm512_xor_si512(xv0, _mm512_loadu_si512((const void *)(wk + 8)))));
-            }
-            _mm256_storeu_si256((__m256i *)(out0 + ob), _mm512_cvtepi64_epi32(a0));
-            _mm256_storeu_si256((__m256i *)(out0 + ob + 8), _mm512_cvtepi64_epi32(a1));
-        }
-    }
+    for (; p + 4 <= P; p += 4)
+        for (int ob = 0; ob < Opad; ob += 16)
+            mismatch_block_avx512(patch + (size_t)p * K, 4, w, K, Opad, ob, pc + (size_t)p * Opad);
+    for (; p < P; p++)
+        for (int ob = 0; ob < Opad; ob += 16)
+            mismatch_block_avx512(patch + (size_t)p * K, 1, w, K, Opad, ob, pc + (size_t)p * Opad);
 }
 #endif
 
@@ -227,26 +219,32 @@ __attribute__((target("avx512f"))) static void pack_avx512(const float *x, size_
 }
 #endif
 
-/* The signs of float32 NHWC x (N samples of HW positions), each sample centred on its mean over
- * (H, W, C) when center: the mean is summed in double, then x - mean is taken in float32 as torch
- * does (x - x.mean()). */
+/* The mean of one sample's count floats when center (summed in double, as torch's x.mean()), else
+ * 0: the signs are then of x - mean, taken in float32 as torch does. */
+static float sample_mean(const float *xn, size_t count, int center) {
+    if (!center) return 0.0f;
+    double sum = 0.0;
+    for (size_t i = 0; i < count; i++) sum += xn[i];
+    return (float)(sum / (double)count);
+}
+
+/* The signs of a run of positions (C floats each), Cw words per position. */
+static void pack_run(const float *x, size_t positions, int C, float mean, int path, uint64_t *out) {
+#ifdef BITCONV_X86
+    if (path == PATH_AVX512) {
+        pack_avx512(x, positions, C, mean, out);
+        return;
+    }
+#endif
+    pack_portable(x, positions, C, mean, out);
+}
+
+/* The signs of float32 NHWC x (N samples of HW positions), each sample centred when center. */
 static void pack_signs(const float *x, int N, size_t HW, int C, int center, int path, uint64_t *out) {
     const int Cw = (C + 63) / 64;
     for (int n = 0; n < N; n++) {
         const float *xn = x + (size_t)n * HW * C;
-        float mean = 0.0f;
-        if (center) {
-            double sum = 0.0;
-            for (size_t i = 0; i < HW * C; i++) sum += xn[i];
-            mean = (float)(sum / ((double)HW * C));
-        }
-#ifdef BITCONV_X86
-        if (path == PATH_AVX512) {
-            pack_avx512(xn, HW, C, mean, out + (size_t)n * HW * Cw);
-            continue;
-        }
-#endif
-        pack_portable(xn, HW, C, mean, out + (size_t)n * HW * Cw);
+        pack_run(xn, HW, C, sample_mean(xn, HW * C, center), path, out + (size_t)n * HW * Cw);
     }
 }
 
@@ -260,16 +258,16 @@ static void pack_signs(const float *x, int N, size_t HW, int C, int center, int 
 #endif
 
 /* One output row of Wo positions: y[p][o] = act(count*a[o] + b[o] + res[p][o]) with
- * count = full[p] - 2*pc[p][o]; rows of O floats are contiguous in y and res. A multiply then an
+ * count = base[p][o] - 2*pc[p][o] (base: see conv_run); rows of O floats are contiguous in y and res. A multiply then an
  * add (never a fused multiply-add), so every path gives the same floats. */
-static void epilogue_row(const int32_t *restrict pc, int Opad, const int32_t *restrict full, int Wo, int O,
+static void epilogue_row(const int32_t *restrict pc, int Opad, const int32_t *const *base, int Wo, int O,
                          const float *restrict a, const float *restrict b, const float *restrict res, int act,
                          const float *restrict slope, float *restrict y) {
     for (int p = 0; p < Wo; p++) {
-        const int32_t *c = pc + (size_t)p * Opad;
+        const int32_t *c = pc + (size_t)p * Opad, *f = base[p];
         float *yp = y + (size_t)p * O;
         for (int o = 0; o < O; o++) {
-            float v = (float)(full[p] - 2 * c[o]) * a[o] + b[o];
+            float v = (float)(f[o] - 2 * c[o]) * a[o] + b[o];
             if (res) v += res[(size_t)p * O + o];
             if (act == ACT_HARDTANH) v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
             else if (act == ACT_PRELU && v < 0.0f) v *= slope[o];
@@ -277,33 +275,6 @@ static void epilogue_row(const int32_t *restrict pc, int Opad, const int32_t *re
         }
     }
 }
-
-#ifdef BITCONV_X86
-/* The same, 16 channels per vector (O a multiple of 16). */
-__attribute__((target("avx512f"))) static void epilogue_row_avx512(const int32_t *restrict pc, int Opad,
-                                                                   const int32_t *restrict full, int Wo, int O,
-                                                                   const float *restrict a, const float *restrict b,
-                                                                   const float *restrict res, int act,
-                                                                   const float *restrict slope, float *restrict y) {
-    const __m512 lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-    for (int p = 0; p < Wo; p++) {
-        const __m512i f = _mm512_set1_epi32(full[p]);
-        for (int o = 0; o < O; o += 16) {
-            const __m512i c = _mm512_loadu_si512((const void *)(pc + (size_t)p * Opad + o));
-            const __m512 count = _mm512_cvtepi32_ps(_mm512_sub_epi32(f, _mm512_add_epi32(c, c)));
-            __m512 v = _mm512_add_ps(_mm512_mul_ps(count, _mm512_loadu_ps(a + o)), _mm512_loadu_ps(b + o));
-            if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + (size_t)p * O + o));
-            if (act == ACT_HARDTANH) {
-                v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-            } else if (act == ACT_PRELU) {
-                const __mmask16 neg = _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
-                v = _mm512_mask_mul_ps(v, neg, v, _mm512_loadu_ps(slope + o));
-            }
-            _mm512_storeu_ps(y + (size_t)p * O + o, v);
-        }
-    }
-}
-#endif
 
 /* The pooled shortcut of output position (ho, wo): AvgPool2d(s, ceil_mode=True) of x's channels
  * (the window cut by the edge averages what it covers), zero past Cin. */
@@ -331,201 +302,315 @@ typedef struct {
     int act, shortcut;
 } Epilogue;
 
-/* The patch of one output position when Cin <= 64 (one word per position): the taps' bits are
- * appended in order to a word kept in a register, which is stored each time it fills -- no
- * read-modify-write of memory. A padded tap appends zeros. Writes all K words. */
-static inline void gather_patch_narrow(uint64_t *restrict d, const uint64_t *restrict xn, int H, int W, int h0,
-                                       int w0, int kh, int kw, int Cin) {
-    uint64_t cur = 0;
-    int pos = 0, q = 0;
+/* ---- the binary layer, one sample at a time ----
+ *
+ * A sample's signs are packed once into padded rows: row r (input row r - pad; the pad rows above
+ * and below are zeros) is one bit stream over the columns -pad .. W+pad-1, bit (w + pad)*Cin + c,
+ * RW words a row (one more than the bits need, so a 64-bit read that starts inside the row stays
+ * inside the buffer). A kernel row's kw taps of an output position are then kw*Cin contiguous bits
+ * of one row, read whole (one unaligned load per 64 bits when Cin is a multiple of 8), and the
+ * kh of them appended give the position's patch in the weights' order (bit t*Cin + c): no tap
+ * is gathered on its own, no padded tap is tested for. Packing per sample also keeps the
+ * sample's floats in the core's cache for the shortcut that reads them again. */
+
+static inline size_t row_words(const ConvShape *s) {
+    return ((size_t)(s->W + 2 * s->pad) * s->Cin + 63) / 64 + 1;
+}
+
+/* A bit stream written in order: bits are appended to a word kept in a register, stored each time
+ * it fills (no read-modify-write of memory, whose store-to-load chain would cost more than the
+ * bits). */
+typedef struct {
+    uint64_t *d, cur;
+    int pos;
+} BitWriter;
+
+/* Append the low n bits of v (0 < n <= 64; v has no bits at or above n). */
+static inline __attribute__((always_inline)) void append_bits(BitWriter *bw, uint64_t v, int n) {
+    bw->cur |= v << bw->pos;
+    if (bw->pos + n >= 64) {
+        *bw->d++ = bw->cur;
+        bw->cur = bw->pos ? v >> (64 - bw->pos) : 0;
+        bw->pos += n - 64;
+    } else {
+        bw->pos += n;
+    }
+}
+
+static inline void flush_bits(BitWriter *bw) {
+    if (bw->pos) *bw->d = bw->cur;
+}
+
+/* The padded rows of one sample (see above); tmp holds W*Cw words. */
+static void pack_rows(const ConvShape *s, const float *xn, float mean, int path, uint64_t *rows, size_t RW,
+                      uint64_t *tmp) {
+    memset(rows, 0, sizeof(uint64_t) * (size_t)(s->H + 2 * s->pad) * RW);
+    for (int h = 0; h < s->H; h++) {
+        uint64_t *row = rows + (size_t)(h + s->pad) * RW;
+        const float *xr = xn + (size_t)h * s->W * s->Cin;
+        if (s->Cin % 64 == 0) {  /* positions are whole words: the packed run is the row */
+            pack_run(xr, (size_t)s->W, s->Cin, mean, path, row + (size_t)s->pad * s->Cw);
+            continue;
+        }
+        pack_run(xr, (size_t)s->W, s->Cin, mean, path, tmp);
+        BitWriter bw = {row + (size_t)s->pad * s->Cin / 64, 0, (s->pad * s->Cin) % 64};
+        const int last = s->Cin - (s->Cw - 1) * 64;
+        for (int w = 0; w < s->W; w++) {
+            const uint64_t *v = tmp + (size_t)w * s->Cw;
+            for (int q = 0; q + 1 < s->Cw; q++) append_bits(&bw, v[q], 64);
+            append_bits(&bw, v[s->Cw - 1], last);
+        }
+        flush_bits(&bw);
+    }
+}
+
+/* 64 bits of a row from bit b. When C is a multiple of 8 every read starts on a byte: one
+ * unaligned load (little-endian: byte j holds bits 8j..8j+7); otherwise two words shifted. */
+static inline __attribute__((always_inline)) uint64_t bits_at(const uint64_t *row, size_t b, int C) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (C % 8 == 0) {
+        uint64_t v;
+        memcpy(&v, (const unsigned char *)row + (b >> 3), sizeof v);
+        return v;
+    }
+#endif
+    const size_t q = b >> 6;
+    const unsigned sh = (unsigned)(b & 63);
+    return (row[q] >> sh) | ((row[q + 1] << 1) << (63 - sh));  /* no shift by 64 when sh == 0 */
+}
+
+/* The patch of one output position: the kh segments of L = kw*C bits, each at bit b of its row
+ * (rows RW words apart), appended in order into K words. Inlined with constant kh, L, C (below),
+ * the loops unroll into loads, shifts and ORs with every shift known. */
+static inline __attribute__((always_inline)) void gather_patch(uint64_t *restrict d, const uint64_t *restrict rows,
+                                                               size_t RW, size_t b, int kh, int L, int C) {
+    BitWriter bw = {d, 0, 0};
     for (int i = 0; i < kh; i++) {
-        const int h = h0 + i, hv = h >= 0 && h < H;
-        const uint64_t *row = xn + (size_t)(hv ? h : 0) * W;
-        for (int j = 0; j < kw; j++) {
-            const int ww = w0 + j;
-            const uint64_t v = hv && ww >= 0 && ww < W ? row[ww] : 0;
-            cur |= v << pos;
-            const int end = pos + Cin;
-            if (end >= 64) {
-                d[q++] = cur;
-                cur = end > 64 ? v >> (64 - pos) : 0;
-                pos = end - 64;
-            } else {
-                pos = end;
-            }
+        const uint64_t *row = rows + (size_t)i * RW;
+        for (int done = 0; done < L; done += 64) {
+            const int n = L - done < 64 ? L - done : 64;
+            const uint64_t v = bits_at(row, b + (size_t)done, C);
+            append_bits(&bw, n < 64 ? v & ((1ULL << n) - 1) : v, n);
         }
     }
-    if (pos) d[q] = cur;
+    flush_bits(&bw);
 }
 
-/* The patch of an interior position (no padded tap) when Cin divides 64: word q is the OR of taps
- * q*per .. q*per+per-1 (per = 64/Cin), tap t loaded at row t/kw, column t%kw from the window's
- * corner -- independent loads, no carried state. Inlined with constant kh, kw, Cin for the common
- * shapes (below), the loops unroll into straight loads, shifts and ORs. */
-static inline __attribute__((always_inline)) void gather_patch_aligned(uint64_t *restrict d,
-                                                                       const uint64_t *restrict corner, int W,
-                                                                       int kh, int kw, int Cin) {
-    const int per = 64 / Cin, T = kh * kw, K = (T * Cin + 63) / 64;
-#pragma GCC unroll 32
-    for (int q = 0; q < K; q++) {
-        uint64_t word = 0;
-#pragma GCC unroll 64
-        for (int u = 0; u < per; u++) {
-            const int t = q * per + u;
-            if (t < T) word |= corner[(t / kw) * W + t % kw] << (u * Cin);
-        }
-        d[q] = word;
-    }
-}
-
-static void gather_row_aligned(uint64_t *restrict patch, int K, const uint64_t *restrict xn, int W, int h0,
-                               int wo0, int wo1, int stride, int pad, int kh, int kw, int Cin) {
-    const uint64_t *base = xn + (size_t)h0 * W;
+/* The patches of one output row, Wo positions of K words; window: the row's first padded row. */
+static void gather_row(uint64_t *restrict patch, const ConvShape *s, const uint64_t *restrict window, size_t RW) {
+    const int K = s->K, st = s->stride;
 #define GATHER_CASE(KH, KW, CIN)                                                                               \
-    if (kh == KH && kw == KW && Cin == CIN) {                                                                  \
-        for (int wo = wo0; wo < wo1; wo++)                                                                     \
-            gather_patch_aligned(patch + (size_t)wo * K, base + wo * stride - pad, W, KH, KW, CIN);            \
+    if (s->kh == KH && s->kw == KW && s->Cin == CIN) {                                                         \
+        for (int wo = 0; wo < s->Wo; wo++)                                                                     \
+            gather_patch(patch + (size_t)wo * K, window, RW, (size_t)wo * st * CIN, KH, KW * CIN, CIN);         \
         return;                                                                                                \
     }
     GATHER_CASE(3, 3, 16)
     GATHER_CASE(3, 3, 32)
     GATHER_CASE(3, 3, 64)
+    GATHER_CASE(3, 3, 128)
 #undef GATHER_CASE
-    for (int wo = wo0; wo < wo1; wo++)
-        gather_patch_aligned(patch + (size_t)wo * K, base + wo * stride - pad, W, kh, kw, Cin);
+    for (int wo = 0; wo < s->Wo; wo++)
+        gather_patch(patch + (size_t)wo * K, window, RW, (size_t)wo * st * s->Cin, s->kh, s->kw * s->Cin, s->Cin);
 }
 
-/* OR the Cin packed bits of one position (Cw words, zero past Cin) into the patch at bit `off`. */
-static inline void put_bits(uint64_t *restrict patch, int K, const uint64_t *restrict src, int Cw, int off) {
-    for (int q = 0; q < Cw; q++, off += 64) {
-        const int at = off >> 6, sh = off & 63;
-        patch[at] |= src[q] << sh;
-        if (sh && at + 1 < K) patch[at + 1] |= src[q] >> (64 - sh);
+/* What undoes the padding: a position's count is base - 2*mismatches, base = its valid taps times
+ * Cin plus twice the +1 weights of its padded taps (whose zero bits mismatched them). Positions
+ * share a base when their valid kernel rows [i0, i1) and columns [j0, j1) are the same: a few
+ * classes per side (the interior and each edge), so the bases are built once per layer, not per
+ * position or sample. */
+typedef struct {
+    int *rclass, *cclass; /* each output row's and column's class */
+    int ncol;             /* column classes */
+    int32_t *base;        /* [row class][column class][O] */
+} BaseTable;
+
+/* The classes of `out` windows (start o*stride - pad over a side of n, kernel k) by valid range. */
+static int range_classes(int out, int stride, int pad, int n, int k, int *cls, int *lo, int *hi) {
+    int m = 0;
+    for (int o = 0; o < out; o++) {
+        const int start = o * stride - pad, l = start < 0 ? -start : 0, h = start + k > n ? n - start : k;
+        int c = 0;
+        while (c < m && (lo[c] != l || hi[c] != h)) c++;
+        if (c == m) lo[m] = l, hi[m] = h, m++;
+        cls[o] = c;
     }
+    return m;
 }
 
-/* The binary layer on float32 NHWC input x: pack its signs, then one output row at a time build
- * the row's bit-packed patches (bit t*Cin + c; a padded tap's bits stay zero), count mismatches
- * with the chosen path, undo the padded taps (tap_ones: a zero tap mismatches the weights' ones)
- * and write the integer counts (ep == NULL) or act(count*a + b + shortcut).
- * Returns 0, or -1 when out of memory. */
-static int conv_run(const ConvShape *s, int path, const float *x, int center, const uint64_t *w,
-                    const int32_t *tap_ones, const Epilogue *ep, void *out, uint64_t *scratch) {
-    const int K = s->K;
-    /* the packed input: in the caller's scratch when it has one (a workspace reused across calls:
-     * fresh pages cost a fault each, milliseconds per layer at batch 64 in a virtual machine) */
-    uint64_t *xp = scratch ? scratch : malloc(sizeof(uint64_t) * ((size_t)s->N * s->H * s->W * s->Cw + 1));
-    uint64_t *patch = malloc(sizeof(uint64_t) * (size_t)s->Wo * K);
-    int32_t *pc = malloc(sizeof(int32_t) * (size_t)s->Wo * s->Opad);
-    int32_t *full = malloc(sizeof(int32_t) * (size_t)s->Wo);
-    int32_t *rowcorr = malloc(sizeof(int32_t) * (size_t)s->O);
-    float *r = malloc(sizeof(float) * (size_t)s->Wo * s->O);
-    if (!xp || !patch || !pc || !full || !rowcorr || !r) {
-        if (!scratch) free(xp);
-        free(patch), free(pc), free(full), free(rowcorr), free(r);
+static void free_base_table(BaseTable *t) {
+    free(t->rclass), free(t->base);
+    t->rclass = NULL, t->base = NULL;
+}
+
+/* Returns 0, or -1 when out of memory. */
+static int base_table(const ConvShape *s, const int32_t *tap_ones, BaseTable *t) {
+    const int Ho = s->Ho, Wo = s->Wo, O = s->O;
+    t->base = NULL;
+    t->rclass = malloc(sizeof(int) * 3 * ((size_t)Ho + Wo));
+    if (!t->rclass) return -1;
+    int *rlo = t->rclass + Ho, *rhi = rlo + Ho, *clo = rhi + Ho, *chi = clo + Wo;
+    t->cclass = chi + Wo;
+    const int nrow = range_classes(Ho, s->stride, s->pad, s->H, s->kh, t->rclass, rlo, rhi);
+    t->ncol = range_classes(Wo, s->stride, s->pad, s->W, s->kw, t->cclass, clo, chi);
+    t->base = malloc(sizeof(int32_t) * (size_t)nrow * t->ncol * O);
+    if (!t->base) {
+        free_base_table(t);
         return -1;
     }
-    pack_signs(x, s->N, (size_t)s->H * s->W, s->Cin, center, path, xp);
-    const mismatch_fn mismatch = path_fn(path);
-    const int aligned = s->Cw == 1 && 64 % s->Cin == 0;
-    for (int n = 0; n < s->N; n++) {
-        const uint64_t *xn = xp + (size_t)n * s->H * s->W * s->Cw;
-        const float *xf = x + (size_t)n * s->H * s->W * s->Cin;
-        for (int ho = 0; ho < s->Ho; ho++) {
-            const int h0 = ho * s->stride - s->pad;
-            if (s->Cw == 1) {
-                /* the interior positions [wo0, wo1) by whole-word loads, the edges tap by tap */
-                int wo0 = s->Wo, wo1 = s->Wo;
-                if (aligned && h0 >= 0 && h0 + s->kh <= s->H) {
-                    wo0 = (s->pad + s->stride - 1) / s->stride;
-                    wo1 = s->W - s->kw + s->pad >= 0 ? (s->W - s->kw + s->pad) / s->stride + 1 : 0;
-                    if (wo1 > s->Wo) wo1 = s->Wo;
-                    if (wo0 > wo1) wo0 = wo1;
-                    gather_row_aligned(patch, K, xn, s->W, h0, wo0, wo1, s->stride, s->pad, s->kh, s->kw, s->Cin);
-                }
-                for (int wo = 0; wo < s->Wo; wo++) {
-                    if (wo == wo0) wo = wo1;
-                    if (wo >= s->Wo) break;
-                    gather_patch_narrow(patch + (size_t)wo * K, xn, s->H, s->W, h0, wo * s->stride - s->pad, s->kh,
-                                        s->kw, s->Cin);
-                }
-            } else {
-                memset(patch, 0, sizeof(uint64_t) * (size_t)s->Wo * K);
-            }
-            for (int wo = 0; wo < s->Wo && s->Cw > 1; wo++) {
-                const int w0 = wo * s->stride - s->pad;
-                uint64_t *d = patch + (size_t)wo * K;
-                for (int i = 0; i < s->kh; i++) {
-                    const int h = h0 + i;
-                    if (h < 0 || h >= s->H) continue;
-                    for (int j = 0; j < s->kw; j++) {
-                        const int ww = w0 + j;
-                        if (ww < 0 || ww >= s->W) continue;
-                        put_bits(d, K, xn + ((size_t)h * s->W + ww) * s->Cw, s->Cw, (i * s->kw + j) * s->Cin);
+    for (int r = 0; r < nrow; r++)
+        for (int c = 0; c < t->ncol; c++) {
+            int32_t *b = t->base + ((size_t)r * t->ncol + c) * O;
+            for (int o = 0; o < O; o++) b[o] = (rhi[r] - rlo[r]) * (chi[c] - clo[c]) * s->Cin;
+            for (int i = 0; i < s->kh; i++)
+                for (int j = 0; j < s->kw; j++)
+                    if (i < rlo[r] || i >= rhi[r] || j < clo[c] || j >= chi[c]) {
+                        const int32_t *ones = tap_ones + ((size_t)i * s->kw + j) * O;
+                        for (int o = 0; o < O; o++) b[o] += 2 * ones[o];
                     }
-                }
-            }
-            mismatch(patch, s->Wo, w, K, s->Opad, pc);
-            /* undo the padded taps: the valid rows [i_lo, i_hi) are the row's; a position whose
-             * columns are all inside subtracts the row's own correction (once per row), an edge
-             * position (at most pad of them each side) goes tap by tap */
-            const int i_lo = h0 < 0 ? -h0 : 0, i_hi = h0 + s->kh > s->H ? s->H - h0 : s->kh;
-            const int row_pads = i_lo > 0 || i_hi < s->kh;
-            if (row_pads) {
-                for (int o = 0; o < s->O; o++) rowcorr[o] = 0;
-                for (int i = 0; i < s->kh; i++)
-                    if (i < i_lo || i >= i_hi)
-                        for (int j = 0; j < s->kw; j++) {
-                            const int32_t *ones = tap_ones + (size_t)(i * s->kw + j) * s->O;
-                            for (int o = 0; o < s->O; o++) rowcorr[o] += ones[o];
-                        }
-            }
-            for (int wo = 0; wo < s->Wo; wo++) {
-                const int w0 = wo * s->stride - s->pad;
-                const int j_lo = w0 < 0 ? -w0 : 0, j_hi = w0 + s->kw > s->W ? s->W - w0 : s->kw;
-                int32_t *row = pc + (size_t)wo * s->Opad;
-                const int nvalid = (i_hi - i_lo) * (j_hi - j_lo);
-                if (j_lo == 0 && j_hi == s->kw) {
-                    if (row_pads)
-                        for (int o = 0; o < s->O; o++) row[o] -= rowcorr[o];
-                } else {
-                    for (int i = 0; i < s->kh; i++)
-                        for (int j = 0; j < s->kw; j++)
-                            if (i < i_lo || i >= i_hi || j < j_lo || j >= j_hi) {
-                                const int32_t *ones = tap_ones + (size_t)(i * s->kw + j) * s->O;
-                                for (int o = 0; o < s->O; o++) row[o] -= ones[o];
-                            }
-                }
-                full[wo] = nvalid * s->Cin;
-            }
-            const size_t at = ((size_t)n * s->Ho + ho) * s->Wo * s->O;
+        }
+    return 0;
+}
+
+/* conv_run's scratch: the padded rows, a packed input row, the row's patches, its mismatch counts,
+ * a pointer to each position's base, the pooled shortcut. Carved from mem (when not NULL); returns its length in words. */
+typedef struct {
+    uint64_t *rows, *tmp, *patch;
+    int32_t *pc;
+    const int32_t **base;
+    float *r;
+} ConvScratch;
+
+static void *carve(uint64_t *mem, size_t *used, size_t bytes) {
+    void *p = mem ? mem + *used : NULL;
+    *used += (bytes + 7) / 8;
+    return p;
+}
+
+static size_t conv_scratch(const ConvShape *s, uint64_t *mem, ConvScratch *cs) {
+    const size_t Wo = (size_t)s->Wo, O = (size_t)s->O;
+    size_t used = 0;
+    ConvScratch c;
+    c.rows = carve(mem, &used, sizeof(uint64_t) * (size_t)(s->H + 2 * s->pad) * row_words(s));
+    c.tmp = carve(mem, &used, sizeof(uint64_t) * (size_t)s->W * s->Cw);
+    c.patch = carve(mem, &used, sizeof(uint64_t) * Wo * s->K);
+    c.pc = carve(mem, &used, sizeof(int32_t) * Wo * s->Opad);
+    c.base = carve(mem, &used, sizeof(int32_t *) * Wo);
+    c.r = carve(mem, &used, sizeof(float) * Wo * O);
+    if (cs) *cs = c;
+    return used;
+}
+
+#ifdef BITCONV_X86
+/* The AVX-512 path of one output row with the epilogue fused: NP positions x 16 filters counted
+ * as in mismatch_block_avx512, then each position's 16 counts (the low halves of two vectors of
+ * 64-bit sums, gathered by one permute) go straight through the epilogue in registers -- no count
+ * buffer written and read back, a and b loaded once per block. The same multiply-then-add as
+ * epilogue_row, so the floats are the portable path's. */
+__attribute__((target("avx512f,avx512vpopcntdq"))) static inline __attribute__((always_inline)) void
+fused_block_avx512(const uint64_t *x, int NP, const uint64_t *w, int K, int Opad, int ob, const int32_t *const *base,
+                   int O, const float *a, const float *b, const float *res, int act, const float *slope, float *y) {
+    __m512i lo[4], hi[4];
+    for (int q = 0; q < NP; q++) lo[q] = hi[q] = _mm512_setzero_si512();
+    for (int k = 0; k < K; k++) {
+        const uint64_t *wk = w + (size_t)k * Opad + ob;
+        const __m512i w0 = _mm512_loadu_si512((const void *)wk), w1 = _mm512_loadu_si512((const void *)(wk + 8));
+        for (int q = 0; q < NP; q++) {
+            const __m512i xv = _mm512_set1_epi64((long long)x[(size_t)q * K + k]);
+            lo[q] = _mm512_add_epi64(lo[q], _mm512_popcnt_epi64(_mm512_xor_si512(xv, w0)));
+            hi[q] = _mm512_add_epi64(hi[q], _mm512_popcnt_epi64(_mm512_xor_si512(xv, w1)));
+        }
+    }
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512 av = _mm512_loadu_ps(a + ob), bv = _mm512_loadu_ps(b + ob);
+    const __m512 lo1 = _mm512_set1_ps(-1.0f), hi1 = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    for (int q = 0; q < NP; q++) {
+        const __m512i c = _mm512_permutex2var_epi32(lo[q], even, hi[q]);
+        const __m512i f = _mm512_loadu_si512((const void *)(base[q] + ob));
+        const __m512 count = _mm512_cvtepi32_ps(_mm512_sub_epi32(f, _mm512_add_epi32(c, c)));
+        __m512 v = _mm512_add_ps(_mm512_mul_ps(count, av), bv);
+        if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + (size_t)q * O + ob));
+        if (act == ACT_HARDTANH) {
+            v = _mm512_min_ps(_mm512_max_ps(v, lo1), hi1);
+        } else if (act == ACT_PRELU) {
+            const __mmask16 neg = _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
+            v = _mm512_mask_mul_ps(v, neg, v, _mm512_loadu_ps(slope + ob));
+        }
+        _mm512_storeu_ps(y + (size_t)q * O + ob, v);
+    }
+}
+
+/* One output row, O a multiple of 16: four positions at a time, the rest one by one. */
+__attribute__((target("avx512f,avx512vpopcntdq"))) static void fused_row_avx512(const uint64_t *patch, int Wo,
+                                                                                 const uint64_t *w, int K, int O,
+                                                                                 const int32_t *const *base,
+                                                                                 const Epilogue *ep,
+                                                                                 const float *res, float *y) {
+    int p = 0;
+    for (; p + 4 <= Wo; p += 4)
+        for (int ob = 0; ob < O; ob += 16)
+            fused_block_avx512(patch + (size_t)p * K, 4, w, K, O, ob, base + p, O, ep->a, ep->b,
+                               res ? res + (size_t)p * O : NULL, ep->act, ep->slope, y + (size_t)p * O);
+    for (; p < Wo; p++)
+        for (int ob = 0; ob < O; ob += 16)
+            fused_block_avx512(patch + (size_t)p * K, 1, w, K, O, ob, base + p, O, ep->a, ep->b,
+                               res ? res + (size_t)p * O : NULL, ep->act, ep->slope, y + (size_t)p * O);
+}
+#endif
+
+/* The binary layer on float32 NHWC x: per sample, pack its signs into padded rows; per output
+ * row, build the row's patches (bit t*Cin + c), count mismatches with the chosen path, and write
+ * count = base - 2*mismatches (bt: base_table of this shape) as integers (ep == NULL) or
+ * act(count*a + b + shortcut). scratch: conv_scratch(s) words, or NULL to allocate them.
+ * Returns 0, or -1 when out of memory. */
+static int conv_run(const ConvShape *s, int path, const float *x, int center, const uint64_t *w,
+                    const BaseTable *bt, const Epilogue *ep, void *out, uint64_t *scratch) {
+    const int K = s->K, O = s->O, Wo = s->Wo;
+    uint64_t *mem = scratch ? scratch : malloc(sizeof(uint64_t) * conv_scratch(s, NULL, NULL));
+    if (!mem) return -1;
+    ConvScratch cs;
+    conv_scratch(s, mem, &cs);
+    const size_t RW = row_words(s);
+    uint64_t *rows = cs.rows, *patch = cs.patch;
+    int32_t *pc = cs.pc;
+    const int32_t **base = cs.base;
+    const mismatch_fn mismatch = path_fn(path);
+    /* the AVX-512 path counts and finishes a row in one pass when the filters fill its vectors */
+    const int fused = path == PATH_AVX512 && ep && O % 16 == 0;
+    for (int n = 0; n < s->N; n++) {
+        const float *xf = x + (size_t)n * s->H * s->W * s->Cin;
+        pack_rows(s, xf, sample_mean(xf, (size_t)s->H * s->W * s->Cin, center), path, rows, RW, cs.tmp);
+        for (int ho = 0; ho < s->Ho; ho++) {
+            gather_row(patch, s, rows + (size_t)ho * s->stride * RW, RW);
+            if (!fused) mismatch(patch, Wo, w, K, s->Opad, pc);
+            const int32_t *row_base = bt->base + (size_t)bt->rclass[ho] * bt->ncol * O;
+            for (int wo = 0; wo < Wo; wo++) base[wo] = row_base + (size_t)bt->cclass[wo] * O;
+            const size_t at = ((size_t)n * s->Ho + ho) * Wo * O;
             if (!ep) {
                 int32_t *counts = (int32_t *)out + at;
-                for (int wo = 0; wo < s->Wo; wo++)
-                    for (int o = 0; o < s->O; o++)
-                        counts[(size_t)wo * s->O + o] = full[wo] - 2 * pc[(size_t)wo * s->Opad + o];
+                for (int wo = 0; wo < Wo; wo++)
+                    for (int o = 0; o < O; o++)
+                        counts[(size_t)wo * O + o] = base[wo][o] - 2 * pc[(size_t)wo * s->Opad + o];
                 continue;
             }
             const float *res = NULL;
             if (ep->shortcut == SHORTCUT_IDENTITY) {
                 res = xf + (size_t)ho * s->W * s->Cin;
             } else if (ep->shortcut == SHORTCUT_POOL) {
-                for (int wo = 0; wo < s->Wo; wo++)
-                    pool_shortcut(xf, s->H, s->W, s->Cin, s->stride, ho, wo, s->O, r + (size_t)wo * s->O);
-                res = r;
+                for (int wo = 0; wo < Wo; wo++)
+                    pool_shortcut(xf, s->H, s->W, s->Cin, s->stride, ho, wo, O, cs.r + (size_t)wo * O);
+                res = cs.r;
             }
 #ifdef BITCONV_X86
-            if (path == PATH_AVX512 && s->O % 16 == 0) {
-                epilogue_row_avx512(pc, s->Opad, full, s->Wo, s->O, ep->a, ep->b, res, ep->act, ep->slope,
-                                    (float *)out + at);
+            if (fused) {
+                fused_row_avx512(patch, Wo, w, K, O, base, ep, res, (float *)out + at);
                 continue;
             }
 #endif
-            epilogue_row(pc, s->Opad, full, s->Wo, s->O, ep->a, ep->b, res, ep->act, ep->slope, (float *)out + at);
+            epilogue_row(pc, s->Opad, base, Wo, O, ep->a, ep->b, res, ep->act, ep->slope, (float *)out + at);
         }
     }
-    if (!scratch) free(xp);
-    free(patch), free(pc), free(full), free(rowcorr), free(r);
+    if (!scratch) free(mem);
     return 0;
 }
 
@@ -743,10 +828,14 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
         if (act == ACT_PRELU && !get_vector(slope_obj, slope, s.O, "slope")) goto done;
         ep = (Epilogue){a->buf, b->buf, slope->buf, act, shortcut};
     }
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = conv_run(&s, path, x->buf, center, w->buf, ones->buf, fused ? &ep : NULL, out->buf, NULL);
-    Py_END_ALLOW_THREADS
+    BaseTable bt;
+    int rc = -1;
+    if (base_table(&s, ones->buf, &bt) == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = conv_run(&s, path, x->buf, center, w->buf, &bt, fused ? &ep : NULL, out->buf, NULL);
+        Py_END_ALLOW_THREADS
+        free_base_table(&bt);
+    }
     if (rc < 0) {
         PyErr_NoMemory();
         goto done;
@@ -818,8 +907,9 @@ done:
  *   (0, w, bias, slope|None, Cin, O, k, stride, pad)                       the float stem
  *   (1, bits, tap_ones, a, b, slope|None, Cin, O, k, stride, pad, center, shortcut)   a binary layer
  *   (2, weight [C][classes], bias, C, classes)                             mean pool + classifier (last)
- * workspace: bytes for two activations and the packed input of the largest layer (reused across
- * calls by the caller, so no call touches fresh pages). Every buffer is checked against the
+ * workspace: bytes for two activations of the largest layer (reused across calls by the caller,
+ * so no call touches fresh pages); the binary layers' own scratch, one sample's packed rows and
+ * patches (kilobytes), is allocated once per call. Every buffer is checked against the
  * shapes the layers give before anything runs. */
 #define MAX_RUN_LAYERS 256
 #define RUN_BUFS 6
@@ -827,6 +917,7 @@ typedef struct {
     int kind, center, shortcut;
     ConvShape s;
     Py_buffer buf[RUN_BUFS]; /* stem: w bias slope; binary: bits ones a b slope; classifier: w bias */
+    BaseTable bt;            /* binary: its base_table */
 } RunLayer;
 
 static int run_buffer(PyObject *obj, Py_buffer *buf, size_t elems, size_t itemsize, const char *name, int optional) {
@@ -849,7 +940,7 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     const Py_ssize_t L = PyTuple_GET_SIZE(layers);
     RunLayer *rl = calloc(L > 0 ? (size_t)L : 1, sizeof(RunLayer));
     float *bufA = NULL, *bufB = NULL;
-    uint64_t *packed = NULL;
+    uint64_t *scratch = NULL;
     if (!rl) {
         PyErr_NoMemory();
         goto done;
@@ -861,7 +952,7 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     }
     if (!need(&x, (size_t)N * H * W * C, 4, "x")) goto done;
     int h = H, w = W, c = C, classes = 0;
-    size_t biggest = 0, packed_words = 1;
+    size_t biggest = 0, scratch_words = 1;
     for (Py_ssize_t i = 0; i < L; i++) {
         PyObject *t = PyTuple_GET_ITEM(layers, i);
         RunLayer *r = &rl[i];
@@ -899,7 +990,13 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
                            (r->shortcut == SHORTCUT_POOL && s->O >= s->Cin && s->Ho == (s->H + s->stride - 1) / s->stride &&
                             s->Wo == (s->W + s->stride - 1) / s->stride);
             if (!ok) goto fail_shape;
-            if ((size_t)N * s->H * s->W * s->Cw > packed_words) packed_words = (size_t)N * s->H * s->W * s->Cw;
+            ConvShape one = *s;
+            one.N = 1;
+            if (conv_scratch(&one, NULL, NULL) > scratch_words) scratch_words = conv_scratch(&one, NULL, NULL);
+            if (base_table(s, r->buf[1].buf, &r->bt) < 0) {
+                PyErr_NoMemory();
+                goto done;
+            }
         } else if (r->kind == 2 && i == L - 1) {
             if (!PyArg_ParseTuple(t, "iOOii", &r->kind, &o[0], &o[1], &r->s.Cin, &r->s.O)) goto done;
             if (r->s.Cin != c || r->s.O < 1 || !run_buffer(o[0], &r->buf[0], (size_t)c * r->s.O, 4, "classifier weight", 0) ||
@@ -913,11 +1010,15 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
         h = r->s.Ho, w = r->s.Wo, c = r->s.O;
         if ((size_t)N * h * w * c > biggest) biggest = (size_t)N * h * w * c;
     }
-    biggest = (biggest + 1) / 2 * 2;  /* keeps the packed words 8-byte aligned after two float buffers */
     if (!need(&out, (size_t)N * classes, 4, "out") ||
-        !need(&work, 2 * biggest * sizeof(float) + packed_words * sizeof(uint64_t), 1, "workspace"))
+        !need(&work, 2 * biggest * sizeof(float), 1, "workspace"))
         goto done;
-    bufA = work.buf, bufB = bufA + biggest, packed = (uint64_t *)(bufB + biggest);
+    scratch = malloc(sizeof(uint64_t) * scratch_words);
+    if (!scratch) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    bufA = work.buf, bufB = bufA + biggest;
     int rc = 0;
     Py_BEGIN_ALLOW_THREADS
     /* one sample at a time through every layer: its activations (tens of kilobytes) stay in the
@@ -933,7 +1034,7 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
                 float_conv_run(&one, path, cur, r->buf[0].buf, r->buf[1].buf, act, r->buf[2].buf, next);
             } else if (r->kind == 1) {
                 const Epilogue ep = {r->buf[2].buf, r->buf[3].buf, r->buf[4].buf, act, r->shortcut};
-                rc = conv_run(&one, path, cur, r->center, r->buf[0].buf, r->buf[1].buf, &ep, next, packed);
+                rc = conv_run(&one, path, cur, r->center, r->buf[0].buf, &r->bt, &ep, next, scratch);
             } else {  /* mean over positions, then features @ weight + bias */
                 const int positions = h * w, cin = r->s.Cin, ncls = r->s.O;
                 const float *wt = r->buf[0].buf, *bias = r->buf[1].buf;
@@ -964,8 +1065,8 @@ fail_shape:
     if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bitconv: a layer does not fit the shape it is given");
 done:
     if (rl)
-        for (Py_ssize_t i = 0; i < L; i++) release(rl[i].buf, RUN_BUFS);
-    free(rl);
+        for (Py_ssize_t i = 0; i < L; i++) release(rl[i].buf, RUN_BUFS), free_base_table(&rl[i].bt);
+    free(rl), free(scratch);
     PyBuffer_Release(&x), PyBuffer_Release(&out), PyBuffer_Release(&work);
     return result;
 }
