@@ -546,16 +546,10 @@ def _program_graph(
             continue
         if node in analysis.written and _sliced(analysis.layout(node), analysis, space):
             # a reshape that writes the channel count (a patch embedding's): it writes the width
-            size, position = total(analysis.layout(node)), analysis.written[node]
+            size = total(analysis.layout(node))
             new = graph.node_copy(node, lambda n: env[n])
-            if len(new.args) == 2 and isinstance(new.args[1], tuple | list):
-                shape = list(new.args[1])
-                shape[position] = size
-                new.args = (new.args[0], tuple(shape))
-            else:
-                new.args = tuple(size if i == position + 1 else a for i, a in enumerate(new.args))
+            new.args, new.meta = _size_written(new.args, analysis.written[node], size), {}
             env[node] = new
-            new.meta = {}
             continue
         resize = _functional_size(node, analysis, space)
         if resize is not None:  # F.layer_norm / F.group_norm: the size written in the call follows the width
@@ -572,29 +566,30 @@ def _program_graph(
             env[node] = new
             new.meta = {}
             continue
-        if calls.get(node) == "attention":  # the one input, then the widths (keys and values are the input)
+        kind, extra = calls.get(node), ()
+        if kind:
             ins = tuple(width(s.group) for s in analysis.layout(node.args[0]).segments)
-            out = width(analysis.layout(node).segments[0].group)
-            heads = width(analysis.heads[str(node.target)])
-            new = graph.node_copy(node, lambda n: env[n])
-            new.args, new.kwargs = (env[node.args[0]], out, ins, heads), {}
-            env[node] = new
-            new.meta = {}
-            continue
-        if node in calls and calls[node]:
-            ins = tuple(width(s.group) for s in analysis.layout(node.args[0]).segments)
-            extra = (
-                (width(analysis.layout(node).segments[0].group), ins) if calls[node] == "out+ins" else (ins,)
-            )
-        else:
-            extra = ()
+            extra = (ins,)
+        if kind in ("out+ins", "attention"):
+            extra = (width(analysis.layout(node).segments[0].group), ins)
+        if kind == "attention":
+            extra = (*extra, width(analysis.heads[str(node.target)]))
         new = graph.node_copy(node, lambda n: env[n])
+        if kind == "attention":  # one input: its keys and values are its queries
+            new.args, new.kwargs = new.args[:1], {}
         if extra:
             new.args = (*new.args, *extra)
         env[node] = new
         new.meta = {}  # the shapes served the analysis; torch.save (pickle protocol 2) cannot store them
     graph.lint()
     return graph
+
+
+def _size_written(args: tuple, position: int, size: fx.Node | int) -> tuple:
+    """A reshape's arguments (``x, *sizes`` or ``x, sizes``) with ``size`` at ``position`` of its sizes."""
+    if len(args) == 2 and isinstance(args[1], tuple | list):
+        return (args[0], tuple(size if i == position else a for i, a in enumerate(args[1])))
+    return tuple(size if i == position + 1 else a for i, a in enumerate(args))
 
 
 def _sliced(layout: Layout | None, analysis: Analysis, space: SearchSpace) -> bool:
