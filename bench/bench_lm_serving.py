@@ -14,6 +14,10 @@ With a nested LM run and its budget table (bench/bench_lm_search.py's JSON):
   prompts, interleaved rounds, median of paired ratios; outputs checked identical. The draft and
   ``k`` are chosen on validation prompts, the speed-up is measured on test prompts.
 
+Times are the timing thread's CPU time by default (``--clock thread_time``: one thread, on a core
+other processes keep busy, where even the best of many rounds of wall-clock time includes their
+work); ``--clock perf_counter --threads 2`` times wall-clock on two quiet cores.
+
     taskset -c 0 python bench/bench_lm_serving.py --run runs/lm_demo/nested --out bench/out/lm_serving.json
 """
 
@@ -109,13 +113,15 @@ def memory(args: argparse.Namespace, net, ps: list[torch.Tensor]) -> dict:
 
 
 @torch.inference_mode()
-def switching(lm: ElasticLM, asks: list[dict[str, float]], context: torch.Tensor, repeats: int) -> dict:
+def switching(
+    lm: ElasticLM, asks: list[dict[str, float]], context: torch.Tensor, repeats: int, clock
+) -> dict:
     """Microseconds to pick a slice, and a decode step after a switch vs after the same slice."""
     n = 2000
-    t0 = time.perf_counter()
+    t0 = clock()
     for j in range(n):
         lm.arch(**asks[j % len(asks)])
-    pick_us = (time.perf_counter() - t0) / n * 1e6
+    pick_us = (clock() - t0) / n * 1e6
     archs = [lm.arch(**b) for b in asks]
     caches = []
     for a in archs:
@@ -139,13 +145,13 @@ def switching(lm: ElasticLM, asks: list[dict[str, float]], context: torch.Tensor
                 step(j)
 
     times = measure_latency(
-        {"switched": lambda: [switched() for _ in range(4)], "same": same}, repeats=repeats
+        {"switched": lambda: [switched() for _ in range(4)], "same": same}, repeats=repeats, clock=clock
     )
     return {"pick_us": pick_us, "switched_over_same": paired_ratio(times, "switched", "same"), "budgets": asks,
             "archs": [a.to_dict() for a in archs]}  # fmt: skip
 
 
-def speed(lm: ElasticLM, ps: list[torch.Tensor], new: int, draft, k: int, repeats: int) -> dict:
+def speed(lm: ElasticLM, ps: list[torch.Tensor], new: int, draft, k: int, repeats: int, clock) -> dict:
     """Greedy by the largest vs speculative with ``draft``/``k`` on prompts ``ps``: paired ratio of
     times, tokens/s of each, acceptance, and whether every output was identical."""
     outs = {}
@@ -156,7 +162,7 @@ def speed(lm: ElasticLM, ps: list[torch.Tensor], new: int, draft, k: int, repeat
     def spec() -> None:
         outs["spec"] = [lm.speculative(p, new, draft, k) for p in ps]
 
-    times = measure_latency({"greedy": greedy, "spec": spec}, repeats=repeats, warmup=1)
+    times = measure_latency({"greedy": greedy, "spec": spec}, repeats=repeats, warmup=1, clock=clock)
     same = all(torch.equal(g, s) for g, (s, _) in zip(outs["greedy"], outs["spec"], strict=True))
     stats = [st for _, st in outs["spec"]]
     tokens = new * len(ps)
@@ -171,7 +177,7 @@ def speed(lm: ElasticLM, ps: list[torch.Tensor], new: int, draft, k: int, repeat
 
 
 @torch.inference_mode()
-def step_costs(lm: ElasticLM, draft, k: int, context: torch.Tensor, repeats: int) -> dict:
+def step_costs(lm: ElasticLM, draft, k: int, context: torch.Tensor, repeats: int, clock) -> dict:
     """Why the speed-up is what it is: the largest's forward over ``k + 1`` tokens (a
     verification) and the draft's decode step, each over the largest's decode step, after the
     same cached ``context`` (paired ratios of interleaved rounds)."""
@@ -185,7 +191,7 @@ def step_costs(lm: ElasticLM, draft, k: int, context: torch.Tensor, repeats: int
         lm.net.forward_cached(feeds[name], caches[name].arch, caches[name])
         caches[name].truncate(n)
 
-    times = measure_latency({name: partial(run, name) for name in caches}, repeats=repeats)
+    times = measure_latency({name: partial(run, name) for name in caches}, repeats=repeats, clock=clock)
     return {
         "context": n, "largest_step_ms": 1e3 * min(times["one"]),
         "verify_over_step": paired_ratio(times, "verify", "one"),
@@ -202,6 +208,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=10, help="interleaved rounds of the speed comparison")
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4, 6])
+    ap.add_argument("--clock", choices=["thread_time", "perf_counter"], default="thread_time",
+                    help="CPU time of the timing thread (a busy core, one thread) or wall-clock")  # fmt: skip
     ap.add_argument("--rss", choices=["largest", "elastic"], help=argparse.SUPPRESS)
     ap.add_argument("--largest-dir", help=argparse.SUPPRESS)
     output_args(ap, out="bench/out/lm_serving.json", threads=1)
@@ -222,7 +230,8 @@ def main() -> None:
         f"memory: RSS {mem['rss_ratio']:.3f}x, model and serving {mem['model_and_serving_ratio']:.3f}x",
         flush=True,
     )
-    switch = switching(lm, asks, val[0], args.repeats * 10)
+    clock = getattr(time, args.clock)
+    switch = switching(lm, asks, val[0], args.repeats * 10, clock)
     print(
         f"switching: {switch['pick_us']:.1f} us to pick, step after a switch {switch['switched_over_same']:.3f}x"
     )
@@ -233,14 +242,14 @@ def main() -> None:
     chosen = []
     for draft in drafts:
         for k in args.ks:
-            r = speed(lm, val[:2], args.new, draft, k, repeats=2)
+            r = speed(lm, val[:2], args.new, draft, k, 2, clock)
             chosen.append(r)
             print(f"  val: k={k} {r['speedup']:.2f}x accept {r['acceptance']:.2f} {dict(draft)}", flush=True)
     best = max(chosen, key=lambda r: r["speedup"])
     draft = net.space.validate(best["draft"])
-    final = speed(lm, test, args.new, draft, best["k"], args.repeats)
+    final = speed(lm, test, args.new, draft, best["k"], args.repeats, clock)
     print(f"speculative on test prompts: {final['speedup']:.3f}x, identical {final['identical']}", flush=True)
-    costs = step_costs(lm, draft, best["k"], lm.generate(test[0], args.new // 2), args.repeats * 10)
+    costs = step_costs(lm, draft, best["k"], lm.generate(test[0], args.new // 2), args.repeats * 10, clock)
     print(
         f"  verify {costs['verify_over_step']:.2f}x a step, draft {costs['draft_over_step']:.2f}x", flush=True
     )
@@ -248,7 +257,7 @@ def main() -> None:
         "benchmark": "lm_serving",
         "command": f"taskset -c {','.join(map(str, sorted(os.sched_getaffinity(0))))} python " + " ".join(sys.argv),
         "run": str(args.run), "model_file": str(file), "table": args.table, **cpu_facts(),
-        "load_average_at_start": load,
+        "load_average_at_start": load, "clock": args.clock,
         "prompt_tokens": args.prompt, "new_tokens": args.new, "prompts": args.prompts,
         "memory": mem, "switching": switch, "draft_selection_val": chosen, "speculative_test": final,
         "step_costs": costs,

@@ -176,8 +176,9 @@ def test_pareto_keeps_the_undominated() -> None:
 def test_search_writes_a_pareto_budget_table_that_serves(nets, tmp_path) -> None:
     net = nets["llama"]
     table = decode_latency_table(net, context=8, repeats=2, warmup=1, clock=time.thread_time)
-    # every layer's attention, FFN and rest, plus the ends; a layer past the depth costs nothing
-    assert len(table.blocks) == 1 + 3 * net.n_stages
+    # a block per layer, over its FFN width and heads; a layer past the depth costs nothing
+    assert [b.name for b in table.blocks] == [f"layers.{i}" for i in range(net.n_stages)]
+    assert table.blocks[1].predict(net.space.largest().replace(depth=1)) == 0.0
     one = net.space.largest().replace(depth=1)
     assert table.predict(one) < table.predict(net.space.largest())
     assert table.meta["context"] == 8 and table.meta["clock"] == "thread_time"  # CPU time on a busy core

@@ -7,23 +7,21 @@ does for CNNs (:mod:`dynaslice.latency`: the same timing, table and file format)
 
 What is timed is one **decode step**: one new token per sequence (``batch_size`` sequences)
 after ``context`` tokens held in the KV cache -- what a served model repeats for every token it
-generates. Every layer of a transformer has the same shapes, so each *kind* of piece is timed
-once per width on layer 0 and stands for every layer:
-
-- ``attention``, per head count (the query heads and their KV heads over the cached keys);
-- ``ffn``, per FFN width;
-- ``rest``: the rest of a layer (norms, residual adds): the whole layer at its largest minus its
-  largest attention and FFN;
-- ``ends``: the embedding, the final norm and the output head.
-
-Layer ``i``'s pieces count only when it runs: its blocks depend on ``depth`` with a grid of
-``(i, i + 1)`` whose first row is 0 ms (a depth of ``i`` stops before layer ``i``). A
-constant ``overhead_ms`` (validation and dispatch of the step) is calibrated on the smallest,
-the largest and a random slice timed end to end; :func:`check_decode_table` compares the
-prediction with held-out slices timed end to end. Times are wall-clock, or with
+generates. Every layer of a transformer has the same shapes, so a layer's time depends on its
+FFN width and head count only, and the table holds that per (layer kind, width). It is measured
+*in context*, from whole decode steps timed interleaved: the largest slice at each depth (a
+step = ``a + b * depth``: ``overhead_ms`` = ``a``, a whole layer = ``b``), and the largest with
+every layer's FFN narrowed to each width, or its heads cut to each count (the step's saving,
+divided by the layers, is one layer's saving). Blocks timed alone, as
+:func:`dynaslice.latency.build_latency_table` does for CNNs, ran with their weights hot in the
+cache: in the first version of this table a layer came out about a quarter faster than in a step
+that streams every layer's weights, and a narrower FFN saved a fraction of what it saves there,
+so its predictions missed held-out steps by tens of percent. Layer ``i``'s block counts only when it runs (a
+grid over ``depth`` of ``(i, i + 1)`` whose first row is 0 ms); :func:`check_decode_table`
+compares predictions with held-out random slices timed end to end. Times are wall-clock, or with
 ``clock=time.thread_time`` the thread's CPU time: on a core other processes keep busy, a decode
-step longer than the scheduler's slice almost never runs unpreempted, so even the minimum
-over rounds of its wall-clock time counts other processes' work.
+step longer than the scheduler's slice almost never runs unpreempted, so even the minimum over
+rounds of its wall-clock time counts other processes' work.
 
 The search (:func:`search`) evaluates uniform slices and random Mix'n'Match slices on
 validation batches, then mutates the Pareto front (predicted latency vs. perplexity) for a few
@@ -139,14 +137,10 @@ def measure_decode(
     return [ms[str(j)] for j in range(len(archs))]
 
 
-def _depth_block(
-    name: str, i: int, dim: str | None, grid: Sequence[int], ms: Sequence[float]
-) -> LatencyBlock:
-    """Layer ``i``'s piece: ``ms`` over ``dim``'s ``grid`` when ``depth > i``, 0 when not."""
-    if dim is None:
-        return LatencyBlock(name, ("depth",), ((i, i + 1),), np.array([0.0, ms[0]]))
-    values = np.array([np.zeros(len(grid)), np.asarray(ms, dtype=np.float64)])  # [depth row, dim]
-    return LatencyBlock(name, (dim, "depth"), (tuple(grid), (i, i + 1)), values.T)
+def _uniform(net: LMSupernet, **values: int) -> Arch:
+    """The largest slice with every layer's ``ffn`` / ``heads`` set to ``values``."""
+    layers = {f"layers.{i}.{k}": v for i in range(net.n_stages) for k, v in values.items()}
+    return net.space.validate({**net.space.largest().to_dict(), **layers})
 
 
 @torch.inference_mode()
@@ -157,57 +151,40 @@ def decode_latency_table(
     repeats: int = 20,
     warmup: int = 3,
     max_values: int = 6,
-    calibration: int = 3,
-    seed: int = 0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> LatencyTable:
     """The latency table of one decode step of ``net`` on this machine (see the module docstring).
 
-    ``max_values``: widths timed per kind (evenly spread, ends included; the rest interpolated);
-    ``clock``: wall-clock, or ``time.thread_time`` on a core other processes keep busy
-    (:func:`~dynaslice.latency.measure_latency`); the table records which, and its checks use it.
+    ``max_values``: FFN widths and head counts timed (evenly spread, ends included; the rest
+    interpolated); ``clock``: wall-clock, or ``time.thread_time`` on a core other processes keep
+    busy (:func:`~dynaslice.latency.measure_latency`); the table records which, and its checks use it.
     """
     if not net.CAUSAL:
         raise ValueError(f"{net.family} is an encoder: it has no decode step to time")
     net.eval()
-    largest = net.space.largest()
-    param = next(net.parameters())
-    x = torch.randn(batch_size, 1, net.config.hidden_size, dtype=param.dtype, device=param.device)
-    token = torch.zeros(batch_size, 1, dtype=torch.long, device=param.device)
-    heads = subsample(net.space["layers.0.heads"].choices, max_values)
+    layers = net.n_stages
+    depths = net.space["depth"].choices
     ffn = subsample(net.space["layers.0.ffn"].choices, max_values)
-
-    attention = {}
-    for h in heads:
-        a = largest.replace(**{"layers.0.heads": h})
-        cache = _decode_cache(net, a, [0], context, batch_size)
-        attention[str(h)] = partial(_step, partial(net._attention, 0, x, a, cache), cache, context)
-    attn_ms = _time(attention, repeats, warmup, clock)
-    ffn_ms = _time({str(w): partial(net._ffn, 0, x, largest.replace(**{"layers.0.ffn": w})) for w in ffn},
-                   repeats, warmup, clock)  # fmt: skip
-    cache = _decode_cache(net, largest, [0], context, batch_size)
-    layer = partial(_step, partial(net._block, 0, x, largest, cache), cache, context)
-
-    def ends() -> torch.Tensor:
-        return net.forward_head(net.forward_stem(token, largest), largest)
-
-    whole = _time({"layer": layer, "ends": ends}, repeats, warmup, clock)
-    rest = whole["layer"] - attn_ms[str(heads[-1])] - ffn_ms[str(ffn[-1])]
-
-    blocks = [LatencyBlock("ends", (), (), np.array(whole["ends"]))]
-    for i in range(net.n_stages):
-        blocks += [
-            _depth_block(f"layers.{i}.attention", i, f"layers.{i}.heads", heads, [attn_ms[str(h)] for h in heads]),
-            _depth_block(f"layers.{i}.ffn", i, f"layers.{i}.ffn", ffn, [ffn_ms[str(w)] for w in ffn]),
-            _depth_block(f"layers.{i}.rest", i, None, (), [rest]),
-        ]  # fmt: skip
-    table = LatencyTable(blocks, 0.0)
-    rng = random.Random(seed)
-    calib = [net.space.smallest(), largest] + [net.space.sample(rng) for _ in range(max(0, calibration - 2))]
-    measured = measure_decode(net, calib, context, batch_size, repeats, warmup, clock)
-    table.overhead_ms = float(
-        statistics.median(m - table.predict(a) for a, m in zip(calib, measured, strict=True))
-    )
+    heads = subsample(net.space["layers.0.heads"].choices, max_values)
+    largest = net.space.largest()
+    archs = [largest.replace(depth=d) for d in depths[:-1]] + [largest]
+    archs += [_uniform(net, ffn=w) for w in ffn[:-1]] + [_uniform(net, heads=h) for h in heads[:-1]]
+    ms = measure_decode(net, archs, context, batch_size, repeats, warmup, clock)
+    by_depth, full = ms[: len(depths)], ms[len(depths) - 1]
+    if len(depths) > 1:  # a step = a + b * depth: the fixed part and a whole layer's
+        per_layer, fixed = np.polyfit(np.array(depths, dtype=np.float64), np.array(by_depth), 1)
+    else:
+        per_layer, fixed = full / layers, 0.0
+    # a narrower FFN or fewer heads in every layer: their saving per layer
+    d_ffn = [(m - full) / layers for m in ms[len(depths) : len(depths) + len(ffn) - 1]] + [0.0]
+    d_heads = [(m - full) / layers for m in ms[len(depths) + len(ffn) - 1 :]] + [0.0]
+    layer_ms = per_layer + np.add.outer(np.array(d_ffn), np.array(d_heads))  # [ffn, heads]
+    blocks = []
+    for i in range(layers):
+        values = np.stack([np.zeros_like(layer_ms), layer_ms], axis=-1)  # depth i: not run; i + 1: run
+        dims = (f"layers.{i}.ffn", f"layers.{i}.heads", "depth")
+        blocks.append(LatencyBlock(f"layers.{i}", dims, (ffn, heads, (i, i + 1)), values))
+    table = LatencyTable(blocks, float(fixed))
     table.meta = {
         "model": net.family,
         "what": "one decode step: one new token per sequence after `context` cached tokens",
@@ -216,7 +193,7 @@ def decode_latency_table(
         "clock": clock.__name__,
         "repeats": repeats,
         "max_values": max_values,
-        "device": param.device.type,
+        "device": next(net.parameters()).device.type,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
