@@ -182,8 +182,11 @@ def test_search_writes_a_pareto_budget_table_that_serves(nets, tmp_path) -> None
     one = net.space.largest().replace(depth=1)
     assert table.predict(one) < table.predict(net.space.largest())
     assert table.meta["context"] == 8 and table.meta["clock"] == "thread_time"  # CPU time on a busy core
-    check = check_decode_table(table, net, n=2, repeats=2)
-    assert len(check["archs"]) == 2 and all(r["measured_ms"] > 0 for r in check["archs"])
+    check = check_decode_table(table, net, n=2, repeats=2, archs=[net.space.largest()])
+    assert len(check["archs"]) == 3 and all(
+        r["measured_ms"] > 0 and r["refit_ms"] > 0 for r in check["archs"]
+    )
+    assert set(check["refit"]) == {"median_abs_pct_error", "max_abs_pct_error"}
 
     val = [_ids(12, seed=7)]
     front, seen = search(net, table, val, samples=6, rounds=2, children=4, align=16)

@@ -143,6 +143,43 @@ def _uniform(net: LMSupernet, **values: int) -> Arch:
     return net.space.validate({**net.space.largest().to_dict(), **layers})
 
 
+def _grids(net: LMSupernet, max_values: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The FFN widths and head counts a table times (the rest interpolated)."""
+    return (subsample(net.space["layers.0.ffn"].choices, max_values),
+            subsample(net.space["layers.0.heads"].choices, max_values))  # fmt: skip
+
+
+def table_archs(net: LMSupernet, max_values: int = 6) -> list[Arch]:
+    """The slices whose decode steps make a latency table: the largest at each depth, then the
+    largest with every layer's FFN at each narrower width, then with each smaller head count."""
+    ffn, heads = _grids(net, max_values)
+    largest = net.space.largest()
+    archs = [largest.replace(depth=d) for d in net.space["depth"].choices]
+    return archs + [_uniform(net, ffn=w) for w in ffn[:-1]] + [_uniform(net, heads=h) for h in heads[:-1]]
+
+
+def fit_decode_table(net: LMSupernet, ms: Sequence[float], max_values: int = 6) -> LatencyTable:
+    """The table from the milliseconds of :func:`table_archs`' decode steps (in its order)."""
+    layers = net.n_stages
+    depths = net.space["depth"].choices
+    ffn, heads = _grids(net, max_values)
+    by_depth, full = ms[: len(depths)], ms[len(depths) - 1]
+    if len(depths) > 1:  # a step = a + b * depth: the fixed part and a whole layer's
+        per_layer, fixed = np.polyfit(np.array(depths, dtype=np.float64), np.array(by_depth), 1)
+    else:
+        per_layer, fixed = full / layers, 0.0
+    # a narrower FFN or fewer heads in every layer: their saving per layer
+    d_ffn = [(m - full) / layers for m in ms[len(depths) : len(depths) + len(ffn) - 1]] + [0.0]
+    d_heads = [(m - full) / layers for m in ms[len(depths) + len(ffn) - 1 :]] + [0.0]
+    layer_ms = per_layer + np.add.outer(np.array(d_ffn), np.array(d_heads))  # [ffn, heads]
+    blocks = []
+    for i in range(layers):
+        values = np.stack([np.zeros_like(layer_ms), layer_ms], axis=-1)  # depth i: not run; i + 1: run
+        dims = (f"layers.{i}.ffn", f"layers.{i}.heads", "depth")
+        blocks.append(LatencyBlock(f"layers.{i}", dims, (ffn, heads, (i, i + 1)), values))
+    return LatencyTable(blocks, float(fixed))
+
+
 @torch.inference_mode()
 def decode_latency_table(
     net: LMSupernet,
@@ -161,30 +198,8 @@ def decode_latency_table(
     """
     if not net.CAUSAL:
         raise ValueError(f"{net.family} is an encoder: it has no decode step to time")
-    net.eval()
-    layers = net.n_stages
-    depths = net.space["depth"].choices
-    ffn = subsample(net.space["layers.0.ffn"].choices, max_values)
-    heads = subsample(net.space["layers.0.heads"].choices, max_values)
-    largest = net.space.largest()
-    archs = [largest.replace(depth=d) for d in depths[:-1]] + [largest]
-    archs += [_uniform(net, ffn=w) for w in ffn[:-1]] + [_uniform(net, heads=h) for h in heads[:-1]]
-    ms = measure_decode(net, archs, context, batch_size, repeats, warmup, clock)
-    by_depth, full = ms[: len(depths)], ms[len(depths) - 1]
-    if len(depths) > 1:  # a step = a + b * depth: the fixed part and a whole layer's
-        per_layer, fixed = np.polyfit(np.array(depths, dtype=np.float64), np.array(by_depth), 1)
-    else:
-        per_layer, fixed = full / layers, 0.0
-    # a narrower FFN or fewer heads in every layer: their saving per layer
-    d_ffn = [(m - full) / layers for m in ms[len(depths) : len(depths) + len(ffn) - 1]] + [0.0]
-    d_heads = [(m - full) / layers for m in ms[len(depths) + len(ffn) - 1 :]] + [0.0]
-    layer_ms = per_layer + np.add.outer(np.array(d_ffn), np.array(d_heads))  # [ffn, heads]
-    blocks = []
-    for i in range(layers):
-        values = np.stack([np.zeros_like(layer_ms), layer_ms], axis=-1)  # depth i: not run; i + 1: run
-        dims = (f"layers.{i}.ffn", f"layers.{i}.heads", "depth")
-        blocks.append(LatencyBlock(f"layers.{i}", dims, (ffn, heads, (i, i + 1)), values))
-    table = LatencyTable(blocks, float(fixed))
+    ms = measure_decode(net, table_archs(net, max_values), context, batch_size, repeats, warmup, clock)
+    table = fit_decode_table(net, ms, max_values)
     table.meta = {
         "model": net.family,
         "what": "one decode step: one new token per sequence after `context` cached tokens",
@@ -206,23 +221,38 @@ def _clock(table: LatencyTable) -> Callable[[], float]:
     return getattr(time, (table.meta or {}).get("clock", "perf_counter"))
 
 
+def _errors(rows: Sequence[Mapping[str, float]], key: str) -> dict[str, float]:
+    errs = [abs(r[key] - r["measured_ms"]) / r["measured_ms"] * 100 for r in rows]
+    return {"median_abs_pct_error": statistics.median(errs), "max_abs_pct_error": max(errs)}
+
+
 def check_decode_table(
-    table: LatencyTable, net: LMSupernet, n: int = 20, seed: int = 1, repeats: int = 20
+    table: LatencyTable,
+    net: LMSupernet,
+    n: int = 20,
+    seed: int = 1,
+    repeats: int = 20,
+    archs: Sequence[Mapping[str, int]] = (),
 ) -> dict[str, Any]:
-    """Predicted vs measured decode-step latency of ``n`` random slices (held out: not calibrated on)."""
+    """Predicted vs measured decode-step latency of ``archs`` and ``n`` random slices (held out:
+    the table was not fitted on them).
+
+    They are timed in the same interleaved rounds as the table's own slices, which gives two
+    predictions for each: ``predicted_ms``, the table's, and ``refit_ms``, a table fitted on these
+    rounds. The second is the table's model alone; the first adds whatever changed on the machine
+    since the table was measured (on a shared machine, the other processes' load).
+    """
     rng = random.Random(seed + 12345)
-    archs = [net.space.sample(rng) for _ in range(n)]
+    archs = [net.space.validate(a) for a in archs] + [net.space.sample(rng) for _ in range(n)]
     meta = table.meta or {}
-    measured = measure_decode(
-        net, archs, meta.get("context", 128), meta.get("batch_size", 1), repeats, clock=_clock(table)
-    )
-    rows = [{"arch": a.to_dict(), "predicted_ms": table.predict(a), "measured_ms": m}
-            for a, m in zip(archs, measured, strict=True)]  # fmt: skip
-    errs = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] * 100 for r in rows]
-    return {"archs": rows, "median_abs_pct_error": statistics.median(errs), "max_abs_pct_error": max(errs)}
-
-
-# ---------------------------------------------------------------------------- search
+    max_values = meta.get("max_values", 6)
+    own = table_archs(net, max_values)
+    measured = measure_decode(net, own + archs, meta.get("context", 128), meta.get("batch_size", 1), repeats,
+                              clock=_clock(table))  # fmt: skip
+    refit = fit_decode_table(net, measured[: len(own)], max_values)
+    rows = [{"arch": a.to_dict(), "predicted_ms": table.predict(a), "refit_ms": refit.predict(a), "measured_ms": m}
+            for a, m in zip(archs, measured[len(own) :], strict=True)]  # fmt: skip
+    return {"archs": rows, **_errors(rows, "predicted_ms"), "refit": _errors(rows, "refit_ms")}
 
 
 @dataclass(frozen=True)
