@@ -9,16 +9,14 @@ What is timed is one **decode step**: one new token per sequence (``batch_size``
 after ``context`` tokens held in the KV cache -- what a served model repeats for every token it
 generates. Every layer of a transformer has the same shapes, so a layer's time depends on its
 FFN width and head count only, and the table holds that per (layer kind, width). It is measured
-*in context*, from whole decode steps timed interleaved: the largest slice at each depth (a
-step = ``a + b * depth``: ``overhead_ms`` = ``a``, a whole layer = ``b``), and the largest with
-every layer's FFN narrowed to each width, or its heads cut to each count (the step's saving,
-divided by the layers, is one layer's saving). Blocks timed alone, as
-:func:`dynaslice.latency.build_latency_table` does for CNNs, ran with their weights hot in the
-cache: in the first version of this table a layer came out about a quarter faster than in a step
-that streams every layer's weights, and a narrower FFN saved a fraction of what it saves there,
-so its predictions missed held-out steps by tens of percent. Layer ``i``'s block counts only when it runs (a
-grid over ``depth`` of ``(i, i + 1)`` whose first row is 0 ms); :func:`check_decode_table`
-compares predictions with held-out random slices timed end to end. Times are wall-clock, or with
+*in context*, from whole decode steps timed interleaved: at each depth, the largest slice and
+the largest with every layer's FFN narrowed to each width or its heads cut to each count (see
+:func:`fit_decode_table`). Blocks timed alone, as :func:`dynaslice.latency.build_latency_table`
+does for CNNs, ran with their weights hot in the cache: in the first version of this table a
+layer came out about a quarter faster than in a step that streams every layer's weights, and a
+narrower FFN saved a fraction of what it saves there, so its predictions missed held-out steps
+by tens of percent. Layer ``i``'s block is 0 ms at a depth that stops before it;
+:func:`check_decode_table` compares predictions with slices timed end to end. Times are wall-clock, or with
 ``clock=time.thread_time`` the thread's CPU time: on a core other processes keep busy, a decode
 step longer than the scheduler's slice almost never runs unpreempted, so even the minimum over
 rounds of its wall-clock time counts other processes' work.
@@ -137,47 +135,51 @@ def measure_decode(
     return [ms[str(j)] for j in range(len(archs))]
 
 
-def _uniform(net: LMSupernet, **values: int) -> Arch:
-    """The largest slice with every layer's ``ffn`` / ``heads`` set to ``values``."""
+def _uniform(net: LMSupernet, depth: int, **values: int) -> Arch:
+    """The largest slice at ``depth`` with every layer's ``ffn`` / ``heads`` set to ``values``."""
     layers = {f"layers.{i}.{k}": v for i in range(net.n_stages) for k, v in values.items()}
-    return net.space.validate({**net.space.largest().to_dict(), **layers})
+    return net.space.validate({**net.space.largest().to_dict(), **layers, "depth": depth})
 
 
-def _grids(net: LMSupernet, max_values: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The FFN widths and head counts a table times (the rest interpolated)."""
+def _grids(net: LMSupernet, max_values: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The FFN widths and head counts a table times (the rest interpolated), and the depths."""
     return (subsample(net.space["layers.0.ffn"].choices, max_values),
-            subsample(net.space["layers.0.heads"].choices, max_values))  # fmt: skip
+            subsample(net.space["layers.0.heads"].choices, max_values), net.space["depth"].choices)  # fmt: skip
 
 
 def table_archs(net: LMSupernet, max_values: int = 6) -> list[Arch]:
-    """The slices whose decode steps make a latency table: the largest at each depth, then the
+    """The slices whose decode steps make a latency table: at each depth, the largest, then the
     largest with every layer's FFN at each narrower width, then with each smaller head count."""
-    ffn, heads = _grids(net, max_values)
-    largest = net.space.largest()
-    archs = [largest.replace(depth=d) for d in net.space["depth"].choices]
-    return archs + [_uniform(net, ffn=w) for w in ffn[:-1]] + [_uniform(net, heads=h) for h in heads[:-1]]
+    ffn, heads, depths = _grids(net, max_values)
+    return [a for d in depths for a in [_uniform(net, d)] + [_uniform(net, d, ffn=w) for w in ffn[:-1]]
+            + [_uniform(net, d, heads=h) for h in heads[:-1]]]  # fmt: skip
 
 
 def fit_decode_table(net: LMSupernet, ms: Sequence[float], max_values: int = 6) -> LatencyTable:
-    """The table from the milliseconds of :func:`table_archs`' decode steps (in its order)."""
-    layers = net.n_stages
-    depths = net.space["depth"].choices
-    ffn, heads = _grids(net, max_values)
-    by_depth, full = ms[: len(depths)], ms[len(depths) - 1]
-    if len(depths) > 1:  # a step = a + b * depth: the fixed part and a whole layer's
-        per_layer, fixed = np.polyfit(np.array(depths, dtype=np.float64), np.array(by_depth), 1)
-    else:
-        per_layer, fixed = full / layers, 0.0
-    # a narrower FFN or fewer heads in every layer: their saving per layer
-    d_ffn = [(m - full) / layers for m in ms[len(depths) : len(depths) + len(ffn) - 1]] + [0.0]
-    d_heads = [(m - full) / layers for m in ms[len(depths) + len(ffn) - 1 :]] + [0.0]
-    layer_ms = per_layer + np.add.outer(np.array(d_ffn), np.array(d_heads))  # [ffn, heads]
+    """The table from the milliseconds of :func:`table_archs`' decode steps (in its order).
+
+    At depth ``d`` a layer costs ``(step(largest) - a) / d``, where ``a`` (``overhead_ms``) is
+    the intercept of the largest's steps over the depths, and a narrower FFN or fewer heads in
+    every layer save ``(step(largest) - step(narrowed)) / d`` per layer: exact for every uniform
+    slice timed, additive over the layers of a Mix'n'Match slice. Per depth, because a saving is
+    not the same at every depth: on this machine a narrower FFN saved less per layer in a 1-layer
+    step than in a 4-layer one (whose weights stream from further out in the cache)."""
+    ffn, heads, depths = _grids(net, max_values)
+    per = 1 + len(ffn) - 1 + len(heads) - 1
+    steps = np.array(ms, dtype=np.float64).reshape(len(depths), per)  # [depth, largest | ffn | heads]
+    full = steps[:, 0]
+    fixed = float(np.polyfit(np.array(depths, dtype=np.float64), full, 1)[1]) if len(depths) > 1 else 0.0
+    d = np.array(depths, dtype=np.float64)[:, None]
+    d_ffn = np.concatenate([(steps[:, 1 : len(ffn)] - full[:, None]) / d, np.zeros((len(depths), 1))], axis=1)
+    d_heads = np.concatenate([(steps[:, len(ffn) :] - full[:, None]) / d, np.zeros((len(depths), 1))], axis=1)
+    layer = (full - fixed)[:, None, None] / d[:, :, None] + d_ffn[:, :, None] + d_heads[:, None, :]
+    layer = layer.transpose(1, 2, 0)  # [ffn, heads, depth]
     blocks = []
-    for i in range(layers):
-        values = np.stack([np.zeros_like(layer_ms), layer_ms], axis=-1)  # depth i: not run; i + 1: run
+    for i in range(net.n_stages):
+        runs_here = (np.array(depths) > i).astype(np.float64)  # layer i runs at depth > i
         dims = (f"layers.{i}.ffn", f"layers.{i}.heads", "depth")
-        blocks.append(LatencyBlock(f"layers.{i}", dims, (ffn, heads, (i, i + 1)), values))
-    return LatencyTable(blocks, float(fixed))
+        blocks.append(LatencyBlock(f"layers.{i}", dims, (ffn, heads, depths), layer * runs_here))
+    return LatencyTable(blocks, fixed)
 
 
 @torch.inference_mode()
