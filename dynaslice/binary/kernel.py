@@ -22,7 +22,9 @@ count are 0 in activations and weights alike, so they never count as a mismatch)
 - weights: bit-packed im2col order, bit ``t * C + c`` for tap ``t = i * k + j`` (so 9 taps of 16
   channels fill 3 words, not 9), ``uint64 [ceil(k*k*C/64), O rounded up to 16]``, output channels
   innermost so that one vector register holds one word of 8 filters (:func:`pack_weights`); the
-  input's patches are built in the same order inside the call.
+  input's patches are built in the same order inside the call, from each sample's signs packed
+  into rows with the zero padding in place, so a kernel row's taps are one run of bits
+  (``csrc/bitconv.c``).
 
 Paths: ``avx512`` (VPOPCNTDQ), ``avx2`` (nibble lookup), ``portable`` (C). The fastest the CPU
 supports is used (``__builtin_cpu_supports``); ``DYNASLICE_BINARY_KERNEL=<path>`` or a ``path``
