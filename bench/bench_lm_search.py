@@ -2,16 +2,16 @@
 
 Builds the decode-step latency table of the run's supernet on this machine (one token after
 ``--context`` cached ones, batch 1); searches per-layer FFN widths, heads and depth
-(:func:`dynaslice.lm.search.search`, perplexity on the first ``--val-blocks`` validation blocks);
-times the Pareto slices end to end and writes them as a budget table (PSS's format), into the
-run directory too (``budget_table.json``, where :class:`~dynaslice.lm.ElasticLM` reads it);
-checks the table's predictions against the front's slices and held-out random ones timed end to
+(:func:`dynaslice.lm.search.search`, perplexity on ``--val-blocks`` validation blocks spread
+over the split); times the Pareto slices end to end and writes them as a budget table (PSS's
+format), into the run directory too (``budget_table.json``, where
+:class:`~dynaslice.lm.ElasticLM` reads it); checks the table's predictions against the front's slices and held-out random ones timed end to
 end, in the same rounds as the table's own slices (so also against a table refitted on those
 rounds). Then compares with uniform slices at equal *measured* latency: for each uniform slice,
-the best table slice no slower than it, perplexity on the validation blocks and on the first
-``--test-blocks`` of the test split (held out from the search).
+the best table slice no slower than it, perplexity on the validation blocks and on
+``--test-blocks`` spread over the test split (held out from the search).
 
-    taskset -c 0 python bench/bench_lm_search.py --run runs/lm_serve/nested --val-blocks 32 \
+    taskset -c 0 python bench/bench_lm_search.py --run runs/lm_serve/nested --val-blocks 64 \
         --test-blocks 128 --samples 60 --rounds 4 --children 25 --out bench/out/lm_search.json
 """
 
@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from common import cpu_facts, output_args, set_threads, write_results
 
 from dynaslice import runs
@@ -45,8 +46,11 @@ from dynaslice.lm.train import load_lm_run
 
 
 def batches(blocks, n: int, size: int = 8) -> list:
-    """The first ``n`` blocks (all with 0) as batches of token ids ``[size, seq_len + 1]``."""
-    data = blocks.blocks if n <= 0 else blocks.blocks[:n]
+    """``n`` blocks spread evenly over the split (all with 0) as batches of token ids
+    ``[size, seq_len + 1]``: the first ones would be a few documents of one corpus file."""
+    data = blocks.blocks
+    if 0 < n < len(data):
+        data = data[torch.linspace(0, len(data) - 1, n).round().long()]
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
