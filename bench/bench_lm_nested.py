@@ -65,10 +65,10 @@ def markdown(data: dict[str, Any]) -> str:
             f"{100 * r['val_gap']:+.1f} % | {r['nested_test_ppl']:.3f} | {r['alone_test_ppl']:.3f} | "
             f"{100 * r['test_gap']:+.1f} % |"
         )
-    lines += ["", "| run | tokens | training PFLOPs | wall-clock (min) |", "| --- | ---: | ---: | ---: |"]
+    lines += ["", "| run | tokens | training PFLOPs | wall-clock |", "| --- | ---: | ---: | ---: |"]
     for name, c in data["runs"].items():
         lines.append(
-            f"| {name} | {c['train_tokens']} | {c['train_pflops']:.3f} | {c['train_seconds'] / 60:.1f} |"
+            f"| {name} | {c['train_tokens']} | {c['train_pflops']:.3f} | {c['train_seconds'] / 60:.1f} min |"
         )
     f = data["family"]
     lines += [
