@@ -97,9 +97,12 @@ def main() -> None:
     scored = {c.arch: c for c in seen}
     uniform = [canonical(net, a) for a in uniform_slices(net, aligned_choices(net, args.align))]
     uniform = list(dict.fromkeys(uniform))
-    measured = measure_decode(net, uniform + [net.space.validate(e["arch"]) for e in entries],
-                              args.context, repeats=args.repeats, clock=clock)  # fmt: skip
-    uni_ms, entry_ms = measured[: len(uniform)], measured[len(uniform) :]
+    timed = list(dict.fromkeys(uniform + [net.space.validate(e["arch"]) for e in entries]))  # each once
+    ms_of = dict(
+        zip(timed, measure_decode(net, timed, args.context, repeats=args.repeats, clock=clock), strict=True)
+    )
+    uni_ms = [ms_of[a] for a in uniform]
+    entry_ms = [ms_of[net.space.validate(e["arch"])] for e in entries]
     rows = []
     for a, ms in zip(uniform, uni_ms, strict=True):
         fits = [(e, m) for e, m in zip(entries, entry_ms, strict=True) if m <= ms]
