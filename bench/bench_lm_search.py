@@ -11,7 +11,7 @@ rounds). Then compares with uniform slices at equal *measured* latency: for each
 the best table slice no slower than it, perplexity on the validation blocks and on
 ``--test-blocks`` spread over the test split (held out from the search).
 
-    taskset -c 0 python bench/bench_lm_search.py --run runs/lm_serve/nested --val-blocks 64 \
+    taskset -c 0 python bench/bench_lm_search.py --run runs/lm_demo/nested --val-blocks 64 \
         --test-blocks 128 --samples 60 --rounds 4 --children 25 --out bench/out/lm_search.json
 """
 

@@ -18,7 +18,8 @@ Times are the timing thread's CPU time by default (``--clock thread_time``: one 
 other processes keep busy, where even the best of many rounds of wall-clock time includes their
 work); ``--clock perf_counter --threads 2`` times wall-clock on two quiet cores.
 
-    taskset -c 0 python bench/bench_lm_serving.py --run runs/lm_demo/nested --out bench/out/lm_serving.json
+    taskset -c 0 python bench/bench_lm_serving.py --run runs/lm_demo/nested --table runs/lm_demo/nested \
+        --ks 2 3 4 --out bench/out/lm_serving.json
 """
 
 from __future__ import annotations
