@@ -84,31 +84,21 @@ def score_slice(
 # ---------------------------------------------------------------------------- latency
 
 
-def _decode_cache(
-    net: LMSupernet, arch: Arch, layers: Iterable[int], context: int, batch_size: int
-) -> KVCache:
-    """A KV cache of ``arch`` holding ``context`` tokens (random keys and values) for ``layers``."""
+def _decode_cache(net: LMSupernet, arch: Arch, context: int, batch_size: int) -> KVCache:
+    """A KV cache of ``arch`` holding ``context`` tokens (random keys and values) in every layer it runs."""
     cache = KVCache(arch)
     param = next(net.parameters())
-    for i in layers:
+    for i in range(arch["depth"]):
         shape = (batch_size, net.kv_heads(arch[f"layers.{i}.heads"]), context, net.head_dim)
         cache.layers[i] = tuple(torch.randn(shape, dtype=param.dtype, device=param.device) for _ in "kv")
     cache.length = context
     return cache
 
 
-def _step(fn: Callable[[], object], cache: KVCache, context: int) -> None:
-    """One timed decode call, then its token dropped from ``cache`` (every round times the same step)."""
-    fn()
+def _step(net: LMSupernet, token: torch.Tensor, cache: KVCache, context: int) -> None:
+    """One decode step of ``cache``'s arch, then its token dropped (every round times the same step)."""
+    net.forward_cached(token, cache.arch, cache)
     cache.truncate(context)
-
-
-def _time(
-    fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int, clock: Callable[[], float]
-) -> dict[str, float]:
-    """Milliseconds of each callable: the minimum over interleaved rounds (as :mod:`dynaslice.latency`)."""
-    times = measure_latency(fns, repeats=repeats, warmup=warmup, clock=clock)
-    return {k: 1e3 * min(v) for k, v in times.items()}
 
 
 @torch.inference_mode()
@@ -123,16 +113,18 @@ def measure_decode(
 ) -> list[float]:
     """Milliseconds of one decode step (:meth:`LMSupernet.forward_cached` of one token per
     sequence after ``context`` cached ones) of each arch, timed interleaved (minimum over rounds;
-    ``clock``: :func:`~dynaslice.latency.measure_latency`'s)."""
+    ``clock``: :func:`~dynaslice.latency.measure_latency`'s; the minimum, as :mod:`dynaslice.latency`
+    times: on a shared machine load only ever adds time)."""
     net.eval()
     token = torch.zeros(batch_size, 1, dtype=torch.long, device=next(net.parameters()).device)
-    fns = {}
-    for j, a in enumerate(archs):
-        a = net.space.validate(a)
-        cache = _decode_cache(net, a, range(a["depth"]), context, batch_size)
-        fns[str(j)] = partial(_step, partial(net.forward_cached, token, a, cache), cache, context)
-    ms = _time(fns, repeats, warmup, clock)
-    return [ms[str(j)] for j in range(len(archs))]
+    fns = {
+        str(j): partial(
+            _step, net, token, _decode_cache(net, net.space.validate(a), context, batch_size), context
+        )
+        for j, a in enumerate(archs)
+    }
+    times = measure_latency(fns, repeats=repeats, warmup=warmup, clock=clock)
+    return [1e3 * min(times[str(j)]) for j in range(len(archs))]
 
 
 def _uniform(net: LMSupernet, depth: int, **values: int) -> Arch:
