@@ -160,6 +160,8 @@ def test_speculative_decoding_outputs_the_largests_greedy_tokens(nets, family) -
         lm.speculative(prompt, 4, draft=net.space.smallest(), k=0)
     with pytest.raises(ValueError, match="one prompt"):
         lm.generate(_ids(3, batch=2), 2)
+    with pytest.raises(ValueError, match="new_tokens"):
+        lm.speculative(prompt, -1, draft=net.space.smallest())
 
 
 def test_pareto_keeps_the_undominated() -> None:

@@ -78,7 +78,8 @@ class ElasticLM:
 
     ``table``: the entries (dicts with ``arch``, ``params``, ``macs``, ``latency_ms`` and
     ``val_perplexity``, as :func:`dynaslice.lm.search.budget_table` writes them) or a path
-    :func:`load_table` reads. Every entry's arch is validated against ``net`` here, once.
+    :func:`load_table` reads. Every entry's arch is validated against ``net`` here, once; ``net``
+    is put in eval mode (serving runs no dropout).
     """
 
     def __init__(self, net: LMSupernet, table: Sequence[Mapping[str, Any]] | str | Path):
@@ -131,7 +132,7 @@ class ElasticLM:
         ``arch``, or by the table's slice for ``budget`` (:meth:`arch`'s keywords). Returns the
         prompt and the new tokens, ``[1, tokens + new_tokens]``."""
         arch = self._pick(arch, budget)
-        ids = _prompt(ids)
+        ids = _prompt(ids, new_tokens)
         cache = KVCache(arch)
         logits = self.net.forward_cached(ids, arch, cache)
         out = [ids]
@@ -157,7 +158,7 @@ class ElasticLM:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"speculative decoding drafts k >= 1 tokens per round, got k={k!r}")
         draft = self.net.space.validate(draft)
-        seq = _prompt(ids)
+        seq = _prompt(ids, new_tokens)
         target = len(seq[0]) + new_tokens
         big, small = KVCache(self.largest), KVCache(draft)
         if len(seq[0]) > 1:  # the prompt but its last token, into both caches
@@ -198,8 +199,11 @@ class ElasticLM:
         return self.net.space.validate(arch) if arch is not None else self.arch(**budget)
 
 
-def _prompt(ids: object) -> torch.Tensor:
-    """``ids`` when it is one prompt ``[1, tokens]`` of token ids, else a one-line ValueError."""
+def _prompt(ids: object, new_tokens: object) -> torch.Tensor:
+    """``ids`` when it is one prompt ``[1, tokens]`` of token ids and ``new_tokens`` a count,
+    else a one-line ValueError."""
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
+        raise ValueError(f"new_tokens must be an int >= 0, got {new_tokens!r}")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
         got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"generation takes one prompt of token ids [1, tokens >= 1], got {got}")
