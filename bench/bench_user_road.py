@@ -97,7 +97,7 @@ def paired(seeds: list[dict[str, Any]], a: tuple[str, str], b: tuple[str, str]) 
     """``a - b`` per seed (each ``(kind, width)``), val and test, as goal_table reads them."""
     gaps = {s: [x[a[0]][a[1]][s] - x[b[0]][b[1]][s] for x in seeds] for s in ("val", "test")}
     return {"seeds": [x["seed"] for x in seeds], **{s: mean_se(g) for s, g in gaps.items()},
-            "test_seeds": gaps["test"]}  # fmt: skip
+            "val_seeds": gaps["val"], "test_seeds": gaps["test"]}  # fmt: skip
 
 
 def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
