@@ -149,7 +149,7 @@ def blocks(doc: Path) -> list[Block]:
 
 
 MAX_QUOTED_LIST = 12  # a longer list of numbers is raw samples, not figures
-OUT_NAME = re.compile(r"bench/out/[\w{},$*.-]+?\.json")
+OUT_NAME = re.compile(r"bench/out/[\w{},$*./-]+?\.json")  # a variant's folder too: bench/out/v/x.json
 
 
 def written_by_commands(docs: list[Path]) -> re.Pattern[str]:

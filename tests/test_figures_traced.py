@@ -152,3 +152,9 @@ def test_a_line_may_name_its_own_sources(repo, tmp_path: Path):
     trace = repo(text, command=writes_q)
     assert len(trace.traced) == 2 and len(trace.failures) == 1  # the block's source is r.json again
     assert "doc.md:4: 50.5 is in none of the sources" in trace.failures[0]
+
+
+def test_a_file_in_a_folder_of_bench_out_is_written_by_the_command_naming_it(tmp_path):
+    doc = tmp_path / "R.md"
+    doc.write_text("```bash\npython bench/b.py --out-dir bench/out/v   # -> bench/out/v/x.json\n```\n")
+    assert tf.written_by_commands([doc]).fullmatch("bench/out/v/x.json")
