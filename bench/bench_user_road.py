@@ -25,6 +25,7 @@ at or above it, each pruned width above L1 + FT) to ``--out-dir``/user_road.json
 
     taskset -c 1 python bench/bench_user_road.py --seeds 0 1 2 --set data.train_size=20000
     python bench/bench_user_road.py --summary          # the per-seed JSONs -> user_road.json
+    python bench/bench_accuracy.py compare A/user_road.json B/user_road.json --out a_vs_b.json  # two variants
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def write_summary(args: argparse.Namespace) -> None:
         print(f"{name}: {'met' if met else 'missed'}")
     write_results(Path(args.out_dir) / "user_road.json",
                   {"files": [str(f) for f in files], "command": data[0]["command"], "cpu": data[0]["cpu"],
+                   "seeds": [d["seed"] for d in data],  # as bench_accuracy.py compare reads them
                    "summary": summary, "table": table(summary)})  # fmt: skip
 
 
