@@ -18,8 +18,9 @@ Every package and ``.onnx`` file also loads with :func:`dynaslice.serve.load`.
 Hugging Face checkpoint directory, which ``transformers`` alone loads
 (:func:`dynaslice.lm.export_hf`): ``--arch A``, or with ``--budget-ms X`` / ``--budget-macs X``
 the entry of the run's budget table (``RUN/budget_table.json``, :mod:`dynaslice.lm.search`'s
-format) with the lowest validation perplexity within the budget. A slice whose layers differ in
-width or heads has no standard config and is refused in one line.
+format) with the lowest validation perplexity within the budget, among the slices uniform over
+their layers. A slice whose layers differ in width or heads has no standard config: ``--arch``
+naming one is refused in one line.
 
 An existing ``--out`` is refused unless ``--force``; with it, a file is replaced, and a folder
 only when it holds a dynaslice package and nothing else (a user's results beside a package are
@@ -44,17 +45,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import runs, safejson
+from .. import runs
 from ..archspec import parse_arch
-from ..budget import BudgetNet, BudgetTable
+from ..budget import BudgetNet
 from ..counting import count_macs
 from ..data import DatasetError
 from ..gate import GatedSupernet
 from ..lm import count_params, export_hf
+from ..lm.export import subnet_config
+from ..lm.serve import load_table
 from ..lm.train import load_lm_run
 from ..modelfile import load_model_file
 from ..models.base import Supernet
 from ..onnx_export import export_budget, export_gated, export_onnx
+from ..onnx_package import pick_entry
 from ..space import Arch
 from ..torch_export import extract_subnet, save_torch_model
 from ..train.config import from_dict
@@ -132,7 +136,7 @@ def _export_hf(ckpt: Path, out: Path, args: argparse.Namespace) -> int:
     if args.arch is not None:
         arch, how = parse_arch(args.arch, net), f"--arch {args.arch}"
     else:
-        arch, how = _lm_budget_entry(ckpt if ckpt.is_dir() else file.parent, args.budget_macs, args.budget_ms)
+        arch, how = _lm_budget_entry(net, ckpt if ckpt.is_dir() else file.parent, args.budget_macs, args.budget_ms)
     export_hf(net, net.space.validate(arch), out)
     print(
         f"exported {arch.to_json()} of {file} ({count_params(net, arch) / 1e6:.2f} M parameters, {how}) to "
@@ -141,33 +145,34 @@ def _export_hf(ckpt: Path, out: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def _lm_budget_entry(run: Path, max_macs: float | None, max_ms: float | None) -> tuple[Arch, str]:
-    """The arch of the lowest-perplexity entry of a language-model run's budget table within the budget."""
+def _lm_budget_entry(net: Any, run: Path, max_macs: float | None, max_ms: float | None) -> tuple[Arch, str]:
+    """The arch of the lowest-perplexity entry of a language-model run's budget table within the
+    budget, among the entries a Hugging Face config can hold (slices uniform over their layers):
+    the table's Mix'n'Match entries are for serving, and picking one would only be refused."""
     path = run / runs.BUDGET_TABLE
     if not path.is_file():
         raise UserError(f"{run} has no budget table ({runs.BUDGET_TABLE}, written by dynaslice.lm.search): use --arch")
-    BudgetTable.load(path)  # a file that is no budget table is refused in one line
-    entries = safejson.loads(path.read_text())["entries"]
+    entries = load_table(path)  # a file that is no budget table is refused in one line
     if not entries or any("val_perplexity" not in e for e in entries):
         raise UserError(f"{path} is not a language model's budget table (entries without val_perplexity)")
-    if max_ms is not None and any(e.get("latency_ms") is None for e in entries):
-        raise UserError(f"{path} has entries without a measured latency: use --budget-macs or --arch")
-
-    def cost(e: dict[str, Any]) -> float:
-        return e["latency_ms"] if max_ms is not None else e["macs"]
-
-    fits = [
-        e for e in entries
-        if (max_macs is None or e["macs"] <= max_macs) and (max_ms is None or e["latency_ms"] <= max_ms)
-    ]  # fmt: skip
-    if not fits:
-        cheapest = min(entries, key=cost)
-        raise UserError(
-            f"no entry of {path} fits the budget: the cheapest costs {cheapest['macs'] / 1e6:.2f} MMACs"
-            + (f", {cheapest['latency_ms']:.3f} ms" if cheapest.get("latency_ms") is not None else "")
-        )
-    best = min(fits, key=lambda e: (e["val_perplexity"], e["macs"]))
+    exportable = [e for e in entries if _hf_config_holds(net, e["arch"])]
+    if not exportable:
+        raise UserError(f"no entry of {path} is uniform over its layers, which --format hf needs: use --arch")
+    # PSS's one rule of budget switching, ranking language models by perplexity (as ElasticLM does)
+    ranked = [{**e, "val_accuracy": -e["val_perplexity"]} for e in exportable]
+    try:
+        best = exportable[pick_entry(ranked, max_macs, max_ms)]
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
     return Arch(best["arch"]), f"budget entry {best['bucket']:g} (val perplexity {best['val_perplexity']:.3f})"
+
+
+def _hf_config_holds(net: Any, arch: dict[str, int]) -> bool:
+    try:
+        subnet_config(net, arch)
+    except ValueError:
+        return False
+    return True
 
 
 def _export_binary(ckpt: Path, out: Path, force: bool) -> int:
