@@ -58,7 +58,7 @@ from ..config_base import ConfigError
 from ..modelfile import CheckpointError, load_model_file, resolve_model_file, unprefixed
 from ..seeding import derive_seed
 from ..space import Arch
-from ..train.checkpoint import latest_checkpoint
+from ..train.checkpoint import refuse_existing_run
 from ..train.config import Config, from_dict, register_check
 from ..train.distributed import DistEnv
 from ..train.engine import Trainer
@@ -397,12 +397,7 @@ def train_lm(
 ) -> dict[str, Any]:  # fmt: skip
     """Train the language-model run ``cfg`` describes into ``run_dir`` (see the module docstring);
     ``resume`` continues its newest intact checkpoint. Returns what ``final_eval.json`` holds."""
-    existing = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
-    if existing is not None and not resume:
-        raise CheckpointError(
-            f"{run_dir} already holds a checkpoint ({existing.name}): pass --resume to continue it, "
-            "or choose another --out directory"
-        )
+    refuse_existing_run(run_dir, resume)
     trainer = LMTrainer(cfg, run_dir, env)
     if resume and trainer.resume(allow_changes):
         print(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}", flush=True)

@@ -18,8 +18,7 @@ from typing import Any
 from torch import nn
 
 from .. import runs
-from ..modelfile import CheckpointError
-from ..train.checkpoint import latest_checkpoint
+from ..train.checkpoint import refuse_existing_run
 from ..train.config import Config
 from ..train.model import ModelTrainer
 
@@ -44,10 +43,7 @@ def fit(trainer: ModelTrainer, resume: bool = False) -> dict[str, Any]:
     weights); without it an existing checkpoint is an error, never silently overwritten.
     """
     run_dir = trainer.run_dir
-    if not resume and run_dir.is_dir() and latest_checkpoint(run_dir) is not None:
-        raise CheckpointError(
-            f"{run_dir} already holds a checkpoint: resume it (--resume) or choose another --out directory"
-        )
+    refuse_existing_run(run_dir, resume)
     if resume:
         trainer.resume()
     return trainer.fit() or {}

@@ -134,6 +134,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def refuse_existing_run(run_dir: str | Path, resume: bool) -> None:
+    """The one rule of every trainer: a run directory that already holds a checkpoint is
+    continued only when asked (``resume``), never trained over."""
+    existing = None if resume or not Path(run_dir).is_dir() else latest_checkpoint(run_dir)
+    if existing is not None:
+        raise CheckpointError(
+            f"{run_dir} already holds a checkpoint ({existing.name}): pass --resume to continue it, "
+            "or choose another --out directory"
+        )
+
+
 def load_resumable(run_dir: str | Path, log: Any = print) -> Checkpoint | None:
     """The newest intact checkpoint of a run, or None if it has no checkpoint at all.
 

@@ -58,12 +58,12 @@ from torch import nn
 from .. import runs
 from ..config_base import ConfigError
 from ..counting import count_module_macs, count_module_params
-from ..modelfile import CheckpointError, model_spec
+from ..modelfile import model_spec
 from ..models import create_supernet
 from ..models.base import Supernet
 from ..seeding import derive_seed
 from ..torch_export import extract_subnet, save_torch_model
-from .checkpoint import latest_checkpoint
+from .checkpoint import refuse_existing_run
 from .config import Config
 from .data import eval_loader, load_split, train_loader
 from .distributed import DistEnv
@@ -529,12 +529,7 @@ def train_online(
     """Train ``cfg`` (``train.target`` ffsd or dml) into ``run_dir``; returns ``final_eval.json``'s
     record. ``resume``, ``allow_changes``: as :func:`dynaslice.train.train`. ``teacher``: see
     :class:`OnlineDistillTrainer`."""
-    existing = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
-    if existing is not None and not resume:
-        raise CheckpointError(
-            f"{run_dir} already holds a checkpoint ({existing.name}): pass --resume to continue it, "
-            "or choose another --out directory"
-        )
+    refuse_existing_run(run_dir, resume)
     trainer = OnlineDistillTrainer(cfg, run_dir, env, teacher)
     if resume and trainer.resume(allow_changes) and trainer.env.is_main:
         print(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}", flush=True)

@@ -31,13 +31,13 @@ from ..archspec import uniform_archs
 from ..atomic import atomic_write_json
 from ..config_base import ConfigError
 from ..gate import GatedSupernet
-from ..modelfile import CheckpointError, model_spec, prefixed, save_model_file
+from ..modelfile import model_spec, prefixed, save_model_file
 from ..models import create_supernet
 from ..ordering import reorder_channels
 from ..seeding import derive_seed
 from ..space import Arch
 from .bn import recalibrate_bn
-from .checkpoint import latest_checkpoint
+from .checkpoint import refuse_existing_run
 from .config import Config
 from .data import FolderBatches, eval_loader, folder_loader, folder_recal_batches, load_split, train_loader
 from .distributed import DistEnv
@@ -348,12 +348,7 @@ def _trainer(
     cfg: Config, run_dir: str | Path, resume: bool, env: DistEnv | None, allow_changes: Iterable[str] = ()
 ) -> SupernetTrainer:
     """The trainer of run ``run_dir``, resumed from its newest intact checkpoint when asked."""
-    existing = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
-    if existing is not None and not resume:
-        raise CheckpointError(
-            f"{run_dir} already holds a checkpoint ({existing.name}): pass --resume to continue it, "
-            "or choose another --out directory"
-        )
+    refuse_existing_run(run_dir, resume)
     trainer = SupernetTrainer(cfg, run_dir, env)
     if resume and trainer.resume(allow_changes) and trainer.env.is_main:
         print(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}", flush=True)
