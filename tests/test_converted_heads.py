@@ -16,10 +16,10 @@ import warnings
 
 import pytest
 import torch
+from test_make_supernet import _check_exact
 from torch import nn
 
 import dynaslice as ds
-from dynaslice.counting import count_module_macs
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,26 +45,12 @@ def randomised_norms(model: nn.Module) -> nn.Module:
 
 
 def check_exact(model: nn.Module, net: ds.ConvertedSupernet, x: torch.Tensor, tmp_path) -> nn.Module:
-    """largest == model; the extracted narrowest == its slice, plain torch, loads without
-    pickled dynaslice classes, costs as count_macs / count_params say; ONNX == torch."""
-    smallest = net.space.smallest()
-    with torch.no_grad():
-        assert rel_err(net(x, net.space.largest()), model(x)) <= 1e-5
-        sliced = net(x, smallest)
-        sub = ds.extract_subnet(net, smallest)
-        assert rel_err(sub(x), sliced) <= 1e-5
-        buf = io.BytesIO()
-        torch.save(sub, buf)
-        assert b"dynaslice" not in buf.getvalue()  # no class of ours in the pickle
-    assert all(type(m).__module__.startswith(("torch.", "torchvision.")) for m in sub.modules())
-    assert ds.count_macs(net, smallest) == count_module_macs(sub, tuple(x.shape[1:]))
-    assert ds.count_params(net, smallest) == sum(p.numel() for p in sub.parameters())
-    ort = pytest.importorskip("onnxruntime")
-    from dynaslice.onnx_export import export_onnx
-
-    path = export_onnx(net, smallest, tmp_path / "net.onnx")
-    got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
-    assert rel_err(torch.from_numpy(got), sliced) <= 1e-4
+    """test_make_supernet's exactness checks (largest == model, extracted narrowest == its slice,
+    costs, ONNX == torch), and the subnet loads without pickled dynaslice classes."""
+    sub = _check_exact(model, net, x, tmp_path)
+    buf = io.BytesIO()
+    torch.save(sub, buf)
+    assert b"dynaslice" not in buf.getvalue()  # no class of ours in the pickle
     return sub
 
 
