@@ -953,13 +953,20 @@ NEW_COMMAND_MISTAKES = [
     (["prune", "jackpot", "--set", "prune.tune_epochs=-1"], "prune.tune_epochs"),
     (["train", "--set", "train.target=ffsd", "--set", "train.ffsd.students=0"], "train.ffsd.students"),
     (["train", "--set", "train.target=ffsd", "--set", "train.ffsd.students=x"], "train.ffsd.students"),
+    (["train", "--set", "model.gate.enabled=true", "--set", "model.gate.cut=[1]"], "model.gate.cut"),
+    (["train", "--set", "model.gate.enabled=true", "--set", "model.gate.cut=layer9.nope"], "module paths name the cuts"),
+    (["train", "--set", "data.seq_len=0"], "data.seq_len=0"),
+    (["train", "--set", "model.name=hf:llama", "--set", "data.name=text", "--set", "data.root=/nonexistent"],
+     "text corpus /nonexistent not found"),
+    (["train", "--set", "model.name=hf:llama"], "language models (hf:...) train on data.name: text"),
 ]
 
 
 @pytest.mark.parametrize("args,needle", NEW_COMMAND_MISTAKES, ids=[" ".join(a) for a, _ in NEW_COMMAND_MISTAKES])
 def test_new_commands_refuse_bad_values_in_one_line_before_any_work(tmp_path, args, needle):
-    """binarize (issue 30), prune jackpot and train.target=ffsd (issue 31): a bad method or
-    value is one line, and nothing is written."""
+    """binarize (issue 30), prune jackpot and train.target=ffsd (issue 31), model.gate.cut as a
+    module path (issue 28), language-model training (issue 32): a bad method or value is one line,
+    and nothing is written."""
     out = tmp_path / "run"
     command, rest = args[0], args[1:]
     if command == "train":
